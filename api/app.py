@@ -1,0 +1,36 @@
+"""The Flask application: stateless; every request gets its own database session."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g
+
+from api.auth import install_auth
+from api.errors import register_error_handlers
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
+    settings = settings or (runtime.settings if runtime else Settings.from_env())
+    runtime = runtime or Runtime.create(settings)
+    app = Flask("steprun")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["steprun"] = runtime
+
+    @app.teardown_request
+    def _close_db(_exc: BaseException | None) -> None:
+        db = g.pop("db", None)
+        if db is not None:
+            db.close()
+
+    register_error_handlers(app)
+    install_auth(app)
+    from api import sessions, system, turns
+
+    app.register_blueprint(system.bp)
+    app.register_blueprint(sessions.bp)
+    app.register_blueprint(turns.bp)
+    logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
+    return app

@@ -1,0 +1,62 @@
+"""Every error leaves the API as {"error": {"code", "message"[, "field"]}} with the right status."""
+from __future__ import annotations
+
+import logging
+import math
+
+from flask import Flask, jsonify
+from sqlalchemy.exc import DBAPIError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from shared.errors import StepRunError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, code: str, message: str, *, field: str | None = None,
+                   retry_after: float | None = None):  # type: ignore[no-untyped-def]
+    body: dict = {"code": code, "message": message}
+    if field:
+        body["field"] = field
+    response = jsonify({"error": body})
+    response.status_code = status
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(StepRunError)
+    def _domain(exc: StepRunError):  # type: ignore[no-untyped-def]
+        return error_response(exc.status, exc.code, exc.message, field=exc.field, retry_after=exc.retry_after)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):  # type: ignore[no-untyped-def]
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "invalid_request"}.get(
+            exc.code or 500, "http_error")
+        message = exc.description or exc.name
+        if exc.code == 404:
+            message = "no such route"
+        return error_response(exc.code or 500, code, message)
+
+    @app.errorhandler(OperationalError)
+    def _db_down(exc: OperationalError):  # type: ignore[no-untyped-def]
+        log.warning("database unavailable: %s", exc)
+        return error_response(503, "unavailable", "the database is unavailable; retry shortly", retry_after=2)
+
+    @app.errorhandler(DBAPIError)
+    def _db_error(exc: DBAPIError):  # type: ignore[no-untyped-def]
+        if exc.connection_invalidated:
+            return error_response(503, "unavailable", "the database is unavailable; retry shortly", retry_after=2)
+        log.exception("database error")
+        return error_response(500, "internal_error", "internal error")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+        import redis
+
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            return error_response(503, "unavailable", "the event store is unavailable; retry shortly",
+                                  retry_after=2)
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error")

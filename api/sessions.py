@@ -1,0 +1,75 @@
+"""Sessions, their history and their event log."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+
+from api.context import db, float_arg, int_arg, json_body, principal, runtime
+from api.serialize import message_json, session_json, turn_json
+from shared import conversations
+from shared.errors import Gone
+
+bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
+
+
+@bp.post("")
+def create_session():  # type: ignore[no-untyped-def]
+    body = json_body()
+    row = conversations.create_session(db(), runtime(), principal(), body.get("agent"), body.get("metadata"))
+    db().commit()
+    return jsonify(session_json(row)), 201
+
+
+@bp.get("")
+def list_sessions():  # type: ignore[no-untyped-def]
+    limit = int_arg("limit", 20, lo=1, hi=conversations.MAX_PAGE)
+    rows, nxt = conversations.list_sessions(db(), principal(), limit, request.args.get("after") or None)
+    return jsonify({"data": [session_json(r) for r in rows], "next": nxt})
+
+
+@bp.get("/<session_id>")
+def get_session(session_id: str):  # type: ignore[no-untyped-def]
+    return jsonify(session_json(conversations.get_session(db(), principal(), session_id)))
+
+
+@bp.delete("/<session_id>")
+def delete_session(session_id: str):  # type: ignore[no-untyped-def]
+    conversations.delete_session(db(), runtime(), principal(), session_id)
+    db().commit()
+    return jsonify({"id": session_id, "object": "session", "deleted": True})
+
+
+@bp.get("/<session_id>/messages")
+def list_messages(session_id: str):  # type: ignore[no-untyped-def]
+    limit = int_arg("limit", 50, lo=1, hi=conversations.MAX_PAGE)
+    after = int_arg("after", 0, lo=0, hi=2**62)
+    rows, nxt = conversations.list_messages(db(), principal(), session_id, limit, after)
+    return jsonify({"data": [message_json(r) for r in rows], "next": nxt})
+
+
+@bp.post("/<session_id>/turns")
+def create_turn(session_id: str):  # type: ignore[no-untyped-def]
+    body = json_body()
+    turn, created = conversations.create_turn(
+        db(), runtime(), principal(), session_id, body.get("input"), body.get("on_busy"),
+        request.headers.get("Idempotency-Key"),
+    )
+    db().commit()
+    return jsonify(turn_json(turn)), (202 if created else 200)
+
+
+@bp.get("/<session_id>/events")
+def list_events(session_id: str):  # type: ignore[no-untyped-def]
+    """Events after a cursor, as JSON: the polling client's stream."""
+    rt = runtime()
+    after = int_arg("after", 0, lo=0, hi=2**62)
+    limit = int_arg("limit", 500, lo=1, hi=1000)
+    wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
+    conversations.get_session(db(), principal(), session_id)
+    db().close()  # never hold a connection while waiting
+    batch = rt.events.wait(session_id, after, wait, limit) if wait else rt.events.read(session_id, after, limit)
+    if batch.gone:
+        raise Gone(f"events after cursor {after} are no longer kept; read the history at "
+                   f"/v1/sessions/{session_id}/messages and stream from now on (omit 'after')")
+    # Events are stored as JSON text: spliced, never decoded and re-encoded.
+    body = '{"data":[' + ",".join(batch.events) + '],"next":' + str(batch.next) + "}"
+    return Response(body, mimetype="application/json")

@@ -1,0 +1,232 @@
+"""The agent authoring surface: ``Agent`` and ``@tool``.
+
+```python
+from shared.agent import Agent, tool
+
+@tool
+def add(a: int, b: int) -> int:
+    \"\"\"Add two integers.\"\"\"
+    return a + b
+
+AGENTS = [Agent(name="math", instructions="You add numbers.", model="scripted", tools=[add])]
+```
+
+A tool's JSON schema is derived from its signature and docstring. A parameter
+annotated :class:`ToolContext` receives the call's context and is left out of
+the schema.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Union, get_args, get_origin
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class AgentDefinitionError(ValueError):
+    """An agent or tool definition is unusable; raised when the agents are loaded."""
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about the call it serves. Scoped to one principal."""
+
+    tenant_id: str
+    user_id: str
+    session_id: str
+    turn_id: str
+    # Stable across retried attempts of the same call: (turn, step, call id).
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class Tool:
+    fn: Callable[..., Any]
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    requires_approval: bool = False
+    context_param: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI tool definition."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
+        """Call the tool with model-supplied arguments; unknown arguments are a TypeError."""
+        kwargs = dict(arguments)
+        if self.context_param:
+            kwargs[self.context_param] = context
+        return self.fn(**kwargs)
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    requires_approval: bool = False,
+) -> Any:
+    """Turn a typed function into a tool. Usable bare (``@tool``) or with options."""
+
+    def wrap(f: Callable[..., Any]) -> Tool:
+        tool_name = name or f.__name__
+        if not NAME_RE.match(tool_name):
+            raise AgentDefinitionError(f"tool name {tool_name!r} must match {NAME_RE.pattern}")
+        summary, param_docs = _parse_docstring(inspect.getdoc(f) or "")
+        parameters, context_param = _parameters_schema(f, param_docs)
+        return Tool(
+            fn=f,
+            name=tool_name,
+            description=description or summary or tool_name,
+            parameters=parameters,
+            requires_approval=requires_approval,
+            context_param=context_param,
+        )
+
+    return wrap(fn) if fn is not None else wrap
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A registered agent definition. Immutable: a fresh model is built for every step."""
+
+    name: str
+    instructions: str = ""
+    model: Any = "scripted"
+    tools: list[Tool] = field(default_factory=list)
+    max_steps: int = 8
+    description: str = ""
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise AgentDefinitionError(f"agent name {self.name!r} must match {NAME_RE.pattern}")
+        tools = [t if isinstance(t, Tool) else tool(t) for t in self.tools]
+        object.__setattr__(self, "tools", tools)
+        names = [t.name for t in tools]
+        if len(set(names)) != len(names):
+            raise AgentDefinitionError(f"agent {self.name!r} has two tools with one name: {names}")
+        if self.max_steps < 1:
+            raise AgentDefinitionError(f"agent {self.name!r}: max_steps must be at least 1")
+
+    def tool_named(self, name: str) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description or self.instructions[:200],
+            "model": self.model if isinstance(self.model, str) else getattr(self.model, "name", "custom"),
+            "max_steps": self.max_steps,
+            "tools": [
+                {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                    "requires_approval": t.requires_approval,
+                }
+                for t in self.tools
+            ],
+        }
+
+
+class AgentRegistry:
+    """The agents one deployment serves, by name."""
+
+    def __init__(self, agents: list[Agent]):
+        self._agents: dict[str, Agent] = {}
+        for agent in agents:
+            if not isinstance(agent, Agent):
+                raise AgentDefinitionError(f"AGENTS must hold Agent objects, got {type(agent).__name__}")
+            if agent.name in self._agents:
+                raise AgentDefinitionError(f"two agents are named {agent.name!r}")
+            self._agents[agent.name] = agent
+
+    @classmethod
+    def from_module(cls, module_name: str | None) -> "AgentRegistry":
+        """Load ``AGENTS`` from the named module, or the built-in demo agents."""
+        module = importlib.import_module(module_name or "shared.demo_agents")
+        agents = getattr(module, "AGENTS", None)
+        if not isinstance(agents, (list, tuple)):
+            raise AgentDefinitionError(f"module {module.__name__!r} has no AGENTS list")
+        return cls(list(agents))
+
+    def get(self, name: str) -> Agent | None:
+        return self._agents.get(name)
+
+    def __iter__(self) -> typing.Iterator[Agent]:
+        return iter(self._agents.values())
+
+
+_PRIMITIVES: dict[Any, str] = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def _json_schema(annotation: Any) -> dict[str, Any]:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return {}
+    if annotation in _PRIMITIVES:
+        return {"type": _PRIMITIVES[annotation]}
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _json_schema(options[0])
+        return {"anyOf": [_json_schema(a) for a in options]}
+    if annotation in (list, tuple) or origin in (list, tuple, typing.Sequence):
+        return {"type": "array", "items": _json_schema(args[0]) if args else {}}
+    if annotation is dict or origin is dict:
+        return {"type": "object"}
+    raise AgentDefinitionError(f"tool parameter type {annotation!r} has no JSON schema")
+
+
+def _parameters_schema(fn: Callable[..., Any], docs: dict[str, str]) -> tuple[dict[str, Any], str | None]:
+    hints = typing.get_type_hints(fn)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    context_param = None
+    for pname, param in inspect.signature(fn).parameters.items():
+        annotation = hints.get(pname, param.annotation)
+        if annotation is ToolContext:
+            context_param = pname
+            continue
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise AgentDefinitionError(f"tool {fn.__name__}: *args/**kwargs cannot be described to a model")
+        schema = _json_schema(annotation)
+        if pname in docs:
+            schema["description"] = docs[pname]
+        if param.default is inspect.Parameter.empty:
+            required.append(pname)
+        elif param.default is None or isinstance(param.default, (int, float, str, bool)):
+            schema["default"] = param.default
+        properties[pname] = schema
+    return {"type": "object", "properties": properties, "required": required}, context_param
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """First paragraph as the summary; ``Args:`` entries (Google style) as parameter docs."""
+    summary = doc.split("\n\n", 1)[0].replace("\n", " ").strip()
+    params: dict[str, str] = {}
+    match = re.search(r"^(?:Args|Arguments|Parameters):\s*\n(.*?)(?:\n\s*\n|\Z)", doc, re.S | re.M)
+    if match:
+        for line in match.group(1).splitlines():
+            m = re.match(r"\s*(\w+)\s*(?:\([^)]*\))?\s*:\s*(.+)", line)
+            if m:
+                params[m.group(1)] = m.group(2).strip()
+    return summary, params
+
+
+__all__ = ["Agent", "AgentDefinitionError", "AgentRegistry", "Tool", "ToolContext", "tool"]

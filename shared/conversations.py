@@ -1,0 +1,295 @@
+"""Sessions, turns and history as a client sees them.
+
+Service functions take the database session first and never commit: the edge
+(an API request, a CLI command) commits once. Work that must wait for the
+commit (enqueueing a step, publishing an event) is registered with
+:func:`shared.runtime.after_commit`. Every query is scoped to the principal.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.errors import BadInput, Conflict, NotFound, TooLarge
+from shared.events import encode_event
+from shared.keys import Principal
+from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, utcnow
+from shared.runtime import Runtime, after_commit
+
+ON_BUSY = ("enqueue", "reject", "interrupt")
+MAX_PAGE = 100
+
+
+# --- sessions ---------------------------------------------------------------
+
+def create_session(db: Session, rt: Runtime, who: Principal, agent: Any, metadata: Any) -> AgentSession:
+    if not isinstance(agent, str) or not agent:
+        raise BadInput("'agent' is required and must be a string naming an agent", field="agent")
+    if rt.agents.get(agent) is None:
+        known = ", ".join(a.name for a in rt.agents)
+        raise BadInput(f"unknown agent {agent!r}; this deployment serves: {known}", field="agent")
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise BadInput("'metadata' must be a JSON object", field="metadata")
+    if len(json.dumps(metadata)) > rt.settings.max_metadata_bytes:
+        raise TooLarge(f"'metadata' is larger than {rt.settings.max_metadata_bytes} bytes", field="metadata")
+    row = AgentSession(tenant_id=who.tenant_id, user_id=who.user_id, agent=agent, metadata_=metadata)
+    db.add(row)
+    db.flush()
+    return row
+
+
+def get_session(db: Session, who: Principal, session_id: str, *, lock: bool = False) -> AgentSession:
+    query = select(AgentSession).where(
+        AgentSession.id == session_id,
+        AgentSession.tenant_id == who.tenant_id,
+        AgentSession.user_id == who.user_id,
+    )
+    if lock:
+        query = query.with_for_update()
+    row = db.scalars(query).first()
+    if row is None:
+        raise NotFound(f"no session {session_id!r}")
+    return row
+
+
+def list_sessions(db: Session, who: Principal, limit: int, after: str | None) -> tuple[list[AgentSession], str | None]:
+    query = select(AgentSession).where(
+        AgentSession.tenant_id == who.tenant_id, AgentSession.user_id == who.user_id
+    )
+    if after:
+        anchor = db.scalars(query.where(AgentSession.id == after)).first()
+        if anchor is None:
+            raise BadInput(f"'after' {after!r} is not a session of yours", field="after")
+        query = query.where(
+            (AgentSession.created_at < anchor.created_at)
+            | ((AgentSession.created_at == anchor.created_at) & (AgentSession.id < anchor.id))
+        )
+    rows = list(db.scalars(query.order_by(AgentSession.created_at.desc(), AgentSession.id.desc()).limit(limit + 1)))
+    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+
+def delete_session(db: Session, rt: Runtime, who: Principal, session_id: str) -> None:
+    row = get_session(db, who, session_id, lock=True)
+    running = db.scalars(
+        select(Turn.id).where(Turn.session_id == row.id, Turn.status.in_(ACTIVE))
+    ).all()
+    for turn_id in running:
+        after_commit(db, lambda t=turn_id: rt.events.request_cancel(t))
+    db.delete(row)
+    after_commit(db, lambda: rt.events.delete(session_id))
+
+
+def list_messages(db: Session, who: Principal, session_id: str, limit: int, after: int) -> tuple[list[Message], int | None]:
+    get_session(db, who, session_id)
+    rows = list(
+        db.scalars(
+            select(Message)
+            .where(Message.session_id == session_id, Message.tenant_id == who.tenant_id,
+                   Message.user_id == who.user_id, Message.id > after)
+            .order_by(Message.id)
+            .limit(limit + 1)
+        )
+    )
+    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+
+# --- turns ------------------------------------------------------------------
+
+def create_turn(
+    db: Session,
+    rt: Runtime,
+    who: Principal,
+    session_id: str,
+    user_input: Any,
+    on_busy: Any = None,
+    idempotency_key: str | None = None,
+) -> tuple[Turn, bool]:
+    """Start a turn, or queue it behind the active one. Returns (turn, created)."""
+    if not isinstance(user_input, str) or not user_input.strip():
+        raise BadInput("'input' is required and must be a non-empty string", field="input")
+    if len(user_input) > rt.settings.max_input_chars:
+        raise TooLarge(f"'input' is longer than {rt.settings.max_input_chars} characters", field="input")
+    on_busy = on_busy or "enqueue"
+    if on_busy not in ON_BUSY:
+        raise BadInput(f"'on_busy' must be one of {', '.join(ON_BUSY)}", field="on_busy")
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
+        raise BadInput("Idempotency-Key must be 1 to 256 characters", field="Idempotency-Key")
+
+    if idempotency_key:
+        existing = _turn_by_idempotency_key(db, who, idempotency_key)
+        if existing is not None:
+            return _same_request(existing, session_id, user_input), False
+
+    # The session row lock serialises concurrent turn requests: one active turn per session.
+    session = get_session(db, who, session_id, lock=True)
+    busy = session.active_turn_id is not None
+    if busy and on_busy == "reject":
+        raise Conflict(f"session {session_id} is busy with turn {session.active_turn_id}; "
+                       "retry later or send on_busy=enqueue|interrupt")
+    session.turn_count += 1
+    turn = Turn(
+        session_id=session.id,
+        tenant_id=who.tenant_id,
+        user_id=who.user_id,
+        seq=session.turn_count,
+        input=user_input,
+        on_busy=on_busy,
+        idempotency_key=idempotency_key,
+    )
+    try:
+        with db.begin_nested():
+            db.add(turn)
+            db.flush()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race.
+        existing = _turn_by_idempotency_key(db, who, idempotency_key or "")
+        if existing is None:
+            raise
+        return _same_request(existing, session_id, user_input), False
+    publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, {"input": user_input})])
+    if not busy:
+        activate(db, rt, session, turn)
+    elif on_busy == "interrupt":
+        active = db.get(Turn, session.active_turn_id)
+        if active is not None:
+            request_cancel(db, rt, active, session)
+    session.updated_at = utcnow()
+    return turn, True
+
+
+def _turn_by_idempotency_key(db: Session, who: Principal, key: str) -> Turn | None:
+    return db.scalars(
+        select(Turn).where(Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id,
+                           Turn.idempotency_key == key)
+    ).first()
+
+
+def _same_request(turn: Turn, session_id: str, user_input: str) -> Turn:
+    if turn.session_id != session_id or turn.input != user_input:
+        raise Conflict("this Idempotency-Key was already used for a different request", field="Idempotency-Key")
+    return turn
+
+
+def get_turn(db: Session, who: Principal, turn_id: str, *, lock: bool = False) -> Turn:
+    query = select(Turn).where(Turn.id == turn_id, Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id)
+    if lock:
+        query = query.with_for_update()
+    row = db.scalars(query).first()
+    if row is None:
+        raise NotFound(f"no turn {turn_id!r}")
+    return row
+
+
+def cancel_turn(db: Session, rt: Runtime, who: Principal, turn_id: str) -> Turn:
+    """Cancel a turn. Idempotent: cancelling a finished turn returns it unchanged."""
+    turn = get_turn(db, who, turn_id)
+    if turn.status in TERMINAL:
+        return turn
+    session = get_session(db, who, turn.session_id, lock=True)
+    db.refresh(turn, with_for_update=True)
+    if turn.status not in TERMINAL:
+        request_cancel(db, rt, turn, session)
+    return turn
+
+
+def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) -> None:
+    """Cancel now if no step runs; otherwise flag it and let the running step stop itself."""
+    turn.cancel_requested = True
+    if turn.lease_expires_at is not None and _aware(turn.lease_expires_at) > utcnow():
+        # A step is running: it sees the flag within one delta flush or heartbeat.
+        after_commit(db, lambda: rt.events.request_cancel(turn.id))
+        return
+    finish_turn(db, rt, turn, session, "cancelled")
+
+
+def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: dict[str, Any]) -> Turn:
+    """Continue a paused turn with the user's answer."""
+    turn = get_turn(db, who, turn_id)
+    session = get_session(db, who, turn.session_id, lock=True)
+    db.refresh(turn, with_for_update=True)
+    if turn.status != "requires_action":
+        raise Conflict(f"turn {turn_id} is {turn.status}, not requires_action")
+    approve, text, outputs = body.get("approve"), body.get("input"), body.get("tool_outputs")
+    if approve is not None and not isinstance(approve, bool):
+        raise BadInput("'approve' must be true or false", field="approve")
+    if text is not None and (not isinstance(text, str) or len(text) > rt.settings.max_input_chars):
+        raise BadInput(f"'input' must be a string of at most {rt.settings.max_input_chars} characters",
+                       field="input")
+    if outputs is not None and not (
+        isinstance(outputs, list)
+        and all(isinstance(o, dict) and isinstance(o.get("id"), str) for o in outputs)
+    ):
+        raise BadInput("'tool_outputs' must be a list of {id, output} objects", field="tool_outputs")
+    pending = turn.pending or {}
+    if pending.get("reason") == "approval" and approve is None:
+        raise BadInput("this turn waits for an approval: send 'approve': true or false", field="approve")
+    if pending.get("reason") == "question" and text is None:
+        raise BadInput("this turn waits for an answer: send 'input'", field="input")
+    turn.resume = {"approve": approve, "input": text, "tool_outputs": outputs}
+    turn.status = "in_progress"
+    turn.enqueued_at = utcnow()
+    step = turn.step_count
+    after_commit(db, lambda: rt.queue.enqueue_step(turn.id, step))
+    return turn
+
+
+# --- shared by API, workers and scheduler -----------------------------------
+
+def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> None:
+    """Make ``turn`` the session's active turn and send its first step after commit."""
+    session.active_turn_id = turn.id
+    turn.enqueued_at = utcnow()
+    turn_id = turn.id
+    after_commit(db, lambda: rt.queue.enqueue_step(turn_id, 0))
+
+
+def finish_turn(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: str,
+                error: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """End a turn (status is terminal), publish it, and hand the session to the next queued turn."""
+    assert status in TERMINAL, status
+    turn.status = status
+    turn.finished_at = utcnow()
+    turn.lease_owner = None
+    turn.lease_expires_at = None
+    turn.error = error
+    data: dict[str, Any] = dict(extra or {})
+    if status == "completed":
+        data["output"] = turn.output
+    if error:
+        data["error"] = error
+    publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
+    if session.active_turn_id == turn.id:
+        session.active_turn_id = None
+        nxt = db.scalars(
+            select(Turn).where(Turn.session_id == session.id, Turn.status == "queued", Turn.id != turn.id)
+            .order_by(Turn.seq).limit(1)
+        ).first()
+        if nxt is not None:
+            activate(db, rt, session, nxt)
+
+
+def publish_after_commit(db: Session, rt: Runtime, session_id: str,
+                         events: list[tuple[str, str | None, dict[str, Any] | None]]) -> None:
+    bodies = [encode_event(t, turn_id, data) for t, turn_id, data in events]
+    after_commit(db, lambda: rt.events.append(session_id, bodies))
+
+
+def wait_deadline(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything steprun stores is UTC."""
+    from datetime import timezone
+
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def clear_lease(db: Session, turn_id: str) -> None:
+    db.execute(update(Turn).where(Turn.id == turn_id).values(lease_owner=None, lease_expires_at=None))

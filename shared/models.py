@@ -1,0 +1,175 @@
+"""SQLAlchemy 2 models: the source of truth for every session, turn and message.
+
+Every row that holds user data carries both ``tenant_id`` and ``user_id`` (the
+principal), so every query can be scoped to it.
+"""
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# JSONB on Postgres, plain JSON (text) on SQLite in the embedded mode.
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only autoincrements INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    """An unguessable id: the prefix names the kind, 96 random bits follow."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    # NULL for a service key, which acts for any user of its tenant named in X-User-Id.
+    user_id: Mapped[str | None] = mapped_column(String(256))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AgentSession(Base):
+    """One conversation between one user and one agent."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_owner", "tenant_id", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ses"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(256))
+    agent: Mapped[str] = mapped_column(String(200))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    # The turn that owns the session right now (running or paused); NULL when idle.
+    active_turn_id: Mapped[str | None] = mapped_column(String(40))
+    turn_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Turn(Base):
+    """One input and everything the agent does in answer."""
+
+    __tablename__ = "turns"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "user_id", "idempotency_key", name="uq_turns_idempotency"),
+        Index("ix_turns_session", "session_id", "seq"),
+        Index("ix_turns_status", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("turn"))
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(256))
+    seq: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    input: Mapped[str] = mapped_column(Text)
+    on_busy: Mapped[str] = mapped_column(String(20), default="enqueue")
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    output: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    usage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What a paused turn waits for, and what the user answered.
+    pending: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    resume: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Committed steps so far; the step task for step N carries N and is stale once this moves on.
+    step_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Claims of the current step; > 1 means an earlier attempt died.
+    step_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Fencing number: bumped by every claim; a commit must present the current one.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Checkpoint(Base):
+    """The session's agent state after a committed step. Append-only, numbered per session."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("session_id", "number", name="uq_checkpoints_number"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(256))
+    number: Mapped[int] = mapped_column(Integer)
+    turn_id: Mapped[str] = mapped_column(String(40))
+    step: Mapped[int] = mapped_column(Integer)
+    state: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Message(Base):
+    """One entry of the conversation history, as a user reads it."""
+
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_session", "session_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(256))
+    turn_id: Mapped[str] = mapped_column(String(40))
+    step: Mapped[int | None] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(20))
+    content: Mapped[str] = mapped_column(Text, default="")
+    tool_calls: Mapped[list[Any] | None] = mapped_column(JSONType)
+    tool_call_id: Mapped[str | None] = mapped_column(String(200))
+    name: Mapped[str | None] = mapped_column(String(200))
+    # "complete", or "cancelled" for the partial output of a cancelled step.
+    status: Mapped[str] = mapped_column(String(20), default="complete")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
+ACTIVE = frozenset({"queued", "in_progress", "requires_action"})

@@ -1,0 +1,84 @@
+"""Sending step tasks: by name through Celery, or to in-process threads (embedded).
+
+The API and the scheduler enqueue through this interface and never import
+worker code: a task is addressed as ``"steps.run"`` with ids only.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Protocol
+
+from shared.settings import Settings
+
+STEP_TASK = "steps.run"
+log = logging.getLogger(__name__)
+
+
+class TaskQueue(Protocol):
+    def enqueue_step(self, turn_id: str, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Broker settings shared by the producer (API, scheduler) and the worker."""
+    return {
+        "broker_url": settings.redis_url,
+        "task_default_queue": settings.queue_name,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Results are in Postgres; a result backend would only cost Redis writes.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Longer than any step (step_time_limit): a slow step must never be
+            # redelivered while it still runs. Fast recovery comes from the
+            # Postgres lease sweep, not from the broker (see workers/celery_app.py).
+            "visibility_timeout": int(2 * settings.step_time_limit) + 60,
+        },
+    }
+
+
+class CeleryQueue:
+    def __init__(self, settings: Settings):
+        from celery import Celery
+
+        self.settings = settings
+        self.app = Celery("steprun-producer")
+        self.app.conf.update(celery_config(settings))
+
+    def enqueue_step(self, turn_id: str, step: int) -> None:
+        self.app.send_task(STEP_TASK, args=[turn_id, step], queue=self.settings.queue_name)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class InProcessQueue:
+    """The embedded mode's queue: a thread pool that runs the same step code."""
+
+    def __init__(self, run: Callable[[str, int], None], workers: int = 8):
+        self._run = run
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="steprun-step")
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def enqueue_step(self, turn_id: str, step: int) -> None:
+        with self._lock:
+            if self._closed:
+                return  # the scheduler re-enqueues it after a restart
+            self._pool.submit(self._safe_run, turn_id, step)
+
+    def _safe_run(self, turn_id: str, step: int) -> None:
+        try:
+            self._run(turn_id, step)
+        except Exception:  # noqa: BLE001 - the lease sweep retries; log and carry on
+            log.exception("step %s/%s failed", turn_id, step)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,74 @@
+"""Sweeps that make Postgres, not the broker, the guarantee that every turn finishes.
+
+Each sweep is one conditional UPDATE ... RETURNING, so two schedulers running
+at once never re-enqueue the same turn twice in one round, and a duplicate
+task that slips through is harmless anyway (the claim is fenced).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, select, update
+
+from shared.db import unit_of_work
+from shared.models import AgentSession, Turn, utcnow
+from shared.runtime import Runtime, after_commit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepReport:
+    expired_leases: int = 0
+    lost_tasks: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.expired_leases or self.lost_tasks)
+
+
+def recover_expired_leases(rt: Runtime) -> int:
+    """Steps whose worker stopped heartbeating: hand them to another worker."""
+    now = utcnow()
+    with unit_of_work(rt.sessions) as db:
+        rows = db.execute(
+            update(Turn)
+            .where(Turn.status == "in_progress", Turn.lease_expires_at < now)
+            .values(lease_owner=None, lease_expires_at=None, enqueued_at=now)
+            .returning(Turn.id, Turn.step_count)
+            .execution_options(synchronize_session=False)
+        ).all()
+        for row in rows:
+            log.warning("turn %s: lease expired during step %s; re-enqueued", row.id, row.step_count)
+            after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
+    return len(rows)
+
+
+def recover_lost_tasks(rt: Runtime) -> int:
+    """Active turns nobody claimed for a while: their task was probably lost (e.g. Redis restarted)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=rt.settings.lost_task_seconds)
+    active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
+    with unit_of_work(rt.sessions) as db:
+        rows = db.execute(
+            update(Turn)
+            .where(
+                Turn.status.in_(("queued", "in_progress")),
+                Turn.lease_expires_at.is_(None),
+                and_(Turn.enqueued_at.is_not(None), Turn.enqueued_at < stale),
+                Turn.id == active,
+            )
+            .values(enqueued_at=now)
+            .returning(Turn.id, Turn.step_count)
+            .execution_options(synchronize_session=False)
+        ).all()
+        for row in rows:
+            log.warning("turn %s: no worker took step %s for %ss; re-enqueued", row.id, row.step_count,
+                        rt.settings.lost_task_seconds)
+            after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
+    return len(rows)
+
+
+def sweep(rt: Runtime) -> SweepReport:
+    return SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt))

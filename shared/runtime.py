@@ -1,0 +1,88 @@
+"""The runtime: everything a process needs, built once from settings at its entrypoint."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.agent import AgentRegistry
+from shared.db import make_engine, make_sessionmaker
+from shared.events import EventLog, MemoryEventLog, RedisEventLog
+from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def after_commit(db: Session, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once the current transaction commits; drop it on rollback.
+
+    This is how work is enqueued: a task can never run before its row exists.
+    """
+    db.info.setdefault("after_commit", []).append(callback)
+
+
+def _install_after_commit(factory: sessionmaker[Session]) -> None:
+    @event.listens_for(factory, "after_commit")
+    def _run(db: Session) -> None:
+        for callback in db.info.pop("after_commit", []):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - committed state is safe; the scheduler re-sends lost work
+                log.exception("after-commit action failed; the scheduler will recover it")
+
+    @event.listens_for(factory, "after_rollback")
+    def _drop(db: Session) -> None:
+        db.info.pop("after_commit", None)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    events: EventLog
+    agents: AgentRegistry
+    queue: TaskQueue = field(init=False)
+    redis: Any = None
+
+    @classmethod
+    def create(cls, settings: Settings, *, agents: AgentRegistry | None = None) -> "Runtime":
+        engine = make_engine(settings)
+        factory = make_sessionmaker(engine)
+        _install_after_commit(factory)
+        agents = agents or AgentRegistry.from_module(settings.agents_module)
+        if settings.redis_url:
+            import redis
+
+            client = redis.Redis.from_url(
+                settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+            )
+            events: EventLog = RedisEventLog(
+                client,
+                prefix=settings.redis_prefix,
+                retention_seconds=settings.event_retention_seconds,
+                max_len=settings.event_log_max,
+            )
+            rt = cls(settings, engine, factory, events, agents, redis=client)
+            rt.queue = CeleryQueue(settings)
+        else:
+            events = MemoryEventLog(
+                retention_seconds=settings.event_retention_seconds, max_len=settings.event_log_max
+            )
+            rt = cls(settings, engine, factory, events, agents)
+            rt.queue = InProcessQueue(rt.run_step, workers=min(settings.worker_concurrency, 32))
+        return rt
+
+    def run_step(self, turn_id: str, step: int) -> None:
+        from shared.steps import run_step
+
+        run_step(self, turn_id, step)
+
+    def close(self) -> None:
+        self.queue.close()
+        self.events.close()
+        self.engine.dispose()

@@ -1,0 +1,150 @@
+"""Typed settings, read once from the environment at each process's entrypoint.
+
+Nothing else in steprun reads ``os.environ``: entrypoints call
+:meth:`Settings.from_env` and pass the object down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class SettingsError(ValueError):
+    """A variable is present but cannot be used."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: Any
+    help: str
+
+
+def _setting(env: str, default: Any, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where state lives. Unset -> embedded mode (SQLite file, in-process queue and bus).
+    database_url: str | None = _setting(
+        "DATABASE_URL", None, "Postgres URL (postgresql://...). Unset: embedded SQLite file."
+    )
+    redis_url: str | None = _setting(
+        "REDIS_URL", None, "Redis URL for the broker, event log and pub/sub. Unset: in-process queue and bus."
+    )
+    data_dir: str = _setting(
+        "STEPRUN_DATA_DIR", ".steprun", "Embedded mode: folder holding the SQLite file and the dev key."
+    )
+    agents_module: str | None = _setting(
+        "STEPRUN_AGENTS", None, "Module whose AGENTS list is served. Unset: the built-in demo agents."
+    )
+    openai_base_url: str = _setting(
+        "OPENAI_BASE_URL", "https://api.openai.com/v1", "Endpoint of `openai:<model>` agents (any compatible server)."
+    )
+    openai_api_key: str | None = _setting("OPENAI_API_KEY", None, "Key sent to the `openai:` endpoint.")
+    jwt_secret: str | None = _setting("STEPRUN_JWT_SECRET", None, "HS256 secret for end-user JWTs (optional).")
+    redis_prefix: str = _setting("STEPRUN_REDIS_PREFIX", "steprun", "Prefix of every Redis key and channel.")
+    queue_name: str = _setting("STEPRUN_QUEUE", "steprun.steps", "Celery queue the step tasks go to.")
+
+    # Workers and recovery.
+    lease_seconds: float = _setting(
+        "STEPRUN_LEASE_SECONDS", 30.0, "A running step's lease; a worker silent this long is presumed dead."
+    )
+    heartbeat_seconds: float = _setting(
+        "STEPRUN_HEARTBEAT_SECONDS", 5.0, "How often a running step extends its lease."
+    )
+    max_attempts: int = _setting(
+        "STEPRUN_MAX_ATTEMPTS", 3, "Attempts per step before the turn fails."
+    )
+    lost_task_seconds: float = _setting(
+        "STEPRUN_LOST_TASK_SECONDS", 60.0,
+        "A turn waiting for a worker this long with no claim is re-enqueued (its task may be lost).",
+    )
+    sweep_interval: float = _setting("STEPRUN_SWEEP_INTERVAL", 2.0, "Seconds between scheduler sweeps.")
+    step_time_limit: float = _setting(
+        "STEPRUN_STEP_TIME_LIMIT", 600.0, "Hard cap on one step (model call plus tools), seconds."
+    )
+    worker_concurrency: int = _setting(
+        "STEPRUN_WORKER_CONCURRENCY", 50, "Steps one worker process runs at once (gevent greenlets)."
+    )
+
+    # Limits.
+    max_body_bytes: int = _setting("STEPRUN_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted.")
+    max_input_chars: int = _setting("STEPRUN_MAX_INPUT_CHARS", 100_000, "Largest turn input, in characters.")
+    max_metadata_bytes: int = _setting("STEPRUN_MAX_METADATA_BYTES", 16_384, "Largest session metadata, JSON-encoded.")
+    max_wait_seconds: float = _setting("STEPRUN_MAX_WAIT_SECONDS", 60.0, "Longest ?wait= a client may ask for.")
+
+    # Streaming and retention.
+    event_retention_seconds: int = _setting(
+        "STEPRUN_EVENT_RETENTION_SECONDS", 3600, "How long a session's event log is kept after its last event."
+    )
+    event_log_max: int = _setting(
+        "STEPRUN_EVENT_LOG_MAX", 100_000, "Most events kept per session log (older ones trimmed)."
+    )
+    delta_flush_seconds: float = _setting(
+        "STEPRUN_DELTA_FLUSH_SECONDS", 0.03, "Deltas are batched into one event at most this often."
+    )
+
+    # Database pool (per process).
+    db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "SQLAlchemy pool size per process.")
+    db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10, "SQLAlchemy pool overflow per process.")
+
+    # Serving.
+    host: str = _setting("STEPRUN_HOST", "127.0.0.1", "Address `steprun dev` listens on.")
+    port: int = _setting("PORT", 8000, "Port the web process listens on.")
+    log_level: str = _setting("STEPRUN_LOG_LEVEL", "INFO", "Logging level.")
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The URL handed to SQLAlchemy (Heroku's postgres:// scheme normalised)."""
+        if self.database_url is None:
+            return "sqlite:///" + os.path.abspath(os.path.join(self.data_dir, "steprun.db"))
+        url = self.database_url
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url[len("postgres://"):]
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+        return url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _coerce(f.name, f.metadata["env"], raw, f.default)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, env: str, raw: str, default: Any) -> Any:
+    kind = type(default)
+    try:
+        if kind is bool:
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{env}={raw!r}: expected a {kind.__name__}") from None
+    return raw
+
+
+def documented_settings() -> list[Setting]:
+    """Every variable steprun reads, for the README table and `steprun settings`."""
+    return [
+        Setting(f.metadata["env"], f.default, f.metadata["help"]) for f in dataclasses.fields(Settings)
+    ]

@@ -1,0 +1,54 @@
+"""The worker entrypoint: `celery -A workers.celery_app worker -P gevent ...` (see the Procfile).
+
+Reliability choices, and why:
+- late acks + reject on worker lost: a task is acknowledged only after its step
+  ran, so a dying *child* hands its message back;
+- prefetch 1: a busy worker does not sit on steps another could run;
+- none of that is relied on for correctness. A gevent-pool worker that is
+  SIGKILLed never gets its unacked message restored by the broker in useful
+  time, so recovery is the scheduler's Postgres lease sweep, and duplicates are
+  made harmless by the fenced claim (shared/steps.py);
+- the broker's visibility timeout is set far above any step (shared/queue.py),
+  so a slow step is never redelivered while it still runs.
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.queue import celery_config
+from shared.settings import Settings
+
+
+def _patch_psycopg_for_gevent() -> None:
+    # Under the gevent pool, psycopg2 would block the whole process on every query.
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover
+        return
+    if monkey.is_module_patched("socket"):
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("steprun")
+    app.conf.update(celery_config(settings))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+        # Celery >= 5.5: on SIGTERM let running steps finish for a while, then hand back.
+        worker_soft_shutdown_timeout=25.0,
+        worker_enable_soft_shutdown_on_idle=True,
+    )
+    app.conf.steprun_settings = settings
+    app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+    return app
+
+
+_patch_psycopg_for_gevent()
+app = create_celery(Settings.from_env())
