@@ -57,8 +57,17 @@ def keys_create(tenant: str, user_id: str | None, service: bool, name: str | Non
 
 
 @main.command()
-def settings() -> None:
+@click.option("--write-readme", type=click.Path(exists=True), help="Rewrite the table in this README.")
+def settings(write_readme: str | None) -> None:
     """List every environment variable steprun reads."""
+    if write_readme:
+        from shared.docs import render_readme
+
+        with open(write_readme) as f:
+            text = f.read()
+        with open(write_readme, "w") as f:
+            f.write(render_readme(text))
+        return
     for s in documented_settings():
         click.echo(f"{s.env:34} default={s.default!r:28} {s.help}")
 
