@@ -200,7 +200,7 @@ def _parameters_schema(fn: Callable[..., Any], docs: dict[str, str]) -> tuple[di
     context_param = None
     for pname, param in inspect.signature(fn).parameters.items():
         annotation = hints.get(pname, param.annotation)
-        if annotation is ToolContext:
+        if annotation is ToolContext or ToolContext in get_args(annotation):
             context_param = pname
             continue
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
