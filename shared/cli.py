@@ -83,6 +83,7 @@ def dev(port: int | None) -> None:
     from shared.keys import create_key
     from shared.logs import configure_logging
     from shared.migrate import upgrade
+    from shared.recovery import recover_after_restart
     from shared.runtime import Runtime
     from scheduler.main import run_forever
 
@@ -103,6 +104,8 @@ def dev(port: int | None) -> None:
         with open(key_file, "w") as f:
             f.write(key + "\n")
         os.chmod(key_file, 0o600)
+    if settings.redis_url is None:
+        recover_after_restart(rt)
     app = create_app(settings, runtime=rt)
     server = make_server(settings.host, settings.port, app, threaded=True)
     url = f"http://{settings.host}:{server.server_port}"

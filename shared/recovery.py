@@ -72,3 +72,25 @@ def recover_lost_tasks(rt: Runtime) -> int:
 
 def sweep(rt: Runtime) -> SweepReport:
     return SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt))
+
+
+def recover_after_restart(rt: Runtime) -> int:
+    """Embedded mode only: the process that held every lease and queued task is gone.
+
+    `steprun dev` is the only worker of its database, so at start-up every
+    active turn's in-flight step was lost with the previous process: send each
+    one again now instead of waiting out the lease and lost-task timeouts.
+    """
+    active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
+    with unit_of_work(rt.sessions) as db:
+        rows = db.execute(
+            update(Turn)
+            .where(Turn.status.in_(("queued", "in_progress")), Turn.id == active)
+            .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow())
+            .returning(Turn.id, Turn.step_count)
+            .execution_options(synchronize_session=False)
+        ).all()
+        for row in rows:
+            log.warning("turn %s: resuming step %s after a restart", row.id, row.step_count)
+            after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
+    return len(rows)
