@@ -5,8 +5,9 @@ import re
 
 from flask import Flask, g, request
 
-from api.context import db
-from shared.errors import BadInput, Unauthorized
+from api.context import db, runtime
+from shared.errors import BadInput, RateLimited, Unauthorized
+from shared.jwt_auth import jwt_enabled, looks_like_jwt, principal_from_jwt
 from shared.keys import Principal, identify_key
 
 USER_ID_RE = re.compile(r"^[\w.@:+-]{1,256}$")
@@ -18,14 +19,31 @@ def install_auth(app: Flask) -> None:
         if not request.path.startswith("/v1/"):
             return
         g.principal = authenticate()
+        enforce_rate_limit(g.principal)
+
+
+def enforce_rate_limit(who: Principal) -> None:
+    rt = runtime()
+    limit = rt.settings.rate_limit_per_minute
+    if limit <= 0:
+        return
+    retry_after = rt.limiter.hit(f"{who.tenant_id}:{who.user_id}", limit)
+    if retry_after is not None:
+        raise RateLimited(f"more than {limit} requests a minute; slow down", retry_after=retry_after)
 
 
 def authenticate() -> Principal:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Unauthorized("send 'Authorization: Bearer <key>'")
-    identity = identify_key(db(), token.strip())
+    if len(token) > 4096:
+        raise Unauthorized("the bearer token is too long")
+    settings = runtime().settings
+    if jwt_enabled(settings) and looks_like_jwt(token):
+        return principal_from_jwt(settings, token)
+    identity = identify_key(db(), token)
     db().rollback()  # release the connection until the view needs one
     if identity is None:
         raise Unauthorized("the key is not valid (unknown or revoked)")

@@ -11,11 +11,11 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.errors import BadInput, Conflict, NotFound, TooLarge
+from shared.errors import BadInput, Conflict, NotFound, RateLimited, TooLarge
 from shared.events import encode_event
 from shared.keys import Principal
 from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, utcnow
@@ -128,6 +128,11 @@ def create_turn(
 
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
+    waiting = db.scalar(select(func.count()).select_from(Turn).where(
+        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status == "queued"))
+    if waiting >= rt.settings.max_queued_turns:
+        raise RateLimited(f"{waiting} turns are already waiting; the limit is {rt.settings.max_queued_turns}",
+                          retry_after=5)
     busy = session.active_turn_id is not None
     if busy and on_busy == "reject":
         raise Conflict(f"session {session_id} is busy with turn {session.active_turn_id}; "

@@ -37,5 +37,9 @@ class TooLarge(StepRunError):
     status, code = 413, "too_large"
 
 
+class RateLimited(StepRunError):
+    status, code = 429, "rate_limited"
+
+
 class Unavailable(StepRunError):
     status, code = 503, "unavailable"

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.agent import AgentRegistry
 from shared.db import make_engine, make_sessionmaker
 from shared.events import EventLog, MemoryEventLog, RedisEventLog
+from shared.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
 from shared.settings import Settings
 
@@ -47,6 +48,7 @@ class Runtime:
     events: EventLog
     agents: AgentRegistry
     queue: TaskQueue = field(init=False)
+    limiter: RateLimiter = field(init=False)
     redis: Any = None
 
     @classmethod
@@ -69,12 +71,14 @@ class Runtime:
             )
             rt = cls(settings, engine, factory, events, agents, redis=client)
             rt.queue = CeleryQueue(settings)
+            rt.limiter = RedisRateLimiter(client, settings.redis_prefix)
         else:
             events = MemoryEventLog(
                 retention_seconds=settings.event_retention_seconds, max_len=settings.event_log_max
             )
             rt = cls(settings, engine, factory, events, agents)
             rt.queue = InProcessQueue(rt.run_step, workers=min(settings.worker_concurrency, 32))
+            rt.limiter = MemoryRateLimiter()
         return rt
 
     def run_step(self, turn_id: str, step: int) -> None:

@@ -46,6 +46,16 @@ class Settings:
     )
     openai_api_key: str | None = _setting("OPENAI_API_KEY", None, "Key sent to the `openai:` endpoint.")
     jwt_secret: str | None = _setting("STEPRUN_JWT_SECRET", None, "HS256 secret for end-user JWTs (optional).")
+    jwt_public_key: str | None = _setting(
+        "STEPRUN_JWT_PUBLIC_KEY", None, "RS256 public key (PEM text) for end-user JWTs (optional)."
+    )
+    jwt_audience: str | None = _setting("STEPRUN_JWT_AUDIENCE", None, "Required `aud` claim of JWTs, if set.")
+    rate_limit_per_minute: int = _setting(
+        "STEPRUN_RATE_LIMIT_PER_MINUTE", 600, "Requests one principal may make per minute (0: no limit)."
+    )
+    max_queued_turns: int = _setting(
+        "STEPRUN_MAX_QUEUED_TURNS", 20, "Turns one principal may have waiting (queued) at once."
+    )
     redis_prefix: str = _setting("STEPRUN_REDIS_PREFIX", "steprun", "Prefix of every Redis key and channel.")
     queue_name: str = _setting("STEPRUN_QUEUE", "steprun.steps", "Celery queue the step tasks go to.")
 
