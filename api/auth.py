@@ -6,6 +6,7 @@ import re
 from flask import Flask, g, request
 
 from api.context import db, runtime
+from shared.db import set_scope
 from shared.errors import BadInput, RateLimited, Unauthorized
 from shared.jwt_auth import jwt_enabled, looks_like_jwt, principal_from_jwt
 from shared.keys import Principal, identify_key
@@ -19,6 +20,8 @@ def install_auth(app: Flask) -> None:
         if not request.path.startswith("/v1/"):
             return
         g.principal = authenticate()
+        # Every later transaction of this request sees this principal's rows only.
+        set_scope(db(), g.principal)
         enforce_rate_limit(g.principal)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,10 +42,49 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+# The scope of a database session: a principal (anything with tenant_id and
+# user_id) sees that user's rows only; SYSTEM is the narrow cross-tenant path of
+# the scheduler's sweeps and the worker's claim; no scope sees no user data.
+SYSTEM = "system"
+
+
+def set_scope(db: Session, scope: Any) -> Session:
+    """Scope ``db`` from its next transaction on (row-level security on Postgres)."""
+    db.info["scope"] = scope
+    return db
+
+
+def install_row_security(factory: sessionmaker[Session], role: str | None) -> None:
+    """At the start of every transaction, drop to ``role`` and set the principal, transaction-locally.
+
+    Transaction-local (``set_config(..., true)``) so a pooled connection never
+    carries one user's scope into the next transaction. ``role`` owns nothing
+    and is not a superuser, so the FORCEd policies apply even when the login
+    role owns the tables or is a superuser.
+    """
+
+    @event.listens_for(factory, "after_begin")
+    def _scope(session: Session, _transaction: Any, connection: Any) -> None:
+        if connection.dialect.name != "postgresql":
+            return
+        scope = session.info.get("scope")
+        tenant = getattr(scope, "tenant_id", "") or ""
+        user = getattr(scope, "user_id", "") or ""
+        params = {"t": tenant, "u": user, "s": "on" if scope == SYSTEM else ""}
+        sql = ("SELECT set_config('steprun.tenant_id', %(t)s, true), set_config('steprun.user_id', %(u)s, true), "
+               "set_config('steprun.system', %(s)s, true)")
+        if role:
+            params["r"] = role
+            sql += ", set_config('role', %(r)s, true)"
+        connection.exec_driver_sql(sql, params)
+
+
 @contextmanager
-def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
+def unit_of_work(factory: sessionmaker[Session], scope: Any = None) -> Iterator[Session]:
     """One transaction: committed if the block succeeds, rolled back otherwise."""
     db = factory()
+    if scope is not None:
+        db.info["scope"] = scope
     try:
         yield db
         db.commit()

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from sqlalchemy import and_, select, update
 
-from shared.db import unit_of_work
+from shared.db import SYSTEM, unit_of_work
 from shared.models import AgentSession, Turn, utcnow
 from shared.runtime import Runtime, after_commit
 
@@ -31,7 +31,7 @@ class SweepReport:
 def recover_expired_leases(rt: Runtime) -> int:
     """Steps whose worker stopped heartbeating: hand them to another worker."""
     now = utcnow()
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         rows = db.execute(
             update(Turn)
             .where(Turn.status == "in_progress", Turn.lease_expires_at < now)
@@ -50,7 +50,7 @@ def recover_lost_tasks(rt: Runtime) -> int:
     now = utcnow()
     stale = now - timedelta(seconds=rt.settings.lost_task_seconds)
     active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         rows = db.execute(
             update(Turn)
             .where(
@@ -82,7 +82,7 @@ def recover_after_restart(rt: Runtime) -> int:
     one again now instead of waiting out the lease and lost-task timeouts.
     """
     active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         rows = db.execute(
             update(Turn)
             .where(Turn.status.in_(("queued", "in_progress")), Turn.id == active)

@@ -5,11 +5,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.agent import AgentRegistry
-from shared.db import make_engine, make_sessionmaker
+from shared.db import install_row_security, make_engine, make_sessionmaker
 from shared.events import EventLog, MemoryEventLog, RedisEventLog
 from shared.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
@@ -40,6 +40,25 @@ def _install_after_commit(factory: sessionmaker[Session]) -> None:
         db.info.pop("after_commit", None)
 
 
+def _usable_role(engine: Engine, role: str) -> str | None:
+    """The role to drop to per transaction, if the login role may; warn where RLS is then not enforced."""
+    if not role or role == "none" or engine.dialect.name != "postgresql":
+        return None
+    try:
+        with engine.connect() as conn:
+            member, superuser = conn.execute(text(
+                "SELECT pg_has_role(current_user, oid, 'MEMBER'), (SELECT rolsuper FROM pg_roles "
+                "WHERE rolname = current_user) FROM pg_roles WHERE rolname = :r"), {"r": role}).first() or (
+                False, None)
+    except Exception:  # noqa: BLE001 - the database may not be up yet; use the role as configured
+        return role
+    if member:
+        return role
+    log.warning("role %r does not exist or is not granted to the login role: row-level security %s", role,
+                "is NOT enforced (superuser login)" if superuser else "relies on FORCE for the owner")
+    return None
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -56,6 +75,7 @@ class Runtime:
         engine = make_engine(settings)
         factory = make_sessionmaker(engine)
         _install_after_commit(factory)
+        install_row_security(factory, _usable_role(engine, settings.db_role))
         agents = agents or AgentRegistry.from_module(settings.agents_module)
         if settings.redis_url:
             import redis

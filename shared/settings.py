@@ -80,6 +80,34 @@ class Settings:
     worker_concurrency: int = _setting(
         "STEPRUN_WORKER_CONCURRENCY", 50, "Steps one worker process runs at once (gevent greenlets)."
     )
+    shutdown_grace_seconds: float = _setting(
+        "STEPRUN_SHUTDOWN_GRACE_SECONDS", 20.0,
+        "On SIGTERM a worker lets running steps finish this long, then hands the rest back to the queue.",
+    )
+
+    # Long-lived turns and housekeeping (scheduler).
+    turn_time_limit: float = _setting(
+        "STEPRUN_TURN_TIME_LIMIT", 3600.0,
+        "Longest wall time a turn may run (time paused for the user not counted); past it the turn "
+        "ends incomplete. 0: no limit.",
+    )
+    action_timeout_seconds: float = _setting(
+        "STEPRUN_ACTION_TIMEOUT_SECONDS", 86400.0,
+        "A turn paused in requires_action that nobody resumes within this time becomes expired.",
+    )
+    session_ttl_seconds: float = _setting(
+        "STEPRUN_SESSION_TTL_SECONDS", 0.0,
+        "Sessions idle this long (no turn running or paused) are deleted with their history. 0: never.",
+    )
+    checkpoint_keep: int = _setting(
+        "STEPRUN_CHECKPOINT_KEEP", 20,
+        "Checkpoints kept per session; older ones are pruned (a step only loads the latest). 0: keep all.",
+    )
+    lifecycle_interval: float = _setting(
+        "STEPRUN_LIFECYCLE_INTERVAL", 60.0,
+        "Seconds between the scheduler's housekeeping rounds (session expiry, checkpoint pruning, "
+        "stale broker messages).",
+    )
 
     # Limits.
     max_body_bytes: int = _setting("STEPRUN_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted.")
@@ -101,6 +129,11 @@ class Settings:
     # Database pool (per process).
     db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "SQLAlchemy pool size per process.")
     db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10, "SQLAlchemy pool overflow per process.")
+    db_role: str = _setting(
+        "STEPRUN_DB_ROLE", "steprun_app",
+        "Postgres role every transaction drops to, so row-level security applies (created by migrations); "
+        "`none` to stay the login role.",
+    )
 
     # Serving.
     host: str = _setting("STEPRUN_HOST", "127.0.0.1", "Address `steprun dev` listens on.")

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from shared.agent import Agent, ToolContext
 from shared.conversations import finish_turn, publish_after_commit
-from shared.db import unit_of_work
+from shared.db import SYSTEM, unit_of_work
 from shared.events import encode_event
 from shared.llm import ModelError, ModelResponse, TransientModelError, build_model
 from shared.models import AgentSession, Checkpoint, Message, Turn, utcnow
@@ -58,6 +58,9 @@ class Claim:
     step: int
     attempt: int
     step_attempt: int
+    # The principal the turn belongs to: every later transaction of the step is scoped to it.
+    tenant_id: str = ""
+    user_id: str = ""
 
 
 @dataclass
@@ -92,21 +95,22 @@ def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_secon
             status="in_progress",
             started_at=func.coalesce(Turn.started_at, now),
         )
-        .returning(Turn.session_id, Turn.attempt, Turn.step_attempt)
+        .returning(Turn.session_id, Turn.attempt, Turn.step_attempt, Turn.tenant_id, Turn.user_id)
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return None
-    return Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt)
+    return Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt, row.tenant_id, row.user_id)
 
 
 def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -> str:
     """Run step ``step`` of ``turn_id`` if it is still due. Returns what happened, for logs and tests."""
-    with unit_of_work(rt.sessions) as db:
+    # The claim looks a turn up by id alone: the one cross-tenant read of a step.
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         claim = claim_turn(db, turn_id, step, worker_id, rt.settings.lease_seconds)
     if claim is None:
         return "skipped"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, claim) as db:
         turn = db.get(Turn, turn_id)
         session = db.get(AgentSession, claim.session_id)
         assert turn is not None and session is not None
@@ -259,7 +263,7 @@ def _commit(rt: Runtime, claim: Claim, result: StepResult, state: list[dict[str,
             events: "_StepEvents") -> str:
     """Write the step's outcome if this attempt still holds the turn; publish after commit."""
     events.flush()
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, claim) as db:
         # Session first, then turn: the same lock order as the API's cancel and create paths.
         session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
                              .with_for_update()).first()
@@ -307,7 +311,7 @@ def _commit(rt: Runtime, claim: Claim, result: StepResult, state: list[dict[str,
 
 
 def _release(rt: Runtime, claim: Claim) -> None:
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, claim) as db:
         db.execute(update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt)
                    .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow())
                    .execution_options(synchronize_session=False))
@@ -399,7 +403,7 @@ class _StepWatch:
                 log.warning("turn %s: step watch failed", self.claim.turn_id, exc_info=True)
 
     def _heartbeat(self) -> None:
-        with unit_of_work(self.rt.sessions) as db:
+        with unit_of_work(self.rt.sessions, self.claim) as db:
             row = db.execute(
                 update(Turn).where(Turn.id == self.claim.turn_id, Turn.attempt == self.claim.attempt)
                 .values(lease_expires_at=utcnow() + timedelta(seconds=self.rt.settings.lease_seconds))

@@ -67,6 +67,7 @@ def settings(database_url: str) -> Settings:
         heartbeat_seconds=0.5,
         lost_task_seconds=5.0,
         sweep_interval=0.5,
+        db_role="none",
     )
 
 
@@ -95,6 +96,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         STEPRUN_HEARTBEAT_SECONDS=str(settings.heartbeat_seconds),
         STEPRUN_LOST_TASK_SECONDS=str(settings.lost_task_seconds),
         STEPRUN_SWEEP_INTERVAL=str(settings.sweep_interval),
+        STEPRUN_DB_ROLE=settings.db_role,
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )
