@@ -27,9 +27,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     register_error_handlers(app)
     install_auth(app)
-    from api import sessions, system, turns
+    from api import openapi, sessions, system, turns
 
     app.register_blueprint(system.bp)
+    app.register_blueprint(openapi.bp)
     app.register_blueprint(sessions.bp)
     app.register_blueprint(turns.bp)
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
