@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from shared.db import database_unavailable
 from shared.errors import StepRunError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,11 @@ def register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name
         if exc.code == 404:
             message = "no such route"
-        return error_response(exc.code or 500, code, message)
+        response = error_response(exc.code or 500, code, message)
+        valid = getattr(exc, "valid_methods", None)
+        if valid:  # RFC 9110: a 405 names the methods that are allowed
+            response.headers["Allow"] = ", ".join(sorted(valid))
+        return response
 
     @app.errorhandler(OperationalError)
     def _db_down(exc: OperationalError):  # type: ignore[no-untyped-def]
@@ -46,7 +51,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(DBAPIError)
     def _db_error(exc: DBAPIError):  # type: ignore[no-untyped-def]
-        if exc.connection_invalidated:
+        # A dropped connection ("connection already closed", invalidated) is an outage, not a bug.
+        if database_unavailable(exc):
+            log.warning("database unavailable: %s", exc)
             return error_response(503, "unavailable", "the database is unavailable; retry shortly", retry_after=2)
         log.exception("database error")
         return error_response(500, "internal_error", "internal error")
@@ -58,5 +65,8 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
             return error_response(503, "unavailable", "the event store is unavailable; retry shortly",
                                   retry_after=2)
+        if database_unavailable(exc):  # e.g. the pool timed out waiting for a connection
+            log.warning("database unavailable: %s", exc)
+            return error_response(503, "unavailable", "the database is unavailable; retry shortly", retry_after=2)
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal error")

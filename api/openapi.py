@@ -58,7 +58,7 @@ SCHEMAS: dict[str, Any] = {
         "name": {"type": "string"}, "description": {"type": "string"}, "model": {"type": "string"},
         "max_steps": {"type": "integer"}, "tools": {"type": "array", "items": {"type": "object"}}}},
     "SessionCreate": {"type": "object", "required": ["agent"], "properties": {
-        "agent": {"type": "string", "minLength": 1}, "metadata": {"type": "object"}}},
+        "agent": {"type": "string", "minLength": 1}, "metadata": {"type": ["object", "null"]}}},
     "TurnCreate": {"type": "object", "required": ["input"], "properties": {
         "input": {"type": "string", "minLength": 1}, "on_busy": {"enum": ["enqueue", "reject", "interrupt"]}}},
     "Resume": {"type": "object", "properties": {
@@ -109,7 +109,7 @@ def header(name: str, description: str) -> dict[str, Any]:
 
 LIMIT = query("limit", {"type": "integer", "minimum": 1, "maximum": 100})
 WAIT = query("wait", {"type": "number", "minimum": 0, "maximum": 60}, "long-poll up to this many seconds")
-AFTER_INT = query("after", {"type": "integer", "minimum": 0}, "cursor")
+AFTER_INT = query("after", {"type": "integer", "minimum": 0, "maximum": 2**62}, "cursor")
 SID, TID = path_param("session_id"), path_param("turn_id")
 OBJ = {"type": "object"}
 
@@ -158,8 +158,13 @@ def build_paths() -> dict[str, Any]:
 EXTRA_PATHS: list[dict[str, Any]] = []  # other modules' blueprints add their descriptions here
 
 
-def document() -> dict[str, Any]:
+def document(agent_names: list[str] | None = None) -> dict[str, Any]:
     paths = build_paths()
+    schemas = dict(SCHEMAS)
+    if agent_names:
+        create = dict(schemas["SessionCreate"])
+        create["properties"] = {**create["properties"], "agent": {"enum": sorted(agent_names)}}
+        schemas["SessionCreate"] = create
     for extra in EXTRA_PATHS:
         paths.update(extra)
     return {
@@ -167,7 +172,7 @@ def document() -> dict[str, Any]:
         "info": {"title": "steprun", "version": "1", "description": "The runtime layer for AI agents."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "components": {"schemas": SCHEMAS,
+        "components": {"schemas": schemas,
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "paths": paths,
     }
@@ -175,4 +180,6 @@ def document() -> dict[str, Any]:
 
 @bp.get("/openapi.json")
 def openapi_json():  # type: ignore[no-untyped-def]
-    return jsonify(document())
+    from api.context import runtime
+
+    return jsonify(document([a.name for a in runtime().agents]))
