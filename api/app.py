@@ -7,6 +7,7 @@ from flask import Flask, g
 
 from api.auth import install_auth
 from api.errors import register_error_handlers
+from api.observability import install_observability
 from shared.runtime import Runtime
 from shared.settings import Settings
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             db.close()
 
     register_error_handlers(app)
+    install_observability(app)  # before auth, so rejected requests are counted and carry an id too
     install_auth(app)
     from api import openapi, sessions, system, turns
 
@@ -33,5 +35,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(sessions.bp)
     app.register_blueprint(turns.bp)
+    from api import streaming
+
+    streaming.install(app)
+    from api import history, knowledge, memory
+
+    app.register_blueprint(memory.bp)
+    app.register_blueprint(knowledge.bp)
+    app.register_blueprint(history.bp)
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app

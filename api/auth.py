@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 
 from api.context import db, runtime
 from shared.db import set_scope
-from shared.errors import BadInput, RateLimited, Unauthorized
+from shared.errors import BadInput, RateLimited, Unauthorized, Unavailable
 from shared.jwt_auth import jwt_enabled, looks_like_jwt, principal_from_jwt
 from shared.keys import Principal, identify_key
+from shared.stream_tokens import verify_stream_token
 
 USER_ID_RE = re.compile(r"^[\w.@:+-]{1,256}$")
 
@@ -19,10 +22,28 @@ def install_auth(app: Flask) -> None:
     def _authenticate() -> None:
         if not request.path.startswith("/v1/"):
             return
-        g.principal = authenticate()
+        g.principal = stream_token_principal() or authenticate()
         # Every later transaction of this request sees this principal's rows only.
         set_scope(db(), g.principal)
         enforce_rate_limit(g.principal)
+
+
+def accepts_stream_token(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a route (the WebSocket and SSE streams) as also accepting ``?token=<stream token>``."""
+    view.accepts_stream_token = True  # type: ignore[attr-defined]
+    return view
+
+
+def stream_token_principal() -> Principal | None:
+    """The principal of a ``?token=`` on a route that accepts one and has no Authorization header."""
+    token = request.args.get("token")
+    view = current_app.view_functions.get(request.endpoint or "")
+    if token is None or "Authorization" in request.headers or not getattr(view, "accepts_stream_token", False):
+        return None
+    secret = runtime().settings.secret_key
+    if not secret:
+        raise Unavailable("stream tokens are disabled: STEPRUN_SECRET_KEY is not set")
+    return verify_stream_token(secret, token, (request.view_args or {}).get("session_id", ""))
 
 
 def enforce_rate_limit(who: Principal) -> None:
@@ -52,6 +73,7 @@ def authenticate() -> Principal:
         raise Unauthorized("the key is not valid (unknown or revoked)")
     if identity.user_id is not None:
         return Principal(identity.tenant_id, identity.user_id)
+    g.service_key = True  # acts for the tenant: may also write tenant-wide data (knowledge)
     user_id = request.headers.get("X-User-Id", "")
     if not user_id:
         raise BadInput("a service key must name the user in the X-User-Id header", field="X-User-Id")

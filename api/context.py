@@ -38,7 +38,26 @@ def json_body() -> dict[str, Any]:
         raise BadInput(f"the body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise BadInput("the body must be a JSON object")
+    if not _storable(body):
+        # JSON may escape a NUL or half a surrogate pair; Postgres can store neither (a 500 otherwise).
+        raise BadInput("the body holds a NUL character or an unpaired surrogate (\\u0000, \\ud800...)")
     return body
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
 
 
 def int_arg(name: str, default: int, *, lo: int, hi: int) -> int:

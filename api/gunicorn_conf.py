@@ -8,6 +8,9 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 # Longer than a load balancer's idle timeout, so the balancer closes first.
 keepalive = 95
+# gunicorn's largest request line (default 4094): long search queries and cursors then reach
+# the app, which answers a JSON 400 naming the field instead of gunicorn's HTML 414.
+limit_request_line = 8190
 graceful_timeout = 25
 timeout = 60
 
@@ -17,3 +20,12 @@ def post_fork(server, worker):  # noqa: ARG001 - gunicorn's hook signature
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+
+
+def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    # With PROMETHEUS_MULTIPROC_DIR (several workers summed by /metrics), a dead
+    # worker's live gauges (open streams) must stop counting.
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

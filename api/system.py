@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.context import db, runtime
 from api.errors import error_response
+from shared.metrics import exposition
 
 bp = Blueprint("system", __name__)
 
@@ -38,7 +38,8 @@ def readyz():  # type: ignore[no-untyped-def]
 
 @bp.get("/metrics")
 def metrics():  # type: ignore[no-untyped-def]
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+    body, content_type = exposition(runtime().settings)
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/v1/agents")

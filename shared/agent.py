@@ -17,6 +17,7 @@ the schema.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -42,6 +43,11 @@ class ToolContext:
     turn_id: str
     # Stable across retried attempts of the same call: (turn, step, call id).
     idempotency_key: str
+    # The user's long-term memory (shared.memory.MemoryStore) and the knowledge they may
+    # search (shared.knowledge.KnowledgeBase), both bound to this principal. None where a
+    # context is built without a runtime (a tool called directly in a test).
+    memory: Any = None
+    knowledge: Any = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Tool:
     parameters: dict[str, Any]
     requires_approval: bool = False
     context_param: str | None = None
+    # The call is answered by the user, not run: the turn pauses (see ``ask_user``).
+    asks_user: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -229,4 +237,19 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     return summary, params
 
 
-__all__ = ["Agent", "AgentDefinitionError", "AgentRegistry", "Tool", "ToolContext", "tool"]
+def _ask_user(question: str) -> str:
+    """Ask the user a question and wait for the answer. Use it when you cannot go on without them.
+
+    Args:
+        question: what to ask, in a sentence or two
+    """
+    raise RuntimeError("ask_user is answered by the user through resume, never run")
+
+
+# Built in: put ``ask_user`` in an agent's tools and a call to it pauses the turn in
+# requires_action (pending.reason "question"); POST /v1/turns/{id}/resume {"input": ...}
+# gives the model the answer as the call's result.
+ask_user: Tool = dataclasses.replace(tool(_ask_user, name="ask_user"), asks_user=True)
+
+
+__all__ = ["Agent", "AgentDefinitionError", "AgentRegistry", "Tool", "ToolContext", "ask_user", "tool"]

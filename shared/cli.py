@@ -73,6 +73,75 @@ def settings(write_readme: str | None) -> None:
 
 
 @main.command()
+@click.option("--window", type=float, default=60.0, show_default=True,
+              help="Seconds of recent first steps the enqueue-to-start p95 covers.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stats(window: float, as_json: bool) -> None:
+    """Queue latency from Postgres: oldest waiting step, waiting/running counts, start-delay p95."""
+    import json
+
+    from shared.db import make_engine, make_sessionmaker
+    from shared.stats import queue_stats
+
+    engine = make_engine(_settings())
+    with make_sessionmaker(engine)() as db:
+        figures = queue_stats(db, window).as_dict()
+    engine.dispose()
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    for name, value in figures.items():
+        click.echo(f"{name:26} {'-' if value is None else (round(value, 3) if isinstance(value, float) else value)}")
+
+
+@main.group()
+def users() -> None:
+    """Operate on one end user's data."""
+
+
+@users.command("erase")
+@click.option("--tenant", required=True, help="Tenant the user belongs to.")
+@click.option("--user", "user_id", required=True, help="The user whose data is erased.")
+def users_erase(tenant: str, user_id: str) -> None:
+    """Erase everything of one user: sessions with their history, traces and event logs, memory, own documents."""
+    from shared.db import unit_of_work
+    from shared.history import erase_user
+    from shared.keys import Principal
+    from shared.runtime import Runtime
+
+    rt = Runtime.create(_settings())
+    try:
+        who = Principal(tenant, user_id)
+        with unit_of_work(rt.sessions, who) as db:
+            report = erase_user(db, rt, who)
+    finally:
+        rt.close()
+    click.echo(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
+
+
+@main.command()
+@click.option("--agent", help="Agent to talk to (default: the first one served).")
+@click.option("--session", "session_id", help="Continue this session instead of starting one.")
+@click.option("--url", envvar="STEPRUN_URL", default="http://127.0.0.1:8000", show_default=True,
+              help="The API's base URL (env STEPRUN_URL).")
+@click.option("--key", envvar="STEPRUN_KEY", required=True, help="An API key (env STEPRUN_KEY).")
+def chat(agent: str | None, session_id: str | None, url: str, key: str) -> None:
+    """Chat with an agent in the terminal: each line is a turn, the answer streams back."""
+    from shared.chat import Chat, ChatError
+
+    client = Chat(url, key)
+    try:
+        client.start(agent, session_id)
+        client.run()
+    except ChatError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+
+
+@main.command()
 @click.option("--port", type=int, help="Port (default: $PORT or 8000).")
 def dev(port: int | None) -> None:
     """Everything in one process on the embedded default (SQLite + in-process queue and bus)."""
@@ -90,6 +159,11 @@ def dev(port: int | None) -> None:
     settings = _settings()
     if port:
         settings = settings.replace(port=port)
+    if not settings.secret_key:
+        from shared.stream_tokens import dev_secret_key
+
+        # Stream tokens work out of the box in development; production must set STEPRUN_SECRET_KEY.
+        settings = settings.replace(secret_key=dev_secret_key(settings.data_dir))
     configure_logging(settings)
     rt = Runtime.create(settings)
     upgrade(rt.engine)
@@ -115,6 +189,8 @@ def dev(port: int | None) -> None:
     click.echo(f"steprun dev ({mode}) serving {url}")
     click.echo(f"dev key: {key}")
     click.echo(f"try: curl -s -H 'Authorization: Bearer {key}' {url}/v1/agents")
+    agent = "math" if rt.agents.get("math") else next((a.name for a in rt.agents), "")
+    click.echo(f"chat: STEPRUN_URL={url} STEPRUN_KEY={key} steprun chat --agent {agent}")
     sys.stdout.flush()
     try:
         server.serve_forever()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from shared.errors import BadInput, Conflict, NotFound, RateLimited, TooLarge
 from shared.events import encode_event
 from shared.keys import Principal
+from shared.metrics import TURNS_FINISHED
 from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, utcnow
 from shared.runtime import Runtime, after_commit
 
@@ -161,6 +162,13 @@ def create_turn(
     if not busy:
         activate(db, rt, session, turn)
     elif on_busy == "interrupt":
+        # "This input, now": everything ahead of it is cancelled, as LangGraph's interrupt
+        # cancels a thread's pending runs too. Queued turns go first, so that when the active
+        # turn stops, the session passes straight to this one.
+        ahead = db.scalars(select(Turn).where(Turn.session_id == session.id, Turn.status == "queued",
+                                              Turn.id != turn.id, Turn.id != session.active_turn_id)).all()
+        for queued in ahead:
+            finish_turn(db, rt, queued, session, "cancelled", extra={"reason": f"interrupted by turn {turn.id}"})
         active = db.get(Turn, session.active_turn_id)
         if active is not None:
             request_cancel(db, rt, active, session)
@@ -234,11 +242,16 @@ def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: di
     pending = turn.pending or {}
     if pending.get("reason") == "approval" and approve is None:
         raise BadInput("this turn waits for an approval: send 'approve': true or false", field="approve")
-    if pending.get("reason") == "question" and text is None:
+    if (pending.get("reason") == "question" or pending.get("questions")) and text is None:
         raise BadInput("this turn waits for an answer: send 'input'", field="input")
     turn.resume = {"approve": approve, "input": text, "tool_outputs": outputs}
     turn.status = "in_progress"
-    turn.enqueued_at = utcnow()
+    now = utcnow()
+    if turn.deadline_at is not None and turn.paused_at is not None:
+        # Time spent waiting for the user does not count against STEPRUN_TURN_TIME_LIMIT.
+        turn.deadline_at = _aware(turn.deadline_at) + (now - _aware(turn.paused_at))
+    turn.paused_at = turn.action_expires_at = None
+    turn.enqueued_at = now
     step = turn.step_count
     after_commit(db, lambda: rt.queue.enqueue_step(turn.id, step))
     return turn
@@ -269,6 +282,7 @@ def finish_turn(db: Session, rt: Runtime, turn: Turn, session: AgentSession, sta
     if error:
         data["error"] = error
     publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
+    after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
     if session.active_turn_id == turn.id:
         session.active_turn_id = None
         nxt = db.scalars(

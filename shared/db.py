@@ -93,3 +93,16 @@ def unit_of_work(factory: sessionmaker[Session], scope: Any = None) -> Iterator[
         raise
     finally:
         db.close()
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` means the database cannot be reached right now (retry later), not a bug.
+
+    Connection refused or dropped, a server shutting down or starting up, a full
+    pool: the API answers 503 with Retry-After, and a worker retries its commit.
+    """
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)

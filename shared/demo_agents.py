@@ -1,7 +1,8 @@
 """Built-in demo agents, served when STEPRUN_AGENTS is unset. They run offline."""
 from __future__ import annotations
 
-from shared.agent import Agent, tool
+from shared.agent import Agent, ask_user, tool
+from shared.builtin_tools import recall, remember, search_knowledge
 
 
 @tool
@@ -50,9 +51,17 @@ AGENTS = [
     ),
     Agent(
         name="bank",
-        description="Transfers money, but only after the user approves.",
+        description="Transfers money, but only after the user approves; may ask the user a question.",
         instructions="You move money when asked, with the user's approval.",
         model="scripted:ttft=0.02,tps=200",
-        tools=[transfer, add],
+        tools=[transfer, add, ask_user],
+    ),
+    Agent(
+        name="assistant",
+        description="Remembers facts across conversations and searches your documents, citing them.",
+        instructions="You remember what the user asks you to, recall it later, and answer from their "
+                     "documents with numbered citations.",
+        model="scripted:ttft=0.02,tps=200",
+        tools=[remember, recall, search_knowledge],
     ),
 ]

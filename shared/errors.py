@@ -21,6 +21,10 @@ class Unauthorized(StepRunError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(StepRunError):
+    status, code = 403, "forbidden"
+
+
 class NotFound(StepRunError):
     status, code = 404, "not_found"
 

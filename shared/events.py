@@ -17,6 +17,8 @@ import json
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
@@ -56,6 +58,15 @@ class EventLog(Protocol):
 
     def wait(self, session_id: str, after: int, timeout: float, limit: int = 500) -> Batch:
         """Like read, but waits up to ``timeout`` seconds for something after ``after``."""
+        ...
+
+    def listen(self, session_id: str) -> AbstractContextManager[_Ring]:
+        """A wake-up flag, set when the session may have new events, for as long as the block runs.
+
+        A doorbell, not a delivery: it may ring spuriously or (during a Redis
+        reconnect) late, so a listener clears it, re-reads the log after its
+        last cursor, and only then waits on it again.
+        """
         ...
 
     def delete(self, session_id: str) -> None: ...
@@ -152,6 +163,9 @@ class RedisEventLog:
                 # The poll fallback covers a doorbell lost in a reconnect.
                 ring.wait(min(remaining, 1.0))
                 ring.clear()
+
+    def listen(self, session_id: str) -> _Listening:
+        return self.doorbell().listen(self._keys(session_id)[2])
 
     def doorbell(self) -> "Doorbell":
         with self._doorbell_lock:
@@ -290,6 +304,7 @@ class MemoryEventLog:
         self._logs: dict[str, list[tuple[int, str]]] = {}
         self._counters: dict[str, int] = {}
         self._cancels: set[str] = set()
+        self._rings: dict[str, set[_Ring]] = defaultdict(set)
         self._cond = threading.Condition()
 
     def append(self, session_id: str, bodies: Iterable[str], cancel_turn_id: str | None = None) -> tuple[int, bool]:
@@ -303,6 +318,8 @@ class MemoryEventLog:
             if len(log) > self.max_len:
                 del log[: len(log) - self.max_len]
             self._cond.notify_all()
+            for ring in self._rings.get(session_id, ()):
+                ring.set()
             return c, cancel_turn_id in self._cancels
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
@@ -327,6 +344,21 @@ class MemoryEventLog:
                 if batch.events or batch.gone or remaining <= 0:
                     return batch
                 self._cond.wait(min(remaining, 1.0))
+
+    @contextmanager
+    def listen(self, session_id: str) -> Iterator[_Ring]:
+        ring = _Ring()
+        with self._cond:
+            self._rings[session_id].add(ring)
+        try:
+            yield ring
+        finally:
+            with self._cond:
+                rings = self._rings.get(session_id)
+                if rings is not None:
+                    rings.discard(ring)
+                    if not rings:
+                        del self._rings[session_id]
 
     def delete(self, session_id: str) -> None:
         with self._cond:

@@ -78,7 +78,10 @@ class AgentSession(Base):
     """One conversation between one user and one agent."""
 
     __tablename__ = "sessions"
-    __table_args__ = (Index("ix_sessions_owner", "tenant_id", "user_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_sessions_owner", "tenant_id", "user_id", "created_at"),
+        Index("ix_sessions_updated", "updated_at"),  # idle-session expiry
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ses"))
     tenant_id: Mapped[str] = mapped_column(String(128))
@@ -127,6 +130,13 @@ class Turn(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Wall-time deadline (STEPRUN_TURN_TIME_LIMIT), pushed back by time spent paused.
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the turn entered requires_action, and when that pause expires.
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    action_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why the current step's last attempt did not finish (shown in step.retrying).
+    retry_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -173,3 +183,6 @@ class Message(Base):
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
 ACTIVE = frozenset({"queued", "in_progress", "requires_action"})
+
+# Memory, knowledge and trace tables: imported here so Base.metadata always holds them.
+from shared import storage_models  # noqa: E402,F401

@@ -34,9 +34,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            # Longer than any step (step_time_limit): a slow step must never be
-            # redelivered while it still runs. Fast recovery comes from the
-            # Postgres lease sweep, not from the broker (see workers/celery_app.py).
+            # Longer than any step can run (the step watch enforces step_time_limit,
+            # plus a second of grace and up to ~30 s of commit retries), so a slow
+            # step is never redelivered while it still runs. Were it redelivered,
+            # the fenced claim would skip it, but only at the cost of a round trip.
+            # Fast recovery from a dead worker comes from the Postgres lease sweep
+            # (lease_seconds), never from this timeout (see workers/celery_app.py);
+            # past it, the scheduler hands stranded messages back (restore_unacked).
             "visibility_timeout": int(2 * settings.step_time_limit) + 60,
         },
     }
@@ -52,6 +56,19 @@ class CeleryQueue:
 
     def enqueue_step(self, turn_id: str, step: int) -> None:
         self.app.send_task(STEP_TASK, args=[turn_id, step], queue=self.settings.queue_name)
+
+    def restore_unacked(self) -> None:
+        """Hand back messages a dead worker never acked, once older than the visibility timeout.
+
+        Only async-loop (prefork) workers run kombu's restore sweep; gevent-pool
+        workers never do (celery#4976), so without this the messages of every
+        SIGKILLed worker would stay in Redis for good. By now they are duplicates
+        (the lease sweep re-sent their steps long ago): the fenced claim skips them.
+        """
+        with self.app.connection_for_write() as conn:
+            restore = getattr(getattr(conn.default_channel, "qos", None), "restore_visible", None)
+            if restore is not None:
+                restore(num=1000)
 
     def close(self) -> None:
         self.app.close()

@@ -17,15 +17,18 @@ from shared.models import AgentSession, Turn, utcnow
 from shared.runtime import Runtime, after_commit
 
 log = logging.getLogger(__name__)
+# Shown in the next attempt's step.retrying, and in the error if the turn runs out of attempts.
+LEASE_EXPIRED = "the worker running it stopped renewing its lease (killed, crashed or stalled)"
 
 
 @dataclass
 class SweepReport:
     expired_leases: int = 0
     lost_tasks: int = 0
+    expired_actions: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.expired_leases or self.lost_tasks)
+        return bool(self.expired_leases or self.lost_tasks or self.expired_actions)
 
 
 def recover_expired_leases(rt: Runtime) -> int:
@@ -35,7 +38,7 @@ def recover_expired_leases(rt: Runtime) -> int:
         rows = db.execute(
             update(Turn)
             .where(Turn.status == "in_progress", Turn.lease_expires_at < now)
-            .values(lease_owner=None, lease_expires_at=None, enqueued_at=now)
+            .values(lease_owner=None, lease_expires_at=None, enqueued_at=now, retry_reason=LEASE_EXPIRED)
             .returning(Turn.id, Turn.step_count)
             .execution_options(synchronize_session=False)
         ).all()
@@ -71,7 +74,11 @@ def recover_lost_tasks(rt: Runtime) -> int:
 
 
 def sweep(rt: Runtime) -> SweepReport:
-    return SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt))
+    """One round of recovery: dead workers' steps, lost tasks, and pauses past their deadline."""
+    from shared.lifecycle import expire_paused_turns
+
+    return SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt),
+                       expired_actions=expire_paused_turns(rt))
 
 
 def recover_after_restart(rt: Runtime) -> int:

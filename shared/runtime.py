@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,6 +70,10 @@ class Runtime:
     queue: TaskQueue = field(init=False)
     limiter: RateLimiter = field(init=False)
     redis: Any = None
+    # Shutdown, in two stages: ``stopping`` (no new step starts here; deliveries are passed
+    # on), then ``draining`` after a grace period (running steps hand themselves back).
+    stopping: threading.Event = field(default_factory=threading.Event)
+    draining: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def create(cls, settings: Settings, *, agents: AgentRegistry | None = None) -> "Runtime":
@@ -102,9 +107,12 @@ class Runtime:
         return rt
 
     def run_step(self, turn_id: str, step: int) -> None:
+        from shared.logs import log_context
         from shared.steps import run_step
 
-        run_step(self, turn_id, step)
+        # A pool thread lives on after the step: scope the step's log ids to it.
+        with log_context(turn_id=turn_id, step=step):
+            run_step(self, turn_id, step)
 
     def close(self) -> None:
         self.queue.close()

@@ -125,6 +125,78 @@ class Settings:
     delta_flush_seconds: float = _setting(
         "STEPRUN_DELTA_FLUSH_SECONDS", 0.03, "Deltas are batched into one event at most this often."
     )
+    secret_key: str | None = _setting(
+        "STEPRUN_SECRET_KEY", None,
+        "Signs short-lived stream tokens (HMAC); give every web process the same value. Unset: `steprun dev` "
+        "makes one in its data dir; a production web process answers 503 on /stream-token.",
+    )
+    stream_token_ttl: float = _setting(
+        "STEPRUN_STREAM_TOKEN_TTL", 300.0, "Seconds a stream token (for browser WebSocket/SSE) stays valid."
+    )
+    sse_heartbeat_seconds: float = _setting(
+        "STEPRUN_SSE_HEARTBEAT_SECONDS", 15.0, "An SSE stream silent this long gets a `:` comment line."
+    )
+    ws_ping_seconds: float = _setting(
+        "STEPRUN_WS_PING_SECONDS", 25.0,
+        "WebSocket ping interval; a client that misses a pong is disconnected. Must be above 0.",
+    )
+    stream_buffer: int = _setting(
+        "STEPRUN_STREAM_BUFFER", 256,
+        "Events a stream connection takes from the log at a time: its bounded buffer. Consecutive deltas "
+        "in it are coalesced.",
+    )
+    stream_slow_seconds: float = _setting(
+        "STEPRUN_STREAM_SLOW_SECONDS", 5.0,
+        "A stream client that has not caught up with the log for this long (a full buffer waiting each time) "
+        "is closed with its cursor, to reconnect from it.",
+    )
+    stream_send_timeout: float = _setting(
+        "STEPRUN_STREAM_SEND_TIMEOUT", 10.0,
+        "Longest one write to a stream client may block; past it the connection is dropped (the client "
+        "resumes from its last cursor).",
+    )
+    stream_send_buffer: int = _setting(
+        "STEPRUN_STREAM_SEND_BUFFER", 0,
+        "Kernel send buffer (SO_SNDBUF) of a stream connection in bytes; 0 keeps the OS default (up to "
+        "megabytes). Smaller pins less kernel memory per stalled client and notices it sooner.",
+    )
+
+    # Memory, knowledge and observability.
+    max_memory_value_bytes: int = _setting(
+        "STEPRUN_MAX_MEMORY_VALUE_BYTES", 65_536, "Largest memory value, JSON-encoded."
+    )
+    max_document_chars: int = _setting(
+        "STEPRUN_MAX_DOCUMENT_CHARS", 500_000, "Largest knowledge document, in characters."
+    )
+    knowledge_chunk_chars: int = _setting(
+        "STEPRUN_KNOWLEDGE_CHUNK_CHARS", 1200, "Knowledge documents are cut into chunks of at most this many characters."
+    )
+    embedder: str | None = _setting(
+        "STEPRUN_EMBEDDER", None,
+        "Optional `module:attr` building an embedder (see shared/embeddings.py); unset: full-text search only.",
+    )
+    vector_scan_limit: int = _setting(
+        "STEPRUN_VECTOR_SCAN_LIMIT", 5000, "With an embedder: how many of the newest chunks a search compares."
+    )
+    log_format: str = _setting("STEPRUN_LOG_FORMAT", "text", "`text` or `json` (one object per line, with ids).")
+    metrics_addr: str = _setting(
+        "STEPRUN_METRICS_ADDR", "0.0.0.0", "Address the worker's and scheduler's metrics servers bind to."
+    )
+    worker_metrics_port: int = _setting(
+        "STEPRUN_WORKER_METRICS_PORT", 0, "Port of the worker's Prometheus /metrics server; 0: off."
+    )
+    scheduler_metrics_port: int = _setting(
+        "STEPRUN_SCHEDULER_METRICS_PORT", 0, "Port of the scheduler's Prometheus /metrics server; 0: off."
+    )
+    prometheus_multiproc_dir: str | None = _setting(
+        "PROMETHEUS_MULTIPROC_DIR", None,
+        "prometheus_client's multiprocess folder; set it when one /metrics must sum several processes "
+        "(gunicorn -w N, Celery prefork).",
+    )
+    otel_endpoint: str | None = _setting(
+        "STEPRUN_OTEL_ENDPOINT", None,
+        "OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); needs the `otel` extra. Unset: off.",
+    )
 
     # Database pool (per process).
     db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "SQLAlchemy pool size per process.")

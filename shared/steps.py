@@ -10,11 +10,14 @@ written so that duplicates are harmless and crashes lose nothing:
 2. The latest checkpoint is loaded and the connection released: no database
    connection is held across the model call.
 3. The model streams; deltas are batched into events; a background watch
-   extends the lease, flushes deltas and notices a cancel request.
+   (shared/step_watch.py) extends the lease, flushes deltas, notices a cancel
+   request, and enforces the step and turn time limits and worker shutdown.
 4. :func:`_commit` writes checkpoint, messages and turn progress in one
    transaction that first checks the fencing number, so a zombie attempt (its
    lease expired and another took over) commits nothing.
-5. After the commit, events are published and the next step enqueued.
+5. After the commit, events are published and the next step enqueued. A crash
+   between the two is covered by the scheduler: the commit stamped
+   ``enqueued_at`` with no lease, which is what the lost-task sweep looks for.
 """
 from __future__ import annotations
 
@@ -22,10 +25,9 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -33,22 +35,24 @@ from sqlalchemy.orm import Session
 
 from shared.agent import Agent, ToolContext
 from shared.conversations import finish_turn, publish_after_commit
-from shared.db import SYSTEM, unit_of_work
-from shared.events import encode_event
+from shared.db import SYSTEM, database_unavailable, unit_of_work
 from shared.llm import ModelError, ModelResponse, TransientModelError, build_model
 from shared.models import AgentSession, Checkpoint, Message, Turn, utcnow
 from shared.runtime import Runtime, after_commit
+from shared.step_watch import (
+    CANCELLED,
+    LEASE_LOST,
+    SHUTDOWN,
+    STEP_TIME_LIMIT,
+    TURN_TIME_LIMIT,
+    StepEvents,
+    StepInterrupted,
+    StepWatch,
+)
+from shared.storage_context import tool_storage
 
 log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-
-class StepInterrupted(Exception):
-    """Raised inside the model stream to stop it: cancelled, or the lease was lost."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -105,6 +109,12 @@ def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_secon
 
 def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -> str:
     """Run step ``step`` of ``turn_id`` if it is still due. Returns what happened, for logs and tests."""
+    if rt.stopping.is_set():
+        # This worker is shutting down (and Celery's gevent pool keeps taking deliveries while
+        # it waits for running tasks): leave the step to a worker that stays, claiming nothing.
+        time.sleep(0.2)  # not a busy loop if this very worker receives the message again
+        rt.queue.enqueue_step(turn_id, step)
+        return "passed on"
     # The claim looks a turn up by id alone: the one cross-tenant read of a step.
     with unit_of_work(rt.sessions, SYSTEM) as db:
         claim = claim_turn(db, turn_id, step, worker_id, rt.settings.lease_seconds)
@@ -119,20 +129,26 @@ def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -
             .order_by(Checkpoint.number.desc()).limit(1)
         ).first()
         state = list(checkpoint.state["messages"]) if checkpoint else []
+        if turn.deadline_at is None and rt.settings.turn_time_limit > 0 and turn.started_at is not None:
+            # Set once, from the first claim; resuming a pause pushes it back by the time paused.
+            turn.deadline_at = _aware(turn.started_at) + timedelta(seconds=rt.settings.turn_time_limit)
         context = dict(
             tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=session.id, agent_name=session.agent,
             input=turn.input, resume=turn.resume, pending=turn.pending, cancel=turn.cancel_requested,
+            deadline_at=turn.deadline_at, retry_reason=turn.retry_reason,
         )
     # The connection is back in the pool before the model is called.
     agent = rt.agents.get(context["agent_name"])
-    events = _StepEvents(rt, claim)
+    events = StepEvents(rt, claim)
+    last_failure = context["retry_reason"] or "the previous attempt did not finish"
     if claim.step_attempt > rt.settings.max_attempts:
-        reason = f"step {step} failed {claim.step_attempt - 1} times (worker lost or provider unavailable)"
+        reason = (f"step {step} failed {claim.step_attempt - 1} times (STEPRUN_MAX_ATTEMPTS="
+                  f"{rt.settings.max_attempts}); the last attempt: {last_failure}")
         return _commit(rt, claim, StepResult(status="failed", error={"code": "max_attempts", "message": reason}),
                        state, events)
     if claim.step_attempt > 1:
-        events.add("step.retrying", {"step": step, "attempt": claim.step_attempt,
-                                     "reason": "the previous attempt did not finish"})
+        # Clients drop what earlier attempts of this step streamed (deltas carry step and attempt).
+        events.add("step.retrying", {"step": step, "attempt": claim.step_attempt, "reason": last_failure})
     elif step == 0:
         events.add("turn.started", {})
     events.add("step.started", {"step": step, "attempt": claim.step_attempt})
@@ -141,50 +157,129 @@ def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -
         return _commit(rt, claim, StepResult(status="failed", error=error), state, events)
     if context["cancel"]:
         return _commit(rt, claim, StepResult(status="cancelled"), state, events)
+    deadline, deadline_reason = _step_deadline(rt, context["deadline_at"])
+    if deadline_reason == TURN_TIME_LIMIT and deadline is not None and deadline <= time.monotonic():
+        return _commit(rt, claim, _stopped(StepResult(), TURN_TIME_LIMIT, rt, events, state), state, events)
 
-    watch = _StepWatch(rt, claim, events)
+    watch = StepWatch(rt, claim, events, deadline=deadline, deadline_reason=deadline_reason)
     watch.start()
+    result = StepResult()
     try:
-        result = _execute(rt, agent, claim, context, state, events)
+        with watch.interruptible():
+            _execute(rt, agent, claim, context, state, events, result)
     except StepInterrupted as stop:
-        if stop.reason == "lease_lost":
+        watch.stop()
+        if stop.reason == LEASE_LOST:
             log.warning("turn %s step %s: lease lost, attempt %s abandoned", turn_id, step, claim.attempt)
             return "zombie"
-        result = StepResult(text=events.text, status="cancelled")
-        if events.text:
-            result.new_messages.append({"role": "assistant", "content": events.text, "_status": "cancelled"})
+        if stop.reason == SHUTDOWN:
+            # Hand the step back instead of being killed mid-way: another worker resumes it
+            # from the same checkpoint now, not after the lease runs out.
+            _release(rt, claim, "the worker running it shut down")
+            rt.queue.enqueue_step(turn_id, step)
+            return "handed back"
+        _stopped(result, stop.reason, rt, events, state)
     except TransientModelError as exc:
         # Hand the step back: the next attempt starts from the same checkpoint.
         watch.stop()
-        _release(rt, claim)
+        _release(rt, claim, f"the model provider failed: {exc}"[:500])
         log.warning("turn %s step %s: transient model error, retrying: %s", turn_id, step, exc)
         rt.queue.enqueue_step(turn_id, step)
         return "released"
     except ModelError as exc:
-        result = StepResult(status="failed", error={"code": "model_error", "message": str(exc)[:2000]})
+        result.status, result.error = "failed", {"code": "model_error", "message": str(exc)[:2000]}
+        _close_tool_calls(state, result.new_messages, "not run: the turn failed")
     except Exception as exc:  # noqa: BLE001 - an agent's own bug fails its turn, not the worker
         log.exception("turn %s step %s raised", turn_id, step)
-        result = StepResult(status="failed", error={"code": "agent_error",
-                                                    "message": f"{type(exc).__name__}: {exc}"[:2000]})
+        result.status, result.error = "failed", {"code": "agent_error",
+                                                 "message": f"{type(exc).__name__}: {exc}"[:2000]}
+        _close_tool_calls(state, result.new_messages, "not run: the turn failed")
+    try:
+        # The heartbeat goes on through the commit: a slow flush (Redis away) or a database
+        # restart here must not let the lease lapse and hand a finished step to another worker.
+        return _commit(rt, claim, result, state, events)
     finally:
         watch.stop()
-    return _commit(rt, claim, result, state, events)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything steprun stores is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _step_deadline(rt: Runtime, turn_deadline: datetime | None) -> tuple[float | None, str]:
+    """When (time.monotonic()) this step must stop, and which limit that is."""
+    limits: list[tuple[float, str]] = []
+    now = time.monotonic()
+    if rt.settings.step_time_limit > 0:
+        limits.append((now + rt.settings.step_time_limit, STEP_TIME_LIMIT))
+    if turn_deadline is not None:
+        limits.append((now + (_aware(turn_deadline) - utcnow()).total_seconds(), TURN_TIME_LIMIT))
+    return min(limits) if limits else (None, STEP_TIME_LIMIT)
+
+
+def _stopped(result: StepResult, reason: str, rt: Runtime, events: StepEvents,
+             state: list[dict[str, Any]]) -> StepResult:
+    """The outcome of a step stopped early: its partial output is kept, marked as such."""
+    limits = rt.settings
+    status, error = {
+        CANCELLED: ("cancelled", None),
+        TURN_TIME_LIMIT: ("incomplete", {"code": "max_turn_time", "message":
+                          f"the turn ran longer than STEPRUN_TURN_TIME_LIMIT ({limits.turn_time_limit:g} s)"}),
+        STEP_TIME_LIMIT: ("failed", {"code": "step_time_limit", "message":
+                          f"step {events.claim.step} ran longer than STEPRUN_STEP_TIME_LIMIT "
+                          f"({limits.step_time_limit:g} s)"}),
+    }[reason]
+    result.status, result.error = status, error
+    if not any(m["role"] == "assistant" for m in result.new_messages):
+        # Stopped while the model streamed: what it said so far goes to the history.
+        result.text = events.text
+        if events.text:
+            result.new_messages.append({"role": "assistant", "content": events.text,
+                                        "_status": "cancelled" if reason == CANCELLED else "incomplete"})
+    _close_tool_calls(state, result.new_messages, {
+        CANCELLED: "not run: the turn was cancelled",
+        TURN_TIME_LIMIT: "stopped: the turn ran out of time",
+        STEP_TIME_LIMIT: "stopped: the step ran out of time",
+    }[reason])
+    return result
+
+
+def _close_tool_calls(state: list[dict[str, Any]], new: list[dict[str, Any]], note: str) -> None:
+    """Answer tool calls a stopped step left open, so the history stays valid for any model."""
+    history = state + new
+    for i in range(len(history) - 1, -1, -1):
+        if history[i].get("role") != "assistant":
+            continue
+        answered = {m.get("tool_call_id") for m in history[i + 1:] if m.get("role") == "tool"}
+        for call in history[i].get("tool_calls") or []:
+            if call["id"] not in answered:
+                new.append({"role": "tool", "tool_call_id": call["id"],
+                            "name": call.get("function", {}).get("name"), "content": note})
+        return
 
 
 def _execute(rt: Runtime, agent: Agent, claim: Claim, context: dict[str, Any], state: list[dict[str, Any]],
-             events: "_StepEvents") -> StepResult:
-    result = StepResult()
+             events: StepEvents, result: StepResult) -> StepResult:
+    """Run the step into ``result``, which keeps what was done if the step is interrupted."""
     if claim.step == 0 and not context["resume"]:
         result.new_messages.append({"role": "user", "content": context["input"]})
     if context["resume"] and context["pending"]:
         result.new_messages.extend(_answer_pending(agent, claim, context, events))
-    messages = state + [{k: v for k, v in m.items() if not k.startswith("_")} for m in result.new_messages]
+    closing: list[dict[str, Any]] = []
+    if claim.step == 0 and not context["resume"]:
+        # A turn that ended while paused (expired, cancelled) left its tool calls unanswered, which
+        # chat APIs reject: the prompt answers them; the stored history stays as it happened.
+        _close_tool_calls(state, closing, "not run: the turn ended before the user answered")
+    messages = state + closing + [{k: v for k, v in m.items() if not k.startswith("_")} for m in result.new_messages]
     model = build_model(agent.model, rt.settings)
     prompt = ([{"role": "system", "content": agent.instructions}] if agent.instructions else []) + messages
+    events.trace.model_started(model)
     response: ModelResponse = model.generate(
         prompt, [t.schema() for t in agent.tools], events.delta, max_output_tokens=agent.max_output_tokens
     )
-    events.flush()
+    events.trace.model_finished(response)
+    events.flush(when_due=True)
     result.text = response.text
     result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
     assistant: dict[str, Any] = {"role": "assistant", "content": response.text}
@@ -202,10 +297,14 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, context: dict[str, Any], s
     for call in calls:
         events.add("tool.call", call)
     needs_approval = [c for c in calls if (t := agent.tool_named(c["name"])) and t.requires_approval]
-    if needs_approval:
+    questions = [c for c in calls if (t := agent.tool_named(c["name"])) and t.asks_user]
+    if needs_approval or questions:
+        # Pause: nothing is held while the user thinks; resume runs the calls (or not) on any worker.
         result.status = "requires_action"
-        result.pending = {"reason": "approval", "tool_calls": calls,
-                          "needs_approval": [c["id"] for c in needs_approval]}
+        result.pending = {"reason": "approval" if needs_approval else "question", "tool_calls": calls,
+                          "needs_approval": [c["id"] for c in needs_approval],
+                          "questions": [{"id": c["id"], "question": str(c["arguments"].get("question", ""))}
+                                        for c in questions]}
         return result
     for call in calls:
         result.new_messages.append(_run_tool(agent, claim, context, call, events))
@@ -215,10 +314,11 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, context: dict[str, Any], s
     return result
 
 
-def _answer_pending(agent: Agent, claim: Claim, context: dict[str, Any], events: "_StepEvents") -> list[dict[str, Any]]:
+def _answer_pending(agent: Agent, claim: Claim, context: dict[str, Any], events: StepEvents) -> list[dict[str, Any]]:
     """Turn the user's answer to a pause into the tool results the model will see."""
     resume, pending = context["resume"], context["pending"]
     outputs = {o["id"]: o.get("output") for o in resume.get("tool_outputs") or []}
+    questions = {q["id"] for q in pending.get("questions") or []}
     messages = []
     for call in pending.get("tool_calls", []):
         if call["id"] in outputs:
@@ -227,6 +327,10 @@ def _answer_pending(agent: Agent, claim: Claim, context: dict[str, Any], events:
                        "content": output if isinstance(output, str) else json.dumps(output)}
             events.add("tool.result", {"id": call["id"], "output": message["content"]})
             messages.append(message)
+        elif call["id"] in questions:
+            answer = resume.get("input") or ""
+            events.add("tool.result", {"id": call["id"], "output": answer})
+            messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["name"], "content": answer})
         elif call["id"] in pending.get("needs_approval", []) and not resume.get("approve"):
             content = "The user declined this action."
             events.add("tool.result", {"id": call["id"], "output": content, "declined": True})
@@ -237,45 +341,76 @@ def _answer_pending(agent: Agent, claim: Claim, context: dict[str, Any], events:
 
 
 def _run_tool(agent: Agent, claim: Claim, context: dict[str, Any], call: dict[str, Any],
-              events: "_StepEvents") -> dict[str, Any]:
+              events: StepEvents) -> dict[str, Any]:
     events.check()
     tool = agent.tool_named(call["name"])
     started = time.monotonic()
+    events.in_tool = True
     try:
         if tool is None:
             raise LookupError(f"no tool named {call['name']!r}")
         ctx = ToolContext(
             tenant_id=context["tenant_id"], user_id=context["user_id"], session_id=context["session_id"],
             turn_id=claim.turn_id, idempotency_key=f"{claim.turn_id}:{claim.step}:{call['id']}",
+            **tool_storage(events.rt, claim),
         )
         value = tool.invoke(call["arguments"], ctx)
         output = value if isinstance(value, str) else json.dumps(value, default=str)
         error = None
     except Exception as exc:  # noqa: BLE001 - the model is told, and may recover
         output, error = f"error: {type(exc).__name__}: {exc}", True
+    finally:
+        events.in_tool = False
+    events.trace.tool_finished(call, output, error, started)
     events.add("tool.result", {"id": call["id"], "output": output, "error": error,
                                "duration_ms": round((time.monotonic() - started) * 1000, 2)})
     events.check()
     return {"role": "tool", "tool_call_id": call["id"], "name": call["name"], "content": output}
 
 
+# Pauses between commit attempts while the database is unreachable (about half a minute in all).
+COMMIT_RETRY_DELAYS = (0.25, 0.5, 1.0) + (2.0,) * 14
+
+
 def _commit(rt: Runtime, claim: Claim, result: StepResult, state: list[dict[str, Any]],
-            events: "_StepEvents") -> str:
-    """Write the step's outcome if this attempt still holds the turn; publish after commit."""
+            events: StepEvents) -> str:
+    """Write the step's outcome if this attempt still holds the turn, riding out a database restart.
+
+    The work of the step is in memory only: losing it to a short outage would cost
+    a whole new model call. Repeating the commit is safe because the fence also
+    checks the step number: a commit that reached the database just before the
+    connection dropped turns the repeat into a no-op.
+    """
     events.flush()
+    for delay in COMMIT_RETRY_DELAYS:
+        try:
+            return _commit_once(rt, claim, result, state, events)
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            log.warning("turn %s step %s: database unavailable at commit, retrying in %ss: %s",
+                        claim.turn_id, claim.step, delay, exc)
+            time.sleep(delay)
+    return _commit_once(rt, claim, result, state, events)
+
+
+def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[dict[str, Any]],
+                 events: StepEvents) -> str:
     with unit_of_work(rt.sessions, claim) as db:
         # Session first, then turn: the same lock order as the API's cancel and create paths.
         session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
                              .with_for_update()).first()
         fenced = db.execute(
-            update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt)
-            .values(step_count=claim.step + 1, step_attempt=0, lease_owner=None, lease_expires_at=None)
+            update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt, Turn.step_count == claim.step)
+            .values(step_count=claim.step + 1, step_attempt=0, lease_owner=None, lease_expires_at=None,
+                    retry_reason=None)
             .execution_options(synchronize_session=False)
         )
         if session is None or fenced.rowcount == 0:
             return "zombie"  # another attempt owns the turn now (or it was deleted): commit nothing
         turn = db.get(Turn, claim.turn_id)
         assert turn is not None
+        events.trace.write(db, turn, result)  # the spans commit (or not) with the step
         number = (db.scalar(select(func.max(Checkpoint.number)).where(Checkpoint.session_id == session.id)) or 0) + 1
         clean = [{k: v for k, v in m.items() if not k.startswith("_")} for m in result.new_messages]
         db.add(Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, number=number,
@@ -303,114 +438,22 @@ def _commit(rt: Runtime, claim: Claim, result: StepResult, state: list[dict[str,
             next_step = claim.step + 1
             after_commit(db, lambda: rt.queue.enqueue_step(claim.turn_id, next_step))
         elif result.status == "requires_action":
-            turn.status = "requires_action"
-            publish_after_commit(db, rt, session.id, [("turn.requires_action", turn.id, result.pending)])
+            now = utcnow()
+            expires = now + timedelta(seconds=rt.settings.action_timeout_seconds)
+            pending = {**(result.pending or {}), "expires_at": expires.isoformat().replace("+00:00", "Z")}
+            # The scheduler expires the pause at action_expires_at (shared/lifecycle.py).
+            turn.status, turn.pending, turn.paused_at, turn.action_expires_at = "requires_action", pending, now, expires
+            publish_after_commit(db, rt, session.id, [("turn.requires_action", turn.id, {
+                "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
         else:
             finish_turn(db, rt, turn, session, result.status, result.error)
     return result.status
 
 
-def _release(rt: Runtime, claim: Claim) -> None:
+def _release(rt: Runtime, claim: Claim, reason: str) -> None:
+    """Give the lease back so the next attempt may start now; ``reason`` is shown in its step.retrying."""
     with unit_of_work(rt.sessions, claim) as db:
         db.execute(update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt)
-                   .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow())
+                   .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), retry_reason=reason)
                    .execution_options(synchronize_session=False))
 
-
-class _StepEvents:
-    """Events of a running step: deltas coalesced, flushed in batches of one round trip."""
-
-    def __init__(self, rt: Runtime, claim: Claim):
-        self.rt, self.claim = rt, claim
-        self.interval = rt.settings.delta_flush_seconds
-        self._pending: list[str] = []
-        self._delta: list[str] = []
-        self._lock = threading.Lock()
-        self._last_flush = 0.0
-        self.text = ""
-        self.stop_reason: str | None = None
-
-    def add(self, type_: str, data: dict[str, Any]) -> None:
-        with self._lock:
-            self._take_delta()
-            self._pending.append(encode_event(type_, self.claim.turn_id, data))
-
-    def delta(self, text: str) -> None:
-        self.check()
-        with self._lock:
-            self._delta.append(text)
-            self.text += text
-            due = time.monotonic() - self._last_flush >= self.interval
-        if due:
-            self.flush()
-
-    def _take_delta(self) -> None:
-        if self._delta:
-            self._pending.append(encode_event("message.delta", self.claim.turn_id,
-                                              {"text": "".join(self._delta), "step": self.claim.step,
-                                               "attempt": self.claim.step_attempt}))
-            self._delta = []
-
-    def flush(self) -> None:
-        with self._lock:
-            self._take_delta()
-            bodies, self._pending = self._pending, []
-            self._last_flush = time.monotonic()
-        if bodies:
-            _, cancelled = self.rt.events.append(self.claim.session_id, bodies, cancel_turn_id=self.claim.turn_id)
-            if cancelled and self.stop_reason is None:
-                self.stop_reason = "cancelled"
-
-    def check(self) -> None:
-        if self.stop_reason is not None:
-            raise StepInterrupted(self.stop_reason)
-
-    def pending_count(self) -> int:
-        return len(self._pending) + len(self._delta)
-
-
-class _StepWatch:
-    """While a step runs: flush held deltas, extend the lease, notice a cancel."""
-
-    def __init__(self, rt: Runtime, claim: Claim, events: _StepEvents):
-        self.rt, self.claim, self.events = rt, claim, events
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"watch-{claim.turn_id}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def _run(self) -> None:
-        settings = self.rt.settings
-        next_beat = time.monotonic() + settings.heartbeat_seconds
-        next_cancel_check = time.monotonic() + 0.25
-        while not self._done.wait(self.events.interval):
-            try:
-                if self.events.pending_count():
-                    self.events.flush()
-                now = time.monotonic()
-                if now >= next_cancel_check:
-                    next_cancel_check = now + 0.25
-                    if self.rt.events.cancel_requested(self.claim.turn_id) and self.events.stop_reason is None:
-                        self.events.stop_reason = "cancelled"
-                if now >= next_beat:
-                    next_beat = now + settings.heartbeat_seconds
-                    self._heartbeat()
-            except Exception:  # noqa: BLE001 - a failed beat is retried; the lease covers several
-                log.warning("turn %s: step watch failed", self.claim.turn_id, exc_info=True)
-
-    def _heartbeat(self) -> None:
-        with unit_of_work(self.rt.sessions, self.claim) as db:
-            row = db.execute(
-                update(Turn).where(Turn.id == self.claim.turn_id, Turn.attempt == self.claim.attempt)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=self.rt.settings.lease_seconds))
-                .returning(Turn.cancel_requested)
-                .execution_options(synchronize_session=False)
-            ).first()
-        if row is None:
-            self.events.stop_reason = "lease_lost"
-        elif row.cancel_requested and self.events.stop_reason is None:
-            self.events.stop_reason = "cancelled"

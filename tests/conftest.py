@@ -68,6 +68,8 @@ def settings(database_url: str) -> Settings:
         lost_task_seconds=5.0,
         sweep_interval=0.5,
         db_role="none",
+        # As an operator sets it in production: every web process shares it (stream tokens).
+        secret_key=f"test-secret-{RUN_ID}",
     )
 
 
@@ -97,6 +99,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         STEPRUN_LOST_TASK_SECONDS=str(settings.lost_task_seconds),
         STEPRUN_SWEEP_INTERVAL=str(settings.sweep_interval),
         STEPRUN_DB_ROLE=settings.db_role,
+        STEPRUN_SECRET_KEY=settings.secret_key or "",
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )
@@ -208,6 +211,8 @@ class Stack:
     key: str
     env: dict[str, str]
     procs: Procs
+    # The Celery worker's own /metrics (production shape); embedded serves everything at {url}/metrics.
+    worker_metrics_url: str | None = None
 
     def headers(self, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.key}", **extra}
@@ -222,10 +227,14 @@ def stack(request: pytest.FixtureRequest, settings: Settings, tmp_path_factory: 
     """The same deployment in both shapes: Procfile processes on Postgres+Redis, or `steprun dev`."""
     log_dir = tmp_path_factory.mktemp(f"stack-{request.param}")
     procs = Procs(settings, log_dir)
+    worker_metrics_url = None
     try:
         if request.param == "production":
             env = settings_env(settings)
-            procs.worker()
+            metrics_port = free_port()
+            procs.worker(env={**env, "STEPRUN_WORKER_METRICS_PORT": str(metrics_port),
+                              "STEPRUN_METRICS_ADDR": "127.0.0.1"})
+            worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             procs.scheduler()
             _, url = procs.web()
         else:
@@ -238,6 +247,6 @@ def stack(request: pytest.FixtureRequest, settings: Settings, tmp_path_factory: 
             wait_http(f"{url}/healthz", proc)
         key = create_key_cli(env, f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}",
                              cwd=Path(env.get("_STEPRUN_CWD", str(ROOT))))
-        yield Stack(request.param, url, key, env, procs)
+        yield Stack(request.param, url, key, env, procs, worker_metrics_url)
     finally:
         procs.stop_all()

@@ -10,7 +10,7 @@ from shared.db import unit_of_work
 from shared.keys import Principal
 from shared.models import Checkpoint, Message, Turn, utcnow
 from shared.runtime import Runtime
-from shared.steps import _commit, _StepEvents, StepResult, claim_turn, run_step
+from shared.steps import StepEvents, StepResult, _commit, claim_turn, run_step
 
 
 def _start_turn(rt: Runtime, who: Principal, agent: str, text: str) -> tuple[str, str]:
@@ -74,14 +74,14 @@ def test_a_zombie_attempt_commits_nothing(rt: Runtime, who: Principal) -> None:
 
     stale = StepResult(text="stale", status="completed",
                        new_messages=[{"role": "assistant", "content": "from the zombie"}])
-    assert _commit(rt, zombie, stale, [], _StepEvents(rt, zombie)) == "zombie"
+    assert _commit(rt, zombie, stale, [], StepEvents(rt, zombie)) == "zombie"
     with rt.sessions() as db:
         turn = db.get(Turn, tid)
         assert turn.status == "in_progress" and turn.output == "" and turn.step_count == 0
     assert _messages(rt, sid) == []
 
     fresh = StepResult(text="fresh", status="completed", new_messages=[{"role": "assistant", "content": "fresh"}])
-    assert _commit(rt, taker, fresh, [], _StepEvents(rt, taker)) == "completed"
+    assert _commit(rt, taker, fresh, [], StepEvents(rt, taker)) == "completed"
     assert _messages(rt, sid) == [("assistant", "fresh")]
 
 

@@ -6,7 +6,7 @@ import threading
 
 from celery import Task, shared_task
 
-from shared.logs import configure_logging
+from shared.logs import configure_logging, log_context
 from shared.runtime import Runtime
 from shared.steps import run_step
 
@@ -31,10 +31,12 @@ class StepTask(Task):
 
 @shared_task(name="steps.run", base=StepTask, bind=True, ignore_result=True)
 def run_step_task(self: StepTask, turn_id: str, step: int) -> str:
-    try:
-        outcome = run_step(self.runtime, turn_id, step)
-    except Exception:  # noqa: BLE001 - the lease expires and the scheduler re-enqueues the step
-        log.exception("turn %s step %s: attempt failed", turn_id, step)
-        return "error"
-    log.info("turn %s step %s: %s", turn_id, step, outcome)
-    return outcome
+    # Set inside the task's own greenlet: contextvars are not inherited from the pool's.
+    with log_context(turn_id=turn_id, step=step):
+        try:
+            outcome = run_step(self.runtime, turn_id, step)
+        except Exception:  # noqa: BLE001 - the lease expires and the scheduler re-enqueues the step
+            log.exception("turn %s step %s: attempt failed", turn_id, step)
+            return "error"
+        log.info("turn %s step %s: %s", turn_id, step, outcome)
+        return outcome

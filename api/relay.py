@@ -1,0 +1,249 @@
+"""Relaying a session's event log to one streaming client (SSE or WebSocket).
+
+The log in Redis is the buffer; the API process holds almost nothing per
+client. A :class:`LogFollower` remembers the last cursor the client was sent
+and always reads the log *after* it, so backlog and live events are the same
+code path: no gap and no duplicate when a client switches from one to the
+other, or reconnects to another API process. It reads at most
+``stream_buffer`` events at a time (the connection's bounded buffer), merges
+consecutive deltas in them (a lagging client gets fewer, larger frames), and
+gives up on a client that stays a full buffer behind for ``stream_slow_seconds``.
+
+Every write to a client is bounded by a timeout on the connection's socket, so
+a client that stops reading can pin one greenlet for at most
+``stream_send_timeout`` seconds, and the worker producing the events never
+notices it at all (it only writes to Redis).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from shared.events import EventLog
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+# How often a waiting stream re-reads the log even if no doorbell rang (a lost ring costs this much delay).
+POLL_SECONDS = 5.0
+# A stream whose log cannot be read (Redis down) for this long is ended so the client retries elsewhere.
+UNAVAILABLE_SECONDS = 10.0
+
+
+class StreamEnded(Exception):
+    """The stream must end; ``cursor`` is the last one the client was sent."""
+
+    reason = "ended"
+
+    def __init__(self, cursor: int, message: str = ""):
+        super().__init__(message or self.reason)
+        self.cursor = cursor
+        self.message = message
+
+
+class CursorGone(StreamEnded):
+    reason = "cursor_expired"
+
+
+class SlowConsumer(StreamEnded):
+    reason = "slow_consumer"
+
+
+class LogUnavailable(StreamEnded):
+    reason = "unavailable"
+
+
+def gone_message(session_id: str, cursor: int) -> str:
+    return (f"events after cursor {cursor} are no longer kept; read the history at "
+            f"/v1/sessions/{session_id}/messages and stream from now on (omit 'after')")
+
+
+@dataclass
+class Frame:
+    """One event as sent: its cursor, its type and its JSON text (as stored, unless coalesced)."""
+
+    cursor: int
+    type: str
+    text: str
+
+
+def parse_frame(text: str) -> Frame:
+    """Cursor and type of a stored event without decoding it (the log writes them first)."""
+    if text.startswith('{"cursor":'):
+        comma = text.find(",", 10)
+        if comma > 0 and text.startswith('"type":"', comma + 1):
+            end = text.find('"', comma + 9)
+            if end > 0:
+                return Frame(int(text[10:comma]), text[comma + 9:end], text)
+    event = json.loads(text)
+    return Frame(int(event["cursor"]), str(event["type"]), text)
+
+
+def _delta_key(event: dict[str, Any]) -> tuple[Any, ...]:
+    data = event.get("data") or {}
+    return event.get("turn_id"), data.get("step"), data.get("attempt")
+
+
+def coalesce(frames: list[Frame]) -> list[Frame]:
+    """Merge runs of message.delta frames of the same turn, step and attempt into one.
+
+    The merged frame carries the last cursor of its run, so a client resuming
+    from it neither misses nor repeats text. Deltas of different attempts are
+    never merged: a client must be able to drop an earlier attempt's text.
+    """
+    out: list[Frame] = []
+    run: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(Frame(run[0]["cursor"], "message.delta", run[0]["_text"]))
+        elif run:
+            merged = {k: v for k, v in run[-1].items() if k != "_text"}
+            merged["data"] = dict(merged.get("data") or {}, text="".join(e["data"]["text"] for e in run))
+            out.append(Frame(merged["cursor"], "message.delta", json.dumps(merged, separators=(",", ":"))))
+        run.clear()
+
+    for frame in frames:
+        if frame.type != "message.delta":
+            flush()
+            out.append(frame)
+            continue
+        event = json.loads(frame.text)
+        if run and _delta_key(run[-1]) != _delta_key(event):
+            flush()
+        event["_text"] = frame.text
+        run.append(event)
+    flush()
+    return out
+
+
+class LogFollower:
+    """One client's position in one session's log: what it was sent, what it gets next."""
+
+    def __init__(self, events: EventLog, session_id: str, after: int, settings: Settings):
+        self.events, self.session_id = events, session_id
+        # Every event in (low, position] has been sent to this client, and nothing else.
+        self.position = after
+        self.low = after
+        self.batch = max(1, settings.stream_buffer)
+        self.slow_seconds = settings.stream_slow_seconds
+        self.caught_up_at = time.monotonic()
+        self._failing_since: float | None = None
+
+    def next_frames(self) -> list[Frame]:
+        """The next events to send (coalesced when the client lags); [] when it is at the head."""
+        batch = self._read(self.position)
+        if batch is None:
+            return []
+        if batch.gone:
+            raise CursorGone(self.position, gone_message(self.session_id, self.position))
+        now = time.monotonic()
+        if len(batch.events) < self.batch:
+            self.caught_up_at = now
+        elif now - self.caught_up_at > self.slow_seconds:
+            raise SlowConsumer(self.position, "the client fell too far behind the stream; "
+                                              "reconnect with the cursor to continue")
+        frames = [parse_frame(text) for text in batch.events]
+        return coalesce(frames) if len(frames) > 1 else frames
+
+    def backfill_frames(self, after: int) -> list[Frame]:
+        """Events in (after, low] that were never sent, when a client repositions to an older cursor."""
+        batch = self._read(after)
+        if batch is None:
+            return []
+        if batch.gone:
+            raise CursorGone(self.position, gone_message(self.session_id, after))
+        return [f for f in map(parse_frame, batch.events) if f.cursor <= self.low]
+
+    def sent(self, cursor: int) -> None:
+        """Record that the event with ``cursor`` reached the client's socket."""
+        if cursor > self.position:
+            self.position = cursor
+
+    def _read(self, after: int) -> Any:
+        try:
+            batch = self.events.read(self.session_id, after, self.batch)
+        except Exception:  # noqa: BLE001 - Redis down: retry on the next round, end the stream if it lasts
+            now = time.monotonic()
+            self._failing_since = self._failing_since or now
+            log.warning("stream of session %s: the event log is unreadable", self.session_id, exc_info=True)
+            if now - self._failing_since > UNAVAILABLE_SECONDS:
+                raise LogUnavailable(self.position, "the event store is unavailable; reconnect "
+                                                    "with the cursor shortly") from None
+            time.sleep(0.5)
+            return None
+        self._failing_since = None
+        return batch
+
+
+def bound_socket(sock: Any, settings: Settings) -> Any:
+    """Make every blocking write on ``sock`` time out, and apply the configured send buffer.
+
+    The timeout lives on the socket rather than in a ``gevent.Timeout`` around
+    our own sends because it must also bound the writes we do not make
+    ourselves (gunicorn writing SSE chunks, simple-websocket's pongs and close
+    frames); under gevent it is a gevent timer all the same.
+    Returns the previous timeout, to restore.
+    """
+    if sock is None:
+        return None
+    previous = sock.gettimeout()
+    sock.settimeout(settings.stream_send_timeout)
+    if settings.stream_send_buffer > 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.stream_send_buffer)
+        except OSError:  # pragma: no cover - not a TCP socket (e.g. a test transport)
+            pass
+    return previous
+
+
+def sse_frame(frame: Frame) -> str:
+    return f"id: {frame.cursor}\nevent: {frame.type}\ndata: {frame.text}\n\n"
+
+
+def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any) -> Iterator[str]:
+    """The body of an SSE response: events after ``after``, then live, with heartbeats.
+
+    Each ``yield`` returns only once the server has written the chunk, so the
+    follower's position is always what the client was actually sent.
+    """
+    follower = LogFollower(events, session_id, after, settings)
+    heartbeat = max(0.05, settings.sse_heartbeat_seconds)
+    previous_timeout = bound_socket(sock, settings)
+    try:
+        with events.listen(session_id) as ring:
+            # Reconnect quickly; the first bytes also let the client see the headers at once.
+            yield "retry: 1000\n\n"
+            last_write = time.monotonic()
+            while True:
+                ring.clear()
+                try:
+                    frames = follower.next_frames()
+                except SlowConsumer as exc:
+                    yield f": slow_consumer; reconnect with Last-Event-ID: {exc.cursor}\n\n"
+                    return
+                except StreamEnded as exc:
+                    error = {"code": exc.reason, "message": exc.message, "cursor": exc.cursor}
+                    yield f"event: error\ndata: {json.dumps({'error': error})}\n\n"
+                    return
+                if frames:
+                    yield "".join(sse_frame(f) for f in frames)
+                    follower.sent(frames[-1].cursor)
+                    last_write = time.monotonic()
+                    continue
+                idle = time.monotonic() - last_write
+                if idle >= heartbeat:
+                    yield ": heartbeat\n\n"
+                    last_write = time.monotonic()
+                    continue
+                ring.wait(min(heartbeat - idle, POLL_SECONDS))
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(previous_timeout)
+            except OSError:
+                pass

@@ -1,0 +1,133 @@
+"""Streaming routes: SSE, WebSocket, and the stream tokens browsers use for both.
+
+Both streams start where the client says (``?after=`` / ``Last-Event-ID``) or,
+without a cursor, at the log's head when they connect, and then follow the log
+(:mod:`api.relay`). Everything a client can get wrong (auth, ownership, a bad
+or expired cursor) is answered with a plain JSON error before the stream
+starts, except an expired cursor on a WebSocket: browsers do not show a failed
+handshake's status, so it is told in an error frame and a close reason.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from flask import Blueprint, Flask, Response, g, request
+from flask_sock import Sock
+
+from api import openapi
+from api.auth import accepts_stream_token, enforce_rate_limit
+from api.context import db, int_arg, principal, runtime
+from api.relay import gone_message, sse_stream
+from api.serialize import ts
+from api.websocket import WebSocketStream
+from shared import conversations
+from shared.errors import BadInput, Gone, Unavailable
+from shared.stream_tokens import mint_stream_token
+
+bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
+sock = Sock()
+MAX_CURSOR = 2**62
+
+_TOKEN = openapi.query("token", {"type": "string"},
+                       "a stream token (POST .../stream-token), in place of the Authorization header")
+_STREAM_ERRORS = ("400", "401", "404", "410", "429", "503")
+_ws_op = openapi.op(
+    "WebSocket: the session's events as JSON text frames (after ?after=, else from now); the client sends "
+    "turn, cancel, resume, subscribe and ping frames. Closes 4000 {reason: slow_consumer, cursor} when "
+    "the client lags, 4410 when its cursor is too old.", "101", {"type": "object"},
+    params=[openapi.SID, openapi.AFTER_INT, _TOKEN], errors=("400", "401", "404", "429", "503"))
+_ws_op["responses"]["101"] = {"description": "Switching Protocols (WebSocket)"}
+openapi.EXTRA_PATHS.append({
+    "/v1/sessions/{session_id}/events/stream": {"get": openapi.op(
+        "The session's events as Server-Sent Events (id: cursor, event: type, data: the event); "
+        "Last-Event-ID or ?after= resumes, else from now; a comment line as heartbeat", "200",
+        {"type": "string"}, content_type="text/event-stream", errors=_STREAM_ERRORS,
+        params=[openapi.SID, openapi.AFTER_INT, openapi.header("Last-Event-ID", "resume after this cursor"),
+                _TOKEN])},
+    "/v1/sessions/{session_id}/ws": {"get": _ws_op},
+    "/v1/sessions/{session_id}/stream-token": {"post": openapi.op(
+        "A short-lived token for this session's WebSocket and SSE streams (browsers cannot set headers)",
+        "200", {"type": "object", "required": ["token", "expires_at"], "properties": {
+            "token": {"type": "string"}, "session_id": {"type": "string"},
+            "expires_at": {"type": "string", "format": "date-time"}, "expires_in": {"type": "integer"}}},
+        params=[openapi.SID], errors=("401", "404", "429", "503"))},
+})
+
+
+def install(app: Flask) -> None:
+    """Register the streaming routes and the WebSocket server options."""
+    settings = app.extensions["steprun"].settings
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        # Required, not just advisable: with pings, simple-websocket reads only after select() says
+        # there is data, which is what lets the socket carry a send timeout (api.relay.bound_socket).
+        "ping_interval": max(0.5, settings.ws_ping_seconds),
+        # A hard cap; frames between max_body_bytes and this get an error frame and the socket stays open.
+        "max_message_size": 4 * settings.max_body_bytes,
+    }
+    app.register_blueprint(bp)
+
+
+def _start_cursor(session_id: str, *, header: bool) -> int:
+    """The cursor to stream after: Last-Event-ID (SSE), ?after=, or the head of the log (now)."""
+    raw = request.headers.get("Last-Event-ID", "").strip() if header else ""
+    if raw:
+        if not raw.isdigit() or int(raw) > MAX_CURSOR:
+            raise BadInput("Last-Event-ID must be a cursor (a non-negative integer)", field="Last-Event-ID")
+        return int(raw)
+    if request.args.get("after", "") != "":
+        return int_arg("after", 0, lo=0, hi=MAX_CURSOR)
+    return runtime().events.head(session_id)
+
+
+def _own_session(session_id: str) -> None:
+    """404 unless the session exists and is the caller's; then let the connection go."""
+    conversations.get_session(db(), principal(), session_id)
+    db().close()  # a stream must not hold a database connection for its whole life
+
+
+@bp.get("/<session_id>/events/stream")
+@accepts_stream_token
+def stream_events(session_id: str):  # type: ignore[no-untyped-def]
+    """The session's events as Server-Sent Events."""
+    rt = runtime()
+    _own_session(session_id)
+    after = _start_cursor(session_id, header=True)
+    if after and rt.events.read(session_id, after, 1).gone:
+        raise Gone(gone_message(session_id, after))
+    raw_socket = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    body = sse_stream(rt.events, session_id, after, rt.settings, raw_socket)
+    return Response(body, mimetype="text/event-stream", headers={
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
+    })
+
+
+@bp.before_request
+def _check_websocket() -> None:
+    # flask-sock completes the handshake before the view runs, so a WebSocket's
+    # ownership check and cursor parsing happen here, where they can still be HTTP errors.
+    if request.endpoint == "streaming.stream_ws":
+        session_id = (request.view_args or {})["session_id"]
+        _own_session(session_id)
+        g.stream_after = _start_cursor(session_id, header=False)
+
+
+@sock.route("/<session_id>/ws", bp=bp)
+@accepts_stream_token
+def stream_ws(ws, session_id: str) -> None:  # type: ignore[no-untyped-def]
+    """The session's events over a WebSocket, and turn requests from the client."""
+    WebSocketStream(ws, runtime(), principal(), session_id, g.stream_after, enforce_rate_limit).run()
+
+
+@bp.post("/<session_id>/stream-token")
+def create_stream_token(session_id: str):  # type: ignore[no-untyped-def]
+    """A short-lived token a browser passes as ?token= to the WebSocket and SSE routes."""
+    rt = runtime()
+    conversations.get_session(db(), principal(), session_id)
+    if not rt.settings.secret_key:
+        raise Unavailable("stream tokens are disabled: set STEPRUN_SECRET_KEY (the same value on every "
+                          "web process) to enable them")
+    token, expires = mint_stream_token(rt.settings.secret_key, principal(), session_id, rt.settings.stream_token_ttl)
+    return {"token": token, "session_id": session_id,
+            "expires_at": ts(datetime.fromtimestamp(expires, timezone.utc)),
+            "expires_in": int(rt.settings.stream_token_ttl)}

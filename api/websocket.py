@@ -1,0 +1,283 @@
+"""One WebSocket client of one session: events out, requests in.
+
+Two loops per connection. The request's own greenlet (or thread, under
+`steprun dev`) reads client frames and answers them; a writer greenlet is the
+only code that sends on the socket: it drains a small bounded queue of replies
+and then follows the session's log (see :mod:`api.relay`). Two senders on one
+socket would interleave frames (flask-sock#57), and a send with no timeout
+blocks forever on a client that stopped reading (research §2.5).
+
+Client frames (JSON text):
+``{"type":"turn","input":...,"on_busy"?,"idempotency_key"?}`` -> ``{"type":"turn.created","turn":...}``,
+``{"type":"cancel","turn_id":...}`` -> ``cancel.ok``, ``{"type":"resume","turn_id":...,"approve"?,
+"input"?,"tool_outputs"?}`` -> ``resume.ok``, ``{"type":"subscribe","after":C}`` -> ``subscribe.ok``,
+``{"type":"ping"}`` -> ``{"type":"pong"}``. A bad frame gets ``{"type":"error","error":{...}}``
+and the socket stays open. Any frame may carry a ``ref`` that its reply echoes.
+Replies have no ``cursor``; events always do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from simple_websocket import ConnectionClosed
+
+from api.relay import POLL_SECONDS, CursorGone, Frame, LogFollower, StreamEnded, bound_socket
+from api.serialize import turn_json
+from shared import conversations
+from shared.db import unit_of_work
+from shared.errors import BadInput, NotFound, StepRunError, TooLarge
+from shared.keys import Principal
+from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Close codes (the 4000 range is the application's). The reason is JSON carrying the cursor to resume from.
+CLOSE_SLOW = 4000
+CLOSE_UNAVAILABLE = 4003
+CLOSE_NOT_FOUND = 4404
+CLOSE_GONE = 4410
+REPLY_QUEUE = 64
+FRAME_TYPES = ("turn", "cancel", "resume", "subscribe", "ping")
+
+
+class _SerialSocket:
+    """The connection's socket with whole-frame writes, one at a time.
+
+    simple-websocket writes with a single ``sock.send`` (which may write part of
+    a frame) from our writer and from its own reader (pongs, close replies);
+    serialising whole ``sendall`` calls keeps frames from interleaving.
+    """
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class WebSocketStream:
+    """Serves one accepted WebSocket until either side closes it."""
+
+    def __init__(self, ws: Any, rt: Runtime, who: Principal, session_id: str, after: int,
+                 rate_limit: Callable[[Principal], None]):
+        self.ws, self.rt, self.who, self.session_id = ws, rt, who, session_id
+        self.settings = rt.settings
+        self.follower = LogFollower(rt.events, session_id, after, rt.settings)
+        self.rate_limit = rate_limit
+        self.replies: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=REPLY_QUEUE)
+        self.closing = False
+        # Set by the reader to have the writer close the socket: (close code, reason).
+        self.close_with: tuple[int, str] | None = None
+        self.ring: Any = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def run(self) -> None:
+        bound_socket(self.ws.sock, self.settings)
+        self.ws.sock = _SerialSocket(self.ws.sock)
+        with self.rt.events.listen(self.session_id) as ring:
+            self.ring = ring
+            writer = threading.Thread(target=self._write_loop, name=f"ws-writer-{self.session_id}", daemon=True)
+            writer.start()
+            try:
+                self._read_loop()
+            finally:
+                self.closing = True
+                ring.set()
+                writer.join(self.settings.stream_send_timeout + 2)
+
+    def _read_loop(self) -> None:
+        limit = self.settings.max_body_bytes
+        while not self.closing:
+            try:
+                message = self.ws.receive(timeout=POLL_SECONDS * 5)
+            except ConnectionClosed:
+                return
+            if message is None:
+                if not self.ws.connected:
+                    return
+                continue
+            size = len(message.encode() if isinstance(message, str) else message)
+            if size > limit:
+                self._post_error(TooLarge(f"a frame may hold at most {limit} bytes (this one: {size})"), None)
+                continue
+            self._handle(message)
+
+    # --- client frames -------------------------------------------------------
+
+    def _handle(self, message: str | bytes) -> None:
+        ref = kind = None
+        try:
+            if isinstance(message, bytes):
+                raise BadInput("frames must be JSON text, not binary")
+            try:
+                frame = json.loads(message)
+            except ValueError as exc:
+                raise BadInput(f"the frame is not valid JSON ({exc})") from None
+            if not isinstance(frame, dict):
+                raise BadInput("a frame must be a JSON object with a 'type'")
+            ref = frame.get("ref") if isinstance(frame.get("ref"), (str, int)) else None
+            kind = frame.get("type")
+            if kind not in FRAME_TYPES:
+                raise BadInput(f"unknown frame type {kind!r}; known: {', '.join(FRAME_TYPES)}", field="type")
+            if kind == "ping":
+                self._post("reply", {"type": "pong"}, ref)
+                return
+            self.rate_limit(self.who)
+            if kind == "subscribe":
+                after = frame.get("after")
+                if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= 2**62:
+                    raise BadInput("'after' must be a cursor (a non-negative integer)", field="after")
+                with unit_of_work(self.rt.sessions, scope=self.who) as db:
+                    conversations.get_session(db, self.who, self.session_id)
+                self._post("subscribe", after, ref)
+                return
+            self._post("reply", self._turn_request(kind, frame), ref)
+        except NotFound as exc:
+            self._post_error(exc, ref)
+            if kind == "subscribe":  # the session itself is gone (deleted) or not the caller's
+                self._end(CLOSE_NOT_FOUND, "not_found")
+        except StepRunError as exc:
+            self._post_error(exc, ref)
+        except Exception:  # noqa: BLE001 - one bad request must not take the socket down
+            log.exception("websocket frame failed (session %s)", self.session_id)
+            self._post("reply", {"type": "error", "error": {"code": "internal_error",
+                                                             "message": "internal error"}}, ref)
+
+    def _turn_request(self, kind: str, frame: dict[str, Any]) -> dict[str, Any]:
+        """Create, cancel or resume a turn in its own short transaction."""
+        with unit_of_work(self.rt.sessions, scope=self.who) as db:
+            if kind == "turn":
+                key = frame.get("idempotency_key")
+                if key is not None and not isinstance(key, str):
+                    raise BadInput("'idempotency_key' must be a string", field="idempotency_key")
+                turn, created = conversations.create_turn(db, self.rt, self.who, self.session_id,
+                                                          frame.get("input"), frame.get("on_busy"), key)
+                return {"type": "turn.created", "created": created, "turn": turn_json(turn)}
+            turn_id = frame.get("turn_id")
+            if not isinstance(turn_id, str) or not turn_id:
+                raise BadInput("'turn_id' must name a turn of this session", field="turn_id")
+            if conversations.get_turn(db, self.who, turn_id).session_id != self.session_id:
+                raise NotFound(f"no turn {turn_id!r} in this session")
+            if kind == "cancel":
+                turn = conversations.cancel_turn(db, self.rt, self.who, turn_id)
+            else:
+                body = {k: frame.get(k) for k in ("approve", "input", "tool_outputs")}
+                turn = conversations.resume_turn(db, self.rt, self.who, turn_id, body)
+            return {"type": f"{kind}.ok", "turn": turn_json(turn)}
+
+    def _post_error(self, exc: StepRunError, ref: Any) -> None:
+        error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+        if exc.field:
+            error["field"] = exc.field
+        if exc.retry_after is not None:
+            error["retry_after"] = exc.retry_after
+        self._post("reply", {"type": "error", "error": error}, ref)
+
+    def _post(self, kind: str, value: Any, ref: Any) -> None:
+        if kind == "reply" and ref is not None:
+            value = dict(value, ref=ref)
+        try:
+            self.replies.put_nowait((kind, value))
+        except queue.Full:
+            # It sends requests faster than it reads the answers: treat it like any slow reader.
+            self._end(CLOSE_SLOW, "slow_consumer")
+            return
+        self.ring.set()
+
+    def _end(self, code: int, reason: str) -> None:
+        self.close_with = (code, reason)
+        self.ring.set()
+
+    # --- the writer ------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        try:
+            while not self.closing:
+                self.ring.clear()
+                sent = self._send_replies()
+                if self.close_with is not None:
+                    code, reason = self.close_with
+                    self._close(code, reason, self.follower.position)
+                    return
+                frames = self.follower.next_frames()
+                for frame in frames:
+                    self._send_event(frame)
+                if not frames and not sent:
+                    self.ring.wait(POLL_SECONDS)
+        except CursorGone as exc:
+            self._send_json({"type": "error", "error": {"code": exc.reason, "message": exc.message}})
+            self._close(CLOSE_GONE, exc.reason, exc.cursor)
+        except StreamEnded as exc:
+            self._close(CLOSE_SLOW if exc.reason == "slow_consumer" else CLOSE_UNAVAILABLE, exc.reason, exc.cursor)
+        except (OSError, ConnectionClosed):
+            # A write timed out or failed: part of a frame may be on the wire, so no clean close is
+            # possible. Drop the connection; the client resumes from the last cursor it received.
+            self._abort()
+        except Exception:  # noqa: BLE001
+            log.exception("websocket writer failed (session %s)", self.session_id)
+            self._abort()
+        finally:
+            self.closing = True
+            self.ws.event.set()  # wake the reader loop out of receive()
+
+    def _send_replies(self) -> bool:
+        sent = False
+        while True:
+            try:
+                kind, value = self.replies.get_nowait()
+            except queue.Empty:
+                return sent
+            sent = True
+            if kind == "subscribe":
+                self._reposition(value)
+                value = {"type": "subscribe.ok", "after": value}
+            self._send_json(value)
+
+    def _reposition(self, after: int) -> None:
+        """Move to ``after`` without sending anything twice (see LogFollower.low/position)."""
+        follower = self.follower
+        if after >= follower.position:
+            follower.position = follower.low = after
+            return
+        cursor = after
+        while cursor < follower.low:
+            frames = follower.backfill_frames(cursor)
+            for frame in frames:
+                self._send_event(frame)
+            if not frames or frames[-1].cursor >= follower.low:
+                break
+            cursor = frames[-1].cursor
+        follower.low = min(follower.low, after)
+
+    def _send_event(self, frame: Frame) -> None:
+        self.ws.send(frame.text)
+        self.follower.sent(frame.cursor)
+
+    def _send_json(self, value: dict[str, Any]) -> None:
+        self.ws.send(json.dumps(value, separators=(",", ":")))
+
+    def _close(self, code: int, reason: str, cursor: int) -> None:
+        message = json.dumps({"reason": reason, "cursor": cursor}, separators=(",", ":"))
+        try:
+            self.ws.close(reason=code, message=message)
+        except (OSError, ConnectionClosed):
+            self._abort()
+
+    def _abort(self) -> None:
+        self.ws.connected = False
+        try:
+            self.ws.sock.shutdown(2)  # SHUT_RDWR: the reader side notices at once
+        except OSError:
+            pass

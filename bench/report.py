@@ -1,0 +1,229 @@
+"""The results table, the machine description, docs/benchmarks.md's results section and its plots."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+PACKAGES = ("gunicorn", "gevent", "greenlet", "flask", "flask-sock", "simple-websocket", "celery", "kombu",
+            "redis", "sqlalchemy", "psycopg2-binary", "websocket-client")
+TARGETS = dict(turns_per_s=150.0, overhead_p50=0.010, overhead_p99=0.050, deltas_per_s=50_000,
+               connections=5000, kib_per_connection=50.0)
+
+
+def machine() -> dict[str, Any]:
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "-"
+    return dict(nproc=os.cpu_count(), memory_gib=round(mem / 2**30, 1), cpu=cpu, kernel=platform.release(),
+                python=platform.python_version(), packages=versions, postgres=_run(["psql", "-h", "127.0.0.1",
+                "-U", "postgres", "-Atc", "SHOW server_version"]), redis=_redis_version(),
+                loadavg_at_start=open("/proc/loadavg").read().split()[:3])
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip().split(" ")[0]
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _redis_version() -> str:
+    try:
+        text = subprocess.run(["redis-cli", "-h", "127.0.0.1", "INFO", "server"], capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    m = re.search(r"redis_version:(\S+)", text)
+    return m.group(1) if m else "?"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _yes(ok: bool | None) -> str:
+    return "-" if ok is None else ("**yes**" if ok else "**no**")
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    out: list[list[str]] = []
+    tp = results.get("throughput") or []
+    for agent in ("single", "tools"):
+        levels = [r for r in tp if r["agent"] == agent]
+        best = max(levels, key=lambda r: r["turns_per_s"], default=None)
+        for r in levels:
+            steps = "1-step" if agent == "single" else "3-step"
+            target = "≥ 150 turns/s" if agent == "single" and r is best else ""
+            met = _yes(r["turns_per_s"] >= TARGETS["turns_per_s"]) if target else ""
+            note = f" ({r['errors']} errors)" if r["errors"] else ""
+            out.append([f"throughput {steps}", f"c={r['concurrency']}", f"{r['turns_per_s']} turns/s{note}",
+                        _ms(r["p50"]), _ms(r["p99"]), target, met])
+    o = results.get("overhead")
+    if o:
+        met = None if o["p50"] is None else (
+            o["p50"] <= TARGETS["overhead_p50"] and o["p99"] <= TARGETS["overhead_p99"])
+        out.append(["overhead to 1st delta", f"1 client, {o['turns']} turns, {o['stream']}",
+                    f"POST alone p50 {_ms(o['post_p50'])}", _ms(o["p50"]), _ms(o["p99"]),
+                    "≤ 10 ms p50, ≤ 50 ms p99", _yes(met)])
+    f = results.get("fanout")
+    if f:
+        out.append(["fan-out (1 API process)", f"{f['sessions']} sessions × {f['clients'] // f['sessions']} "
+                    f"clients, {f['stream']}", f"{f['deltas_per_s']:,} deltas/s in {f['frames_per_s']:,} frames/s "
+                    f"({f['mb_per_s']} MB/s)", "", "",
+                    "≥ 50,000 deltas/s", _yes(f["deltas_per_s"] >= TARGETS["deltas_per_s"])])
+    c = results.get("connections")
+    if c:
+        kib = c["kib_per_connection"]
+        met = c["held"] >= TARGETS["connections"] and kib is not None and kib <= TARGETS["kib_per_connection"]
+        out.append(["connections (1 API process)", f"{c['target']} idle {c['stream']}",
+                    f"{c['held']} held, {kib} KiB each", "", "", "≥ 5,000 at ≤ 50 KiB", _yes(met)])
+    r = results.get("recovery")
+    if r:
+        met = None if r["max"] is None else (r["max"] <= r["target"] and not r["missed"])
+        out.append(["recovery after SIGKILL", f"{len(r['trials'])} kills, lease {r['lease']:g} s",
+                    f"step.retrying after max {r['max']} s (mean {r['mean']} s)", "", "",
+                    f"≤ lease + 2 s = {r['target']:g} s", _yes(met)])
+    a = results.get("autoscale")
+    if a:
+        out.append(["celery --autoscale (gevent, prefetch 1)", f"--autoscale={a['max']},{a['min']}, "
+                    f"{a['sent']} steps sent", f"peak {a['peak_running']} running: "
+                    f"{'grew' if a['grew'] else 'did not grow'}", "", "", "", ""])
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    head = ["scenario", "load", "result", "p50", "p99", "target", "met"]
+    body = rows(results)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"  # noqa: E731
+    text = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)]
+    return "\n".join(text) + f"\n\n({results.get('seconds', '?')} s, streaming client: {results.get('stream', '?')})"
+
+
+def detail(results: dict[str, Any]) -> str:
+    tp = results.get("throughput") or []
+    if not tp:
+        return ""
+    out = ["| turn | c | turns/s | p50 | p99 | errors | API | workers | Postgres | Redis | load gen. | others "
+           "| machine busy | oldest queued step |", "|---" * 14 + "|"]
+    for r in tp:
+        cpu = " | ".join(f"{r.get(k + '_cpu_pct', '-')}%" for k in ("api", "workers", "postgres", "redis",
+                                                                    "loaders", "other"))
+        out.append(f"| {r['agent']} | {r['concurrency']} | {r['turns_per_s']} | {_ms(r['p50'])} | {_ms(r['p99'])} | "
+                   f"{r['errors']} | {cpu} | {r['machine_busy_pct']}% | {r['queue_oldest_max']} s |")
+    return "\n".join(out)
+
+
+def plots(results: dict[str, Any], folder: Path) -> list[Path]:
+    tp = results.get("throughput") or []
+    if not tp:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, draw in (("bench-throughput.png", _draw_throughput), ("bench-latency.png", _draw_latency)):
+        fig, ax = plt.subplots(figsize=(6, 3.4), dpi=90)
+        draw(ax, tp)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent users (closed loop)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / name
+        fig.savefig(path, pil_kwargs={"optimize": True})
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _draw_throughput(ax: Any, tp: list[dict[str, Any]]) -> None:
+    for agent, label in (("single", "1-step turns"), ("tools", "3-step turns (2 tool calls)")):
+        pts = [(r["concurrency"], r["turns_per_s"]) for r in tp if r["agent"] == agent]
+        if pts:
+            ax.plot(*zip(*pts, strict=False), marker="o", label=label)
+    ax.axhline(TARGETS["turns_per_s"], color="grey", ls="--", lw=1, label="target: 150 turns/s")
+    ax.set_ylabel("sustained turns/s")
+    ax.set_title("Throughput against concurrency", fontsize=10)
+
+
+def _draw_latency(ax: Any, tp: list[dict[str, Any]]) -> None:
+    for agent, label in (("single", "1-step"), ("tools", "3-step")):
+        pts = [(r["concurrency"], r["p50"], r["p99"]) for r in tp if r["agent"] == agent and r["p50"]]
+        if pts:
+            c, p50, p99 = zip(*pts, strict=False)
+            line, = ax.plot(c, [x * 1000 for x in p50], marker="o", label=f"{label} p50")
+            ax.plot(c, [x * 1000 for x in p99], marker="^", ls="--", color=line.get_color(), label=f"{label} p99")
+    ax.set_yscale("log")
+    ax.set_ylabel("turn latency, ms (POST to turn.completed)")
+    ax.set_title("Turn latency against concurrency", fontsize=10)
+
+
+def section(results: dict[str, Any], images: list[Path]) -> str:
+    m = results["machine"]
+    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results["started"]))
+    parts = [
+        f"Run {when}, {results['seconds']} s. Command: `{results['command'].strip()}` (what `make bench` runs).",
+        "",
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, load average at "
+        f"start {' '.join(m['loadavg_at_start'])}; Python {m['python']}, PostgreSQL {m['postgres']}, "
+        f"Redis {m['redis']}; {pk}.",
+        "",
+        table(results),
+        "",
+    ]
+    if images:
+        parts += [" ".join(f"![{p.stem}]({p.name})" for p in images), ""]
+    if detail(results):
+        parts += ["Throughput in detail. CPU columns are percent of one core over the measured window (API: "
+                  "the one gunicorn worker process; Postgres: the backends of the run's database; Redis is "
+                  "shared with anything else on the machine; others: everything not started by the run); "
+                  "machine busy is percent of all cores.", "", detail(results), ""]
+    for prof in results.get("profiles", []):
+        if "error" in prof:
+            parts += [f"Profile {prof['label']}/{prof['process']}: {prof['error']}", ""]
+            continue
+        parts += [f"Profile during {prof['label']}, {prof['process']} process ({prof['samples']} py-spy samples). "
+                  "On CPU itself (self):", ""]
+        parts += [f"- {pct}% {frame}" for frame, pct in prof["self_top"][:8]]
+        parts += ["", "Under these steprun functions (inclusive):", ""]
+        parts += [f"- {pct}% {frame}" for frame, pct in prof["ours_inclusive"][:8]]
+        parts += [""]
+    return "\n".join(parts)
+
+
+def write_docs(results: dict[str, Any], path: Path) -> list[Path]:
+    """Replace the results section of ``path`` (between the markers) and redraw the plots next to it."""
+    images = plots(results, path.parent)
+    generated = START + "\n" + section(results, images) + "\n" + END
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + generated + text[text.index(END) + len(END):]
+    else:
+        text += "\n" + generated + "\n"
+    path.write_text(text)
+    return [path, *images]

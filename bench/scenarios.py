@@ -1,0 +1,240 @@
+"""The load scenarios: throughput, overhead to first delta, fan-out, connections.
+
+Each takes the running :class:`~bench.stack.Stack` and the parsed options, runs
+load generators (bench/load.py) in separate processes against the one API
+process over loopback, and returns a dict of figures for bench/report.py.
+Recovery and autoscaling, which kill and start workers, are in bench/recovery.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from bench.client import Http, create_session, start_turn, websocket_available
+from bench.runner import CpuMeter, Loader, Progress, percentile, watch
+from bench.stack import Stack, rss_bytes
+
+
+def split(n: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, n))
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def stream_kind(stack: Stack, prefer: str) -> str:
+    """"websocket" if the deployment serves WS /v1/sessions/{id}/ws, else "long-poll"."""
+    if prefer != "websocket":
+        return "long-poll"
+    http = Http(stack.url, stack.key)
+    session_id = create_session(http, "single")
+    http.close()
+    return "websocket" if websocket_available(stack.url, stack.key, session_id) else "long-poll"
+
+
+def process_groups(stack: Stack, loaders: list[Loader]) -> dict[str, list[int]]:
+    """Whose CPU to count: the API process, workers, this run's Postgres backends, Redis, load generators."""
+    return {"api": [stack.api_pid()], "workers": [w.pid for w in stack.workers], "postgres": stack.pg_backend_pids(),
+            "redis": stack.redis_pid(), "loaders": [ld.popen.pid for ld in loaders]}
+
+
+class QueueSampler:
+    """Samples shared.stats.queue_stats twice a second; keeps the worst oldest-wait seen."""
+
+    def __init__(self, stack: Stack):
+        self.stack = stack
+        self.max_oldest = 0.0
+        self.max_waiting = 0
+        self.p95: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> QueueSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from sqlalchemy.orm import Session
+
+        from shared.stats import queue_stats
+
+        while not self._stop.wait(0.5):
+            try:
+                with Session(self.stack.engine()) as db:
+                    s = queue_stats(db, window_seconds=10)
+            except Exception:  # noqa: BLE001 - a missed sample is not a failed benchmark
+                continue
+            self.max_oldest = max(self.max_oldest, s.oldest_wait_seconds)
+            self.max_waiting = max(self.max_waiting, s.waiting)
+            if s.start_delay_p95_seconds is not None:
+                self.p95 = s.start_delay_p95_seconds
+
+
+def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: list[int]) -> list[dict[str, Any]]:
+    """Closed loop: ``c`` users, each on its own session, start a turn as soon as the last one ended."""
+    rows = []
+    for c in levels:
+        setup = 2.0 + c * 0.02
+        start_at = time.time() + setup
+        measure_from = start_at + opts.warmup
+        stop_at = measure_from + opts.level_seconds
+        jobs = [dict(kind="throughput", url=stack.url, key=stack.key, agent=agent, users=n, start_at=start_at,
+                     measure_from=measure_from, stop_at=stop_at, observe=opts.observe, stream=opts.stream,
+                     drain=20.0)
+                for n in split(c, opts.loaders)]
+        loaders = [Loader(j) for j in jobs]
+        meter = CpuMeter(process_groups(stack, loaders))
+        label = f"throughput {agent} c={c}"
+        watch(loaders, measure_from, label, progress, lambda t: f"warming up, {int(t.get('done', 0))} turns")
+        meter.start()
+        with QueueSampler(stack) as queue:
+            done0 = time.time()
+            watch(loaders, stop_at, label, progress,
+                  lambda t: f"{int(t.get('done', 0))} turns  errors={int(t.get('errors', 0))}")
+            cpu = meter.stop()
+        results = [ld.wait(timeout=max(0.0, stop_at - time.time()) + 40) for ld in loaders]
+        latencies = [x for r in results for x in r["latencies"]]
+        completed = sum(r["completed"] for r in results)
+        row = dict(agent=agent, concurrency=c, seconds=opts.level_seconds, completed=completed,
+                   turns_per_s=round(completed / opts.level_seconds, 1), p50=percentile(latencies, 50),
+                   p99=percentile(latencies, 99), errors=sum(r["error_count"] for r in results),
+                   error_samples=[e for r in results for e in r["errors"]][:3],
+                   statuses=sorted({s for r in results for s in r["statuses"]}),
+                   stream=results[0]["stream"], queue_oldest_max=round(queue.max_oldest, 3),
+                   # CPU per completed turn, per process type: what scales with more processes.
+                   **{f"{k[:-8]}_ms_per_turn": round(v / 100 / max(completed / opts.level_seconds, 1e-9) * 1000, 1)
+                      for k, v in cpu.items() if k.endswith("_cpu_pct") and k != "other_cpu_pct"},
+                   queue_start_p95=queue.p95, **cpu)
+        progress.done(f"[{label}] {row['turns_per_s']} turns/s  p50={_ms(row['p50'])}  p99={_ms(row['p99'])}  "
+                      f"errors={row['errors']}  cpu: {_cpu(cpu)}  queue-oldest-max={row['queue_oldest_max']}s"
+                      f"  (measured {time.time() - done0:.0f}s)")
+        rows.append(row)
+        time.sleep(1.0)
+    return rows
+
+
+def overhead(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
+    """POST .../turns to the first message.delta at a streaming client, minus the model's own first token."""
+    model_first_token = opts.ttft + (1.0 / opts.tps if opts.tps else 0.0)
+    stop_at = time.time() + opts.overhead_seconds + 5
+    loader = Loader(dict(kind="overhead", url=stack.url, key=stack.key, agent="single", stream=opts.stream,
+                         turns=opts.overhead_turns, stop_at=stop_at, pause=0.05))
+    watch([loader], stop_at, "overhead", progress, lambda t: f"{int(t.get('done', 0))} turns")
+    r = loader.wait(timeout=max(0.0, stop_at - time.time()) + 30)
+    over = [x - model_first_token for x in r["first_delta"]]
+    out = dict(turns=len(over), p50=percentile(over, 50), p99=percentile(over, 99), max=max(over, default=None),
+               post_p50=percentile(r["post_rtt"], 50), model_first_token=model_first_token, stream=r["stream"],
+               errors=r["errors"])
+    progress.done(f"[overhead] {out['turns']} turns via {out['stream']}: p50={_ms(out['p50'])} "
+                  f"p99={_ms(out['p99'])} (POST itself p50={_ms(out['post_p50'])}; model first token "
+                  f"{model_first_token * 1000:.0f} ms subtracted)")
+    return out
+
+
+def fanout(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
+    """``sessions`` sessions stream fast at once; ``per_session`` clients follow each one."""
+    http = Http(stack.url, stack.key)
+    sessions = [create_session(http, "stream") for _ in range(opts.fanout_sessions)]
+    clients = opts.fanout_sessions * opts.fanout_clients
+    connect_budget = 5.0 + clients / 150
+    turns_at = time.time() + connect_budget
+    measure_from, measure_to = turns_at + 2.0, turns_at + 2.0 + opts.fanout_seconds
+    loaders = []
+    for _i, n in enumerate(split(opts.fanout_clients, opts.loaders)):
+        loaders.append(Loader(dict(kind="fanout", url=stack.url, key=stack.key, sessions=sessions, per_session=n,
+                                   stream=opts.stream, measure_from=measure_from, measure_to=measure_to)))
+    watch(loaders, turns_at, "fan-out", progress,
+          lambda t: f"connecting {int(t.get('clients', 0))}/{clients}  failed={int(t.get('failed', 0))}")
+    connected = sum(int(ld.progress.get("clients", 0)) for ld in loaders)
+    posted = time.time()
+    turn_ids = [start_turn(http, s, "stream please")["id"] for s in sessions]
+    posted = time.time() - posted
+    if time.time() > measure_from:
+        progress.done(f"[fan-out] warning: starting {len(sessions)} turns took {posted:.1f}s, "
+                      "past the start of the measured window")
+    time.sleep(max(0.0, measure_from - time.time()))
+    meter = CpuMeter(process_groups(stack, loaders)).start()
+    watch(loaders, measure_to, "fan-out", progress,
+          lambda t: f"{int(t.get('deltas', 0))} deltas to {int(t.get('clients', 0))} clients")
+    cpu = meter.stop()
+    results = [ld.wait(timeout=max(0.0, measure_to - time.time()) + 30) for ld in loaders]
+    for turn_id in turn_ids:
+        try:
+            http.request("POST", f"/v1/turns/{turn_id}/cancel")
+        except Exception:  # noqa: BLE001 - the turn may have ended; the next scenario does not depend on it
+            pass
+    http.close()
+    deltas = sum(r["deltas"] for r in results)
+    out = dict(sessions=opts.fanout_sessions, clients=clients, connected=connected,
+               seconds=opts.fanout_seconds, deltas=deltas, deltas_per_s=round(deltas / opts.fanout_seconds),
+               frames_per_s=round(sum(r["frames"] for r in results) / opts.fanout_seconds),
+               mb_per_s=round(sum(r["bytes"] for r in results) / opts.fanout_seconds / 1e6, 2),
+               per_client_per_s=round(deltas / max(connected, 1) / opts.fanout_seconds, 1),
+               post_turns_seconds=round(posted, 2), reconnects=sum(r["reconnects"] for r in results),
+               failed=sum(r["failed"] for r in results),
+               # CPU the API process spent per event delivered: the figure that scales (docs/scaling.md).
+               api_us_per_delta=round(cpu["api_cpu_pct"] / 100 * opts.fanout_seconds / deltas * 1e6, 1)
+               if deltas else None,
+               api_us_per_frame=round(cpu["api_cpu_pct"] / 100 * opts.fanout_seconds
+                                      / max(1, sum(r["frames"] for r in results)) * 1e6, 1),
+               stream=",".join(sorted({r["stream"] for r in results if r["stream"]})), **cpu)
+    progress.done(f"[fan-out] {out['deltas_per_s']} deltas/s to {connected} clients ({out['stream']}); "
+                  f"{out['frames_per_s']} frames/s, {out['mb_per_s']} MB/s; {out['reconnects']} reconnects "
+                  f"(closed as slow); API {out['api_us_per_delta']} us CPU/delta; cpu: {_cpu(cpu)}")
+    return out
+
+
+def connections(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
+    """Open ``connections`` idle streams, one per session, and weigh the API process."""
+    n = opts.connections
+    sessions = stack.seed_sessions("single", n)
+    pid = stack.api_pid()
+    Http(stack.url, stack.key).request("GET", "/v1/agents")  # the app is loaded and has served before we weigh it
+    time.sleep(0.5)
+    rss0 = rss_bytes(pid)
+    ramp = opts.connect_seconds
+    hold_until = time.time() + ramp + opts.hold_seconds + 3
+    parts = split(n, opts.conn_loaders)
+    loaders, i = [], 0
+    for size in parts:
+        loaders.append(Loader(dict(kind="connections", url=stack.url, key=stack.key, sessions=sessions[i:i + size],
+                                   stream=opts.stream, hold_until=hold_until, wait=55.0, batch=100,
+                                   batch_pause=0.1)))
+        i += size
+    t0 = time.time()
+    total = watch(loaders, t0 + ramp, "connections", progress,
+                  lambda t: f"open {int(t.get('open', 0))}/{n}  failed={int(t.get('failed', 0))}",
+                  stop_when=lambda t: t.get("open", 0) + t.get("failed", 0) >= n)
+    ramp_s = time.time() - t0
+    time.sleep(2.0)  # let the last handshakes settle before weighing
+    meter = CpuMeter({"api": [pid]}).start()
+    time.sleep(min(opts.hold_seconds, 5.0))
+    cpu = meter.stop()
+    held = sum(int(ld.progress.get("open", 0)) for ld in loaders)
+    rss1 = rss_bytes(pid)
+    watch(loaders, hold_until, "connections", progress,
+          lambda t: f"holding {int(t.get('open', 0))}  dropped={int(t.get('dropped', 0))}")
+    results = [ld.wait(timeout=max(0.0, hold_until - time.time()) + 30) for ld in loaders]
+    out = dict(target=n, held=held, failed=sum(r["failed"] for r in results),
+               dropped=sum(r["dropped"] for r in results), ramp_seconds=round(ramp_s, 1),
+               opened_per_s=round(total.get("open", 0) / ramp_s) if ramp_s else None,
+               rss_before_mb=round(rss0 / 2**20, 1), rss_held_mb=round(rss1 / 2**20, 1),
+               kib_per_connection=round((rss1 - rss0) / 1024 / held, 1) if held else None,
+               idle_api_cpu_pct=cpu["api_cpu_pct"],
+               stream=",".join(sorted({r["stream"] for r in results if r["stream"]})),
+               errors=[e for r in results for e in r["errors"]][:5])
+    progress.done(f"[connections] held {held}/{n} ({out['stream']}), RSS {out['rss_before_mb']} -> "
+                  f"{out['rss_held_mb']} MiB = {out['kib_per_connection']} KiB/connection; "
+                  f"ramp {out['ramp_seconds']}s; failed={out['failed']} dropped={out['dropped']}")
+    return out
+
+
+def _cpu(cpu: dict[str, float]) -> str:
+    return " ".join(f"{k.replace('_cpu_pct', '').replace('_pct', '')}={v:g}%" for k, v in cpu.items())
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}ms"

@@ -1,0 +1,101 @@
+"""A user's history as a whole: export one session, erase everything of one user.
+
+Service functions: the database session first, no commit (the edge commits);
+Redis work (deleting event logs, cancel flags) is registered to run after the
+commit, so a rolled-back erase leaves the logs alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from shared.conversations import get_session
+from shared.keys import Principal
+from shared.models import ACTIVE, AgentSession, Checkpoint, Message, Turn
+from shared.runtime import Runtime, after_commit
+from shared.storage_models import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
+
+
+@dataclass
+class SessionExport:
+    session: AgentSession
+    turns: list[Turn]
+    messages: list[Message]
+    checkpoint: Checkpoint | None
+    spans: list[TraceSpan]
+
+
+def export_session(db: Session, who: Principal, session_id: str) -> SessionExport:
+    """Everything stored about one of ``who``'s sessions (404 if it is not theirs)."""
+    session = get_session(db, who, session_id)
+
+    def owned(model: Any) -> tuple[Any, ...]:
+        return model.session_id == session.id, model.tenant_id == who.tenant_id, model.user_id == who.user_id
+
+    turns = list(db.scalars(select(Turn).where(*owned(Turn)).order_by(Turn.seq)))
+    messages = list(db.scalars(select(Message).where(*owned(Message)).order_by(Message.id)))
+    checkpoint = db.scalars(select(Checkpoint).where(*owned(Checkpoint))
+                            .order_by(Checkpoint.number.desc()).limit(1)).first()
+    spans = list(db.scalars(select(TraceSpan).where(*owned(TraceSpan))
+                            .order_by(TraceSpan.started_at, TraceSpan.id)))
+    return SessionExport(session, turns, messages, checkpoint, spans)
+
+
+@dataclass
+class ErasureReport:
+    sessions: int = 0
+    turns: int = 0
+    messages: int = 0
+    checkpoints: int = 0
+    trace_spans: int = 0
+    memory_items: int = 0
+    knowledge_documents: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
+    """Delete every row of ``who`` and, after commit, their sessions' event logs.
+
+    Kept: tenant-wide knowledge (it belongs to the tenant, and carries no user
+    id) and API keys (credentials; revoking them is the operator's call).
+    Rows are deleted table by table, children first, rather than left to the
+    cascade, so the report counts them and nothing of the user's can survive
+    in a row whose session is not theirs.
+    """
+    report = ErasureReport()
+    session_ids = list(db.scalars(select(AgentSession.id).where(
+        AgentSession.tenant_id == who.tenant_id, AgentSession.user_id == who.user_id).with_for_update()))
+    running = list(db.scalars(select(Turn.id).where(
+        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status.in_(ACTIVE))))
+
+    def drop(model: Any, where: tuple[Any, ...] | None = None) -> int:
+        clauses = where if where is not None else (model.tenant_id == who.tenant_id, model.user_id == who.user_id)
+        result = db.execute(delete(model).where(*clauses).execution_options(synchronize_session=False))
+        return result.rowcount or 0
+
+    report.trace_spans = drop(TraceSpan)
+    report.messages = drop(Message)
+    report.checkpoints = drop(Checkpoint)
+    report.turns = drop(Turn)
+    report.sessions = drop(AgentSession)
+    report.memory_items = drop(MemoryItem)
+    mine = (KnowledgeDocument.tenant_id == who.tenant_id, KnowledgeDocument.user_id == who.user_id)
+    drop(KnowledgeChunk)  # the cascade would too; explicit so SQLite's FTS triggers see each row go
+    report.knowledge_documents = drop(KnowledgeDocument, mine)
+    db.expire_all()  # bulk deletes bypass the identity map: nothing stale may be flushed back
+
+    def clean_redis() -> None:
+        # A step still running sees its session gone at commit and writes nothing;
+        # the cancel flag just stops it sooner.
+        for turn_id in running:
+            rt.events.request_cancel(turn_id)
+        for session_id in session_ids:
+            rt.events.delete(session_id)
+
+    after_commit(db, clean_redis)
+    return report

@@ -1,0 +1,146 @@
+"""The scheduler's housekeeping: pauses that expire, idle sessions, old checkpoints.
+
+:func:`expire_paused_turns` runs with every sweep: a turn waiting in
+``requires_action`` past its deadline becomes ``expired`` and hands the session
+to the next queued turn. The rest runs every ``lifecycle_interval`` through
+:class:`Housekeeping`: idle sessions are deleted with their data (when a TTL is
+set), old checkpoints are pruned, and broker messages stranded by killed
+workers are handed back to the broker so they do not pile up in Redis.
+
+Every function here is a system path (it acts for all tenants) and is safe to
+run from two schedulers at once: rows are locked with SKIP LOCKED or re-checked
+under a lock, so the second one finds nothing left to do.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import delete, func, select
+
+from shared.conversations import finish_turn
+from shared.db import SYSTEM, unit_of_work
+from shared.models import AgentSession, Checkpoint, Turn, utcnow
+from shared.runtime import Runtime, after_commit
+
+log = logging.getLogger(__name__)
+BATCH = 200
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def expire_paused_turns(rt: Runtime, limit: int = BATCH) -> int:
+    """Turns nobody resumed before their action deadline: ``expired``, and the session moves on."""
+    now = utcnow()
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        due = db.execute(
+            select(Turn.id, Turn.session_id)
+            .where(Turn.status == "requires_action", Turn.action_expires_at < now)
+            .order_by(Turn.action_expires_at).limit(limit)
+        ).all()
+    expired = 0
+    timeout = rt.settings.action_timeout_seconds
+    for turn_id, session_id in due:
+        with unit_of_work(rt.sessions, SYSTEM) as db:
+            # Session, then turn: the lock order of resume and cancel. An answer racing the
+            # deadline either lands first (the turn runs on) or finds the turn expired (409).
+            session = db.scalars(select(AgentSession).where(AgentSession.id == session_id)
+                                 .with_for_update()).first()
+            turn = db.scalars(select(Turn).where(Turn.id == turn_id).with_for_update()).first()
+            if (session is None or turn is None or turn.status != "requires_action"
+                    or turn.action_expires_at is None or _aware(turn.action_expires_at) >= now):
+                continue
+            reason = (turn.pending or {}).get("reason", "an answer")
+            finish_turn(db, rt, turn, session, "expired", {
+                "code": "action_timeout",
+                "message": f"the turn waited for {reason} longer than STEPRUN_ACTION_TIMEOUT_SECONDS "
+                           f"({timeout:g} s) and nobody resumed it"})
+            expired += 1
+        log.info("turn %s: requires_action expired", turn_id)
+    return expired
+
+
+def expire_idle_sessions(rt: Runtime, limit: int = BATCH) -> int:
+    """Delete sessions idle longer than STEPRUN_SESSION_TTL_SECONDS, with their history (cascade)."""
+    ttl = rt.settings.session_ttl_seconds
+    if ttl <= 0:
+        return 0
+    cutoff = utcnow() - timedelta(seconds=ttl)
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        # Idle means no turn running or paused: a turn waiting for the user keeps its session.
+        # SKIP LOCKED: a session a request is busy with right now is not idle.
+        ids = list(db.scalars(
+            select(AgentSession.id)
+            .where(AgentSession.active_turn_id.is_(None), AgentSession.updated_at < cutoff)
+            .order_by(AgentSession.updated_at).limit(limit)
+            .with_for_update(skip_locked=True)
+        ))
+        if ids:
+            db.execute(delete(AgentSession).where(AgentSession.id.in_(ids))
+                       .execution_options(synchronize_session=False))
+            after_commit(db, lambda: _delete_logs(rt, ids))
+    if ids:
+        log.info("lifecycle: %d idle sessions deleted", len(ids))
+    return len(ids)
+
+
+def _delete_logs(rt: Runtime, session_ids: list[str]) -> None:
+    for session_id in session_ids:
+        rt.events.delete(session_id)
+
+
+def prune_checkpoints(rt: Runtime, limit: int = 10_000) -> int:
+    """Keep the latest STEPRUN_CHECKPOINT_KEEP checkpoints per session; a step only ever loads the latest."""
+    keep = rt.settings.checkpoint_keep
+    if keep <= 0:
+        return 0
+    heavy = (
+        select(Checkpoint.session_id, (func.max(Checkpoint.number) - keep).label("cutoff"))
+        .group_by(Checkpoint.session_id)
+        .having(func.count() > keep)
+        .subquery()
+    )
+    old = (
+        select(Checkpoint.id)
+        .join(heavy, Checkpoint.session_id == heavy.c.session_id)
+        .where(Checkpoint.number <= heavy.c.cutoff)
+        .limit(limit)
+    )
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        ids = list(db.scalars(old))
+        if ids:
+            db.execute(delete(Checkpoint).where(Checkpoint.id.in_(ids)).execution_options(synchronize_session=False))
+    if ids:
+        log.info("lifecycle: %d old checkpoints pruned", len(ids))
+    return len(ids)
+
+
+@dataclass
+class HousekeepingReport:
+    sessions_deleted: int = 0
+    checkpoints_pruned: int = 0
+
+
+class Housekeeping:
+    """Runs the slow lifecycle jobs at most once per ``lifecycle_interval``."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._next = 0.0
+
+    def run_if_due(self) -> HousekeepingReport | None:
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.rt.settings.lifecycle_interval
+        report = HousekeepingReport()
+        report.sessions_deleted = expire_idle_sessions(self.rt)
+        report.checkpoints_pruned = prune_checkpoints(self.rt)
+        restore = getattr(self.rt.queue, "restore_unacked", None)
+        if restore is not None:  # the Celery queue; the embedded one has nothing to strand
+            restore()
+        return report

@@ -1,0 +1,239 @@
+"""Long-term memory: a per-user store of JSON values under (namespace, key).
+
+Reached by clients through /v1/memory and by tools through
+``ToolContext.memory`` (a :class:`MemoryStore` bound to the call's principal).
+Every query is scoped to (tenant, user); expired items are invisible at once
+and removed by the scheduler's storage sweep. Service functions take the
+database session first and do not commit.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, literal_column, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import textsearch
+from shared.db import unit_of_work
+from shared.errors import BadInput, NotFound, TooLarge
+from shared.keys import Principal
+from shared.models import utcnow
+from shared.settings import Settings
+from shared.storage_models import MemoryItem
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_KEY_CHARS = 256
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+MAX_PAGE = 100
+
+
+def check_address(namespace: Any, key: Any) -> None:
+    """400 unless the namespace and key are usable (the key may hold anything but '/' and control characters)."""
+    if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace):
+        raise BadInput("namespace must be 1-128 characters of letters, digits and _ . : -", field="namespace")
+    if (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS or "/" in key
+            or any(ord(c) < 32 for c in key)):
+        raise BadInput(f"key must be 1-{MAX_KEY_CHARS} characters, without '/' or control characters", field="key")
+
+
+def searchable_text(key: str, value: Any) -> str:
+    """The words search matches: the key (split at _ and -) and every string and number in the value."""
+    parts = [re.sub(r"[_\-.:]+", " ", key)]
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, bool) or v is None:
+            return
+        elif isinstance(v, (int, float)):
+            parts.append(str(v))
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item)
+        elif isinstance(v, list):
+            for item in v:
+                walk(item)
+
+    walk(value)
+    return " ".join(parts)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _scoped(who: Principal):  # type: ignore[no-untyped-def]
+    now = utcnow()
+    return select(MemoryItem).where(
+        MemoryItem.tenant_id == who.tenant_id,
+        MemoryItem.user_id == who.user_id,
+        or_(MemoryItem.expires_at.is_(None), MemoryItem.expires_at > now),
+    )
+
+
+def put_item(db: Session, settings: Settings, who: Principal, namespace: str, key: str, value: Any,
+             ttl_seconds: Any = None) -> tuple[MemoryItem, bool]:
+    """Create or replace one item. Returns (item, created)."""
+    check_address(namespace, key)
+    try:
+        encoded = json.dumps(value)
+    except (TypeError, ValueError):
+        raise BadInput("value must be JSON", field="value") from None
+    if _has_nul(value):  # JSONB cannot hold NUL
+        raise BadInput("value contains a NUL character", field="value")
+    if len(encoded.encode()) > settings.max_memory_value_bytes:
+        raise TooLarge(f"value is larger than {settings.max_memory_value_bytes} bytes", field="value")
+    if ttl_seconds is not None and (isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int)
+                                    or not 0 < ttl_seconds <= MAX_TTL_SECONDS):
+        raise BadInput(f"ttl_seconds must be an integer from 1 to {MAX_TTL_SECONDS}", field="ttl_seconds")
+    expires_at = utcnow() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+    text = searchable_text(key, value)
+    owner = (MemoryItem.tenant_id == who.tenant_id, MemoryItem.user_id == who.user_id,
+             MemoryItem.namespace == namespace, MemoryItem.key == key)
+    for _ in range(2):
+        row = db.scalars(select(MemoryItem).where(*owner).with_for_update()).first()
+        if row is not None:
+            created = row.expires_at is not None and _aware(row.expires_at) <= utcnow()
+            row.value, row.text, row.expires_at, row.updated_at = value, text, expires_at, utcnow()
+            if created:  # an expired item is gone as far as anyone could see: this is a new one
+                row.created_at = row.updated_at
+            db.flush()
+            return row, created
+        row = MemoryItem(tenant_id=who.tenant_id, user_id=who.user_id, namespace=namespace, key=key,
+                         value=value, text=text, expires_at=expires_at)
+        try:
+            with db.begin_nested():
+                db.add(row)
+                db.flush()
+            return row, True
+        except IntegrityError:
+            continue  # a concurrent put created it first: update that one
+    raise RuntimeError("memory item could neither be created nor found")
+
+
+def get_item(db: Session, who: Principal, namespace: str, key: str) -> MemoryItem:
+    check_address(namespace, key)
+    row = db.scalars(_scoped(who).where(MemoryItem.namespace == namespace, MemoryItem.key == key)).first()
+    if row is None:
+        raise NotFound(f"no memory {namespace}/{key}")
+    return row
+
+
+def delete_item(db: Session, who: Principal, namespace: str, key: str) -> None:
+    db.delete(get_item(db, who, namespace, key))
+    db.flush()
+
+
+def list_items(db: Session, who: Principal, namespace: str | None, limit: int,
+               after: int | None) -> tuple[list[MemoryItem], int | None]:
+    """Newest first; ``after`` is the ``next`` of the previous page."""
+    query = _scoped(who)
+    if namespace:
+        query = query.where(MemoryItem.namespace == namespace)
+    if after:
+        query = query.where(MemoryItem.id < after)
+    rows = list(db.scalars(query.order_by(MemoryItem.id.desc()).limit(limit + 1)))
+    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+
+
+@dataclass
+class Hit:
+    item: MemoryItem
+    score: float
+
+
+def search_items(db: Session, who: Principal, q: str, namespace: str | None, limit: int,
+                 offset: int = 0) -> tuple[list[Hit], int | None]:
+    """Items matching ``q``, best first (full-text rank on Postgres, word count on SQLite)."""
+    if not textsearch.terms(q):
+        return [], None
+    query = _scoped(who)
+    if namespace:
+        query = query.where(MemoryItem.namespace == namespace)
+    if textsearch.dialect(db) == "postgresql":
+        tsq = func.websearch_to_tsquery(literal_column("'english'::regconfig"), textsearch.postgres_query(q, "any"))
+        tsv = literal_column("memory_items.tsv")
+        score = func.ts_rank(tsv, tsq)
+        query = query.where(tsv.op("@@")(tsq))
+    else:
+        # Memory is small per user and the owner index narrows it first: counting words is enough here.
+        score = textsearch.term_count(MemoryItem.text, q)
+        query = query.where(score > 0)
+    rows = db.execute(
+        query.add_columns(score.label("score"))
+        .order_by(literal_column("score").desc(), MemoryItem.updated_at.desc())
+        .offset(offset).limit(limit + 1)
+    ).all()
+    hits = [Hit(r[0], float(r[1])) for r in rows[:limit]]
+    return hits, (offset + limit if len(rows) > limit else None)
+
+
+def purge_expired(db: Session, now: datetime | None = None) -> int:
+    """Delete every expired item (all users): the retention sweep."""
+    result = db.execute(delete(MemoryItem).where(MemoryItem.expires_at <= (now or utcnow()))
+                        .execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import timezone
+
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def item_dict(row: MemoryItem) -> dict[str, Any]:
+    return {"namespace": row.namespace, "key": row.key, "value": row.value,
+            "updated_at": _aware(row.updated_at).isoformat()}
+
+
+class MemoryStore:
+    """The memory of one user, as a tool sees it (``ctx.memory``). Each call is its own transaction.
+
+    Tools run outside the step's commit (a tool's effect is not rolled back by
+    a failed step), so a tool that writes should use a deterministic key, as
+    ``remember`` does, to make a retried attempt harmless.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, who: Principal):
+        self._sessions, self._settings, self._who = sessions, settings, who
+
+    def put(self, namespace: str, key: str, value: Any, ttl_seconds: int | None = None) -> None:
+        with unit_of_work(self._sessions, self._who) as db:
+            put_item(db, self._settings, self._who, namespace, key, value, ttl_seconds)
+
+    def get(self, namespace: str, key: str) -> Any:
+        """The value, or None if there is none."""
+        with unit_of_work(self._sessions, self._who) as db:
+            try:
+                return get_item(db, self._who, namespace, key).value
+            except NotFound:
+                return None
+
+    def delete(self, namespace: str, key: str) -> bool:
+        with unit_of_work(self._sessions, self._who) as db:
+            try:
+                delete_item(db, self._who, namespace, key)
+                return True
+            except NotFound:
+                return False
+
+    def list(self, namespace: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        with unit_of_work(self._sessions, self._who) as db:
+            rows, _ = list_items(db, self._who, namespace, min(limit, MAX_PAGE), None)
+            return [item_dict(r) for r in rows]
+
+    def search(self, query: str, namespace: str | None = None, limit: int = 5) -> list[dict[str, Any]]:
+        with unit_of_work(self._sessions, self._who) as db:
+            hits, _ = search_items(db, self._who, query, namespace, min(limit, MAX_PAGE))
+            return [item_dict(h.item) | {"score": round(h.score, 4)} for h in hits]

@@ -1,0 +1,162 @@
+"""Traces: a span for each step, model call and tool call of a turn.
+
+A :class:`StepTrace` rides along one step attempt and only records timings in
+memory (monotonic clock, anchored to wall time once). Its spans are added to
+the step's fenced commit, so a zombie attempt writes no spans, and a turn's
+trace costs no database round trip of its own: never one per token, nor per
+tool. Metrics are observed, and spans optionally exported to OpenTelemetry,
+after that commit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import metrics
+from shared.keys import Principal
+from shared.logs import bind_log_context
+from shared.models import Turn, utcnow
+from shared.runtime import Runtime, after_commit
+from shared.storage_models import TraceSpan
+
+if TYPE_CHECKING:
+    from shared.llm import ModelResponse
+    from shared.steps import Claim, StepResult
+
+log = logging.getLogger(__name__)
+MAX_ARGUMENT_CHARS = 4000  # a trace shows what a tool was asked; the full arguments are in the messages
+
+
+def trace_id_for(turn_id: str) -> str:
+    """The turn's trace id (32 hex digits), the same in every process that runs one of its steps."""
+    return hashlib.sha256(turn_id.encode()).hexdigest()[:32]
+
+
+def _span_id() -> str:
+    return secrets.token_hex(8)
+
+
+class StepTrace:
+    """Spans of one step attempt, held in memory until the step commits."""
+
+    def __init__(self, rt: Runtime, claim: Claim):
+        self.rt, self.claim = rt, claim
+        self._mono0 = time.monotonic()
+        self._wall0 = utcnow()
+        self.span_id = _span_id()
+        self.children: list[dict[str, Any]] = []
+        self._model: dict[str, Any] | None = None
+        # Contextvars are per greenlet/thread: bound here, inside the step, they reach its log lines.
+        bind_log_context(turn_id=claim.turn_id, session_id=claim.session_id, step=claim.step)
+        if 1 < claim.step_attempt <= rt.settings.max_attempts:
+            metrics.STEP_RETRIES.inc()
+
+    def _since(self, mono: float) -> float:
+        return round((mono - self._mono0) * 1000, 3)
+
+    def model_started(self, model: Any) -> None:
+        self._model = {"name": getattr(model, "name", "model"), "start": time.monotonic()}
+
+    def model_finished(self, response: ModelResponse) -> None:
+        if self._model is None:
+            return
+        model, self._model = self._model, None
+        ttft = response.time_to_first_token
+        self._add_child("model", model["name"], model["start"], time.monotonic(), "ok", {
+            "input_tokens": response.usage.input_tokens,
+            "output_tokens": response.usage.output_tokens,
+            "finish_reason": response.finish_reason,
+            "time_to_first_token_ms": round(ttft * 1000, 3) if ttft is not None else None,
+            "tool_calls": len(response.tool_calls),
+        })
+
+    def tool_finished(self, call: dict[str, Any], output: str, error: Any, started: float) -> None:
+        """A tool call ended; ``started`` is its time.monotonic() start."""
+        arguments = json.dumps(call.get("arguments"), default=str)
+        self._add_child("tool", call["name"], started, time.monotonic(), "error" if error else "ok", {
+            "call_id": call["id"],
+            "arguments": call.get("arguments") if len(arguments) <= MAX_ARGUMENT_CHARS
+            else arguments[:MAX_ARGUMENT_CHARS] + "…",
+            "result_chars": len(output),
+            "error": output[:500] if error else None,
+        })
+
+    def _add_child(self, kind: str, name: str, start: float, end: float, status: str,
+                   attributes: dict[str, Any]) -> None:
+        self.children.append({"kind": kind, "name": name, "start_ms": self._since(start),
+                              "duration_ms": round(max(0.0, end - start) * 1000, 3),
+                              "status": status, "attributes": attributes})
+
+    def write(self, db: Session, turn: Turn, result: StepResult) -> None:
+        """Add the step's spans to the step's commit; observe metrics once it commits."""
+        end = time.monotonic()
+        if self._model is not None:  # the call was interrupted (cancelled) or raised
+            status = "cancelled" if result.status == "cancelled" else "error"
+            self._add_child("model", self._model["name"], self._model["start"], end, status,
+                            {"error": (result.error or {}).get("message")})
+            self._model = None
+        step_ms = round((end - self._mono0) * 1000, 3)
+        queued_ms = None
+        if turn.enqueued_at is not None:
+            enqueued = turn.enqueued_at if turn.enqueued_at.tzinfo else turn.enqueued_at.replace(
+                tzinfo=self._wall0.tzinfo)
+            queued_ms = max(0.0, round((self._wall0 - enqueued).total_seconds() * 1000, 3))
+        failed = result.status == "failed"
+        rows = [TraceSpan(
+            tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id,
+            step=self.claim.step, attempt=self.claim.step_attempt, span_id=self.span_id, parent_span_id=None,
+            kind="step", name=f"step {self.claim.step}", status="error" if failed else "ok",
+            started_at=self._wall0, duration_ms=step_ms,
+            attributes={"outcome": result.status, "queue_latency_ms": queued_ms,
+                        "usage": result.usage or None, "error": result.error},
+        )]
+        for child in self.children:
+            rows.append(TraceSpan(
+                tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id,
+                step=self.claim.step, attempt=self.claim.step_attempt, span_id=_span_id(),
+                parent_span_id=self.span_id, kind=child["kind"], name=child["name"][:200],
+                status=child["status"], started_at=self._wall0 + timedelta(milliseconds=child["start_ms"]),
+                duration_ms=child["duration_ms"], attributes=child["attributes"],
+            ))
+        db.add_all(rows)
+        after_commit(db, lambda: self._committed(rows, result.status, step_ms, queued_ms))
+
+    def _committed(self, rows: list[TraceSpan], outcome: str, step_ms: float, queued_ms: float | None) -> None:
+        metrics.STEP_DURATION.labels(outcome=outcome).observe(step_ms / 1000)
+        if queued_ms is not None:
+            metrics.QUEUE_LATENCY.observe(queued_ms / 1000)
+        for row in rows:
+            if row.kind == "model":
+                metrics.MODEL_LATENCY.labels(model=row.name).observe(row.duration_ms / 1000)
+                ttft = row.attributes.get("time_to_first_token_ms")
+                if ttft is not None:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model=row.name).observe(ttft / 1000)
+                for direction in ("input", "output"):
+                    metrics.MODEL_TOKENS.labels(model=row.name, direction=direction).inc(
+                        row.attributes.get(f"{direction}_tokens") or 0)
+            elif row.kind == "tool":
+                metrics.TOOL_DURATION.labels(tool=row.name, outcome=row.status).observe(row.duration_ms / 1000)
+        if self.rt.settings.otel_endpoint:
+            from shared.otel import export_spans
+
+            export_spans(self.rt.settings, rows)
+
+
+def list_spans(db: Session, who: Principal, turn_id: str) -> list[TraceSpan]:
+    """The turn's spans in start order; the turn must be the principal's (404 otherwise)."""
+    from shared.conversations import get_turn
+
+    get_turn(db, who, turn_id)
+    return list(db.scalars(
+        select(TraceSpan).where(TraceSpan.turn_id == turn_id, TraceSpan.tenant_id == who.tenant_id,
+                                TraceSpan.user_id == who.user_id)
+        .order_by(TraceSpan.started_at, TraceSpan.id)
+    ))
