@@ -15,5 +15,9 @@ test:
 lint:
 	$(VENV)/bin/ruff check .
 
+# Needs the bench extra (pip install -e '.[dev,bench]'); `make bench BENCH_ARGS=--quick` for a short run.
+bench:
+	$(PY) -m bench $(BENCH_ARGS)
+
 migrate:
 	$(VENV)/bin/steprun migrate

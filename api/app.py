@@ -6,6 +6,7 @@ import logging
 from flask import Flask, g
 
 from api.auth import install_auth
+from api.context import reject_nul_args
 from api.errors import register_error_handlers
 from api.observability import install_observability
 from shared.runtime import Runtime
@@ -19,6 +20,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["steprun"] = runtime
+    from shared.stats import register_queue_metrics
+
+    register_queue_metrics(runtime.sessions)  # queue-latency gauges, computed from Postgres on each scrape
 
     @app.teardown_request
     def _close_db(_exc: BaseException | None) -> None:
@@ -28,6 +32,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     register_error_handlers(app)
     install_observability(app)  # before auth, so rejected requests are counted and carry an id too
+    app.before_request(reject_nul_args)
     install_auth(app)
     from api import openapi, sessions, system, turns
 

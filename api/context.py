@@ -60,6 +60,20 @@ def _storable(value: Any) -> bool:
     return True
 
 
+def reject_nul_args() -> None:
+    """400 for a query argument holding NUL: Postgres text cannot carry it (a 500 otherwise)."""
+    for name, values in request.args.lists():
+        if "\x00" in name or any("\x00" in v for v in values):
+            raise BadInput(f"'{name}' holds a NUL character", field=name.replace("\x00", ""))
+
+
+def reject_empty_args(*names: str) -> None:
+    """400 for ``?name=`` with nothing after it, where the schema says a number."""
+    for name in names:
+        if request.args.get(name) == "":
+            raise BadInput(f"'{name}' is empty; omit it or give a value", field=name)
+
+
 def int_arg(name: str, default: int, *, lo: int, hi: int) -> int:
     raw = request.args.get(name)
     if raw is None or raw == "":

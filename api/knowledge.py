@@ -6,7 +6,7 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 from werkzeug.routing import BaseConverter
 
-from api.context import db, int_arg, json_body, principal, runtime
+from api.context import db, int_arg, json_body, principal, reject_empty_args, runtime
 from api.serialize import ts
 from shared import knowledge
 from shared.errors import BadInput
@@ -50,6 +50,7 @@ def add_document():  # type: ignore[no-untyped-def]
 
 @bp.get("")
 def list_documents():  # type: ignore[no-untyped-def]
+    reject_empty_args("limit")
     limit = int_arg("limit", 20, lo=1, hi=knowledge.MAX_PAGE)
     rows, nxt = knowledge.list_documents(db(), principal(), limit, request.args.get("after") or None)
     return jsonify({"data": [document_json(r) for r in rows], "next": nxt})
@@ -66,6 +67,7 @@ def search():  # type: ignore[no-untyped-def]
     match = request.args.get("match", "any")
     if match not in ("any", "all"):
         raise BadInput("'match' must be any or all", field="match")
+    reject_empty_args("limit", "after")
     limit = int_arg("limit", 5, lo=1, hi=knowledge.MAX_PAGE)
     after = int_arg("after", 0, lo=0, hi=10_000)
     hits = knowledge.search(db(), runtime().settings, principal(), q, limit + 1, after, match)  # type: ignore[arg-type]

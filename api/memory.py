@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
-from api.context import db, int_arg, json_body, principal, runtime
+from api.context import db, int_arg, json_body, principal, reject_empty_args, runtime
 from api.serialize import ts
 from shared import memory
 from shared.errors import BadInput
@@ -55,6 +55,7 @@ def delete_item(namespace: str, key: str):  # type: ignore[no-untyped-def]
 @bp.get("")
 def list_items():  # type: ignore[no-untyped-def]
     """Newest first; with ``q``, best match first. ``next`` is an opaque cursor for ``after``."""
+    reject_empty_args("limit", "after")
     limit = int_arg("limit", 20, lo=1, hi=memory.MAX_PAGE)
     after = int_arg("after", 0, lo=0, hi=2**62)
     namespace = request.args.get("namespace") or None

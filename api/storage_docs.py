@@ -1,7 +1,7 @@
 """/openapi.json entries for memory, knowledge, traces, export and erasure."""
 from __future__ import annotations
 
-from api.openapi import ERRORS, EXTRA_PATHS, LIMIT, OBJ, SCHEMAS, SID, TID, TS, _page, _ref, op, path_param, query
+from api.openapi import ERRORS, EXTRA_PATHS, LIMIT, OBJ, SCHEMAS, SID, TID, TS, _page, _ref, op, query
 
 ERRORS.setdefault("403", "not allowed with this key (tenant-wide documents need a service key)")
 READ = ("400", "401", "404", "429")
@@ -11,7 +11,8 @@ SCHEMAS.update({
         "object": {"const": "memory"}, "namespace": {"type": "string"}, "key": {"type": "string"}, "value": {},
         "expires_at": TS, "created_at": TS, "updated_at": TS, "score": {"type": "number"}}},
     "MemoryPut": {"type": "object", "required": ["value"], "properties": {
-        "value": {"description": "any JSON"}, "ttl_seconds": {"type": "integer", "minimum": 1}}},
+        "value": {"description": "any JSON"},
+        "ttl_seconds": {"type": ["integer", "null"], "minimum": 1, "description": "null or absent: no expiry"}}},
     "Document": {"type": "object", "required": ["id", "title", "format", "scope"], "properties": {
         "id": {"type": "string"}, "object": {"const": "document"}, "title": {"type": "string"},
         "format": {"enum": ["text", "markdown"]}, "scope": {"enum": ["user", "tenant"]},
@@ -33,7 +34,12 @@ SCHEMAS.update({
             "duration_ms": {"type": "number"}, "attributes": {"type": "object"}}}}}},
 })
 
-NS, KEY, DOC = path_param("namespace"), path_param("key"), path_param("doc_id")
+NS = {"name": "namespace", "in": "path", "required": True,
+      "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}}
+KEY = {"name": "key", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^[^/\\x00-\\x1f]{1,256}$"}}
+DOC = {"name": "doc_id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^doc_[0-9a-f]{1,64}$"}}
 AFTER = query("after", {"type": "string"}, "the previous page's next")
 # No maxLength here: the API answers 400 past 1000 characters, and a fuzzer told of a limit sends
 # URLs longer than the server's request line (414, before the app sees them).
@@ -58,7 +64,8 @@ EXTRA_PATHS.append({
                   params=[LIMIT, AFTER], errors=READ),
     },
     "/v1/knowledge/search": {"get": op("Document chunks best matching q", "200", _page("KnowledgeHit"),
-                                       params=[Q, query("match", {"enum": ["any", "all"]}), LIMIT, AFTER],
+                                       params=[dict(Q, required=True), query("match", {"enum": ["any", "all"]}),
+                                               LIMIT, AFTER],
                                        errors=READ)},
     "/v1/knowledge/{doc_id}": {
         "get": op("One document, with its text", "200", _ref("Document"), params=[DOC]),

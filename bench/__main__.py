@@ -22,9 +22,9 @@ from bench.runner import Progress
 from bench.stack import ROOT, Stack, StackConfig
 
 ALL = ("connections", "overhead", "throughput", "fanout", "recovery", "autoscale")
-QUICK = dict(levels="4,32", level_seconds=5.0, warmup=1.5, overhead_turns=40, overhead_seconds=8.0,
-             fanout_sessions=4, fanout_clients=50, fanout_seconds=5.0, connections=1000, connect_seconds=20.0,
-             hold_seconds=3.0, conn_loaders=2, recovery_trials=1, lease=4.0,
+QUICK = dict(levels="8,32", tools_levels="16", level_seconds=4.0, warmup=1.0, overhead_turns=30, overhead_seconds=6.0,
+             fanout_sessions=4, fanout_clients=50, fanout_seconds=4.0, connections=1000, connect_seconds=15.0,
+             hold_seconds=2.0, conn_loaders=2, recovery_trials=1, lease=3.0,
              scenarios="connections,overhead,throughput,fanout,recovery")
 
 
@@ -51,7 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "0 runs the Procfile's web unchanged.")
     g = p.add_argument_group("durations and sizes")
     g.add_argument("--levels", default="1,8,32,64,128", help="Throughput concurrency levels.")
-    g.add_argument("--level-seconds", type=float, default=12.0, help="Measured seconds per level.")
+    g.add_argument("--tools-levels", default="1,8,32,64", help="Levels for the three-step turns.")
+    g.add_argument("--level-seconds", type=float, default=10.0, help="Measured seconds per level.")
     g.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds before each level.")
     g.add_argument("--overhead-turns", type=int, default=200)
     g.add_argument("--overhead-seconds", type=float, default=30.0)
@@ -69,6 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g = p.add_argument_group("output")
     g.add_argument("--docs", default=None, help="Results file to update (full runs: docs/benchmarks.md).")
     g.add_argument("--no-docs", action="store_true", help="Print only.")
+    g.add_argument("--docs-section", default="results",
+                   help="Which marked section of the docs file this run replaces (e.g. whatif).")
     g.add_argument("--profile", action="store_true",
                    help="py-spy the API and a worker during the top throughput level and the fan-out.")
     g.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -79,6 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
     args.level_list = [int(x) for x in args.levels.split(",") if x]
+    args.tools_level_list = [int(x) for x in args.tools_levels.split(",") if x]
     args.scenario_list = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenario_list) - set(ALL)
     if unknown:
@@ -126,41 +130,54 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.monotonic() - t0, 1)
     print(report.table(results))
     if opts.docs and not opts.no_docs and "failure" not in results:
-        written = report.write_docs(results, Path(opts.docs))
+        written = report.write_docs(results, Path(opts.docs), opts.docs_section)
         print("wrote " + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in written))
     return 1 if "failure" in results else 0
 
 
 def run_scenarios(stack: Stack, opts: argparse.Namespace, progress: Progress, results: dict[str, Any]) -> None:
+    """Each wanted scenario in turn; one that fails is recorded and the others still run."""
     from bench.profile import Profiler
 
-    wanted = opts.scenario_list
-    if "connections" in wanted:
-        results["connections"] = scenarios.connections(stack, opts, progress)
-    if "overhead" in wanted:
-        results["overhead"] = scenarios.overhead(stack, opts, progress)
-    if "throughput" in wanted:
-        results["throughput"] = []
+    def throughput() -> list[dict[str, Any]]:
+        rows = []
         for agent in ("single", "tools"):
-            levels = opts.level_list
+            levels = opts.level_list if agent == "single" else opts.tools_level_list
             if opts.profile and agent == "single":
-                results["throughput"] += scenarios.throughput(stack, opts, progress, agent, levels[:-1])
+                rows += scenarios.throughput(stack, opts, progress, agent, levels[:-1])
                 with Profiler(stack, "throughput", opts.level_seconds + opts.warmup + 2) as prof:
-                    results["throughput"] += scenarios.throughput(stack, opts, progress, agent, levels[-1:])
+                    rows += scenarios.throughput(stack, opts, progress, agent, levels[-1:])
                 results.setdefault("profiles", []).extend(prof.summaries())
             else:
-                results["throughput"] += scenarios.throughput(stack, opts, progress, agent, levels)
-    if "fanout" in wanted:
-        if opts.profile:
-            with Profiler(stack, "fanout", opts.fanout_seconds + 10) as prof:
-                results["fanout"] = scenarios.fanout(stack, opts, progress)
-            results.setdefault("profiles", []).extend(prof.summaries())
-        else:
-            results["fanout"] = scenarios.fanout(stack, opts, progress)
-    if "recovery" in wanted:
-        results["recovery"] = recovery.recovery(stack, opts, progress)
-    if "autoscale" in wanted:
-        results["autoscale"] = recovery.autoscale(stack, opts, progress)
+                rows += scenarios.throughput(stack, opts, progress, agent, levels)
+        return rows
+
+    def fanout() -> dict[str, Any]:
+        if not opts.profile:
+            return scenarios.fanout(stack, opts, progress)
+        with Profiler(stack, "fanout", opts.fanout_seconds + 10) as prof:
+            out = scenarios.fanout(stack, opts, progress)
+        results.setdefault("profiles", []).extend(prof.summaries())
+        return out
+
+    run = {"connections": lambda: scenarios.connections(stack, opts, progress),
+           "overhead": lambda: scenarios.overhead(stack, opts, progress),
+           "throughput": throughput, "fanout": fanout,
+           "recovery": lambda: recovery.recovery(stack, opts, progress),
+           "autoscale": lambda: recovery.autoscale(stack, opts, progress)}
+    for name in ALL:
+        if name not in opts.scenario_list:
+            continue
+        try:
+            results[name] = run[name]()
+        except Exception:  # noqa: BLE001 - report it with the figures of the scenarios that did run
+            results.setdefault("failures", {})[name] = traceback.format_exc()
+            progress.done(f"[{name}] FAILED:\n{results['failures'][name][-2500:]}")
+            dead = [p for p in stack.procs if not p.alive()]
+            for proc in dead:
+                progress.done(f"{proc.name} exited; its log ends:\n{proc.log()[-1500:]}")
+            if stack.web is None or not stack.web.alive():
+                raise
 
 
 if __name__ == "__main__":

@@ -12,18 +12,25 @@ from gevent import monkey
 monkey.patch_all()
 
 import json  # noqa: E402 - after monkey patching, as gevent requires
+import random  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 import gevent.pool  # noqa: E402
 
 from bench.client import Http, HttpError, create_session, open_stream, start_turn, wait_turn  # noqa: E402
 
 TERMINAL = {"turn.completed", "turn.failed", "turn.cancelled", "turn.expired", "turn.incomplete",
             "turn.requires_action"}
+
+
+# SIGUSR1 from the orchestrator: the scenario has what it needs, stop now (before the job's deadline).
+RELEASE = gevent.event.Event()
 
 
 def emit(kind: str, value: dict[str, Any]) -> None:
@@ -131,20 +138,22 @@ def overhead(job: dict[str, Any]) -> dict[str, Any]:
 # --- fan-out: many clients on a few busy sessions ----------------------------------
 
 def fanout(job: dict[str, Any]) -> dict[str, Any]:
-    """Count the message.delta events each client received inside [measure_from, measure_to].
+    """Count, per half second, the message.delta events clients received until ``run_until``.
 
-    A client that lags gets runs of deltas merged into one frame carrying the
-    run's last cursor (DESIGN.md section 5, backpressure). Cursors are consecutive
-    within a session, so the events a frame stands for are its cursor minus the
-    previous frame's: ``deltas`` counts events delivered, ``frames`` what was
-    actually written to the sockets.
+    The orchestrator picks the measured window afterwards (it knows when the
+    turns really started). A client that lags gets runs of deltas merged into
+    one frame carrying the run's last cursor (DESIGN.md section 5,
+    backpressure); cursors are consecutive within a session, so the events a
+    frame stands for are its cursor minus the previous frame's: ``deltas``
+    counts events delivered, ``frames`` what was written to the sockets.
     """
-    url, key = job["url"], job["key"]
-    counts = {"deltas": 0, "frames": 0, "bytes": 0, "clients": 0, "failed": 0, "reconnects": 0}
+    url, key, stop_at = job["url"], job["key"], job["run_until"]
+    counts = {"deltas": 0, "frames": 0, "clients": 0, "failed": 0, "reconnects": 0}
+    buckets: dict[int, list[int]] = {}  # half-second index -> [deltas, frames, bytes]
     kinds: set[str] = set()
 
     def client(session_id: str) -> None:
-        stop_at, last, connected = job["measure_to"], 0, False
+        last, connected = 0, False
         with gevent.Timeout(max(1.0, stop_at - time.time() + 1), False):
             while time.time() < stop_at:
                 try:
@@ -165,11 +174,14 @@ def fanout(job: dict[str, Any]) -> dict[str, Any]:
                         now = time.time()
                         if now > stop_at:
                             break
-                        if now >= job["measure_from"]:
-                            if is_delta:
-                                counts["deltas"] += cursor - last if last else 1
-                            counts["frames"] += 1
-                            counts["bytes"] += size
+                        b = buckets.setdefault(int(now * 2), [0, 0, 0])
+                        if is_delta:
+                            n = cursor - last if last else 1
+                            b[0] += n
+                            counts["deltas"] += n
+                        b[1] += 1
+                        b[2] += size
+                        counts["frames"] += 1
                         last = cursor
                 finally:
                     stream.close()
@@ -180,10 +192,10 @@ def fanout(job: dict[str, Any]) -> dict[str, Any]:
         pool.spawn(client, session_id)
         if i % 100 == 99:
             gevent.sleep(0.02)
-    pool.join(timeout=max(0.0, job["measure_to"] - time.time()) + 5)
+    RELEASE.wait(timeout=max(0.0, stop_at - time.time()))
     pool.kill(block=True, timeout=2)
     progress.kill()
-    return {**counts, "stream": ",".join(sorted(kinds))}
+    return {**counts, "buckets": {str(k): v for k, v in buckets.items()}, "stream": ",".join(sorted(kinds))}
 
 
 def _frames(stream: Any) -> Any:
@@ -204,18 +216,26 @@ def _frames(stream: Any) -> Any:
 
 def connections(job: dict[str, Any]) -> dict[str, Any]:
     url, key = job["url"], job["key"]
-    state = {"open": 0, "failed": 0, "dropped": 0}
+    state = {"open": 0, "failed": 0, "refused": 0, "dropped": 0}
     kinds: set[str] = set()
     errors: list[str] = []
 
     def hold(session_id: str) -> None:
-        try:
-            stream = open_stream(url, key, session_id, after=None, prefer=job["stream"], wait=job["wait"])
-        except Exception as exc:  # noqa: BLE001 - counted and reported
-            state["failed"] += 1
-            if len(errors) < 10:
-                errors.append(f"{type(exc).__name__}: {exc}"[:200])
-            return
+        # Refused connections retry with full-jitter backoff (0.5-4 s), as clients in a reconnect storm should.
+        backoff = 0.5
+        while True:
+            try:
+                stream = open_stream(url, key, session_id, after=None, prefer=job["stream"], wait=job["wait"])
+                break
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                state["refused"] += 1
+                if len(errors) < 10:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                if time.time() + backoff > job["connect_until"]:
+                    state["failed"] += 1
+                    return
+                gevent.sleep(random.uniform(0, backoff))
+                backoff = min(4.0, backoff * 2)
         kinds.add(stream.kind)
         state["open"] += 1
         frames = stream.raw_frames() if stream.kind == "websocket" else stream.raw_pages()  # type: ignore[union-attr]
@@ -234,11 +254,9 @@ def connections(job: dict[str, Any]) -> dict[str, Any]:
         if i % batch == batch - 1:
             gevent.sleep(job.get("batch_pause", 0.1))
     opened_at = time.time()
-    while time.time() < job["hold_until"] - 0.5:
-        gevent.sleep(0.2)
+    RELEASE.wait(timeout=max(0.0, job["hold_until"] - time.time()))
     peak = {"open_before_release": state["open"]}
-    pool.join(timeout=10)
-    pool.kill(block=True, timeout=2)
+    pool.kill(block=True, timeout=5)
     progress.kill()
     return {**state, **peak, "open_seconds": round(time.time() - opened_at, 1), "stream": ",".join(sorted(kinds)),
             "errors": errors}
@@ -248,6 +266,7 @@ JOBS = {"throughput": throughput, "overhead": overhead, "fanout": fanout, "conne
 
 
 def main() -> None:
+    gevent.signal_handler(signal.SIGUSR1, RELEASE.set)
     job = json.loads(sys.stdin.readline())
     emit("result", JOBS[job["kind"]](job))
 

@@ -101,8 +101,9 @@ def recovery(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
         trials.append(trial)
         progress.done(f"[recovery] trial {i + 1}: step.retrying {trial['retrying_after']}s after SIGKILL, "
                       f"first new delta {trial['first_delta_after']}s (lease {lease:g}s, heartbeat {beat:g}s)")
-        while len(stack.workers) < stack.config.workers:
-            stack.start_worker()
+        if i < opts.recovery_trials - 1 or "autoscale" in opts.scenario_list:
+            while len(stack.workers) < stack.config.workers:
+                stack.start_worker()
     http.close()
     seen = [t["retrying_after"] for t in trials if t["retrying_after"] is not None]
     return dict(trials=trials, lease=lease, heartbeat=beat, sweep_interval=2.0, target=lease + 2.0,

@@ -10,7 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 PACKAGES = ("gunicorn", "gevent", "greenlet", "flask", "flask-sock", "simple-websocket", "celery", "kombu",
             "redis", "sqlalchemy", "psycopg2-binary", "websocket-client")
 TARGETS = dict(turns_per_s=150.0, overhead_p50=0.010, overhead_p99=0.050, deltas_per_s=50_000,
@@ -104,6 +103,8 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         out.append(["recovery after SIGKILL", f"{len(r['trials'])} kills, lease {r['lease']:g} s",
                     f"step.retrying after max {r['max']} s (mean {r['mean']} s)", "", "",
                     f"≤ lease + 2 s = {r['target']:g} s", _yes(met)])
+    for name, error in (results.get("failures") or {}).items():
+        out.append([name, "FAILED", error.strip().splitlines()[-1][:90], "", "", "", "**no**"])
     a = results.get("autoscale")
     if a:
         out.append(["celery --autoscale (gevent, prefetch 1)", f"--autoscale={a['max']},{a['min']}, "
@@ -135,7 +136,7 @@ def detail(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plots(results: dict[str, Any], folder: Path) -> list[Path]:
+def plots(results: dict[str, Any], folder: Path, prefix: str = "") -> list[Path]:
     tp = results.get("throughput") or []
     if not tp:
         return []
@@ -153,7 +154,7 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / name
+        path = folder / name.replace("bench-", f"bench-{prefix}")
         fig.savefig(path, pil_kwargs={"optimize": True})
         plt.close(fig)
         written.append(path)
@@ -216,13 +217,14 @@ def section(results: dict[str, Any], images: list[Path]) -> str:
     return "\n".join(parts)
 
 
-def write_docs(results: dict[str, Any], path: Path) -> list[Path]:
-    """Replace the results section of ``path`` (between the markers) and redraw the plots next to it."""
-    images = plots(results, path.parent)
-    generated = START + "\n" + section(results, images) + "\n" + END
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + generated + text[text.index(END) + len(END):]
+def write_docs(results: dict[str, Any], path: Path, name: str = "results") -> list[Path]:
+    """Replace section ``name`` of ``path`` (between its markers) and redraw its plots next to it."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    images = plots(results, path.parent, "" if name == "results" else f"{name}-")
+    generated = start + "\n" + section(results, images) + "\n" + end
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + generated + text[text.index(end) + len(end):]
     else:
         text += "\n" + generated + "\n"
     path.write_text(text)

@@ -61,6 +61,11 @@ class Loader:
             raise RuntimeError(f"load generator gave no result:\n{self.stderr[-3000:]}")
         return self.result
 
+    def release(self) -> None:
+        """Tell the generator its scenario is done: it stops, reports and exits (bench/load.py RELEASE)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGUSR1)
+
     def kill(self) -> None:
         if self.popen.poll() is None:
             try:
@@ -117,28 +122,36 @@ def sum_progress(loaders: list[Loader]) -> dict[str, float]:
 
 
 class CpuMeter:
-    """CPU used by some processes, and by the whole machine, between start() and stop()."""
+    """CPU used by groups of processes, and by the whole machine, between start() and stop().
 
-    def __init__(self, pids: dict[str, list[int]]):
-        self.pids = pids
+    A group is a function returning its pids, asked at both ends: a process that
+    appeared in between (a new Postgres backend) counts from its birth; one that
+    exited in between loses what it used (its CPU time is gone with it).
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]):
+        self.groups = groups
 
     def start(self) -> CpuMeter:
         self._t0 = time.monotonic()
         self._m0 = _machine_busy()
-        self._c0 = {name: sum(_cpu(p) for p in pids) for name, pids in self.pids.items()}
+        self._c0 = {name: {p: _cpu(p) for p in pids()} for name, pids in self.groups.items()}
         return self
 
     def stop(self) -> dict[str, float]:
-        """Percent of one core per named process group, and machine busy percent (of all cores)."""
+        """Percent of one core per group, machine busy percent (of all cores), and the rest ("other")."""
         elapsed = time.monotonic() - self._t0
-        out = {f"{name}_cpu_pct": round(100 * (sum(_cpu(p) for p in pids) - self._c0[name]) / elapsed, 1)
-               for name, pids in self.pids.items()}
+        out = {}
+        for name, pids in self.groups.items():
+            used = sum(max(0.0, _cpu(p) - self._c0[name].get(p, 0.0)) for p in pids())
+            out[f"{name}_cpu_pct"] = round(100 * used / elapsed, 1)
         busy, total = (a - b for a, b in zip(_machine_busy(), self._m0, strict=True))
         cores = os.cpu_count() or 1
         out["machine_busy_pct"] = round(100 * busy / total, 1) if total else 0.0
         # Everything else running on the machine (other users' processes), in percent of one core.
         ours = sum(v for k, v in out.items() if k.endswith("_cpu_pct"))
         out["other_cpu_pct"] = round(max(0.0, out["machine_busy_pct"] * cores - ours), 1)
+        out["meter_seconds"] = round(elapsed, 1)
         return out
 
 

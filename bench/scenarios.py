@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from bench.client import Http, create_session, start_turn, websocket_available
+from bench.client import Http, HttpError, create_session, start_turn, websocket_available
 from bench.runner import CpuMeter, Loader, Progress, percentile, watch
 from bench.stack import Stack, rss_bytes
 
@@ -31,10 +31,12 @@ def stream_kind(stack: Stack, prefer: str) -> str:
     return "websocket" if websocket_available(stack.url, stack.key, session_id) else "long-poll"
 
 
-def process_groups(stack: Stack, loaders: list[Loader]) -> dict[str, list[int]]:
+def process_groups(stack: Stack, loaders: list[Loader]) -> dict[str, Any]:
     """Whose CPU to count: the API process, workers, this run's Postgres backends, Redis, load generators."""
-    return {"api": [stack.api_pid()], "workers": [w.pid for w in stack.workers], "postgres": stack.pg_backend_pids(),
-            "redis": stack.redis_pid(), "loaders": [ld.popen.pid for ld in loaders]}
+    api, redis_pid = [stack.api_pid()], stack.redis_pid()
+    return {"api": lambda: api, "workers": lambda: [w.pid for w in stack.workers],
+            "postgres": stack.pg_backend_pids, "redis": lambda: redis_pid,
+            "loaders": lambda: [ld.popen.pid for ld in loaders]}
 
 
 class QueueSampler:
@@ -139,52 +141,66 @@ def fanout(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     http = Http(stack.url, stack.key)
     sessions = [create_session(http, "stream") for _ in range(opts.fanout_sessions)]
     clients = opts.fanout_sessions * opts.fanout_clients
-    connect_budget = 5.0 + clients / 150
-    turns_at = time.time() + connect_budget
-    measure_from, measure_to = turns_at + 2.0, turns_at + 2.0 + opts.fanout_seconds
-    loaders = []
-    for _i, n in enumerate(split(opts.fanout_clients, opts.loaders)):
-        loaders.append(Loader(dict(kind="fanout", url=stack.url, key=stack.key, sessions=sessions, per_session=n,
-                                   stream=opts.stream, measure_from=measure_from, measure_to=measure_to)))
+    turns_at = time.time() + 5.0 + clients / 150
+    slack = 15.0  # time the turns may take to start before the window no longer fits
+    run_until = turns_at + 2.0 + opts.fanout_seconds + slack
+    loaders = [Loader(dict(kind="fanout", url=stack.url, key=stack.key, sessions=sessions, per_session=n,
+                           stream=opts.stream, run_until=run_until))
+               for n in split(opts.fanout_clients, opts.loaders)]
     watch(loaders, turns_at, "fan-out", progress,
           lambda t: f"connecting {int(t.get('clients', 0))}/{clients}  failed={int(t.get('failed', 0))}")
     connected = sum(int(ld.progress.get("clients", 0)) for ld in loaders)
     posted = time.time()
-    turn_ids = [start_turn(http, s, "stream please")["id"] for s in sessions]
+    turn_ids = [_start_turn_retrying(http, s) for s in sessions]
     posted = time.time() - posted
-    if time.time() > measure_from:
-        progress.done(f"[fan-out] warning: starting {len(sessions)} turns took {posted:.1f}s, "
-                      "past the start of the measured window")
+    # The window starts once every session streams, and lasts fanout_seconds (or what is left of the run).
+    measure_from = time.time() + 2.0
+    measure_to = min(measure_from + opts.fanout_seconds, run_until - 1.0)
     time.sleep(max(0.0, measure_from - time.time()))
     meter = CpuMeter(process_groups(stack, loaders)).start()
     watch(loaders, measure_to, "fan-out", progress,
-          lambda t: f"{int(t.get('deltas', 0))} deltas to {int(t.get('clients', 0))} clients")
+          lambda t: f"{int(t.get('deltas', 0))} deltas to {int(t.get('clients', 0))} clients, "
+                    f"{int(t.get('reconnects', 0))} reconnects")
     cpu = meter.stop()
-    results = [ld.wait(timeout=max(0.0, measure_to - time.time()) + 30) for ld in loaders]
+    for ld in loaders:
+        ld.release()
     for turn_id in turn_ids:
         try:
             http.request("POST", f"/v1/turns/{turn_id}/cancel")
         except Exception:  # noqa: BLE001 - the turn may have ended; the next scenario does not depend on it
             pass
     http.close()
-    deltas = sum(r["deltas"] for r in results)
-    out = dict(sessions=opts.fanout_sessions, clients=clients, connected=connected,
-               seconds=opts.fanout_seconds, deltas=deltas, deltas_per_s=round(deltas / opts.fanout_seconds),
-               frames_per_s=round(sum(r["frames"] for r in results) / opts.fanout_seconds),
-               mb_per_s=round(sum(r["bytes"] for r in results) / opts.fanout_seconds / 1e6, 2),
-               per_client_per_s=round(deltas / max(connected, 1) / opts.fanout_seconds, 1),
+    results = [ld.wait(timeout=30) for ld in loaders]
+    seconds = measure_to - measure_from
+    lo, hi = int(measure_from * 2), int(measure_to * 2)
+    window = [v for r in results for k, v in r["buckets"].items() if lo <= int(k) < hi]
+    deltas, frames, size = (sum(v[i] for v in window) for i in range(3))
+    out = dict(sessions=opts.fanout_sessions, clients=clients, connected=connected, seconds=round(seconds, 1),
+               deltas=deltas, deltas_per_s=round(deltas / seconds), frames_per_s=round(frames / seconds),
+               mb_per_s=round(size / seconds / 1e6, 2), per_client_per_s=round(deltas / max(connected, 1) / seconds, 1),
                post_turns_seconds=round(posted, 2), reconnects=sum(r["reconnects"] for r in results),
                failed=sum(r["failed"] for r in results),
                # CPU the API process spent per event delivered: the figure that scales (docs/scaling.md).
-               api_us_per_delta=round(cpu["api_cpu_pct"] / 100 * opts.fanout_seconds / deltas * 1e6, 1)
-               if deltas else None,
-               api_us_per_frame=round(cpu["api_cpu_pct"] / 100 * opts.fanout_seconds
-                                      / max(1, sum(r["frames"] for r in results)) * 1e6, 1),
+               api_us_per_delta=round(cpu["api_cpu_pct"] / 100 * seconds / deltas * 1e6, 1) if deltas else None,
+               api_us_per_frame=round(cpu["api_cpu_pct"] / 100 * seconds / frames * 1e6, 1) if frames else None,
                stream=",".join(sorted({r["stream"] for r in results if r["stream"]})), **cpu)
-    progress.done(f"[fan-out] {out['deltas_per_s']} deltas/s to {connected} clients ({out['stream']}); "
-                  f"{out['frames_per_s']} frames/s, {out['mb_per_s']} MB/s; {out['reconnects']} reconnects "
-                  f"(closed as slow); API {out['api_us_per_delta']} us CPU/delta; cpu: {_cpu(cpu)}")
+    progress.done(f"[fan-out] {out['deltas_per_s']} deltas/s to {connected} clients ({out['stream']}) over "
+                  f"{seconds:.1f}s; {out['frames_per_s']} frames/s, {out['mb_per_s']} MB/s; {out['reconnects']} "
+                  f"reconnects; starting the turns took {posted:.1f}s; API {out['api_us_per_delta']} us CPU/delta; "
+                  f"cpu: {_cpu(cpu)}")
     return out
+
+
+def _start_turn_retrying(http: Http, session_id: str, tries: int = 10) -> str:
+    """Start a turn, retrying a 503 (the API answers it while its Redis pool is exhausted)."""
+    for attempt in range(tries):
+        try:
+            return start_turn(http, session_id, "stream please")["id"]
+        except HttpError as exc:
+            if exc.status != 503 or attempt == tries - 1:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 def connections(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
@@ -196,29 +212,32 @@ def connections(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     time.sleep(0.5)
     rss0 = rss_bytes(pid)
     ramp = opts.connect_seconds
-    hold_until = time.time() + ramp + opts.hold_seconds + 3
+    hold_until = time.time() + ramp + opts.hold_seconds + 30  # a bound; the loaders are released earlier
     parts = split(n, opts.conn_loaders)
     loaders, i = [], 0
     for size in parts:
         loaders.append(Loader(dict(kind="connections", url=stack.url, key=stack.key, sessions=sessions[i:i + size],
                                    stream=opts.stream, hold_until=hold_until, wait=55.0, batch=100,
-                                   batch_pause=0.1)))
+                                   batch_pause=0.1, connect_until=time.time() + ramp)))
         i += size
     t0 = time.time()
     total = watch(loaders, t0 + ramp, "connections", progress,
-                  lambda t: f"open {int(t.get('open', 0))}/{n}  failed={int(t.get('failed', 0))}",
+                  lambda t: f"open {int(t.get('open', 0))}/{n}  refused (retrying)={int(t.get('refused', 0))}  "
+                            f"gave up={int(t.get('failed', 0))}",
                   stop_when=lambda t: t.get("open", 0) + t.get("failed", 0) >= n)
     ramp_s = time.time() - t0
     time.sleep(2.0)  # let the last handshakes settle before weighing
-    meter = CpuMeter({"api": [pid]}).start()
-    time.sleep(min(opts.hold_seconds, 5.0))
+    meter = CpuMeter({"api": lambda: [pid]}).start()
+    watch(loaders, time.time() + opts.hold_seconds, "connections", progress,
+          lambda t: f"holding {int(t.get('open', 0))}  dropped={int(t.get('dropped', 0))}")
     cpu = meter.stop()
     held = sum(int(ld.progress.get("open", 0)) for ld in loaders)
     rss1 = rss_bytes(pid)
-    watch(loaders, hold_until, "connections", progress,
-          lambda t: f"holding {int(t.get('open', 0))}  dropped={int(t.get('dropped', 0))}")
-    results = [ld.wait(timeout=max(0.0, hold_until - time.time()) + 30) for ld in loaders]
+    for ld in loaders:
+        ld.release()
+    results = [ld.wait(timeout=30) for ld in loaders]
     out = dict(target=n, held=held, failed=sum(r["failed"] for r in results),
+               refused=sum(r["refused"] for r in results),
                dropped=sum(r["dropped"] for r in results), ramp_seconds=round(ramp_s, 1),
                opened_per_s=round(total.get("open", 0) / ramp_s) if ramp_s else None,
                rss_before_mb=round(rss0 / 2**20, 1), rss_held_mb=round(rss1 / 2**20, 1),
@@ -228,7 +247,8 @@ def connections(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
                errors=[e for r in results for e in r["errors"]][:5])
     progress.done(f"[connections] held {held}/{n} ({out['stream']}), RSS {out['rss_before_mb']} -> "
                   f"{out['rss_held_mb']} MiB = {out['kib_per_connection']} KiB/connection; "
-                  f"ramp {out['ramp_seconds']}s; failed={out['failed']} dropped={out['dropped']}")
+                  f"ramp {out['ramp_seconds']}s; {out['refused']} refusals retried, {out['failed']} gave up, "
+                  f"{out['dropped']} dropped")
     return out
 
 

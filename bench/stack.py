@@ -41,8 +41,9 @@ class StackConfig:
     worker_concurrency: int = 50
     web_connections: int = 6000
     lease_seconds: float = 10.0
-    db_pool: int = 5
-    db_overflow: int = 5
+    # None keeps steprun's defaults (STEPRUN_DB_POOL_SIZE / STEPRUN_DB_MAX_OVERFLOW).
+    db_pool: int | None = None
+    db_overflow: int | None = None
     agent_options: dict = field(default_factory=dict)
     # 0: the Procfile's web exactly. N: the what-if run with a blocking Redis pool (bench/gunicorn_whatif.py).
     whatif_redis_pool: int = 0
@@ -171,8 +172,6 @@ class Stack:
             STEPRUN_AGENTS=self.agents_module,
             STEPRUN_LEASE_SECONDS=str(c.lease_seconds),
             STEPRUN_HEARTBEAT_SECONDS=str(max(0.5, c.lease_seconds / 5)),
-            STEPRUN_DB_POOL_SIZE=str(c.db_pool),
-            STEPRUN_DB_MAX_OVERFLOW=str(c.db_overflow),
             STEPRUN_WORKER_CONCURRENCY=str(c.worker_concurrency),
             # One bench user sends every request: keep the limiter (its Redis round trip is part of the
             # cost of a request) but far above what the load generators can reach.
@@ -180,6 +179,10 @@ class Stack:
             PYTHONPATH=os.pathsep.join([str(self.tmp), str(ROOT)]),
             PYTHONUNBUFFERED="1",
         )
+        if c.db_pool is not None:
+            env["STEPRUN_DB_POOL_SIZE"] = str(c.db_pool)
+        if c.db_overflow is not None:
+            env["STEPRUN_DB_MAX_OVERFLOW"] = str(c.db_overflow)
         env.update(extra)
         return env
 

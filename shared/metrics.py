@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -90,6 +91,18 @@ def track_stream(transport: str) -> Iterator[None]:
         stream_closed(transport)
 
 
+# Collectors that compute their samples when scraped (shared/stats.py: queue latency from Postgres).
+# Registered in REGISTRY by register_on_scrape; added to the multiprocess registry too, unsummed.
+ON_SCRAPE: list[Any] = []
+
+
+def register_on_scrape(collector: Any) -> None:
+    """Expose ``collector`` on /metrics in both modes (once per process)."""
+    if collector not in ON_SCRAPE:
+        ON_SCRAPE.append(collector)
+        REGISTRY.register(collector)
+
+
 def registry(settings: Settings) -> CollectorRegistry:
     """What to expose: this process's registry, or the sum over the multiprocess folder."""
     if not settings.prometheus_multiproc_dir:
@@ -98,6 +111,8 @@ def registry(settings: Settings) -> CollectorRegistry:
 
     combined = CollectorRegistry()
     multiprocess.MultiProcessCollector(combined, path=settings.prometheus_multiproc_dir)
+    for collector in ON_SCRAPE:
+        combined.register(collector)
     return combined
 
 

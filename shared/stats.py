@@ -69,6 +69,9 @@ def queue_stats(db: Session, window_seconds: float = 60.0) -> QueueStats:
     """The queue-latency figures, read in one short transaction (no locks taken)."""
     if db.get_bind().dialect.name != "postgresql":
         return _queue_stats_portable(db, window_seconds)
+    # Row-level security (migration 0004) hides every turn from a transaction that names no principal;
+    # these are aggregates over all of them, so this reads as the system path, like the scheduler's sweeps.
+    db.execute(text("SELECT set_config('steprun.system', 'on', true)"))
     q = db.execute(text(QUEUE_SQL)).one()
     d = db.execute(text(START_DELAY_SQL), {"window": window_seconds}).one()
     return QueueStats(float(q.oldest_wait_seconds), int(q.waiting), int(q.running), int(q.expired_leases),
@@ -142,23 +145,22 @@ class QueueLatencyCollector:
                                     value=stats.start_delay_p95_seconds)
 
 
-_registered: dict[int, QueueLatencyCollector] = {}
+_collector: QueueLatencyCollector | None = None
 _lock = threading.Lock()
 
 
-def register_queue_metrics(sessions: sessionmaker[Session], registry: Any = None) -> QueueLatencyCollector:
-    """Expose the queue gauges on ``registry`` (default: the process registry /metrics serves).
+def register_queue_metrics(sessions: sessionmaker[Session]) -> QueueLatencyCollector:
+    """Expose the queue gauges on this process's /metrics (shared/metrics.py).
 
-    Idempotent per registry: a second app in the same process (tests) re-points
-    the one collector at its own database instead of registering twice.
+    Once per process: a second app in the same process (tests) re-points the
+    one collector at its own database instead of registering twice.
     """
-    from prometheus_client import REGISTRY
+    global _collector
+    from shared.metrics import register_on_scrape
 
-    registry = registry or REGISTRY
     with _lock:
-        collector = _registered.get(id(registry))
-        if collector is None:
-            collector = _registered[id(registry)] = QueueLatencyCollector(sessions)
-            registry.register(collector)
-        collector.sessions = sessions
-    return collector
+        if _collector is None:
+            _collector = QueueLatencyCollector(sessions)
+            register_on_scrape(_collector)
+        _collector.sessions = sessions
+        return _collector

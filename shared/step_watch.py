@@ -16,15 +16,20 @@ the gevent pool (the Procfile's worker) a step that does not stop within
 :data:`HARD_STOP_GRACE` — a model waiting for its first token, a tool blocked on
 I/O — is interrupted in place; Celery's own time limits do not apply to gevent
 pools, so this is what enforces STEPRUN_STEP_TIME_LIMIT there.
+
+:func:`stopped_outcome` turns a step stopped early into its result: the partial
+answer is kept (marked ``cancelled`` or ``incomplete``) and tool calls left open
+are answered, so the history stays valid for any model.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
@@ -67,7 +72,7 @@ class StepInterrupted(BaseException):
 class StepEvents:
     """Events of a running step: deltas coalesced, flushed in batches of one round trip."""
 
-    def __init__(self, rt: "Runtime", claim: Any):
+    def __init__(self, rt: Runtime, claim: Any):
         self.rt, self.claim = rt, claim
         self.interval = rt.settings.delta_flush_seconds
         self._pending: list[str] = []
@@ -154,7 +159,7 @@ def _current_greenlet() -> Any:
 class StepWatch:
     """While a step runs: flush held deltas, extend the lease, notice a cancel, enforce limits."""
 
-    def __init__(self, rt: "Runtime", claim: Any, events: StepEvents, *,
+    def __init__(self, rt: Runtime, claim: Any, events: StepEvents, *,
                  deadline: float | None = None, deadline_reason: str = STEP_TIME_LIMIT):
         self.rt, self.claim, self.events = rt, claim, events
         # time.monotonic() after which the step must stop, and which limit that is.
@@ -268,3 +273,60 @@ class StepWatch:
         log.warning("turn %s step %s: interrupting a step that did not stop (%s)",
                     self.claim.turn_id, self.claim.step, reason)
         gevent.get_hub().loop.run_callback(throw)
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything steprun stores is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def step_deadline(rt: Runtime, turn_deadline: datetime | None) -> tuple[float | None, str]:
+    """When (time.monotonic()) this step must stop, and which limit that is."""
+    limits: list[tuple[float, str]] = []
+    now = time.monotonic()
+    if rt.settings.step_time_limit > 0:
+        limits.append((now + rt.settings.step_time_limit, STEP_TIME_LIMIT))
+    if turn_deadline is not None:
+        limits.append((now + (aware(turn_deadline) - utcnow()).total_seconds(), TURN_TIME_LIMIT))
+    return min(limits) if limits else (None, STEP_TIME_LIMIT)
+
+
+def stopped_outcome(result: Any, reason: str, rt: Runtime, events: StepEvents,
+                    state: list[dict[str, Any]]) -> Any:
+    """Make ``result`` (a StepResult) the outcome of a step stopped early: its partial output kept, marked."""
+    limits = rt.settings
+    status, error = {
+        CANCELLED: ("cancelled", None),
+        TURN_TIME_LIMIT: ("incomplete", {"code": "max_turn_time", "message":
+                          f"the turn ran longer than STEPRUN_TURN_TIME_LIMIT ({limits.turn_time_limit:g} s)"}),
+        STEP_TIME_LIMIT: ("failed", {"code": "step_time_limit", "message":
+                          f"step {events.claim.step} ran longer than STEPRUN_STEP_TIME_LIMIT "
+                          f"({limits.step_time_limit:g} s)"}),
+    }[reason]
+    result.status, result.error = status, error
+    if not any(m["role"] == "assistant" for m in result.new_messages):
+        # Stopped while the model streamed: what it said so far goes to the history.
+        result.text = events.text
+        if events.text:
+            result.new_messages.append({"role": "assistant", "content": events.text,
+                                        "_status": "cancelled" if reason == CANCELLED else "incomplete"})
+    close_tool_calls(state, result.new_messages, {
+        CANCELLED: "not run: the turn was cancelled",
+        TURN_TIME_LIMIT: "stopped: the turn ran out of time",
+        STEP_TIME_LIMIT: "stopped: the step ran out of time",
+    }[reason])
+    return result
+
+
+def close_tool_calls(state: list[dict[str, Any]], new: list[dict[str, Any]], note: str) -> None:
+    """Answer tool calls a stopped step left open, so the history stays valid for any model."""
+    history = state + new
+    for i in range(len(history) - 1, -1, -1):
+        if history[i].get("role") != "assistant":
+            continue
+        answered = {m.get("tool_call_id") for m in history[i + 1:] if m.get("role") == "tool"}
+        for call in history[i].get("tool_calls") or []:
+            if call["id"] not in answered:
+                new.append({"role": "tool", "tool_call_id": call["id"],
+                            "name": call.get("function", {}).get("name"), "content": note})
+        return

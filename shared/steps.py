@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
@@ -40,14 +40,16 @@ from shared.llm import ModelError, ModelResponse, TransientModelError, build_mod
 from shared.models import AgentSession, Checkpoint, Message, Turn, utcnow
 from shared.runtime import Runtime, after_commit
 from shared.step_watch import (
-    CANCELLED,
     LEASE_LOST,
     SHUTDOWN,
-    STEP_TIME_LIMIT,
     TURN_TIME_LIMIT,
     StepEvents,
     StepInterrupted,
     StepWatch,
+    aware,
+    close_tool_calls,
+    step_deadline,
+    stopped_outcome,
 )
 from shared.storage_context import tool_storage
 
@@ -131,7 +133,7 @@ def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -
         state = list(checkpoint.state["messages"]) if checkpoint else []
         if turn.deadline_at is None and rt.settings.turn_time_limit > 0 and turn.started_at is not None:
             # Set once, from the first claim; resuming a pause pushes it back by the time paused.
-            turn.deadline_at = _aware(turn.started_at) + timedelta(seconds=rt.settings.turn_time_limit)
+            turn.deadline_at = aware(turn.started_at) + timedelta(seconds=rt.settings.turn_time_limit)
         context = dict(
             tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=session.id, agent_name=session.agent,
             input=turn.input, resume=turn.resume, pending=turn.pending, cancel=turn.cancel_requested,
@@ -157,9 +159,9 @@ def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -
         return _commit(rt, claim, StepResult(status="failed", error=error), state, events)
     if context["cancel"]:
         return _commit(rt, claim, StepResult(status="cancelled"), state, events)
-    deadline, deadline_reason = _step_deadline(rt, context["deadline_at"])
+    deadline, deadline_reason = step_deadline(rt, context["deadline_at"])
     if deadline_reason == TURN_TIME_LIMIT and deadline is not None and deadline <= time.monotonic():
-        return _commit(rt, claim, _stopped(StepResult(), TURN_TIME_LIMIT, rt, events, state), state, events)
+        return _commit(rt, claim, stopped_outcome(StepResult(), TURN_TIME_LIMIT, rt, events, state), state, events)
 
     watch = StepWatch(rt, claim, events, deadline=deadline, deadline_reason=deadline_reason)
     watch.start()
@@ -178,7 +180,7 @@ def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -
             _release(rt, claim, "the worker running it shut down")
             rt.queue.enqueue_step(turn_id, step)
             return "handed back"
-        _stopped(result, stop.reason, rt, events, state)
+        stopped_outcome(result, stop.reason, rt, events, state)
     except TransientModelError as exc:
         # Hand the step back: the next attempt starts from the same checkpoint.
         watch.stop()
@@ -188,75 +190,21 @@ def run_step(rt: Runtime, turn_id: str, step: int, worker_id: str = WORKER_ID) -
         return "released"
     except ModelError as exc:
         result.status, result.error = "failed", {"code": "model_error", "message": str(exc)[:2000]}
-        _close_tool_calls(state, result.new_messages, "not run: the turn failed")
+        close_tool_calls(state, result.new_messages, "not run: the turn failed")
     except Exception as exc:  # noqa: BLE001 - an agent's own bug fails its turn, not the worker
         log.exception("turn %s step %s raised", turn_id, step)
         result.status, result.error = "failed", {"code": "agent_error",
                                                  "message": f"{type(exc).__name__}: {exc}"[:2000]}
-        _close_tool_calls(state, result.new_messages, "not run: the turn failed")
+        close_tool_calls(state, result.new_messages, "not run: the turn failed")
+    except BaseException:
+        watch.stop()  # the pool is killing this greenlet: stop beating, so the lease can lapse
+        raise
     try:
         # The heartbeat goes on through the commit: a slow flush (Redis away) or a database
         # restart here must not let the lease lapse and hand a finished step to another worker.
         return _commit(rt, claim, result, state, events)
     finally:
         watch.stop()
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything steprun stores is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def _step_deadline(rt: Runtime, turn_deadline: datetime | None) -> tuple[float | None, str]:
-    """When (time.monotonic()) this step must stop, and which limit that is."""
-    limits: list[tuple[float, str]] = []
-    now = time.monotonic()
-    if rt.settings.step_time_limit > 0:
-        limits.append((now + rt.settings.step_time_limit, STEP_TIME_LIMIT))
-    if turn_deadline is not None:
-        limits.append((now + (_aware(turn_deadline) - utcnow()).total_seconds(), TURN_TIME_LIMIT))
-    return min(limits) if limits else (None, STEP_TIME_LIMIT)
-
-
-def _stopped(result: StepResult, reason: str, rt: Runtime, events: StepEvents,
-             state: list[dict[str, Any]]) -> StepResult:
-    """The outcome of a step stopped early: its partial output is kept, marked as such."""
-    limits = rt.settings
-    status, error = {
-        CANCELLED: ("cancelled", None),
-        TURN_TIME_LIMIT: ("incomplete", {"code": "max_turn_time", "message":
-                          f"the turn ran longer than STEPRUN_TURN_TIME_LIMIT ({limits.turn_time_limit:g} s)"}),
-        STEP_TIME_LIMIT: ("failed", {"code": "step_time_limit", "message":
-                          f"step {events.claim.step} ran longer than STEPRUN_STEP_TIME_LIMIT "
-                          f"({limits.step_time_limit:g} s)"}),
-    }[reason]
-    result.status, result.error = status, error
-    if not any(m["role"] == "assistant" for m in result.new_messages):
-        # Stopped while the model streamed: what it said so far goes to the history.
-        result.text = events.text
-        if events.text:
-            result.new_messages.append({"role": "assistant", "content": events.text,
-                                        "_status": "cancelled" if reason == CANCELLED else "incomplete"})
-    _close_tool_calls(state, result.new_messages, {
-        CANCELLED: "not run: the turn was cancelled",
-        TURN_TIME_LIMIT: "stopped: the turn ran out of time",
-        STEP_TIME_LIMIT: "stopped: the step ran out of time",
-    }[reason])
-    return result
-
-
-def _close_tool_calls(state: list[dict[str, Any]], new: list[dict[str, Any]], note: str) -> None:
-    """Answer tool calls a stopped step left open, so the history stays valid for any model."""
-    history = state + new
-    for i in range(len(history) - 1, -1, -1):
-        if history[i].get("role") != "assistant":
-            continue
-        answered = {m.get("tool_call_id") for m in history[i + 1:] if m.get("role") == "tool"}
-        for call in history[i].get("tool_calls") or []:
-            if call["id"] not in answered:
-                new.append({"role": "tool", "tool_call_id": call["id"],
-                            "name": call.get("function", {}).get("name"), "content": note})
-        return
 
 
 def _execute(rt: Runtime, agent: Agent, claim: Claim, context: dict[str, Any], state: list[dict[str, Any]],
@@ -270,7 +218,7 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, context: dict[str, Any], s
     if claim.step == 0 and not context["resume"]:
         # A turn that ended while paused (expired, cancelled) left its tool calls unanswered, which
         # chat APIs reject: the prompt answers them; the stored history stays as it happened.
-        _close_tool_calls(state, closing, "not run: the turn ended before the user answered")
+        close_tool_calls(state, closing, "not run: the turn ended before the user answered")
     messages = state + closing + [{k: v for k, v in m.items() if not k.startswith("_")} for m in result.new_messages]
     model = build_model(agent.model, rt.settings)
     prompt = ([{"role": "system", "content": agent.instructions}] if agent.instructions else []) + messages

@@ -9,16 +9,17 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
 from sqlalchemy import create_engine, text
@@ -28,7 +29,7 @@ from shared.keys import create_key
 from shared.migrate import upgrade
 from shared.models import TERMINAL
 from shared.settings import Settings
-from tests.conftest import ADMIN_URL, Proc, Procs, free_port, settings_env, wait_http
+from tests.conftest import ADMIN_URL, Proc, Procs, free_port, settings_env
 
 AGENTS_MODULE = "tests.agents_recovery"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -257,16 +258,18 @@ class OwnRedis:
 class OwnPostgres:
     """A PostgreSQL 15 cluster in a temp dir (initdb), trust auth, on a free loopback port."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self) -> None:
         self.port = free_port()
-        self.dir = workdir / "pgdata"
-        self.socket_dir = workdir / "pgsock"
-        self.log = workdir / "postgres.log"
+        # Not under pytest's tmp_path: that is private to root, and postgres refuses to run as root.
+        self.workdir = Path(tempfile.mkdtemp(prefix="steprun-pg-"))
+        self.dir = self.workdir / "pgdata"
+        self.socket_dir = self.workdir / "pgsock"
+        self.log = self.workdir / "postgres.log"
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self._as_postgres = os.geteuid() == 0  # postgres refuses to run as root
-        for path in (workdir, self.socket_dir):
-            path.mkdir(parents=True, exist_ok=True)
-            if self._as_postgres:
+        self._as_postgres = os.geteuid() == 0
+        self.socket_dir.mkdir()
+        if self._as_postgres:
+            for path in (self.workdir, self.socket_dir):
                 shutil.chown(path, "postgres", "postgres")
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -286,14 +289,7 @@ class OwnPostgres:
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.dir), "-m", mode, "-w", "-t", "30", "stop", check=False)
 
-
-def ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-__all__ = ["AGENTS_MODULE", "Client", "Deployment", "OwnPostgres", "OwnRedis", "deploy", "drop_database",
-           "fresh_database", "is_", "json", "kill_group", "new_key", "own_settings", "ready", "streamed_text",
-           "wait_http"]
+    def remove(self) -> None:
+        """Stop the server and delete its files."""
+        self.stop("immediate")
+        shutil.rmtree(self.workdir, ignore_errors=True)

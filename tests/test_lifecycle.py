@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
@@ -200,7 +201,7 @@ def test_concurrent_turns_on_one_session_never_overlap(life: Deployment) -> None
     turns = [c.wait_turn(t["id"]) for t in created]
     assert all(t["status"] == "completed" for t in turns), turns
     spans = sorted((_ts(t["started_at"]), _ts(t["finished_at"])) for t in turns)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end, spans  # one turn at a time, whatever the arrival order
     users = [m["content"] for m in c.messages(sid) if m["role"] == "user"]
     assert sorted(users) == sorted(f"message {i}" for i in range(8))

@@ -25,9 +25,9 @@ from __future__ import annotations
 from celery import Celery
 
 from shared.queue import celery_config
+from shared.settings import Settings
 from workers.observability import install_worker_observability
 from workers.shutdown import install_shutdown_drain
-from shared.settings import Settings
 
 
 def _patch_psycopg_for_gevent() -> None:
@@ -40,6 +40,27 @@ def _patch_psycopg_for_gevent() -> None:
         from psycogreen.gevent import patch_psycopg
 
         patch_psycopg()
+
+
+def _green_kombu_sleep() -> None:
+    """Make kombu's reconnect back-off yield to other greenlets instead of freezing the worker.
+
+    Celery's gevent patching walks thread-local proxies, which imports
+    kombu.utils.functional before ``time`` is patched: its ``from time import
+    sleep`` keeps the blocking sleep. While Redis is down the consumer's retry
+    back-off (2 s, 4 s, ...) then stops every greenlet, heartbeats included, and
+    healthy steps lose their leases (measured: a 4 s Redis outage froze a
+    worker for 6 s). Rebinding it restores what the patching meant to do.
+    """
+    try:
+        from gevent import monkey, sleep
+    except ImportError:  # pragma: no cover
+        return
+    if monkey.is_module_patched("time"):
+        import kombu.utils.functional
+
+        if kombu.utils.functional.sleep is monkey.get_original("time", "sleep"):
+            kombu.utils.functional.sleep = sleep
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -68,4 +89,5 @@ def create_celery(settings: Settings) -> Celery:
 
 
 _patch_psycopg_for_gevent()
+_green_kombu_sleep()
 app = create_celery(Settings.from_env())
