@@ -126,7 +126,8 @@ class LogFollower:
 
     def __init__(self, events: EventLog, session_id: str, after: int, settings: Settings):
         self.events, self.session_id = events, session_id
-        # Every event in (low, position] has been sent to this client, and nothing else.
+        # Every event in (low, position] was sent to this client or skipped at its request; nothing
+        # outside it was sent. A client may ask for older events (below low), never for these again.
         self.position = after
         self.low = after
         self.batch = max(1, settings.stream_buffer)

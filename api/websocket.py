@@ -24,13 +24,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
+from sqlalchemy.exc import OperationalError
 
 from api.relay import POLL_SECONDS, CursorGone, Frame, LogFollower, StreamEnded, bound_socket
 from api.serialize import turn_json
 from shared import conversations
 from shared.db import unit_of_work
-from shared.errors import BadInput, NotFound, StepRunError, TooLarge
+from shared.errors import BadInput, NotFound, StepRunError, TooLarge, Unavailable
 from shared.keys import Principal
 from shared.runtime import Runtime
 
@@ -127,10 +129,12 @@ class WebSocketStream:
                 raise BadInput(f"the frame is not valid JSON ({exc})") from None
             if not isinstance(frame, dict):
                 raise BadInput("a frame must be a JSON object with a 'type'")
-            ref = frame.get("ref") if isinstance(frame.get("ref"), (str, int)) else None
+            ref = frame.get("ref")
+            ref = ref if isinstance(ref, (str, int)) and len(str(ref)) <= 128 else None
             kind = frame.get("type")
             if kind not in FRAME_TYPES:
-                raise BadInput(f"unknown frame type {kind!r}; known: {', '.join(FRAME_TYPES)}", field="type")
+                raise BadInput(f"unknown frame type {str(kind)[:64]!r}; known: {', '.join(FRAME_TYPES)}",
+                               field="type")
             if kind == "ping":
                 self._post("reply", {"type": "pong"}, ref)
                 return
@@ -150,6 +154,9 @@ class WebSocketStream:
                 self._end(CLOSE_NOT_FOUND, "not_found")
         except StepRunError as exc:
             self._post_error(exc, ref)
+        except (OperationalError, RedisError):
+            log.warning("websocket frame: a dependency is down (session %s)", self.session_id, exc_info=True)
+            self._post_error(Unavailable("a dependency is down; retry shortly", retry_after=2), ref)
         except Exception:  # noqa: BLE001 - one bad request must not take the socket down
             log.exception("websocket frame failed (session %s)", self.session_id)
             self._post("reply", {"type": "error", "error": {"code": "internal_error",
@@ -246,10 +253,15 @@ class WebSocketStream:
             self._send_json(value)
 
     def _reposition(self, after: int) -> None:
-        """Move to ``after`` without sending anything twice (see LogFollower.low/position)."""
+        """Move to ``after`` without sending anything twice.
+
+        Forward: skip to it. Back, below where this socket started (``low``):
+        send the older events it never sent, then carry on. In between: those
+        were sent (or skipped on request) already, so nothing happens.
+        """
         follower = self.follower
         if after >= follower.position:
-            follower.position = follower.low = after
+            follower.position = after
             return
         cursor = after
         while cursor < follower.low:

@@ -10,8 +10,10 @@ every process it starts is killed at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -46,9 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="Streaming client; websocket falls back to long-poll if the route is missing.")
     g.add_argument("--observe", choices=("stream", "turn"), default="stream",
                    help="Throughput users learn a turn ended from their stream, or from GET /v1/turns/{id}?wait=.")
-    g.add_argument("--whatif-redis-pool", type=int, default=0, metavar="N",
-                   help="What-if: give the API process a blocking Redis pool of N (bench/gunicorn_whatif.py). "
-                        "0 runs the Procfile's web unchanged.")
+    g.add_argument("--whatif", default="", metavar="FIXES",
+                   help="Patch proposed fixes into the served processes (bench/whatif.py): a comma-separated "
+                        "subset of redis-pool=N, auth-cache, no-preping. Empty: the code as it is.")
     g = p.add_argument_group("durations and sizes")
     g.add_argument("--levels", default="1,8,32,64,128", help="Throughput concurrency levels.")
     g.add_argument("--tools-levels", default="1,8,32,64", help="Levels for the three-step turns.")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     config = StackConfig(admin_url=opts.admin_url, redis_url=opts.redis_url, workers=opts.workers,
                          worker_concurrency=opts.worker_concurrency, lease_seconds=opts.lease,
                          web_connections=max(6000, opts.connections + 1000),
-                         whatif_redis_pool=opts.whatif_redis_pool,
+                         whatif=opts.whatif,
                          agent_options=dict(ttft=opts.ttft, tps=opts.tps, words=opts.words,
                                             stream_tps=2000.0, stream_words=fanout_words))
     results: dict[str, Any] = {"started": time.time(), "machine": report.machine(), "command": command,
@@ -129,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
     results["seconds"] = round(time.monotonic() - t0, 1)
     print(report.table(results))
+    # Every figure (not only the table's), for a closer look or another plot.
+    raw = Path(tempfile.gettempdir()) / "steprun-bench-results.json"
+    raw.write_text(json.dumps(results, indent=1, default=str))
+    print(f"all figures: {raw}")
     if opts.docs and not opts.no_docs and "failure" not in results:
         written = report.write_docs(results, Path(opts.docs), opts.docs_section)
         print("wrote " + ", ".join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in written))

@@ -54,8 +54,8 @@ def main(n: int) -> None:
         parts = [n // 4 + (1 if i < n % 4 else 0) for i in range(4)]
         loaders, start = [], 0
         for size in parts:
-            loaders.append(Loader(dict(kind="connections", url=url, key="none", stream="websocket", wait=55.0,
-                                       sessions=[f"s{i}" for i in range(start, start + size)],
+            loaders.append(Loader(dict(kind="connections", url=url, stream="websocket", wait=55.0,
+                                       sessions=[[f"s{i}", "none"] for i in range(start, start + size)],
                                        hold_until=time.time() + 120, batch=100, batch_pause=0.1,
                                        connect_until=time.time() + 80)))
             start += size

@@ -51,7 +51,7 @@ def ticker(every: float, report: Callable[[], dict[str, Any]]) -> gevent.Greenle
 
 def throughput(job: dict[str, Any]) -> dict[str, Any]:
     """Each user starts a turn, waits for it to end, starts the next, until the deadline."""
-    url, key, agent = job["url"], job["key"], job["agent"]
+    url, keys, agent = job["url"], job["keys"], job["agent"]
     start_at, measure_from, stop_at = job["start_at"], job["measure_from"], job["stop_at"]
     samples: list[tuple[float, float, str]] = []  # (finished wall time, latency s, status)
     errors: list[str] = []
@@ -59,6 +59,7 @@ def throughput(job: dict[str, Any]) -> dict[str, Any]:
 
     def user(i: int) -> None:
         nonlocal stream_kind
+        key = keys[i % len(keys)]  # one end user per virtual user, as in production
         http = Http(url, key)
         session_id = create_session(http, agent)
         stream = open_stream(url, key, session_id, after=0, prefer=job["stream"]) if job["observe"] == "stream" \
@@ -147,12 +148,12 @@ def fanout(job: dict[str, Any]) -> dict[str, Any]:
     frame stands for are its cursor minus the previous frame's: ``deltas``
     counts events delivered, ``frames`` what was written to the sockets.
     """
-    url, key, stop_at = job["url"], job["key"], job["run_until"]
+    url, stop_at = job["url"], job["run_until"]
     counts = {"deltas": 0, "frames": 0, "clients": 0, "failed": 0, "reconnects": 0}
     buckets: dict[int, list[int]] = {}  # half-second index -> [deltas, frames, bytes]
     kinds: set[str] = set()
 
-    def client(session_id: str) -> None:
+    def client(session_id: str, key: str) -> None:
         last, connected = 0, False
         with gevent.Timeout(max(1.0, stop_at - time.time() + 1), False):
             while time.time() < stop_at:
@@ -188,8 +189,8 @@ def fanout(job: dict[str, Any]) -> dict[str, Any]:
 
     progress = ticker(1.0, lambda: dict(counts))
     pool = gevent.pool.Pool()
-    for i, session_id in enumerate(job["sessions"] * job["per_session"]):
-        pool.spawn(client, session_id)
+    for i, (session_id, key) in enumerate(job["sessions"] * job["per_session"]):
+        pool.spawn(client, session_id, key)
         if i % 100 == 99:
             gevent.sleep(0.02)
     RELEASE.wait(timeout=max(0.0, stop_at - time.time()))
@@ -215,12 +216,12 @@ def _frames(stream: Any) -> Any:
 # --- connections: hold many idle streams open ----------------------------------------
 
 def connections(job: dict[str, Any]) -> dict[str, Any]:
-    url, key = job["url"], job["key"]
+    url = job["url"]
     state = {"open": 0, "failed": 0, "refused": 0, "dropped": 0}
     kinds: set[str] = set()
     errors: list[str] = []
 
-    def hold(session_id: str) -> None:
+    def hold(session_id: str, key: str) -> None:
         # Refused connections retry with full-jitter backoff (0.5-4 s), as clients in a reconnect storm should.
         backoff = 0.5
         while True:
@@ -249,8 +250,8 @@ def connections(job: dict[str, Any]) -> dict[str, Any]:
     progress = ticker(1.0, lambda: dict(state))
     pool = gevent.pool.Pool()
     batch = job.get("batch", 200)
-    for i, session_id in enumerate(job["sessions"]):
-        pool.spawn(hold, session_id)
+    for i, (session_id, key) in enumerate(job["sessions"]):
+        pool.spawn(hold, session_id, key)
         if i % batch == batch - 1:
             gevent.sleep(job.get("batch_pause", 0.1))
     opened_at = time.time()

@@ -83,10 +83,13 @@ def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: 
         start_at = time.time() + setup
         measure_from = start_at + opts.warmup
         stop_at = measure_from + opts.level_seconds
-        jobs = [dict(kind="throughput", url=stack.url, key=stack.key, agent=agent, users=n, start_at=start_at,
-                     measure_from=measure_from, stop_at=stop_at, observe=opts.observe, stream=opts.stream,
-                     drain=20.0)
-                for n in split(c, opts.loaders)]
+        keys = [k for _, k in stack.users(c)]
+        jobs, first = [], 0
+        for n in split(c, opts.loaders):
+            jobs.append(dict(kind="throughput", url=stack.url, keys=keys[first:first + n], agent=agent, users=n,
+                             start_at=start_at, measure_from=measure_from, stop_at=stop_at, observe=opts.observe,
+                             stream=opts.stream, drain=20.0))
+            first += n
         loaders = [Loader(j) for j in jobs]
         meter = CpuMeter(process_groups(stack, loaders))
         label = f"throughput {agent} c={c}"
@@ -138,24 +141,28 @@ def overhead(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
 
 def fanout(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     """``sessions`` sessions stream fast at once; ``per_session`` clients follow each one."""
-    http = Http(stack.url, stack.key)
-    sessions = [create_session(http, "stream") for _ in range(opts.fanout_sessions)]
+    # One end user per session (its followers are that user's tabs and devices).
+    sessions = []
+    for _, key in stack.users(opts.fanout_sessions):
+        owner = Http(stack.url, key)
+        sessions.append((create_session(owner, "stream"), key))
+        owner.close()
     clients = opts.fanout_sessions * opts.fanout_clients
     turns_at = time.time() + 5.0 + clients / 150
-    slack = 15.0  # time the turns may take to start before the window no longer fits
-    run_until = turns_at + 2.0 + opts.fanout_seconds + slack
-    loaders = [Loader(dict(kind="fanout", url=stack.url, key=stack.key, sessions=sessions, per_session=n,
+    # A bound only: the generators are released as soon as the window is measured.
+    run_until = turns_at + 2.0 + opts.fanout_seconds + 120.0
+    loaders = [Loader(dict(kind="fanout", url=stack.url, sessions=sessions, per_session=n,
                            stream=opts.stream, run_until=run_until))
                for n in split(opts.fanout_clients, opts.loaders)]
     watch(loaders, turns_at, "fan-out", progress,
           lambda t: f"connecting {int(t.get('clients', 0))}/{clients}  failed={int(t.get('failed', 0))}")
     connected = sum(int(ld.progress.get("clients", 0)) for ld in loaders)
     posted = time.time()
-    turn_ids = [_start_turn_retrying(http, s) for s in sessions]
+    turn_ids = [_start_turn_retrying(Http(stack.url, key), sid) for sid, key in sessions]
     posted = time.time() - posted
-    # The window starts once every session streams, and lasts fanout_seconds (or what is left of the run).
+    # The window starts once every session streams, and lasts fanout_seconds.
     measure_from = time.time() + 2.0
-    measure_to = min(measure_from + opts.fanout_seconds, run_until - 1.0)
+    measure_to = measure_from + opts.fanout_seconds
     time.sleep(max(0.0, measure_from - time.time()))
     meter = CpuMeter(process_groups(stack, loaders)).start()
     watch(loaders, measure_to, "fan-out", progress,
@@ -164,12 +171,11 @@ def fanout(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     cpu = meter.stop()
     for ld in loaders:
         ld.release()
-    for turn_id in turn_ids:
+    for turn_id, (_, key) in zip(turn_ids, sessions, strict=True):
         try:
-            http.request("POST", f"/v1/turns/{turn_id}/cancel")
+            Http(stack.url, key).request("POST", f"/v1/turns/{turn_id}/cancel")
         except Exception:  # noqa: BLE001 - the turn may have ended; the next scenario does not depend on it
             pass
-    http.close()
     results = [ld.wait(timeout=30) for ld in loaders]
     seconds = measure_to - measure_from
     lo, hi = int(measure_from * 2), int(measure_to * 2)
@@ -216,7 +222,7 @@ def connections(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     parts = split(n, opts.conn_loaders)
     loaders, i = [], 0
     for size in parts:
-        loaders.append(Loader(dict(kind="connections", url=stack.url, key=stack.key, sessions=sessions[i:i + size],
+        loaders.append(Loader(dict(kind="connections", url=stack.url, sessions=sessions[i:i + size],
                                    stream=opts.stream, hold_until=hold_until, wait=55.0, batch=100,
                                    batch_pause=0.1, connect_until=time.time() + ramp)))
         i += size

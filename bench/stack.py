@@ -45,8 +45,8 @@ class StackConfig:
     db_pool: int | None = None
     db_overflow: int | None = None
     agent_options: dict = field(default_factory=dict)
-    # 0: the Procfile's web exactly. N: the what-if run with a blocking Redis pool (bench/gunicorn_whatif.py).
-    whatif_redis_pool: int = 0
+    # "": the Procfile's processes exactly. Else proposed fixes patched in (bench/whatif.py).
+    whatif: str = ""
 
 
 class Proc:
@@ -118,6 +118,10 @@ class Stack:
         upgrade(engine)
         engine.dispose()
         self.agents_module = write_agents_module(self.tmp, **self.config.agent_options)
+        if self.config.whatif:
+            from bench.whatif import SITECUSTOMIZE
+
+            (self.tmp / "sitecustomize.py").write_text(SITECUSTOMIZE)
         self.key = self.create_key(f"bench-{self.run_id}", "bench-user")
         for _ in range(self.config.workers):
             self.start_worker()
@@ -173,11 +177,9 @@ class Stack:
             STEPRUN_LEASE_SECONDS=str(c.lease_seconds),
             STEPRUN_HEARTBEAT_SECONDS=str(max(0.5, c.lease_seconds / 5)),
             STEPRUN_WORKER_CONCURRENCY=str(c.worker_concurrency),
-            # One bench user sends every request: keep the limiter (its Redis round trip is part of the
-            # cost of a request) but far above what the load generators can reach.
-            STEPRUN_RATE_LIMIT_PER_MINUTE="100000000",
             PYTHONPATH=os.pathsep.join([str(self.tmp), str(ROOT)]),
             PYTHONUNBUFFERED="1",
+            BENCH_WHATIF=c.whatif,
         )
         if c.db_pool is not None:
             env["STEPRUN_DB_POOL_SIZE"] = str(c.db_pool)
@@ -190,10 +192,9 @@ class Stack:
         """`web` exactly as the Procfile runs it, with one gevent worker process (-w 1)."""
         port = free_port()
         env = self.env(STEPRUN_WORKER_CONNECTIONS=str(self.config.web_connections), WEB_CONCURRENCY="1",
-                       PORT=str(port), BENCH_WHATIF_REDIS_POOL=str(self.config.whatif_redis_pool))
-        conf = "python:bench.gunicorn_whatif" if self.config.whatif_redis_pool else "python:api.gunicorn_conf"
-        self.web = Proc("web", [str(BIN / "gunicorn"), "api.wsgi:app", "-c", conf, "-b", f"127.0.0.1:{port}"],
-                        env, self.tmp)
+                       PORT=str(port))
+        self.web = Proc("web", [str(BIN / "gunicorn"), "api.wsgi:app", "-c", "python:api.gunicorn_conf",
+                                "-b", f"127.0.0.1:{port}"], env, self.tmp)
         self.procs.append(self.web)
         self.url = f"http://127.0.0.1:{port}"
         self._wait_http(f"{self.url}/healthz", self.web)
@@ -251,16 +252,33 @@ class Stack:
                              env=self.env(), cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
         return out.stdout.strip().splitlines()[-1]
 
-    def seed_sessions(self, agent: str, count: int) -> list[str]:
-        """Sessions of the bench user written straight to Postgres (fast setup for the connection scenario)."""
+    def users(self, count: int) -> list[tuple[str, str]]:
+        """``count`` end users of one tenant, as (user id, key): load comes from many users, as in production,
+        so per-user limits (requests a minute, queued turns) apply as they would. Made straight in Postgres."""
+        from sqlalchemy.orm import Session
+
+        from shared.keys import create_key
+
+        have = getattr(self, "_users", [])
+        if len(have) < count:
+            with Session(self.engine()) as db:
+                for i in range(len(have), count):
+                    have.append((f"u{i}", create_key(db, f"bench-{self.run_id}", f"u{i}", "bench")[1]))
+                db.commit()
+            self._users = have
+        return have[:count]
+
+    def seed_sessions(self, agent: str, count: int, per_user: int = 20) -> list[tuple[str, str]]:
+        """``count`` sessions, ``per_user`` per end user, written straight to Postgres; as (session id, key)."""
         from shared.models import AgentSession, new_id
 
-        ids = [new_id("ses") for _ in range(count)]
+        users = self.users((count + per_user - 1) // per_user)
+        rows = [(new_id("ses"), users[i // per_user]) for i in range(count)]
         with self.engine().begin() as conn:
             conn.execute(AgentSession.__table__.insert(), [
-                {"id": i, "tenant_id": f"bench-{self.run_id}", "user_id": "bench-user", "agent": agent,
-                 "metadata": {}, "turn_count": 0} for i in ids])
-        return ids
+                {"id": sid, "tenant_id": f"bench-{self.run_id}", "user_id": user, "agent": agent, "metadata": {},
+                 "turn_count": 0} for sid, (user, _) in rows])
+        return [(sid, key) for sid, (_, key) in rows]
 
     def pg_backend_pids(self) -> list[int]:
         """Postgres server processes serving this run's database (their CPU is the database's share)."""

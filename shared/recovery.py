@@ -13,6 +13,7 @@ from datetime import timedelta
 from sqlalchemy import and_, select, update
 
 from shared.db import SYSTEM, unit_of_work
+from shared.lifecycle import expire_paused_turns
 from shared.models import AgentSession, Turn, utcnow
 from shared.runtime import Runtime, after_commit
 
@@ -75,8 +76,6 @@ def recover_lost_tasks(rt: Runtime) -> int:
 
 def sweep(rt: Runtime) -> SweepReport:
     """One round of recovery: dead workers' steps, lost tasks, and pauses past their deadline."""
-    from shared.lifecycle import expire_paused_turns
-
     return SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt),
                        expired_actions=expire_paused_turns(rt))
 

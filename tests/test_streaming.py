@@ -283,10 +283,8 @@ def test_slow_consumer_is_closed_with_its_cursor_and_loses_nothing(streams: Stre
     # A small receive window, so the kernel cannot hide the client's stall in megabytes of buffers.
     ws = ws_connect(url, sid, streams.key, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
     ws.send(json.dumps({"type": "turn", "input": "flood me"}))
-    rss_peak = rss_before
-    for _ in range(8):  # read nothing for 4 s while the turn streams on
-        time.sleep(0.5)
-        rss_peak = max(rss_peak, worker_rss_kb(web))
+    # Read nothing until the whole turn has streamed (about 3 s): far more than the socket buffers hold.
+    rss_peak = max(stall_until_turn_over(streams, url, sid, 0, lambda: worker_rss_kb(web)))
 
     frames, close = [], None
     ws.settimeout(30)
@@ -308,13 +306,19 @@ def test_slow_consumer_is_closed_with_its_cursor_and_loses_nothing(streams: Stre
     assert_increasing(events)
     done = streams.turn_done(turn_id)
     assert done["status"] == "completed" and deltas(events) == done["output"]
+    # Catching up, it got the deltas merged: fewer, larger frames than the log holds (same text).
+    logged = requests.get(f"{url}/v1/sessions/{sid}/events?after={close[1]['cursor']}&limit=1000",
+                          headers=streams.headers()).json()["data"]
+    count = lambda evs: sum(1 for e in evs if e["type"] == "message.delta")  # noqa: E731
+    assert count(events2) < count(logged) and deltas(events2) == deltas(logged)
     # The backlog waited in Redis, not in the API process (the turn streams about 40 KB of text).
     assert rss_peak - rss_before < 20_000, (rss_before, rss_peak)
 
     # SSE: the same stall ends the stream after a comment naming the cursor; Last-Event-ID picks it up.
     turn_id = requests.post(f"{url}/v1/sessions/{sid}/turns", json={"input": "flood me again"},
                             headers=streams.headers()).json()["id"]
-    raw = sse_stalled(url, sid, streams.key, after=events[-1]["cursor"], stall=4.0)
+    raw = sse_stalled(url, sid, streams.key, after=events[-1]["cursor"],
+                      stall=lambda: stall_until_turn_over(streams, url, sid, events[-1]["cursor"]))
     events1 = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
     assert f": slow_consumer; reconnect with Last-Event-ID: {events1[-1]['cursor']}" in raw
     assert not any(e["type"] in FINAL for e in events1)
@@ -327,15 +331,29 @@ def test_slow_consumer_is_closed_with_its_cursor_and_loses_nothing(streams: Stre
     web.kill()
 
 
-def sse_stalled(url: str, session_id: str, key: str, after: int, stall: float) -> str:
-    """An SSE client with a tiny receive window that reads nothing for ``stall`` seconds, then everything."""
+def stall_until_turn_over(streams: Streams, url: str, session_id: str, after: int,
+                          sample: Any = lambda: 0) -> list[int]:
+    """Wait (reading another way: the JSON events route) until a turn ends; ``sample()`` every 0.2 s."""
+    samples, deadline = [sample()], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples.append(sample())
+        log = requests.get(f"{url}/v1/sessions/{session_id}/events?after={after}&limit=1000",
+                           headers=streams.headers()).json()["data"]
+        if any(e["type"] in FINAL for e in log):
+            return samples
+    raise AssertionError("the turn did not end")
+
+
+def sse_stalled(url: str, session_id: str, key: str, after: int, stall: Any) -> str:
+    """An SSE client with a tiny receive window that reads nothing while ``stall()`` runs, then everything."""
     host, port = url.rsplit("/", 1)[-1].split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, int(port)))
     sock.sendall(f"GET /v1/sessions/{session_id}/events/stream?after={after} HTTP/1.1\r\nHost: {host}\r\n"
                  f"Authorization: Bearer {key}\r\n\r\n".encode())
-    time.sleep(stall)
+    stall()
     sock.settimeout(30)
     data = b""
     while not data.endswith(b"\r\n0\r\n\r\n"):  # the last chunk of the response
@@ -532,6 +550,17 @@ def test_subscribe_repositions_without_sending_anything_twice(streams: Streams) 
     ws.send(json.dumps({"type": "turn", "input": "second"}))
     frames = [f for f in ws_frames(ws, ended) if "cursor" in f]
     assert frames[0]["cursor"] == cursors[-1] + 1 and deltas(frames).startswith("You said: second")
+
+    # Forward skips what it names; going back over skipped or sent events sends nothing.
+    last = frames[-1]["cursor"]
+    ws.send(json.dumps({"type": "subscribe", "after": last + 3}))
+    ws_frames(ws, lambda fs: fs[-1].get("type") == "subscribe.ok")
+    ws.send(json.dumps({"type": "turn", "input": "third"}))
+    frames = [f for f in ws_frames(ws, ended) if "cursor" in f]
+    assert frames[0]["cursor"] == last + 4 and frames[-1]["type"] == "turn.completed"
+    ws.send(json.dumps({"type": "subscribe", "after": last}))
+    got = ws_frames(ws, lambda fs: fs[-1].get("type") == "subscribe.ok")
+    assert [f for f in got if "cursor" in f] == [] and ws_quiet(ws, 0.3) == []
     ws.close()
 
 
