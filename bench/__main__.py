@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import recovery, report, scenarios
-from bench.runner import Progress
+from bench.runner import Loader, Progress
 from bench.stack import ROOT, Stack, StackConfig
 
 ALL = ("connections", "overhead", "throughput", "fanout", "recovery", "autoscale")
@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--fanout-seconds", type=float, default=15.0)
     g.add_argument("--connections", type=int, default=5000, help="Idle streams to open against one API process.")
     g.add_argument("--connect-seconds", type=float, default=60.0, help="Longest time to open them.")
+    g.add_argument("--connect-rate", type=float, default=200.0,
+                   help="New connections a second the clients attempt (refused ones retry with backoff).")
     g.add_argument("--hold-seconds", type=float, default=8.0)
     g.add_argument("--conn-loaders", type=int, default=4)
     g.add_argument("--recovery-trials", type=int, default=3)
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"streaming client: {opts.stream}")
         run_scenarios(stack, opts, progress, results)
     except KeyboardInterrupt:
+        results["failure"] = "interrupted"
         progress.done("interrupted; stopping every process")
     except Exception:  # noqa: BLE001 - report what was measured, then clean up
         results["failure"] = traceback.format_exc()
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if not proc.alive():
                 progress.done(f"{proc.name} exited; its log ends:\n{proc.log()[-1500:]}")
     finally:
+        Loader.kill_all()
         stack.dispose()
         stack.stop()
     results["seconds"] = round(time.monotonic() - t0, 1)

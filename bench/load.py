@@ -222,7 +222,7 @@ def connections(job: dict[str, Any]) -> dict[str, Any]:
     errors: list[str] = []
 
     def hold(session_id: str, key: str) -> None:
-        # Refused connections retry with full-jitter backoff (0.5-4 s), as clients in a reconnect storm should.
+        # Refused connections retry with full-jitter backoff (0.5-8 s), as clients in a reconnect storm should.
         backoff = 0.5
         while True:
             try:
@@ -236,7 +236,7 @@ def connections(job: dict[str, Any]) -> dict[str, Any]:
                     state["failed"] += 1
                     return
                 gevent.sleep(random.uniform(0, backoff))
-                backoff = min(4.0, backoff * 2)
+                backoff = min(8.0, backoff * 2)
         kinds.add(stream.kind)
         state["open"] += 1
         frames = stream.raw_frames() if stream.kind == "websocket" else stream.raw_pages()  # type: ignore[union-attr]

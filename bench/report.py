@@ -188,7 +188,8 @@ def section(results: dict[str, Any], images: list[Path]) -> str:
     pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(results["started"]))
     parts = [
-        f"Run {when}, {results['seconds']} s. Command: `{results['command'].strip()}` (what `make bench` runs).",
+        f"Run {when}, {results['seconds']} s. Command: `{results['command'].strip()}` (`make bench` runs "
+        "`python -m bench`; pass flags with `make bench BENCH_ARGS=...`).",
         "",
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, load average at "
         f"start {' '.join(m['loadavg_at_start'])}; Python {m['python']}, PostgreSQL {m['postgres']}, "

@@ -17,6 +17,13 @@ from bench.stack import ROOT, cpu_seconds
 class Loader:
     """One ``python -m bench.load`` process (own process group), fed one job on stdin."""
 
+    running: set[Loader] = set()  # every generator not yet waited for, killed by kill_all() at exit
+
+    @classmethod
+    def kill_all(cls) -> None:
+        for loader in list(cls.running):
+            loader.kill()
+
     def __init__(self, job: dict[str, Any]):
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen([sys.executable, "-m", "bench.load"], cwd=ROOT, env=env, text=True,
@@ -28,6 +35,7 @@ class Loader:
         self.progress: dict[str, Any] = {}
         self.result: dict[str, Any] | None = None
         self.stderr = ""
+        Loader.running.add(self)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         threading.Thread(target=self._read_err, daemon=True).start()
@@ -73,6 +81,7 @@ class Loader:
             except ProcessLookupError:
                 pass
             self.popen.wait(timeout=10)
+        Loader.running.discard(self)
 
 
 class Progress:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from bench.client import Http, HttpError, create_session, start_turn, websocket_available
+from bench.counters import ServerCounters, per
 from bench.runner import CpuMeter, Loader, Progress, percentile, watch
 from bench.stack import Stack, rss_bytes
 
@@ -95,11 +96,13 @@ def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: 
         label = f"throughput {agent} c={c}"
         watch(loaders, measure_from, label, progress, lambda t: f"warming up, {int(t.get('done', 0))} turns")
         meter.start()
+        servers = ServerCounters(stack).start()
         with QueueSampler(stack) as queue:
             done0 = time.time()
             watch(loaders, stop_at, label, progress,
                   lambda t: f"{int(t.get('done', 0))} turns  errors={int(t.get('errors', 0))}")
             cpu = meter.stop()
+            counts = servers.stop()
         results = [ld.wait(timeout=max(0.0, stop_at - time.time()) + 40) for ld in loaders]
         latencies = [x for r in results for x in r["latencies"]]
         completed = sum(r["completed"] for r in results)
@@ -112,7 +115,7 @@ def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: 
                    # CPU per completed turn, per process type: what scales with more processes.
                    **{f"{k[:-8]}_ms_per_turn": round(v / 100 / max(completed / opts.level_seconds, 1e-9) * 1000, 1)
                       for k, v in cpu.items() if k.endswith("_cpu_pct") and k != "other_cpu_pct"},
-                   queue_start_p95=queue.p95, **cpu)
+                   queue_start_p95=queue.p95, per_turn=per(counts, completed), **cpu)
         progress.done(f"[{label}] {row['turns_per_s']} turns/s  p50={_ms(row['p50'])}  p99={_ms(row['p99'])}  "
                       f"errors={row['errors']}  cpu: {_cpu(cpu)}  queue-oldest-max={row['queue_oldest_max']}s"
                       f"  (measured {time.time() - done0:.0f}s)")
@@ -165,10 +168,12 @@ def fanout(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     measure_to = measure_from + opts.fanout_seconds
     time.sleep(max(0.0, measure_from - time.time()))
     meter = CpuMeter(process_groups(stack, loaders)).start()
+    servers = ServerCounters(stack).start()
     watch(loaders, measure_to, "fan-out", progress,
           lambda t: f"{int(t.get('deltas', 0))} deltas to {int(t.get('clients', 0))} clients, "
                     f"{int(t.get('reconnects', 0))} reconnects")
     cpu = meter.stop()
+    counts = servers.stop()
     for ld in loaders:
         ld.release()
     for turn_id, (_, key) in zip(turn_ids, sessions, strict=True):
@@ -189,7 +194,8 @@ def fanout(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
                # CPU the API process spent per event delivered: the figure that scales (docs/scaling.md).
                api_us_per_delta=round(cpu["api_cpu_pct"] / 100 * seconds / deltas * 1e6, 1) if deltas else None,
                api_us_per_frame=round(cpu["api_cpu_pct"] / 100 * seconds / frames * 1e6, 1) if frames else None,
-               stream=",".join(sorted({r["stream"] for r in results if r["stream"]})), **cpu)
+               stream=",".join(sorted({r["stream"] for r in results if r["stream"]})),
+               per_delta=per(counts, deltas), **cpu)
     progress.done(f"[fan-out] {out['deltas_per_s']} deltas/s to {connected} clients ({out['stream']}) over "
                   f"{seconds:.1f}s; {out['frames_per_s']} frames/s, {out['mb_per_s']} MB/s; {out['reconnects']} "
                   f"reconnects; starting the turns took {posted:.1f}s; API {out['api_us_per_delta']} us CPU/delta; "
@@ -223,8 +229,9 @@ def connections(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     loaders, i = [], 0
     for size in parts:
         loaders.append(Loader(dict(kind="connections", url=stack.url, sessions=sessions[i:i + size],
-                                   stream=opts.stream, hold_until=hold_until, wait=55.0, batch=100,
-                                   batch_pause=0.1, connect_until=time.time() + ramp)))
+                                   stream=opts.stream, hold_until=hold_until, wait=55.0,
+                                   batch=max(1, int(opts.connect_rate / len(parts) / 4)), batch_pause=0.25,
+                                   connect_until=time.time() + ramp)))
         i += size
     t0 = time.time()
     total = watch(loaders, t0 + ramp, "connections", progress,
