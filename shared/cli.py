@@ -80,11 +80,15 @@ def stats(window: float, as_json: bool) -> None:
     """Queue latency from Postgres: oldest waiting step, waiting/running counts, start-delay p95."""
     import json
 
-    from shared.db import make_engine, make_sessionmaker
+    from shared.db import SYSTEM, install_row_security, make_engine, make_sessionmaker, set_scope
     from shared.stats import queue_stats
 
-    engine = make_engine(_settings())
-    with make_sessionmaker(engine)() as db:
+    settings = _settings()
+    engine = make_engine(settings)
+    factory = make_sessionmaker(engine)
+    install_row_security(factory, None if settings.db_role == "none" else settings.db_role)
+    with factory() as db:
+        set_scope(db, SYSTEM)  # queue figures span every tenant
         figures = queue_stats(db, window).as_dict()
     engine.dispose()
     if as_json:

@@ -29,6 +29,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.db import SYSTEM, set_scope
+
 WAITING = "status IN ('queued', 'in_progress') AND lease_expires_at IS NULL AND enqueued_at IS NOT NULL"
 
 # One statement, for Postgres. KEDA's postgresql trigger (infra/k8s/keda.yaml) runs the first column alone.
@@ -126,6 +128,7 @@ class QueueLatencyCollector:
 
         try:
             with self.sessions() as db:
+                set_scope(db, SYSTEM)  # queue figures span every tenant: the narrow system path
                 stats = queue_stats(db)
                 db.rollback()
         except Exception:  # noqa: BLE001 - a scrape must not fail because Postgres is slow or down
