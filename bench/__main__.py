@@ -58,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds before each level.")
     g.add_argument("--overhead-turns", type=int, default=200)
     g.add_argument("--overhead-seconds", type=float, default=30.0)
-    g.add_argument("--fanout-sessions", type=int, default=10, help="Sessions streaming at once.")
+    g.add_argument("--fanout-sessions", type=int, default=15, help="Sessions streaming at once.")
     g.add_argument("--fanout-clients", type=int, default=100, help="Clients following each session.")
     g.add_argument("--fanout-seconds", type=float, default=15.0)
     g.add_argument("--connections", type=int, default=5000, help="Idle streams to open against one API process.")
