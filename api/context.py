@@ -76,7 +76,7 @@ def reject_empty_args(*names: str) -> None:
 
 def int_arg(name: str, default: int, *, lo: int, hi: int) -> int:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = int(raw)
@@ -89,7 +89,7 @@ def int_arg(name: str, default: int, *, lo: int, hi: int) -> int:
 
 def float_arg(name: str, default: float, *, lo: float, hi: float) -> float:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         value = float(raw)

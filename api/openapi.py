@@ -80,10 +80,13 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 def op(summary: str, ok: str, schema: dict[str, Any], *, body: str | None = None,
        params: list[dict[str, Any]] | None = None, errors: tuple[str, ...] = ("400", "401", "404", "429"),
-       secured: bool = True, content_type: str = "application/json") -> dict[str, Any]:
-    """One operation: its success response, its errors, its parameters and body."""
+       secured: bool = True, content_type: str = "application/json",
+       also: dict[str, str] | None = None) -> dict[str, Any]:
+    """One operation: its success response(s), its errors, its parameters and body."""
     responses: dict[str, Any] = {ok: _json(schema) if content_type == "application/json" else {
         "description": "OK", "content": {content_type: {"schema": schema}}}}
+    for code, description in (also or {}).items():
+        responses[code] = _json(schema, description)
     for code in errors:
         responses[code] = _json(_ref("Error"), ERRORS[code])
     out: dict[str, Any] = {"summary": summary, "responses": responses, "parameters": params or []}
@@ -139,7 +142,8 @@ def build_paths() -> dict[str, Any]:
         "/v1/sessions/{session_id}/turns": {
             "post": op("Start a turn (202), or return the same one for a repeated Idempotency-Key (200)", "202",
                        _ref("Turn"), body="TurnCreate", errors=("400", "401", "404", "409", "413", "429"),
-                       params=[SID, header("Idempotency-Key", "retries with the same key return the same turn")])},
+                       params=[SID, header("Idempotency-Key", "retries with the same key return the same turn")],
+                       also={"200": "the turn an earlier request with this Idempotency-Key created"})},
         "/v1/sessions/{session_id}/events": {
             "get": op("Events after a cursor (polling clients)", "200", _ref("EventPage"),
                       errors=("400", "401", "404", "410", "429"),

@@ -271,10 +271,9 @@ def test_expired_cursor_and_foreign_session(streams: Streams) -> None:
 
 # --- backpressure -----------------------------------------------------------------
 
+@pytest.mark.parametrize("streams", ["production"], indirect=True)  # needs a web process started with small stream buffers
 def test_slow_consumer_is_closed_with_its_cursor_and_loses_nothing(streams: Streams) -> None:
     """A client that stops reading is closed with its cursor; it resumes from it; the API's memory stays flat."""
-    if streams.mode != "production":
-        pytest.skip("needs a web process started with small stream buffers")
     env = {**streams.env, "STEPRUN_STREAM_BUFFER": "8", "STEPRUN_STREAM_SLOW_SECONDS": "1",
            "STEPRUN_STREAM_SEND_TIMEOUT": "30", "STEPRUN_STREAM_SEND_BUFFER": "8192"}
     web, url = streams.procs.web(env=env)
@@ -371,10 +370,9 @@ def sse_stalled(url: str, session_id: str, key: str, after: int, stall: Any) -> 
 CLIENTS, USERS, PER_SESSION = 300, 50, 2
 
 
+@pytest.mark.parametrize("streams", ["production"], indirect=True)  # one gunicorn gevent process is the subject here
 def test_hundreds_of_clients_each_get_their_own_session_only(streams: Streams, rt: Runtime) -> None:
     """300 WebSockets on one API process, 150 sessions of 50 users, two viewers per session."""
-    if streams.mode != "production":
-        pytest.skip("one gunicorn gevent process is the subject here")
     url, web = streams.urls[0], streams.webs[0]
     keys = []
     for i in range(USERS):
@@ -635,9 +633,8 @@ class CuttableProxy:
         self.listener.close()
 
 
+@pytest.mark.parametrize("streams", ["production"], indirect=True)  # needs two API processes
 def test_chat_reconnects_to_another_api_mid_answer_without_repeating(streams: Streams) -> None:
-    if streams.mode != "production":
-        pytest.skip("needs two API processes")
     proxy = CuttableProxy(streams.urls[0])
     proc = start_chat(streams, proxy.url, "long")
     assert proc.stdin is not None and proc.stdout is not None
