@@ -61,10 +61,12 @@ def _storable(value: Any) -> bool:
 
 
 def reject_nul_args() -> None:
-    """400 for a query argument holding NUL: Postgres text cannot carry it (a 500 otherwise)."""
+    """400 for a query argument holding NUL (Postgres text cannot carry it) or given more than once."""
     for name, values in request.args.lists():
         if "\x00" in name or any("\x00" in v for v in values):
             raise BadInput(f"'{name}' holds a NUL character", field=name.replace("\x00", ""))
+        if len(values) > 1:  # which one would count is a guess: refuse instead
+            raise BadInput(f"'{name}' is given more than once", field=name)
 
 
 def reject_empty_args(*names: str) -> None:
