@@ -67,7 +67,7 @@ def settings(database_url: str) -> Settings:
         heartbeat_seconds=0.5,
         lost_task_seconds=5.0,
         sweep_interval=0.5,
-        db_role="none",
+        db_role="steprun_app",  # row-level security on, as in production
         # As an operator sets it in production: every web process shares it (stream tokens).
         secret_key=f"test-secret-{RUN_ID}",
     )

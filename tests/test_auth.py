@@ -15,7 +15,7 @@ from shared.keys import create_key
 from shared.runtime import Runtime
 from shared.settings import Settings
 
-SECRET = "s" * 32
+SECRET = "s" * 48
 
 
 @pytest.fixture(scope="module")

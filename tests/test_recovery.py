@@ -328,19 +328,19 @@ def test_postgres_restart_answers_503_then_recovers(settings: Settings, tmp_path
 def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Principal) -> None:
     """A commit retried after a dropped connection, when the first one did reach the database."""
     from shared import conversations
-    from shared.db import unit_of_work
+    from shared.db import SYSTEM, unit_of_work
     from shared.steps import StepEvents, StepResult, _commit, claim_turn
 
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, who) as db:
         session = conversations.create_session(db, rt, who, "echo", None)
         turn, _ = conversations.create_turn(db, rt, who, session.id, "hi")
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
     assert claim is not None
     result = StepResult(text="once", status="completed", new_messages=[{"role": "assistant", "content": "once"}])
     assert _commit(rt, claim, result, [], StepEvents(rt, claim)) == "completed"
     assert _commit(rt, claim, result, [], StepEvents(rt, claim)) == "zombie"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, who) as db:
         assert [m.content for m in conversations.list_messages(db, who, session.id, 10, 0)[0]] == ["once"]
         assert conversations.get_turn(db, who, turn.id).output == "once"
 

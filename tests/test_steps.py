@@ -6,7 +6,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from shared import conversations
-from shared.db import unit_of_work
+from shared.db import SYSTEM, unit_of_work
 from shared.keys import Principal
 from shared.models import Checkpoint, Message, Turn, utcnow
 from shared.runtime import Runtime
@@ -14,14 +14,14 @@ from shared.steps import StepEvents, StepResult, _commit, claim_turn, run_step
 
 
 def _start_turn(rt: Runtime, who: Principal, agent: str, text: str) -> tuple[str, str]:
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, who) as db:
         session = conversations.create_session(db, rt, who, agent, None)
         turn, _ = conversations.create_turn(db, rt, who, session.id, text)
         return session.id, turn.id
 
 
 def _messages(rt: Runtime, session_id: str) -> list[tuple[str, str]]:
-    with rt.sessions() as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         rows = db.scalars(select(Message).where(Message.session_id == session_id).order_by(Message.id))
         return [(m.role, m.content) for m in rows]
 
@@ -30,7 +30,7 @@ def test_a_turn_runs_step_by_step_to_completion(rt: Runtime, who: Principal) -> 
     sid, tid = _start_turn(rt, who, "math", "add 2 and 40")
     assert run_step(rt, tid, 0) == "in_progress"
     assert run_step(rt, tid, 1) == "completed"
-    with rt.sessions() as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         turn = db.get(Turn, tid)
         assert turn.status == "completed" and turn.output == "The result of add is 42." and turn.step_count == 2
         numbers = db.scalars(select(Checkpoint.number).where(Checkpoint.session_id == sid)).all()
@@ -52,9 +52,9 @@ def test_duplicate_and_stale_deliveries_are_harmless(rt: Runtime, who: Principal
 
 def test_live_lease_blocks_a_second_claim(rt: Runtime, who: Principal) -> None:
     _, tid = _start_turn(rt, who, "echo", "hello")
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         first = claim_turn(db, tid, 0, "worker-a", lease_seconds=60)
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         second = claim_turn(db, tid, 0, "worker-b", lease_seconds=60)
     assert first is not None and first.attempt == 1 and first.step_attempt == 1
     assert second is None
@@ -62,20 +62,20 @@ def test_live_lease_blocks_a_second_claim(rt: Runtime, who: Principal) -> None:
 
 def test_a_zombie_attempt_commits_nothing(rt: Runtime, who: Principal) -> None:
     sid, tid = _start_turn(rt, who, "echo", "hello")
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         zombie = claim_turn(db, tid, 0, "worker-a", lease_seconds=60)
         assert zombie is not None
     # Worker A stalls past its lease; worker B takes over.
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         taker = claim_turn(db, tid, 0, "worker-b", lease_seconds=60)
     assert taker is not None and taker.attempt == zombie.attempt + 1 and taker.step_attempt == 2
 
     stale = StepResult(text="stale", status="completed",
                        new_messages=[{"role": "assistant", "content": "from the zombie"}])
     assert _commit(rt, zombie, stale, [], StepEvents(rt, zombie)) == "zombie"
-    with rt.sessions() as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         turn = db.get(Turn, tid)
         assert turn.status == "in_progress" and turn.output == "" and turn.step_count == 0
     assert _messages(rt, sid) == []
@@ -87,7 +87,7 @@ def test_a_zombie_attempt_commits_nothing(rt: Runtime, who: Principal) -> None:
 
 def test_a_retried_step_says_so_in_the_events(rt: Runtime, who: Principal) -> None:
     sid, tid = _start_turn(rt, who, "echo", "hi")
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         assert claim_turn(db, tid, 0, "dead-worker", lease_seconds=60) is not None
         db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert run_step(rt, tid, 0) == "completed"
@@ -103,11 +103,11 @@ def test_a_retried_step_says_so_in_the_events(rt: Runtime, who: Principal) -> No
 def test_max_attempts_fails_the_turn_with_a_reason(rt: Runtime, who: Principal) -> None:
     _, tid = _start_turn(rt, who, "echo", "hi")
     for _ in range(rt.settings.max_attempts):
-        with unit_of_work(rt.sessions) as db:
+        with unit_of_work(rt.sessions, SYSTEM) as db:
             assert claim_turn(db, tid, 0, "dying-worker", lease_seconds=60) is not None
             db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert run_step(rt, tid, 0) == "failed"
-    with rt.sessions() as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         turn = db.get(Turn, tid)
         assert turn.status == "failed" and turn.error["code"] == "max_attempts"
         assert "failed 3 times" in turn.error["message"]
