@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import websocket
 
 from tests.conftest import Stack, create_key_cli
 
@@ -27,6 +28,12 @@ def a_and_bs(stack: Stack):  # noqa: ANN201
                            headers=h).json()
     status = requests.get(f"{stack.url}/v1/turns/{paused['id']}?wait=30", headers=h).json()["status"]
     assert status == "requires_action"
+    doc = requests.post(f"{stack.url}/v1/knowledge", json={"title": "A-only notes", "text": "zebrafinch A-only"},
+                        headers=h)
+    assert doc.status_code == 201, doc.text
+    assert requests.put(f"{stack.url}/v1/memory/prefs/colour", json={"value": "A-only teal"},
+                        headers=h).status_code in (200, 201)
+    stack.a_doc_id = doc.json()["id"]  # type: ignore[attr-defined]
     return stack, h, sid, done["id"], paused["id"], [same_tenant, other_tenant]
 
 
@@ -43,6 +50,13 @@ def test_every_route_answers_404_to_another_user(a_and_bs) -> None:  # noqa: ANN
         ("GET", f"/v1/turns/{tid}?wait=1", None),
         ("POST", f"/v1/turns/{paused_tid}/cancel", None),
         ("POST", f"/v1/turns/{paused_tid}/resume", {"approve": True}),
+        ("GET", f"/v1/sessions/{sid}/events/stream?after=0", None),
+        ("POST", f"/v1/sessions/{sid}/stream-token", None),
+        ("GET", f"/v1/sessions/{sid}/export", None),
+        ("GET", f"/v1/turns/{tid}/trace", None),
+        ("GET", f"/v1/knowledge/{stack.a_doc_id}", None),
+        ("DELETE", f"/v1/knowledge/{stack.a_doc_id}", None),
+        ("GET", "/v1/memory/prefs/colour", None),
         ("DELETE", f"/v1/sessions/{sid}", None),
     ]
     for key in intruders:
@@ -54,8 +68,17 @@ def test_every_route_answers_404_to_another_user(a_and_bs) -> None:  # noqa: ANN
             assert "A-only" not in r.text and "carol" not in r.text
         listed = requests.get(f"{u}/v1/sessions", headers=h).json()
         assert sid not in {s["id"] for s in listed["data"]}
+        for path in ("/v1/knowledge/search?q=zebrafinch", "/v1/knowledge", "/v1/memory?q=teal", "/v1/memory"):
+            r = requests.get(u + path, headers=h)
+            assert r.status_code == 200 and "A-only" not in r.text, (path, r.text)
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(f"{u.replace('http', 'ws')}/v1/sessions/{sid}/ws?after=0",
+                                        header=[f"Authorization: Bearer {key}"], timeout=5)
+        assert refused.value.status_code == 404
 
     # A's data is untouched: the paused turn is still paused, the session still there.
+    assert requests.get(f"{u}/v1/knowledge/{stack.a_doc_id}", headers=a_headers).status_code == 200
+    assert requests.get(f"{u}/v1/memory/prefs/colour", headers=a_headers).json()["value"] == "A-only teal"
     assert requests.get(f"{u}/v1/sessions/{sid}", headers=a_headers).json()["metadata"] == {"secret": "A-only"}
     assert requests.get(f"{u}/v1/turns/{paused_tid}", headers=a_headers).json()["status"] == "requires_action"
     assert len(requests.get(f"{u}/v1/sessions/{sid}/messages", headers=a_headers).json()["data"]) >= 4
