@@ -93,7 +93,7 @@ def summarize(raw: str, top: int = 12) -> dict[str, Any]:
         if not frames:
             continue
         self_time[_short(frames[-1])] += n
-        for f in {_short(f) for f in frames}:
+        for f in {_short(f) for f in frames if "site-packages" not in f and "/lib/python3" not in f}:
             if f.split(" (", 1)[-1].startswith(tuple(o.strip("/") + "/" for o in OURS)):
                 ours[f] += n
     pct = (lambda c: [(f, round(100 * n / total, 1)) for f, n in c.most_common(top)]) if total else (lambda c: [])

@@ -136,7 +136,7 @@ def detail(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plots(results: dict[str, Any], folder: Path, prefix: str = "") -> list[Path]:
+def plots(results: dict[str, Any], folder: Path) -> list[Path]:
     tp = results.get("throughput") or []
     if not tp:
         return []
@@ -154,7 +154,7 @@ def plots(results: dict[str, Any], folder: Path, prefix: str = "") -> list[Path]
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / name.replace("bench-", f"bench-{prefix}")
+        path = folder / name
         fig.savefig(path, pil_kwargs={"optimize": True})
         plt.close(fig)
         written.append(path)
@@ -198,6 +198,8 @@ def section(results: dict[str, Any], images: list[Path]) -> str:
         table(results),
         "",
     ]
+    for paragraph in details(results):
+        parts += [paragraph, ""]
     if images:
         parts += [" ".join(f"![{p.stem}]({p.name})" for p in images), ""]
     if detail(results):
@@ -213,15 +215,64 @@ def section(results: dict[str, Any], images: list[Path]) -> str:
                   "On CPU itself (self):", ""]
         parts += [f"- {pct}% {frame}" for frame, pct in prof["self_top"][:8]]
         parts += ["", "Under these steprun functions (inclusive):", ""]
-        parts += [f"- {pct}% {frame}" for frame, pct in prof["ours_inclusive"][:8]]
+        ours = [(f, pct) for f, pct in prof["ours_inclusive"] if _in_repo(f)]
+        parts += [f"- {pct}% {frame}" for frame, pct in ours[:8]]
         parts += [""]
     return "\n".join(parts)
+
+
+def _in_repo(frame: str) -> bool:
+    """A profile frame of steprun's own code (gunicorn has a workers/ folder too)."""
+    path = frame.rsplit(" (", 1)[-1].rstrip(")")
+    return (Path(__file__).resolve().parent.parent / path).is_file()
+
+
+def details(results: dict[str, Any]) -> list[str]:
+    """The figures behind the table's other rows, one paragraph each."""
+    out = []
+    o = results.get("overhead")
+    if o:
+        out.append(f"Overhead: {o['turns']} turns one after another; POST to first `message.delta` at the "
+                   f"client minus the model's own first token ({o['model_first_token'] * 1000:.0f} ms); "
+                   f"p50 {_ms(o['p50'])}, p99 {_ms(o['p99'])}, worst {_ms(o['max'])}; the `POST` alone (202 "
+                   f"received) p50 {_ms(o['post_p50'])}.")
+    f = results.get("fanout")
+    if f:
+        out.append(f"Fan-out: {f['clients']} WebSocket clients on {f['sessions']} sessions streaming at 2,000 "
+                   f"tokens/s each, measured over {f['seconds']} s; {f['deltas_per_s']:,} deltas/s delivered in "
+                   f"{f['frames_per_s']:,} frames/s (lagging clients get runs of deltas merged); "
+                   f"{f['per_client_per_s']} deltas/s per client; API process CPU {f['api_cpu_pct']}% = "
+                   f"{f['api_us_per_delta']} µs per delivered delta, {f['api_us_per_frame']} µs per frame; "
+                   f"{f['reconnects']} reconnects after the server closed a lagging client, {f['failed']} failed "
+                   f"connection attempts; starting the {f['sessions']} turns took {f['post_turns_seconds']} s; "
+                   f"Redis {f['per_delta'].get('redis_calls', '-')} commands and "
+                   f"{f['per_delta'].get('redis_usec', '-')} µs per delivered delta.")
+    c = results.get("connections")
+    if c:
+        out.append(f"Connections: {c['held']} of {c['target']} idle WebSockets open at once (one session each, 20 "
+                   f"sessions per user); opened at {c['opened_per_s']}/s over {c['ramp_seconds']} s with "
+                   f"{c['refused']} refusals retried and {c['dropped']} closed by the server while held; API "
+                   f"process RSS {c['rss_before_mb']} → {c['rss_held_mb']} MiB; CPU while idle "
+                   f"{c['idle_api_cpu_pct']}% of a core.")
+    r = results.get("recovery")
+    if r:
+        trials = ", ".join(f"{t['retrying_after']} s" for t in r["trials"])
+        out.append(f"Recovery: lease {r['lease']:g} s, heartbeat {r['heartbeat']:g} s, scheduler sweep every "
+                   f"{r['sweep_interval']:g} s; SIGKILL of the worker process group holding the step to the "
+                   f"client receiving `step.retrying`: {trials}; the resumed stream's first delta followed within "
+                   f"0.1 s.")
+    a = results.get("autoscale")
+    if a:
+        timeline = ", ".join(f"{t:g} s: {n}" for t, n in a["timeline"])
+        out.append(f"Autoscale: one worker `-P gevent --autoscale={a['max']},{a['min']}` (prefetch 1, late acks), "
+                   f"{a['sent']} long steps sent at once; steps running: {timeline}.")
+    return out
 
 
 def write_docs(results: dict[str, Any], path: Path, name: str = "results") -> list[Path]:
     """Replace section ``name`` of ``path`` (between its markers) and redraw its plots next to it."""
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    images = plots(results, path.parent, "" if name == "results" else f"{name}-")
+    images = plots(results, path.parent) if name == "results" else []  # plots for the main run only
     generated = start + "\n" + section(results, images) + "\n" + end
     text = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
     if start in text and end in text:

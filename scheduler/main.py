@@ -8,10 +8,10 @@ import threading
 from shared.lifecycle import Housekeeping
 from shared.logs import configure_logging
 from shared.metrics import serve_metrics
-from shared.storage_sweep import StorageSweep, observe_sweep
 from shared.recovery import sweep
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.storage_sweep import StorageSweep, observe_sweep
 
 log = logging.getLogger("steprun.scheduler")
 

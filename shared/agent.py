@@ -23,8 +23,9 @@ import inspect
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -163,7 +164,7 @@ class AgentRegistry:
             self._agents[agent.name] = agent
 
     @classmethod
-    def from_module(cls, module_name: str | None) -> "AgentRegistry":
+    def from_module(cls, module_name: str | None) -> AgentRegistry:
         """Load ``AGENTS`` from the named module, or the built-in demo agents."""
         module = importlib.import_module(module_name or "shared.demo_agents")
         agents = getattr(module, "AGENTS", None)

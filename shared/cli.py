@@ -152,13 +152,13 @@ def dev(port: int | None) -> None:
     from werkzeug.serving import make_server
 
     from api.app import create_app
+    from scheduler.main import run_forever
     from shared.db import unit_of_work
     from shared.keys import create_key
     from shared.logs import configure_logging
     from shared.migrate import upgrade
     from shared.recovery import recover_after_restart
     from shared.runtime import Runtime
-    from scheduler.main import run_forever
 
     settings = _settings()
     if port:

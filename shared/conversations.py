@@ -86,7 +86,8 @@ def delete_session(db: Session, rt: Runtime, who: Principal, session_id: str) ->
     after_commit(db, lambda: rt.events.delete(session_id))
 
 
-def list_messages(db: Session, who: Principal, session_id: str, limit: int, after: int) -> tuple[list[Message], int | None]:
+def list_messages(db: Session, who: Principal, session_id: str, limit: int,
+                  after: int) -> tuple[list[Message], int | None]:
     get_session(db, who, session_id)
     rows = list(
         db.scalars(
@@ -224,7 +225,7 @@ def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) 
 def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: dict[str, Any]) -> Turn:
     """Continue a paused turn with the user's answer."""
     turn = get_turn(db, who, turn_id)
-    session = get_session(db, who, turn.session_id, lock=True)
+    get_session(db, who, turn.session_id, lock=True)  # the same lock order as every other turn change
     db.refresh(turn, with_for_update=True)
     if turn.status != "requires_action":
         raise Conflict(f"turn {turn_id} is {turn.status}, not requires_action")

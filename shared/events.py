@@ -17,10 +17,10 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 
 def encode_event(type_: str, turn_id: str | None, data: dict[str, Any] | None = None) -> str:
@@ -32,7 +32,7 @@ def encode_event(type_: str, turn_id: str | None, data: dict[str, Any] | None = 
 
 
 def with_cursor(cursor: int, body: str) -> str:
-    return '{"cursor":%d,%s' % (cursor, body[1:])
+    return f'{{"cursor":{cursor},{body[1:]}'
 
 
 @dataclass
@@ -167,7 +167,7 @@ class RedisEventLog:
     def listen(self, session_id: str) -> _Listening:
         return self.doorbell().listen(self._keys(session_id)[2])
 
-    def doorbell(self) -> "Doorbell":
+    def doorbell(self) -> Doorbell:
         with self._doorbell_lock:
             if self._doorbell is None:
                 self._doorbell = Doorbell(self.redis)
@@ -209,7 +209,7 @@ class _Ring:
 
 
 class _Listening:
-    def __init__(self, bell: "Doorbell", channel: str):
+    def __init__(self, bell: Doorbell, channel: str):
         self.bell, self.channel, self.ring = bell, channel, _Ring()
 
     def __enter__(self) -> _Ring:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -76,7 +77,7 @@ class Runtime:
     draining: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def create(cls, settings: Settings, *, agents: AgentRegistry | None = None) -> "Runtime":
+    def create(cls, settings: Settings, *, agents: AgentRegistry | None = None) -> Runtime:
         engine = make_engine(settings)
         factory = make_sessionmaker(engine)
         _install_after_commit(factory)

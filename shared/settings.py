@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 class SettingsError(ValueError):
@@ -169,7 +170,8 @@ class Settings:
         "STEPRUN_MAX_DOCUMENT_CHARS", 500_000, "Largest knowledge document, in characters."
     )
     knowledge_chunk_chars: int = _setting(
-        "STEPRUN_KNOWLEDGE_CHUNK_CHARS", 1200, "Knowledge documents are cut into chunks of at most this many characters."
+        "STEPRUN_KNOWLEDGE_CHUNK_CHARS", 1200,
+        "Knowledge documents are cut into chunks of at most this many characters.",
     )
     embedder: str | None = _setting(
         "STEPRUN_EMBEDDER", None,
@@ -229,7 +231,7 @@ class Settings:
         return url
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -240,7 +242,7 @@ class Settings:
         values.update(overrides)
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 

@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -223,7 +223,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module", params=["production", "embedded"])
-def stack(request: pytest.FixtureRequest, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(request: pytest.FixtureRequest, settings: Settings,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The same deployment in both shapes: Procfile processes on Postgres+Redis, or `steprun dev`."""
     log_dir = tmp_path_factory.mktemp(f"stack-{request.param}")
     procs = Procs(settings, log_dir)

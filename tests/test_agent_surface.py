@@ -1,7 +1,7 @@
 """The authoring surface: tool schemas from signatures, registry checks, the scripted model."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -14,7 +14,7 @@ from shared.settings import Settings
 def test_schema_comes_from_signature_and_docstring() -> None:
     @tool
     def book(city: str, nights: int, budget: float = 100.0, tags: list[str] | None = None,
-             kind: Literal["hotel", "hostel"] = "hotel", ctx: Optional[ToolContext] = None) -> str:
+             kind: Literal["hotel", "hostel"] = "hotel", ctx: ToolContext | None = None) -> str:
         """Book a room.
 
         Args:

@@ -271,7 +271,8 @@ def test_expired_cursor_and_foreign_session(streams: Streams) -> None:
 
 # --- backpressure -----------------------------------------------------------------
 
-@pytest.mark.parametrize("streams", ["production"], indirect=True)  # needs a web process started with small stream buffers
+# Production only: it needs a web process started with small stream buffers.
+@pytest.mark.parametrize("streams", ["production"], indirect=True)
 def test_slow_consumer_is_closed_with_its_cursor_and_loses_nothing(streams: Streams) -> None:
     """A client that stops reading is closed with its cursor; it resumes from it; the API's memory stays flat."""
     env = {**streams.env, "STEPRUN_STREAM_BUFFER": "8", "STEPRUN_STREAM_SLOW_SECONDS": "1",

@@ -1,4 +1,6 @@
 """Models behind one streaming interface, named by a string."""
+from typing import Any  # noqa: E402
+
 from shared.llm.base import (  # noqa: F401  (re-exported)
     Model,
     ModelError,
@@ -8,8 +10,6 @@ from shared.llm.base import (  # noqa: F401  (re-exported)
     TransientModelError,
     Usage,
 )
-
-from typing import Any  # noqa: E402
 
 
 def build_model(spec: Any, settings: Any) -> Model:

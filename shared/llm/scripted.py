@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from shared.llm.base import ModelResponse, OnDelta, ToolCallRequest, Usage
 
@@ -51,7 +52,7 @@ class ScriptedModel:
         self.name = "scripted"
 
     @classmethod
-    def from_spec(cls, options: str) -> "ScriptedModel":
+    def from_spec(cls, options: str) -> ScriptedModel:
         """Build from the part after ``scripted:``, e.g. ``ttft=0.05,tps=200``."""
         kwargs: dict[str, Any] = {}
         for part in filter(None, (p.strip() for p in options.split(","))):
