@@ -144,12 +144,16 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     for name, draw in (("bench-throughput.png", _draw_throughput), ("bench-latency.png", _draw_latency)):
         fig, ax = plt.subplots(figsize=(6, 3.4), dpi=90)
         draw(ax, tp)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["concurrency"] for r in tp}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("concurrent users (closed loop)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -179,6 +183,10 @@ def _draw_latency(ax: Any, tp: list[dict[str, Any]]) -> None:
             line, = ax.plot(c, [x * 1000 for x in p50], marker="o", label=f"{label} p50")
             ax.plot(c, [x * 1000 for x in p99], marker="^", ls="--", color=line.get_color(), label=f"{label} p99")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(round(v))[0] in "2356" else ""))
     ax.set_ylabel("turn latency, ms (POST to turn.completed)")
     ax.set_title("Turn latency against concurrency", fontsize=10)
 

@@ -8,6 +8,7 @@ killed with its children at the end, whatever happened in between.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -154,6 +155,17 @@ class Stack:
             import redis
 
             client = redis.Redis.from_url(self.config.redis_url)
+            # Tasks of workers this run SIGKILLed stay in kombu's "unacked" hash, which is global to the
+            # Redis db: left there, the next Celery worker of *any* run would restore them into this
+            # run's queue after it was deleted. Drop ours first.
+            for tag, raw in client.hscan_iter("unacked"):
+                try:
+                    routing_key = json.loads(raw)[2]
+                except (ValueError, IndexError, TypeError):
+                    continue
+                if routing_key == self.queue:
+                    client.hdel("unacked", tag)
+                    client.zrem("unacked_index", tag)
             for pattern in (f"{self.prefix}:*", f"{self.queue}*", f"_kombu.binding.{self.queue}*"):
                 keys = list(client.scan_iter(match=pattern, count=1000))
                 for i in range(0, len(keys), 500):
