@@ -86,9 +86,13 @@ class Runtime:
         if settings.redis_url:
             import redis
 
-            client = redis.Redis.from_url(
-                settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+            # A blocking pool: under load, callers wait (up to 5 s) for a connection instead of
+            # failing at redis-py's default cap of 100 (measured: thousands of failed reads in fan-out).
+            pool = redis.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
+                socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
             )
+            client = redis.Redis(connection_pool=pool)
             events: EventLog = RedisEventLog(
                 client,
                 prefix=settings.redis_prefix,

@@ -57,6 +57,9 @@ class Settings:
     max_queued_turns: int = _setting(
         "STEPRUN_MAX_QUEUED_TURNS", 20, "Turns one principal may have waiting (queued) at once."
     )
+    redis_max_connections: int = _setting(
+        "STEPRUN_REDIS_MAX_CONNECTIONS", 50, "Redis connections per process (callers queue for one when all are busy)."
+    )
     redis_prefix: str = _setting("STEPRUN_REDIS_PREFIX", "steprun", "Prefix of every Redis key and channel.")
     queue_name: str = _setting("STEPRUN_QUEUE", "steprun.steps", "Celery queue the step tasks go to.")
 
