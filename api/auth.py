@@ -67,10 +67,14 @@ def authenticate() -> Principal:
     settings = runtime().settings
     if jwt_enabled(settings) and looks_like_jwt(token):
         return principal_from_jwt(settings, token)
-    identity = identify_key(db(), token)
-    db().rollback()  # release the connection until the view needs one
+    cache = runtime().key_cache
+    identity = cache.get(token)
     if identity is None:
-        raise Unauthorized("the key is not valid (unknown or revoked)")
+        identity = identify_key(db(), token)
+        db().rollback()  # release the connection until the view needs one
+        if identity is None:
+            raise Unauthorized("the key is not valid (unknown or revoked)")
+        cache.put(token, identity)
     if identity.user_id is not None:
         return Principal(identity.tenant_id, identity.user_id)
     g.service_key = True  # acts for the tenant: may also write tenant-wide data (knowledge)

@@ -56,6 +56,37 @@ def keys_create(tenant: str, user_id: str | None, service: bool, name: str | Non
     click.echo(raw)
 
 
+@keys.command("list")
+@click.option("--tenant", required=True, help="Tenant whose keys to list.")
+def keys_list(tenant: str) -> None:
+    """List a tenant's keys (ids and prefixes; the keys themselves are not stored)."""
+    from shared.db import make_engine, make_sessionmaker, unit_of_work
+    from shared.keys import list_keys
+
+    engine = make_engine(_settings())
+    with unit_of_work(make_sessionmaker(engine)) as db:
+        for row in list_keys(db, tenant):
+            state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "live"
+            click.echo(f"{row.id}  {row.prefix}…  {row.user_id or '(service)':24} {state:22} {row.name or ''}")
+    engine.dispose()
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (see `keys list`); API processes stop accepting it within STEPRUN_KEY_CACHE_SECONDS."""
+    from shared.db import make_engine, make_sessionmaker, unit_of_work
+    from shared.keys import revoke_key
+
+    engine = make_engine(_settings())
+    with unit_of_work(make_sessionmaker(engine)) as db:
+        revoked = revoke_key(db, key_id)
+    engine.dispose()
+    if not revoked:
+        raise click.ClickException(f"no live key {key_id!r}")
+    click.echo(f"revoked {key_id}")
+
+
 @main.command()
 @click.option("--write-readme", type=click.Path(exists=True), help="Rewrite the table in this README.")
 def settings(write_readme: str | None) -> None:

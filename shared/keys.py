@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -45,6 +47,38 @@ def create_key(db: Session, tenant_id: str, user_id: str | None, name: str | Non
     return row, raw
 
 
+class KeyCache:
+    """Recently verified keys, per process, so a request does not always cost a database round trip.
+
+    Keyed by the key's hash; entries live ``ttl`` seconds, so a revoked key
+    stops working within that time. Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000):
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: dict[str, tuple[float, KeyIdentity]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, raw: str) -> KeyIdentity | None:
+        if self.ttl <= 0:
+            return None
+        digest = hash_key(raw)
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is None or hit[0] < time.monotonic():
+                self._entries.pop(digest, None)
+                return None
+            return hit[1]
+
+    def put(self, raw: str, identity: KeyIdentity) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[hash_key(raw)] = (time.monotonic() + self.ttl, identity)
+
+
 def identify_key(db: Session, raw: str) -> KeyIdentity | None:
     row = db.execute(
         select(ApiKey.id, ApiKey.tenant_id, ApiKey.user_id).where(
@@ -52,3 +86,18 @@ def identify_key(db: Session, raw: str) -> KeyIdentity | None:
         )
     ).first()
     return KeyIdentity(row.id, row.tenant_id, row.user_id) if row else None
+
+
+def list_keys(db: Session, tenant_id: str) -> list[ApiKey]:
+    return list(db.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
+
+
+def revoke_key(db: Session, key_id: str) -> bool:
+    """Revoke a key by id; False if there is no such live key."""
+    from shared.models import utcnow
+
+    row = db.get(ApiKey, key_id)
+    if row is None or row.revoked_at is not None:
+        return False
+    row.revoked_at = utcnow()
+    return True

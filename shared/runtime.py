@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.agent import AgentRegistry
 from shared.db import install_row_security, make_engine, make_sessionmaker
 from shared.events import EventLog, MemoryEventLog, RedisEventLog
+from shared.keys import KeyCache
 from shared.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
 from shared.settings import Settings
@@ -70,6 +71,7 @@ class Runtime:
     agents: AgentRegistry
     queue: TaskQueue = field(init=False)
     limiter: RateLimiter = field(init=False)
+    key_cache: KeyCache = field(init=False)
     redis: Any = None
     # Shutdown, in two stages: ``stopping`` (no new step starts here; deliveries are passed
     # on), then ``draining`` after a grace period (running steps hand themselves back).
@@ -109,6 +111,7 @@ class Runtime:
             rt = cls(settings, engine, factory, events, agents)
             rt.queue = InProcessQueue(rt.run_step, workers=min(settings.worker_concurrency, 32))
             rt.limiter = MemoryRateLimiter()
+        rt.key_cache = KeyCache(settings.key_cache_seconds)
         return rt
 
     def run_step(self, turn_id: str, step: int) -> None:

@@ -51,6 +51,10 @@ class Settings:
         "STEPRUN_JWT_PUBLIC_KEY", None, "RS256 public key (PEM text) for end-user JWTs (optional)."
     )
     jwt_audience: str | None = _setting("STEPRUN_JWT_AUDIENCE", None, "Required `aud` claim of JWTs, if set.")
+    key_cache_seconds: float = _setting(
+        "STEPRUN_KEY_CACHE_SECONDS", 30.0,
+        "How long a process trusts a verified API key before checking it again (a revoked key works that long).",
+    )
     rate_limit_per_minute: int = _setting(
         "STEPRUN_RATE_LIMIT_PER_MINUTE", 600, "Requests one principal may make per minute (0: no limit)."
     )
