@@ -18,6 +18,7 @@ def test_concurrent_sessions_in_one_worker_do_not_bleed(procs: Procs, rt: Runtim
     env = settings_env(procs.settings)
     env["STEPRUN_AGENTS"] = "tests.agents_isolation"
     procs.worker(concurrency=50, env=env)  # one process, many greenlets
+    procs.scheduler(env=env)  # as deployed: the lost-task sweep backs up the broker
     _, url = procs.web(env=env)
     tenant = f"t-{secrets.token_hex(3)}"
     users = []

@@ -38,6 +38,7 @@ def test_openai_model_turn_end_to_end(procs: Procs, server) -> None:  # noqa: F8
     env = settings_env(procs.settings)
     env.update(STEPRUN_AGENTS="tests.agents_openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="sk-test")
     procs.worker(env=env)
+    procs.scheduler(env=env)
     _, url = procs.web(env=env)
     key = create_key_cli(env, "t-openai", "u-openai")
     h = {"Authorization": f"Bearer {key}"}
@@ -75,6 +76,7 @@ def test_provider_bad_request_fails_the_turn_with_its_message(procs: Procs, serv
     env = settings_env(procs.settings)
     env.update(STEPRUN_AGENTS="tests.agents_openai", OPENAI_BASE_URL=server.base_url)
     procs.worker(env=env)
+    procs.scheduler(env=env)
     _, url = procs.web(env=env)
     h = {"Authorization": f"Bearer {create_key_cli(env, 't-openai', 'u-openai2')}"}
     sid = requests.post(f"{url}/v1/sessions", json={"agent": "gpt"}, headers=h).json()["id"]

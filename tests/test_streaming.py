@@ -69,6 +69,7 @@ def streams(request: pytest.FixtureRequest, settings: Settings,
         if request.param == "production":
             env = {**settings_env(settings), **extra}  # with the run's STEPRUN_SECRET_KEY
             procs.worker(concurrency=50, env=env)
+            procs.scheduler(env=env)
             webs = [procs.web(env=env), procs.web(env=env)]
             cwd = None
         else:
