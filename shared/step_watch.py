@@ -210,7 +210,10 @@ class StepWatch:
                 self._duty("flush", lambda: self.events.flush(when_due=True))
             if now >= next_cancel_check:
                 next_cancel_check = now + 0.25
-                self._duty("cancel check", self._check_cancel_flag)
+                # Every flush's append already reports the cancel flag: poll only when nothing streams
+                # (a tool runs, or the model is thinking), not 4 times a second beside the appends.
+                if now - self.events._last_flush >= 0.25:
+                    self._duty("cancel check", self._check_cancel_flag)
 
     def _duty(self, name: str, fn: Any) -> None:
         try:
