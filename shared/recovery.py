@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, select, update
 
@@ -32,46 +33,56 @@ class SweepReport:
         return bool(self.expired_leases or self.lost_tasks or self.expired_actions)
 
 
-def recover_expired_leases(rt: Runtime) -> int:
-    """Steps whose worker stopped heartbeating: hand them to another worker."""
-    now = utcnow()
+def _resend(rt: Runtime, conditions: list[Any], values: dict[str, Any], why: str) -> int:
+    """Claim matching turns back in one UPDATE ... RETURNING and re-send each one's current step after commit.
+
+    ``why`` is logged per turn, formatted with the turn id and step.
+    """
     with unit_of_work(rt.sessions, SYSTEM) as db:
         rows = db.execute(
             update(Turn)
-            .where(Turn.status == "in_progress", Turn.lease_expires_at < now)
-            .values(lease_owner=None, lease_expires_at=None, enqueued_at=now, retry_reason=LEASE_EXPIRED)
+            .where(*conditions)
+            .values(**values)
             .returning(Turn.id, Turn.step_count)
             .execution_options(synchronize_session=False)
         ).all()
         for row in rows:
-            log.warning("turn %s: lease expired during step %s; re-enqueued", row.id, row.step_count)
+            log.warning(why, row.id, row.step_count)
             after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
     return len(rows)
+
+
+def _active_turn() -> Any:
+    """The session's active turn, as a correlated subquery on the turn's session."""
+    return select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
+
+
+def recover_expired_leases(rt: Runtime) -> int:
+    """Steps whose worker stopped heartbeating: hand them to another worker."""
+    now = utcnow()
+    return _resend(
+        rt,
+        [Turn.status == "in_progress", Turn.lease_expires_at < now],
+        {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now, "retry_reason": LEASE_EXPIRED},
+        "turn %s: lease expired during step %s; re-enqueued",
+    )
 
 
 def recover_lost_tasks(rt: Runtime) -> int:
     """Active turns nobody claimed for a while: their task was probably lost (e.g. Redis restarted)."""
     now = utcnow()
     stale = now - timedelta(seconds=rt.settings.lost_task_seconds)
-    active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
-    with unit_of_work(rt.sessions, SYSTEM) as db:
-        rows = db.execute(
-            update(Turn)
-            .where(
-                Turn.status.in_(("queued", "in_progress")),
-                Turn.lease_expires_at.is_(None),
-                and_(Turn.enqueued_at.is_not(None), Turn.enqueued_at < stale),
-                Turn.id == active,
-            )
-            .values(enqueued_at=now)
-            .returning(Turn.id, Turn.step_count)
-            .execution_options(synchronize_session=False)
-        ).all()
-        for row in rows:
-            log.warning("turn %s: no worker took step %s for %ss; re-enqueued", row.id, row.step_count,
-                        rt.settings.lost_task_seconds)
-            after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
-    return len(rows)
+    return _resend(
+        rt,
+        [
+            Turn.status.in_(("queued", "in_progress")),
+            Turn.lease_expires_at.is_(None),
+            and_(Turn.enqueued_at.is_not(None), Turn.enqueued_at < stale),
+            Turn.id == _active_turn(),
+        ],
+        {"enqueued_at": now},
+        f"turn %s: no worker took step %s for {rt.settings.lost_task_seconds}s; re-enqueued",
+    )
 
 
 def sweep(rt: Runtime) -> SweepReport:
@@ -87,16 +98,9 @@ def recover_after_restart(rt: Runtime) -> int:
     active turn's in-flight step was lost with the previous process: send each
     one again now instead of waiting out the lease and lost-task timeouts.
     """
-    active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
-    with unit_of_work(rt.sessions, SYSTEM) as db:
-        rows = db.execute(
-            update(Turn)
-            .where(Turn.status.in_(("queued", "in_progress")), Turn.id == active)
-            .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow())
-            .returning(Turn.id, Turn.step_count)
-            .execution_options(synchronize_session=False)
-        ).all()
-        for row in rows:
-            log.warning("turn %s: resuming step %s after a restart", row.id, row.step_count)
-            after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
-    return len(rows)
+    return _resend(
+        rt,
+        [Turn.status.in_(("queued", "in_progress")), Turn.id == _active_turn()],
+        {"lease_owner": None, "lease_expires_at": None, "enqueued_at": utcnow()},
+        "turn %s: resuming step %s after a restart",
+    )
