@@ -9,13 +9,14 @@ from api.auth import install_auth
 from api.context import reject_nul_args
 from api.errors import register_error_handlers
 from api.observability import install_observability
+from shared.engine.step import build_runtime
 from shared.runtime import Runtime
 from shared.settings import Settings
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
     settings = settings or (runtime.settings if runtime else Settings.from_env())
-    runtime = runtime or Runtime.create(settings)
+    runtime = runtime or build_runtime(settings)
     app = Flask("steprun")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -8,11 +8,12 @@ from typing import Any
 from flask import Flask, current_app, g, request
 
 from api.context import db, runtime
+from shared.auth.jwt import jwt_enabled, looks_like_jwt, principal_from_jwt
+from shared.auth.keys import identify_key
+from shared.auth.principal import Principal
+from shared.auth.stream_tokens import verify_stream_token
 from shared.db import set_scope
 from shared.errors import BadInput, RateLimited, Unauthorized, Unavailable
-from shared.jwt_auth import jwt_enabled, looks_like_jwt, principal_from_jwt
-from shared.keys import Principal, identify_key
-from shared.stream_tokens import verify_stream_token
 
 USER_ID_RE = re.compile(r"^[\w.@:+-]{1,256}$")
 

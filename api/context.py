@@ -7,8 +7,8 @@ from typing import Any
 from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
+from shared.auth.principal import Principal
 from shared.errors import BadInput
-from shared.keys import Principal
 from shared.runtime import Runtime
 
 

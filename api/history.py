@@ -9,9 +9,10 @@ from flask import Blueprint, jsonify
 from api import storage_docs  # noqa: F401  (describes these routes in /openapi.json)
 from api.context import db, principal, runtime
 from api.serialize import message_json, session_json, ts, turn_json
-from shared import history, traces
-from shared.conversations import get_turn
-from shared.storage_models import TraceSpan
+from shared.engine.otel import trace_id_for
+from shared.models import TraceSpan
+from shared.turns import history
+from shared.turns.service import get_turn
 
 bp = Blueprint("history", __name__)
 
@@ -33,7 +34,7 @@ def span_json(row: TraceSpan) -> dict[str, Any]:
 
 
 def trace_json(turn_id: str, spans: list[TraceSpan]) -> dict[str, Any]:
-    return {"object": "trace", "turn_id": turn_id, "trace_id": traces.trace_id_for(turn_id),
+    return {"object": "trace", "turn_id": turn_id, "trace_id": trace_id_for(turn_id),
             "spans": [span_json(s) for s in spans]}
 
 
@@ -41,7 +42,7 @@ def trace_json(turn_id: str, spans: list[TraceSpan]) -> dict[str, Any]:
 def get_trace(turn_id: str):  # type: ignore[no-untyped-def]
     """Spans of every committed step of the turn, in start order (an unfinished step has none yet)."""
     turn = get_turn(db(), principal(), turn_id)
-    body = trace_json(turn.id, traces.list_spans(db(), principal(), turn.id))
+    body = trace_json(turn.id, history.list_spans(db(), principal(), turn.id))
     body["status"] = turn.status
     return jsonify(body)
 

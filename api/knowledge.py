@@ -8,9 +8,9 @@ from werkzeug.routing import BaseConverter
 
 from api.context import db, int_arg, json_body, principal, reject_empty_args, runtime
 from api.serialize import ts
-from shared import knowledge
 from shared.errors import BadInput
-from shared.storage_models import KnowledgeDocument
+from shared.models import KnowledgeDocument
+from shared.storage import knowledge
 
 bp = Blueprint("knowledge", __name__, url_prefix="/v1/knowledge")
 

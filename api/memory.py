@@ -7,9 +7,10 @@ from flask import Blueprint, jsonify, request
 
 from api.context import db, int_arg, json_body, principal, reject_empty_args, runtime
 from api.serialize import ts
-from shared import memory
 from shared.errors import BadInput
-from shared.storage_models import MemoryItem
+from shared.models import MemoryItem
+from shared.storage import memory
+from shared.streaming.protocol import MAX_CURSOR
 
 bp = Blueprint("memory", __name__, url_prefix="/v1/memory")
 
@@ -57,7 +58,7 @@ def list_items():  # type: ignore[no-untyped-def]
     """Newest first; with ``q``, best match first. ``next`` is an opaque cursor for ``after``."""
     reject_empty_args("limit", "after")
     limit = int_arg("limit", 20, lo=1, hi=memory.MAX_PAGE)
-    after = int_arg("after", 0, lo=0, hi=2**62)
+    after = int_arg("after", 0, lo=0, hi=MAX_CURSOR)
     namespace = request.args.get("namespace") or None
     if namespace is not None and not memory.NAMESPACE_RE.match(namespace):
         raise BadInput("namespace must be 1-128 characters of letters, digits and _ . : -", field="namespace")

@@ -9,6 +9,8 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from shared.streaming.protocol import MAX_CURSOR
+
 bp = Blueprint("openapi", __name__)
 
 TS = {"type": ["string", "null"], "format": "date-time"}
@@ -112,7 +114,7 @@ def header(name: str, description: str) -> dict[str, Any]:
 
 LIMIT = query("limit", {"type": "integer", "minimum": 1, "maximum": 100})
 WAIT = query("wait", {"type": "number", "minimum": 0, "maximum": 60}, "long-poll up to this many seconds")
-AFTER_INT = query("after", {"type": "integer", "minimum": 0, "maximum": 2**62}, "cursor")
+AFTER_INT = query("after", {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR}, "cursor")
 SID, TID = path_param("session_id"), path_param("turn_id")
 OBJ = {"type": "object"}
 

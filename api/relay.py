@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from shared.events import EventLog
 from shared.settings import Settings
+from shared.streaming.protocol import EventLog
 
 log = logging.getLogger(__name__)
 # How often a waiting stream re-reads the log even if no doorbell rang (a lost ring costs this much delay).

@@ -5,8 +5,9 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.context import db, float_arg, int_arg, json_body, principal, runtime
 from api.serialize import message_json, session_json, turn_json
-from shared import conversations
 from shared.errors import Gone
+from shared.streaming.protocol import MAX_CURSOR
+from shared.turns import service as turns
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
 
@@ -14,42 +15,42 @@ bp = Blueprint("sessions", __name__, url_prefix="/v1/sessions")
 @bp.post("")
 def create_session():  # type: ignore[no-untyped-def]
     body = json_body()
-    row = conversations.create_session(db(), runtime(), principal(), body.get("agent"), body.get("metadata"))
+    row = turns.create_session(db(), runtime(), principal(), body.get("agent"), body.get("metadata"))
     db().commit()
     return jsonify(session_json(row)), 201
 
 
 @bp.get("")
 def list_sessions():  # type: ignore[no-untyped-def]
-    limit = int_arg("limit", 20, lo=1, hi=conversations.MAX_PAGE)
-    rows, nxt = conversations.list_sessions(db(), principal(), limit, request.args.get("after") or None)
+    limit = int_arg("limit", 20, lo=1, hi=turns.MAX_PAGE)
+    rows, nxt = turns.list_sessions(db(), principal(), limit, request.args.get("after") or None)
     return jsonify({"data": [session_json(r) for r in rows], "next": nxt})
 
 
 @bp.get("/<session_id>")
 def get_session(session_id: str):  # type: ignore[no-untyped-def]
-    return jsonify(session_json(conversations.get_session(db(), principal(), session_id)))
+    return jsonify(session_json(turns.get_session(db(), principal(), session_id)))
 
 
 @bp.delete("/<session_id>")
 def delete_session(session_id: str):  # type: ignore[no-untyped-def]
-    conversations.delete_session(db(), runtime(), principal(), session_id)
+    turns.delete_session(db(), runtime(), principal(), session_id)
     db().commit()
     return jsonify({"id": session_id, "object": "session", "deleted": True})
 
 
 @bp.get("/<session_id>/messages")
 def list_messages(session_id: str):  # type: ignore[no-untyped-def]
-    limit = int_arg("limit", 50, lo=1, hi=conversations.MAX_PAGE)
-    after = int_arg("after", 0, lo=0, hi=2**62)
-    rows, nxt = conversations.list_messages(db(), principal(), session_id, limit, after)
+    limit = int_arg("limit", 50, lo=1, hi=turns.MAX_PAGE)
+    after = int_arg("after", 0, lo=0, hi=MAX_CURSOR)
+    rows, nxt = turns.list_messages(db(), principal(), session_id, limit, after)
     return jsonify({"data": [message_json(r) for r in rows], "next": nxt})
 
 
 @bp.post("/<session_id>/turns")
 def create_turn(session_id: str):  # type: ignore[no-untyped-def]
     body = json_body()
-    turn, created = conversations.create_turn(
+    turn, created = turns.create_turn(
         db(), runtime(), principal(), session_id, body.get("input"), body.get("on_busy"),
         request.headers.get("Idempotency-Key"),
     )
@@ -61,10 +62,10 @@ def create_turn(session_id: str):  # type: ignore[no-untyped-def]
 def list_events(session_id: str):  # type: ignore[no-untyped-def]
     """Events after a cursor, as JSON: the polling client's stream."""
     rt = runtime()
-    after = int_arg("after", 0, lo=0, hi=2**62)
+    after = int_arg("after", 0, lo=0, hi=MAX_CURSOR)
     limit = int_arg("limit", 500, lo=1, hi=1000)
     wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
-    conversations.get_session(db(), principal(), session_id)
+    turns.get_session(db(), principal(), session_id)
     db().close()  # never hold a connection while waiting
     batch = rt.events.wait(session_id, after, wait, limit) if wait else rt.events.read(session_id, after, limit)
     if batch.gone:

@@ -20,13 +20,14 @@ from api.context import db, int_arg, principal, runtime
 from api.relay import gone_message, sse_stream
 from api.serialize import ts
 from api.websocket import WebSocketStream
-from shared import conversations
+from shared.auth.stream_tokens import mint_stream_token
 from shared.errors import BadInput, Gone, Unavailable
-from shared.stream_tokens import mint_stream_token
+from shared.streaming.protocol import MAX_CURSOR
+from shared.turns import service as turns
 
 bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
 sock = Sock()
-MAX_CURSOR = 2**62
+
 
 _TOKEN = openapi.query("token", {"type": "string"},
                        "a stream token (POST .../stream-token), in place of the Authorization header")
@@ -81,7 +82,7 @@ def _start_cursor(session_id: str, *, header: bool) -> int:
 
 def _own_session(session_id: str) -> None:
     """404 unless the session exists and is the caller's; then let the connection go."""
-    conversations.get_session(db(), principal(), session_id)
+    turns.get_session(db(), principal(), session_id)
     db().close()  # a stream must not hold a database connection for its whole life
 
 
@@ -123,7 +124,7 @@ def stream_ws(ws, session_id: str) -> None:  # type: ignore[no-untyped-def]
 def create_stream_token(session_id: str):  # type: ignore[no-untyped-def]
     """A short-lived token a browser passes as ?token= to the WebSocket and SSE routes."""
     rt = runtime()
-    conversations.get_session(db(), principal(), session_id)
+    turns.get_session(db(), principal(), session_id)
     if not rt.settings.secret_key:
         raise Unavailable("stream tokens are disabled: set STEPRUN_SECRET_KEY (the same value on every "
                           "web process) to enable them")

@@ -7,8 +7,8 @@ from flask import Blueprint, jsonify
 
 from api.context import db, float_arg, json_body, principal, runtime
 from api.serialize import turn_json
-from shared import conversations
 from shared.models import ACTIVE
+from shared.turns import service as turns
 
 bp = Blueprint("turns", __name__, url_prefix="/v1/turns")
 
@@ -17,19 +17,19 @@ bp = Blueprint("turns", __name__, url_prefix="/v1/turns")
 def get_turn(turn_id: str):  # type: ignore[no-untyped-def]
     rt = runtime()
     wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
-    turn = conversations.get_turn(db(), principal(), turn_id)
+    turn = turns.get_turn(db(), principal(), turn_id)
     deadline = time.monotonic() + wait
     while _running(turn.status) and time.monotonic() < deadline:
         # Every status change publishes an event: read the log's head *before*
         # re-reading the turn, so a change in between still wakes the wait.
         cursor = rt.events.head(turn.session_id)
         db().close()  # hold no connection while waiting
-        turn = conversations.get_turn(db(), principal(), turn_id)
+        turn = turns.get_turn(db(), principal(), turn_id)
         if not _running(turn.status):
             break
         db().close()
         rt.events.wait(turn.session_id, cursor, max(0.0, min(deadline - time.monotonic(), 5.0)), limit=1)
-        turn = conversations.get_turn(db(), principal(), turn_id)
+        turn = turns.get_turn(db(), principal(), turn_id)
     return jsonify(turn_json(turn))
 
 
@@ -39,13 +39,13 @@ def _running(status: str) -> bool:
 
 @bp.post("/<turn_id>/cancel")
 def cancel_turn(turn_id: str):  # type: ignore[no-untyped-def]
-    turn = conversations.cancel_turn(db(), runtime(), principal(), turn_id)
+    turn = turns.cancel_turn(db(), runtime(), principal(), turn_id)
     db().commit()
     return jsonify(turn_json(turn))
 
 
 @bp.post("/<turn_id>/resume")
 def resume_turn(turn_id: str):  # type: ignore[no-untyped-def]
-    turn = conversations.resume_turn(db(), runtime(), principal(), turn_id, json_body())
+    turn = turns.resume_turn(db(), runtime(), principal(), turn_id, json_body())
     db().commit()
     return jsonify(turn_json(turn)), 202

@@ -30,11 +30,12 @@ from sqlalchemy.exc import OperationalError
 
 from api.relay import POLL_SECONDS, CursorGone, Frame, LogFollower, StreamEnded, bound_socket
 from api.serialize import turn_json
-from shared import conversations
+from shared.auth.principal import Principal
 from shared.db import unit_of_work
 from shared.errors import BadInput, NotFound, StepRunError, TooLarge, Unavailable
-from shared.keys import Principal
 from shared.runtime import Runtime
+from shared.streaming.protocol import MAX_CURSOR
+from shared.turns import service as turns
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,10 @@ class WebSocketStream:
             self.rate_limit(self.who)
             if kind == "subscribe":
                 after = frame.get("after")
-                if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= 2**62:
+                if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
                     raise BadInput("'after' must be a cursor (a non-negative integer)", field="after")
                 with unit_of_work(self.rt.sessions, scope=self.who) as db:
-                    conversations.get_session(db, self.who, self.session_id)
+                    turns.get_session(db, self.who, self.session_id)
                 self._post("subscribe", after, ref)
                 return
             self._post("reply", self._turn_request(kind, frame), ref)
@@ -169,19 +170,19 @@ class WebSocketStream:
                 key = frame.get("idempotency_key")
                 if key is not None and not isinstance(key, str):
                     raise BadInput("'idempotency_key' must be a string", field="idempotency_key")
-                turn, created = conversations.create_turn(db, self.rt, self.who, self.session_id,
+                turn, created = turns.create_turn(db, self.rt, self.who, self.session_id,
                                                           frame.get("input"), frame.get("on_busy"), key)
                 return {"type": "turn.created", "created": created, "turn": turn_json(turn)}
             turn_id = frame.get("turn_id")
             if not isinstance(turn_id, str) or not turn_id:
                 raise BadInput("'turn_id' must name a turn of this session", field="turn_id")
-            if conversations.get_turn(db, self.who, turn_id).session_id != self.session_id:
+            if turns.get_turn(db, self.who, turn_id).session_id != self.session_id:
                 raise NotFound(f"no turn {turn_id!r} in this session")
             if kind == "cancel":
-                turn = conversations.cancel_turn(db, self.rt, self.who, turn_id)
+                turn = turns.cancel_turn(db, self.rt, self.who, turn_id)
             else:
                 body = {k: frame.get(k) for k in ("approve", "input", "tool_outputs")}
-                turn = conversations.resume_turn(db, self.rt, self.who, turn_id, body)
+                turn = turns.resume_turn(db, self.rt, self.who, turn_id, body)
             return {"type": f"{kind}.ok", "turn": turn_json(turn)}
 
     def _post_error(self, exc: StepRunError, ref: Any) -> None:

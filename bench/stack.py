@@ -269,7 +269,7 @@ class Stack:
         so per-user limits (requests a minute, queued turns) apply as they would. Made straight in Postgres."""
         from sqlalchemy.orm import Session
 
-        from shared.keys import create_key
+        from shared.auth.keys import create_key
 
         have = getattr(self, "_users", [])
         if len(have) < count:

@@ -10,7 +10,7 @@ fixes themselves belong in the modules named below (docs/benchmarks.md).
 - ``redis-pool=N``: ``redis.Redis.from_url`` builds a *blocking* pool of N
   (shared/runtime.py). redis-py 8 defaults to a non-blocking pool of 100 that
   raises ``MaxConnectionsError`` for the 101st concurrent user;
-- ``auth-cache``: ``shared.keys.identify_key`` answers from a 30-second
+- ``auth-cache``: ``shared.auth.keys.identify_key`` answers from a 30-second
   in-process cache (api/auth.py), skipping a transaction per request;
 - ``no-preping``: engines check connections out without ``pool_pre_ping``'s
   ``SELECT 1`` round trip (shared/db.py).
@@ -99,7 +99,7 @@ def install(spec: str) -> None:
         if name == "redis-pool":
             patches["redis"] = _redis_pool(int(value or 50))
         elif name == "auth-cache":
-            patches["shared.keys"] = _auth_cache
+            patches["shared.auth.keys"] = _auth_cache
         elif name == "no-preping":
             patches["shared.db"] = _no_preping
         else:

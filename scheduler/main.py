@@ -5,13 +5,14 @@ import logging
 import signal
 import threading
 
-from shared.lifecycle import Housekeeping
+from shared.engine.step import build_runtime
 from shared.logs import configure_logging
 from shared.metrics import serve_metrics
-from shared.recovery import sweep
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.storage_sweep import StorageSweep, observe_sweep
+from shared.storage.sweep import StorageSweep, observe_sweep
+from shared.turns.housekeeping import Housekeeping
+from shared.turns.recovery import sweep
 
 log = logging.getLogger("steprun.scheduler")
 
@@ -38,7 +39,7 @@ def run_forever(rt: Runtime, stop: threading.Event) -> None:
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
-    rt = Runtime.create(settings)
+    rt = build_runtime(settings)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -44,8 +44,8 @@ class ToolContext:
     turn_id: str
     # Stable across retried attempts of the same call: (turn, step, call id).
     idempotency_key: str
-    # The user's long-term memory (shared.memory.MemoryStore) and the knowledge they may
-    # search (shared.knowledge.KnowledgeBase), both bound to this principal. None where a
+    # The user's long-term memory (shared.storage.memory.MemoryStore) and the knowledge they may
+    # search (shared.storage.knowledge.KnowledgeBase), both bound to this principal. None where a
     # context is built without a runtime (a tool called directly in a test).
     memory: Any = None
     knowledge: Any = None

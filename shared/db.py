@@ -1,15 +1,25 @@
-"""Engine and session factory. Opened by each process's entrypoint, never at import."""
+"""Engine, session factory and the unit of work. Opened by each process's entrypoint, never at import.
+
+A unit of work is one transaction scoped to a principal (row-level security on
+Postgres). Work that must wait for its commit, such as enqueueing a step or
+publishing an event, is registered with :func:`after_commit`: a task can never
+run before its row exists.
+"""
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.auth.principal import SYSTEM, Scope
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -40,16 +50,33 @@ def make_engine(settings: Settings) -> Engine:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+    """Sessions whose committed work runs its :func:`after_commit` callbacks."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+
+    @event.listens_for(factory, "after_commit")
+    def _run(db: Session) -> None:
+        for callback in db.info.pop("after_commit", []):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - committed state is safe; the scheduler re-sends lost work
+                log.exception("after-commit action failed; the scheduler will recover it")
+
+    @event.listens_for(factory, "after_rollback")
+    def _drop(db: Session) -> None:
+        db.info.pop("after_commit", None)
+
+    return factory
 
 
-# The scope of a database session: a principal (anything with tenant_id and
-# user_id) sees that user's rows only; SYSTEM is the narrow cross-tenant path of
-# the scheduler's sweeps and the worker's claim; no scope sees no user data.
-SYSTEM = "system"
+def after_commit(db: Session, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once the current transaction commits; drop it on rollback.
+
+    This is how work is enqueued: a task can never run before its row exists.
+    """
+    db.info.setdefault("after_commit", []).append(callback)
 
 
-def set_scope(db: Session, scope: Any) -> Session:
+def set_scope(db: Session, scope: Scope | None) -> Session:
     """Scope ``db`` from its next transaction on (row-level security on Postgres)."""
     db.info["scope"] = scope
     return db
@@ -71,7 +98,7 @@ def install_row_security(factory: sessionmaker[Session], role: str | None) -> No
         scope = session.info.get("scope")
         tenant = getattr(scope, "tenant_id", "") or ""
         user = getattr(scope, "user_id", "") or ""
-        params = {"t": tenant, "u": user, "s": "on" if scope == SYSTEM else ""}
+        params = {"t": tenant, "u": user, "s": "on" if scope is SYSTEM else ""}
         sql = ("SELECT set_config('steprun.tenant_id', %(t)s, true), set_config('steprun.user_id', %(u)s, true), "
                "set_config('steprun.system', %(s)s, true)")
         if role:
@@ -81,7 +108,7 @@ def install_row_security(factory: sessionmaker[Session], role: str | None) -> No
 
 
 @contextmanager
-def unit_of_work(factory: sessionmaker[Session], scope: Any = None) -> Iterator[Session]:
+def unit_of_work(factory: sessionmaker[Session], scope: Scope | None = None) -> Iterator[Session]:
     """One transaction: committed if the block succeeds, rolled back otherwise."""
     db = factory()
     if scope is not None:

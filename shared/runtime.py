@@ -2,45 +2,35 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.agent import AgentRegistry
+from shared.auth.keys import KeyCache
+from shared.auth.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from shared.db import install_row_security, make_engine, make_sessionmaker
-from shared.events import EventLog, MemoryEventLog, RedisEventLog
-from shared.keys import KeyCache
-from shared.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
 from shared.settings import Settings
+from shared.streaming.memory_log import MemoryEventLog
+from shared.streaming.protocol import EventLog
+from shared.streaming.redis_log import RedisEventLog
 
 log = logging.getLogger(__name__)
 
-
-def after_commit(db: Session, callback: Callable[[], Any]) -> None:
-    """Run ``callback`` once the current transaction commits; drop it on rollback.
-
-    This is how work is enqueued: a task can never run before its row exists.
-    """
-    db.info.setdefault("after_commit", []).append(callback)
+# Runs one step of a turn in this process (shared.engine.step.run_step_in_process).
+StepRunner = Callable[["Runtime", str, int], Any]
 
 
-def _install_after_commit(factory: sessionmaker[Session]) -> None:
-    @event.listens_for(factory, "after_commit")
-    def _run(db: Session) -> None:
-        for callback in db.info.pop("after_commit", []):
-            try:
-                callback()
-            except Exception:  # noqa: BLE001 - committed state is safe; the scheduler re-sends lost work
-                log.exception("after-commit action failed; the scheduler will recover it")
-
-    @event.listens_for(factory, "after_rollback")
-    def _drop(db: Session) -> None:
-        db.info.pop("after_commit", None)
+def process_identity() -> str:
+    """This process's name in lease rows and logs: host and pid, taken when its runtime is built."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _usable_role(engine: Engine, role: str) -> str | None:
@@ -77,12 +67,20 @@ class Runtime:
     # on), then ``draining`` after a grace period (running steps hand themselves back).
     stopping: threading.Event = field(default_factory=threading.Event)
     draining: threading.Event = field(default_factory=threading.Event)
+    # Who holds a lease this process takes (worker start, not import: a forked child has its own pid).
+    worker_id: str = field(default_factory=process_identity)
 
     @classmethod
-    def create(cls, settings: Settings, *, agents: AgentRegistry | None = None) -> Runtime:
+    def create(cls, settings: Settings, *, agents: AgentRegistry | None = None,
+               step_runner: StepRunner | None = None) -> Runtime:
+        """Build the runtime from settings.
+
+        ``step_runner`` runs steps in this process: it is required in the embedded
+        mode (no Redis), where the in-process queue calls it; Celery workers run
+        steps through their task instead.
+        """
         engine = make_engine(settings)
         factory = make_sessionmaker(engine)
-        _install_after_commit(factory)
         install_row_security(factory, _usable_role(engine, settings.db_role))
         agents = agents or AgentRegistry.from_module(settings.agents_module)
         if settings.redis_url:
@@ -109,18 +107,14 @@ class Runtime:
                 retention_seconds=settings.event_retention_seconds, max_len=settings.event_log_max
             )
             rt = cls(settings, engine, factory, events, agents)
-            rt.queue = InProcessQueue(rt.run_step, workers=min(settings.worker_concurrency, 32))
+            if step_runner is None:
+                raise ValueError("the embedded mode (no REDIS_URL) runs steps in-process: pass step_runner")
+            runner = step_runner
+            rt.queue = InProcessQueue(lambda turn_id, step: runner(rt, turn_id, step),
+                                      workers=min(settings.worker_concurrency, 32))
             rt.limiter = MemoryRateLimiter()
         rt.key_cache = KeyCache(settings.key_cache_seconds)
         return rt
-
-    def run_step(self, turn_id: str, step: int) -> None:
-        from shared.logs import log_context
-        from shared.steps import run_step
-
-        # A pool thread lives on after the step: scope the step's log ids to it.
-        with log_context(turn_id=turn_id, step=step):
-            run_step(self, turn_id, step)
 
     def close(self) -> None:
         self.queue.close()

@@ -29,7 +29,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import SYSTEM, set_scope
+from shared.auth.principal import SYSTEM
+from shared.db import set_scope
 
 WAITING = "status IN ('queued', 'in_progress') AND lease_expires_at IS NULL AND enqueued_at IS NOT NULL"
 

@@ -21,8 +21,9 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
+from shared.auth.principal import Principal
 from shared.db import make_engine
-from shared.keys import Principal
+from shared.engine.step import build_runtime
 from shared.migrate import upgrade
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -75,7 +76,7 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def rt(settings: Settings) -> Iterator[Runtime]:
-    runtime = Runtime.create(settings)
+    runtime = build_runtime(settings)
     yield runtime
     runtime.close()
 

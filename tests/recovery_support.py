@@ -24,8 +24,8 @@ from typing import Any
 import requests
 from sqlalchemy import create_engine, text
 
+from shared.auth.keys import create_key
 from shared.db import make_engine, make_sessionmaker, unit_of_work
-from shared.keys import create_key
 from shared.migrate import upgrade
 from shared.models import TERMINAL
 from shared.settings import Settings

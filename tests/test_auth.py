@@ -10,9 +10,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from api.app import create_app
+from shared.auth.keys import create_key
 from shared.db import unit_of_work
-from shared.keys import create_key
-from shared.runtime import Runtime
+from shared.engine.step import build_runtime
 from shared.settings import Settings
 
 SECRET = "s" * 48
@@ -32,7 +32,7 @@ def rsa_pair() -> tuple[str, str]:
 def client(settings: Settings, rsa_pair: tuple[str, str]):  # noqa: ANN201
     configured = settings.replace(jwt_secret=SECRET, jwt_public_key=rsa_pair[1], rate_limit_per_minute=30,
                                   redis_prefix=settings.redis_prefix + "-auth")
-    rt = Runtime.create(configured)
+    rt = build_runtime(configured)
     yield create_app(configured, runtime=rt).test_client(), rt
     rt.close()
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+from shared.auth.keys import create_key
 from shared.db import unit_of_work
-from shared.keys import create_key
 from shared.runtime import Runtime
 from tests.conftest import BIN, Procs, settings_env
 

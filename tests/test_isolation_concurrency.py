@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from shared.auth.keys import create_key
 from shared.db import unit_of_work
-from shared.keys import create_key
 from shared.runtime import Runtime
 from tests.conftest import Procs, settings_env
 

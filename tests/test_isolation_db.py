@@ -5,12 +5,12 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 
-from shared import conversations
-from shared.db import SYSTEM, unit_of_work
-from shared.keys import Principal
+from shared.auth.principal import SYSTEM, Principal
+from shared.db import unit_of_work
+from shared.engine.step import build_runtime, run_step
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.steps import run_step
+from shared.turns import service as turns
 
 USER_TABLES_SQL = (
     "SELECT table_name FROM information_schema.columns WHERE table_schema = 'public' "
@@ -20,7 +20,7 @@ USER_TABLES_SQL = (
 
 @pytest.fixture(scope="module")
 def secure_rt(settings: Settings):  # noqa: ANN201
-    rt = Runtime.create(settings.replace(db_role="steprun_app"))
+    rt = build_runtime(settings.replace(db_role="steprun_app"))
     yield rt
     rt.close()
 
@@ -33,8 +33,8 @@ def _raw(rt: Runtime, scope: Principal | str | None, sql: str) -> list:
 
 def _populate(rt: Runtime, who: Principal) -> str:
     with unit_of_work(rt.sessions, who) as db:
-        session = conversations.create_session(db, rt, who, "math", {"secret": who.user_id})
-        turn, _ = conversations.create_turn(db, rt, who, session.id, f"add 1 and 2 for {who.user_id}")
+        session = turns.create_session(db, rt, who, "math", {"secret": who.user_id})
+        turn, _ = turns.create_turn(db, rt, who, session.id, f"add 1 and 2 for {who.user_id}")
         sid, tid = session.id, turn.id
     assert run_step(rt, tid, 0) == "in_progress"
     assert run_step(rt, tid, 1) == "completed"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from shared.keys import Principal
+from shared.auth.principal import Principal
 from shared.runtime import Runtime
 from shared.settings import Settings
 from tests.conftest import Procs
@@ -327,9 +327,13 @@ def test_postgres_restart_answers_503_then_recovers(settings: Settings, tmp_path
 
 def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Principal) -> None:
     """A commit retried after a dropped connection, when the first one did reach the database."""
-    from shared import conversations
-    from shared.db import SYSTEM, unit_of_work
-    from shared.steps import StepEvents, StepResult, _commit, claim_turn
+    from shared.auth.principal import SYSTEM
+    from shared.db import unit_of_work
+    from shared.engine.buffer import StepEvents
+    from shared.engine.claim import claim_turn
+    from shared.engine.commit import commit_step
+    from shared.engine.outcome import StepResult
+    from shared.turns import service as conversations
 
     with unit_of_work(rt.sessions, who) as db:
         session = conversations.create_session(db, rt, who, "echo", None)
@@ -338,8 +342,8 @@ def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Pri
         claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
     assert claim is not None
     result = StepResult(text="once", status="completed", new_messages=[{"role": "assistant", "content": "once"}])
-    assert _commit(rt, claim, result, [], StepEvents(rt, claim)) == "completed"
-    assert _commit(rt, claim, result, [], StepEvents(rt, claim)) == "zombie"
+    assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "completed"
+    assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "zombie"
     with unit_of_work(rt.sessions, who) as db:
         assert [m.content for m in conversations.list_messages(db, who, session.id, 10, 0)[0]] == ["once"]
         assert conversations.get_turn(db, who, turn.id).output == "once"

@@ -5,18 +5,23 @@ from datetime import timedelta
 
 from sqlalchemy import select, update
 
-from shared import conversations
-from shared.db import SYSTEM, unit_of_work
-from shared.keys import Principal
-from shared.models import Checkpoint, Message, Turn, utcnow
+from shared.auth.principal import SYSTEM, Principal
+from shared.clock import utcnow
+from shared.db import unit_of_work
+from shared.engine.buffer import StepEvents
+from shared.engine.claim import claim_turn
+from shared.engine.commit import commit_step
+from shared.engine.outcome import StepResult
+from shared.engine.step import run_step
+from shared.models import Checkpoint, Message, Turn
 from shared.runtime import Runtime
-from shared.steps import StepEvents, StepResult, _commit, claim_turn, run_step
+from shared.turns import service as turns
 
 
 def _start_turn(rt: Runtime, who: Principal, agent: str, text: str) -> tuple[str, str]:
     with unit_of_work(rt.sessions, who) as db:
-        session = conversations.create_session(db, rt, who, agent, None)
-        turn, _ = conversations.create_turn(db, rt, who, session.id, text)
+        session = turns.create_session(db, rt, who, agent, None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, text)
         return session.id, turn.id
 
 
@@ -74,14 +79,14 @@ def test_a_zombie_attempt_commits_nothing(rt: Runtime, who: Principal) -> None:
 
     stale = StepResult(text="stale", status="completed",
                        new_messages=[{"role": "assistant", "content": "from the zombie"}])
-    assert _commit(rt, zombie, stale, [], StepEvents(rt, zombie)) == "zombie"
+    assert commit_step(rt, zombie, stale, [], StepEvents(rt, zombie)) == "zombie"
     with unit_of_work(rt.sessions, SYSTEM) as db:
         turn = db.get(Turn, tid)
         assert turn.status == "in_progress" and turn.output == "" and turn.step_count == 0
     assert _messages(rt, sid) == []
 
     fresh = StepResult(text="fresh", status="completed", new_messages=[{"role": "assistant", "content": "fresh"}])
-    assert _commit(rt, taker, fresh, [], StepEvents(rt, taker)) == "completed"
+    assert commit_step(rt, taker, fresh, [], StepEvents(rt, taker)) == "completed"
     assert _messages(rt, sid) == [("assistant", "fresh")]
 
 

@@ -12,18 +12,20 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from shared import conversations, history, knowledge, memory
 from shared.agent import Agent, AgentRegistry, ToolContext, tool
-from shared.db import SYSTEM, unit_of_work
+from shared.auth.principal import SYSTEM, Principal
+from shared.db import unit_of_work
+from shared.engine.step import build_runtime, run_step
 from shared.errors import BadInput, Forbidden, NotFound, TooLarge
-from shared.keys import Principal
 from shared.logs import configure_logging
 from shared.migrate import upgrade
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.steps import run_step
-from shared.storage_sweep import StorageSweep
-from shared.traces import list_spans
+from shared.storage import knowledge, memory
+from shared.storage.sweep import StorageSweep
+from shared.turns import history
+from shared.turns import service as turns
+from shared.turns.history import list_spans
 
 GUIDE = """# Billing
 
@@ -42,9 +44,9 @@ def store(request: pytest.FixtureRequest, settings: Settings,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
     """A runtime on the test Postgres, or on a fresh SQLite file migrated as `steprun dev` migrates it."""
     if request.param == "postgres":
-        runtime = Runtime.create(settings)
+        runtime = build_runtime(settings)
     else:
-        runtime = Runtime.create(Settings(data_dir=str(tmp_path_factory.mktemp("sqlite-store"))))
+        runtime = build_runtime(Settings(data_dir=str(tmp_path_factory.mktemp("sqlite-store"))))
         upgrade(runtime.engine)
     yield runtime
     runtime.close()
@@ -190,8 +192,8 @@ def test_erase_user_removes_every_row_of_the_user_and_nothing_else(store: Runtim
     gone, kept = _principal(tenant), _principal(tenant)
     for who in (gone, kept):
         with unit_of_work(store.sessions, who) as db:
-            session = conversations.create_session(db, store, who, "echo", {})
-            conversations.create_turn(db, store, who, session.id, "hello")
+            session = turns.create_session(db, store, who, "echo", {})
+            turns.create_turn(db, store, who, session.id, "hello")
             memory.put_item(db, store.settings, who, "facts", "k", {"text": "a fact"})
             knowledge.add_document(db, store.settings, who, {"title": "Mine", "text": "my notes"}, service=False)
     with unit_of_work(store.sessions, gone) as db:
@@ -223,7 +225,7 @@ def note(text: str, ctx: ToolContext) -> str:
 def test_tools_reach_memory_and_log_lines_carry_ids(tmp_path: Path) -> None:
     """Embedded runtime, JSON logs: a tool's own log line names its turn and session."""
     settings = Settings(data_dir=str(tmp_path), log_format="json")
-    rt = Runtime.create(settings, agents=AgentRegistry([Agent(name="noter", tools=[note])]))
+    rt = build_runtime(settings, agents=AgentRegistry([Agent(name="noter", tools=[note])]))
     upgrade(rt.engine)
     stream = io.StringIO()
     root = logging.getLogger()
@@ -233,8 +235,8 @@ def test_tools_reach_memory_and_log_lines_carry_ids(tmp_path: Path) -> None:
         configure_logging(settings, handler)
         who = _principal()
         with unit_of_work(rt.sessions, who) as db:
-            session = conversations.create_session(db, rt, who, "noter", {})
-            turn, _ = conversations.create_turn(db, rt, who, session.id, "note buy milk")
+            session = turns.create_session(db, rt, who, "noter", {})
+            turn, _ = turns.create_turn(db, rt, who, session.id, "note buy milk")
         deadline = time.time() + 10
         while time.time() < deadline and "tool ran" not in stream.getvalue():
             time.sleep(0.05)
@@ -252,14 +254,14 @@ def test_tools_reach_memory_and_log_lines_carry_ids(tmp_path: Path) -> None:
 def test_trace_of_a_step_run_directly(rt: Runtime) -> None:
     who = _principal()
     with unit_of_work(rt.sessions, who) as db:
-        session = conversations.create_session(db, rt, who, "math", {})
-        turn, _ = conversations.create_turn(db, rt, who, session.id, "add 2 and 3")
+        session = turns.create_session(db, rt, who, "math", {})
+        turn, _ = turns.create_turn(db, rt, who, session.id, "add 2 and 3")
     # A worker of another test module may take the step first: either way it commits once.
     run_step(rt, turn.id, 0)
     with unit_of_work(rt.sessions, who) as db:
         deadline = time.time() + 20
-        while conversations.get_turn(db, who, turn.id).status != "completed" and time.time() < deadline:
-            run_step(rt, turn.id, conversations.get_turn(db, who, turn.id).step_count)
+        while turns.get_turn(db, who, turn.id).status != "completed" and time.time() < deadline:
+            run_step(rt, turn.id, turns.get_turn(db, who, turn.id).step_count)
             db.rollback()
             time.sleep(0.05)
         spans = list_spans(db, who, turn.id)
@@ -272,7 +274,7 @@ def test_trace_of_a_step_run_directly(rt: Runtime) -> None:
 
 
 def test_sqlite_without_fts5_falls_back_to_counting_words(tmp_path: Path) -> None:
-    rt = Runtime.create(Settings(data_dir=str(tmp_path)))
+    rt = build_runtime(Settings(data_dir=str(tmp_path)))
     upgrade(rt.engine)
     with rt.engine.begin() as conn:  # what a SQLite built without FTS5 would have had from the migration
         for trigger in ("ai", "ad", "au"):
@@ -293,7 +295,7 @@ def test_sqlite_without_fts5_falls_back_to_counting_words(tmp_path: Path) -> Non
 
 def test_row_security_shares_tenant_documents_only(settings: Settings) -> None:
     """As the application role (RLS enforced), a query with no WHERE at all still sees only what it may."""
-    secure = Runtime.create(settings.replace(db_role="steprun_app"))
+    secure = build_runtime(settings.replace(db_role="steprun_app"))
     tenant = f"t-{secrets.token_hex(4)}"
     alice, bob, stranger = _principal(tenant), _principal(tenant), _principal()
     try:
@@ -317,12 +319,12 @@ def test_row_security_shares_tenant_documents_only(settings: Settings) -> None:
 
         # A tool's storage is scoped the same way: the step runs as the turn's principal.
         with unit_of_work(secure.sessions, alice) as db:
-            session = conversations.create_session(db, secure, alice, "assistant", {})
-            turn, _ = conversations.create_turn(db, secure, alice, session.id, "remember alice likes tea")
+            session = turns.create_session(db, secure, alice, "assistant", {})
+            turn, _ = turns.create_turn(db, secure, alice, session.id, "remember alice likes tea")
         run_step(secure, turn.id, 0)
         run_step(secure, turn.id, 1)
         with unit_of_work(secure.sessions, alice) as db:
-            assert conversations.get_turn(db, alice, turn.id).output == (
+            assert turns.get_turn(db, alice, turn.id).output == (
                 "The result of remember is Remembered: alice likes tea.")
             assert [h.item.value["text"] for h in memory.search_items(db, alice, "tea", "facts", 5)[0]] == [
                 "alice likes tea"]

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from shared import conversations, otel
+from shared.auth.principal import Principal
 from shared.db import unit_of_work
-from shared.keys import Principal
+from shared.engine import otel
+from shared.engine.otel import trace_id_for
+from shared.engine.step import build_runtime
 from shared.migrate import upgrade
-from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.traces import trace_id_for
+from shared.turns import service as turns
 
 trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2",
                                     reason="the otel extra is not installed")
@@ -49,17 +50,17 @@ def collector() -> Iterator[tuple[str, list[Any]]]:
 def test_a_turns_spans_reach_the_collector_as_one_trace(collector: tuple[str, list[Any]], tmp_path: Path) -> None:
     endpoint, received = collector
     settings = Settings(data_dir=str(tmp_path), otel_endpoint=endpoint)
-    rt = Runtime.create(settings)
+    rt = build_runtime(settings)
     upgrade(rt.engine)
     who = Principal(f"t-{secrets.token_hex(4)}", "u-otel")
     try:
         with unit_of_work(rt.sessions, who) as db:
-            session = conversations.create_session(db, rt, who, "math", {})
-            turn, _ = conversations.create_turn(db, rt, who, session.id, "add 4 and 5")
+            session = turns.create_session(db, rt, who, "math", {})
+            turn, _ = turns.create_turn(db, rt, who, session.id, "add 4 and 5")
         deadline = time.time() + 20
         while time.time() < deadline:
             with unit_of_work(rt.sessions, who) as db:
-                if conversations.get_turn(db, who, turn.id).status == "completed":
+                if turns.get_turn(db, who, turn.id).status == "completed":
                     break
             time.sleep(0.05)
         assert otel.flush(settings)

@@ -20,11 +20,12 @@ import pytest
 import requests
 import websocket
 
+from shared.auth.keys import create_key
+from shared.auth.principal import Principal
+from shared.auth.stream_tokens import mint_stream_token
 from shared.db import unit_of_work
-from shared.keys import Principal, create_key
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.stream_tokens import mint_stream_token
 from tests.conftest import BIN, Proc, Procs, create_key_cli, free_port, settings_env, wait_http
 
 FINAL = {"turn.completed", "turn.failed", "turn.cancelled", "turn.expired", "turn.incomplete"}

@@ -6,9 +6,9 @@ import threading
 
 from celery import Task, shared_task
 
+from shared.engine.step import build_runtime, run_step
 from shared.logs import configure_logging, log_context
 from shared.runtime import Runtime
-from shared.steps import run_step
 
 log = logging.getLogger("steprun.worker")
 _runtime_lock = threading.Lock()
@@ -25,7 +25,7 @@ class StepTask(Task):
             if StepTask._runtime is None:
                 settings = self.app.conf.steprun_settings
                 configure_logging(settings)
-                StepTask._runtime = Runtime.create(settings)
+                StepTask._runtime = build_runtime(settings)
             return StepTask._runtime
 
 

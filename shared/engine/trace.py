@@ -9,7 +9,6 @@ after that commit.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
@@ -17,27 +16,23 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import metrics
-from shared.keys import Principal
+from shared.clock import utcnow
+from shared.db import after_commit
+from shared.engine.claim import Claim
+from shared.engine.otel import export_spans
+from shared.engine.outcome import StepResult
 from shared.logs import bind_log_context
-from shared.models import Turn, utcnow
-from shared.runtime import Runtime, after_commit
-from shared.storage_models import TraceSpan
+from shared.models import TraceSpan, Turn
+from shared.runtime import Runtime
 
 if TYPE_CHECKING:
     from shared.llm import ModelResponse
-    from shared.steps import Claim, StepResult
 
 log = logging.getLogger(__name__)
 MAX_ARGUMENT_CHARS = 4000  # a trace shows what a tool was asked; the full arguments are in the messages
-
-
-def trace_id_for(turn_id: str) -> str:
-    """The turn's trace id (32 hex digits), the same in every process that runs one of its steps."""
-    return hashlib.sha256(turn_id.encode()).hexdigest()[:32]
 
 
 def _span_id() -> str:
@@ -145,18 +140,4 @@ class StepTrace:
             elif row.kind == "tool":
                 metrics.TOOL_DURATION.labels(tool=row.name, outcome=row.status).observe(row.duration_ms / 1000)
         if self.rt.settings.otel_endpoint:
-            from shared.otel import export_spans
-
             export_spans(self.rt.settings, rows)
-
-
-def list_spans(db: Session, who: Principal, turn_id: str) -> list[TraceSpan]:
-    """The turn's spans in start order; the turn must be the principal's (404 otherwise)."""
-    from shared.conversations import get_turn
-
-    get_turn(db, who, turn_id)
-    return list(db.scalars(
-        select(TraceSpan).where(TraceSpan.turn_id == turn_id, TraceSpan.tenant_id == who.tenant_id,
-                                TraceSpan.user_id == who.user_id)
-        .order_by(TraceSpan.started_at, TraceSpan.id)
-    ))

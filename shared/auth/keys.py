@@ -16,14 +16,6 @@ KEY_PREFIX = "sr_"
 
 
 @dataclass(frozen=True)
-class Principal:
-    """The (tenant, user) a request acts as."""
-
-    tenant_id: str
-    user_id: str
-
-
-@dataclass(frozen=True)
 class KeyIdentity:
     key_id: str
     tenant_id: str
@@ -94,7 +86,7 @@ def list_keys(db: Session, tenant_id: str) -> list[ApiKey]:
 
 def revoke_key(db: Session, key_id: str) -> bool:
     """Revoke a key by id; False if there is no such live key."""
-    from shared.models import utcnow
+    from shared.clock import utcnow
 
     row = db.get(ApiKey, key_id)
     if row is None or row.revoked_at is not None:

@@ -5,7 +5,7 @@ A document is ``user`` scoped (visible to its owner) or ``tenant`` scoped
 Search ranks chunks with the database's own full-text search: Postgres
 (tsvector, websearch_to_tsquery, ts_rank, a GIN index), SQLite FTS5 with bm25,
 or, where FTS5 is missing, a count of matching words. An optional embedder
-(:mod:`shared.embeddings`) adds a vector ranking fused with the text one.
+(:mod:`shared.storage.embeddings`) adds a vector ranking fused with the text one.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from typing import Any, Literal
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import textsearch
+from shared.auth.principal import Principal
 from shared.db import unit_of_work
-from shared.embeddings import cosine, load_embedder
 from shared.errors import BadInput, Forbidden, NotFound, TooLarge
-from shared.keys import Principal
+from shared.models import KnowledgeChunk, KnowledgeDocument
 from shared.settings import Settings
-from shared.storage_models import KnowledgeChunk, KnowledgeDocument
+from shared.storage import textsearch
+from shared.storage.embeddings import cosine, load_embedder
 
 FORMATS = ("text", "markdown")
 SCOPES = ("user", "tenant")

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.keys import Principal
-from shared.knowledge import KnowledgeBase
-from shared.memory import MemoryStore
+from shared.auth.principal import Principal
 from shared.runtime import Runtime
+from shared.storage.knowledge import KnowledgeBase
+from shared.storage.memory import MemoryStore
 
 
-def tool_storage(rt: Runtime, owner: Any) -> dict[str, Any]:
-    """ToolContext fields ``memory`` and ``knowledge``, bound to ``owner``'s (tenant_id, user_id).
+def tool_storage(rt: Runtime, who: Principal) -> dict[str, Any]:
+    """ToolContext fields ``memory`` and ``knowledge``, bound to ``who``.
 
     Built per tool call: nothing a tool can reach outlives the call or crosses
     to another principal.
     """
-    who = Principal(owner.tenant_id, owner.user_id)
     return {"memory": MemoryStore(rt.sessions, rt.settings, who),
             "knowledge": KnowledgeBase(rt.sessions, rt.settings, who)}

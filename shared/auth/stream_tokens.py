@@ -21,8 +21,8 @@ import os
 import secrets
 import time
 
+from shared.auth.principal import Principal
 from shared.errors import Unauthorized
-from shared.keys import Principal
 
 _CONTEXT = b"stream.v1."
 MAX_TOKEN_CHARS = 2048

@@ -12,11 +12,21 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from shared.conversations import get_session
-from shared.keys import Principal
-from shared.models import ACTIVE, AgentSession, Checkpoint, Message, Turn
-from shared.runtime import Runtime, after_commit
-from shared.storage_models import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
+from shared.auth.principal import Principal
+from shared.db import after_commit
+from shared.models import (
+    ACTIVE,
+    AgentSession,
+    Checkpoint,
+    KnowledgeChunk,
+    KnowledgeDocument,
+    MemoryItem,
+    Message,
+    TraceSpan,
+    Turn,
+)
+from shared.runtime import Runtime
+from shared.turns.service import get_session, get_turn
 
 
 @dataclass
@@ -99,3 +109,13 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
 
     after_commit(db, clean_redis)
     return report
+
+
+def list_spans(db: Session, who: Principal, turn_id: str) -> list[TraceSpan]:
+    """The turn's spans in start order; the turn must be the principal's (404 otherwise)."""
+    get_turn(db, who, turn_id)
+    return list(db.scalars(
+        select(TraceSpan).where(TraceSpan.turn_id == turn_id, TraceSpan.tenant_id == who.tenant_id,
+                                TraceSpan.user_id == who.user_id)
+        .order_by(TraceSpan.started_at, TraceSpan.id)
+    ))

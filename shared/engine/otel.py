@@ -14,16 +14,22 @@ stay what /v1/turns/{id}/trace shows.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from shared.models import TraceSpan
 from shared.settings import Settings
-from shared.storage_models import TraceSpan
 
 log = logging.getLogger(__name__)
+
+
+def trace_id_for(turn_id: str) -> str:
+    """The turn's trace id (32 hex digits), the same in every process that runs one of its steps."""
+    return hashlib.sha256(turn_id.encode()).hexdigest()[:32]
 
 # One tracer provider per process and endpoint: process-wide configuration, like a logging handler.
 _lock = threading.Lock()
@@ -74,7 +80,6 @@ def export_spans(settings: Settings, rows: list[TraceSpan]) -> None:
     from opentelemetry import trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
-    from shared.traces import trace_id_for
 
     tracer = provider.get_tracer("steprun")
     trace_hex = trace_id_for(rows[0].turn_id)

@@ -1,7 +1,7 @@
 """Models of the storage primitives: long-term memory, knowledge documents and traces.
 
-Imported at the bottom of :mod:`shared.models` so that ``Base.metadata`` knows
-these tables wherever the models are loaded. The schema itself comes from
+Imported by :mod:`shared.models` so that ``Base.metadata`` knows these tables
+wherever the models are loaded. The schema itself comes from
 migration 0002, which also adds what SQLAlchemy does not model here:
 
 - on Postgres, a generated ``tsv tsvector`` column and a GIN index on
@@ -20,7 +20,8 @@ from typing import Any
 from sqlalchemy import DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.models import Base, BigId, JSONType, new_id, utcnow
+from shared.clock import utcnow
+from shared.models.base import Base, BigId, JSONType, new_id
 
 
 class MemoryItem(Base):

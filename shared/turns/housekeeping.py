@@ -16,21 +16,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
-from shared.conversations import finish_turn
-from shared.db import SYSTEM, unit_of_work
-from shared.models import AgentSession, Checkpoint, Turn, utcnow
-from shared.runtime import Runtime, after_commit
+from shared.auth.principal import SYSTEM
+from shared.clock import aware, utcnow
+from shared.db import after_commit, unit_of_work
+from shared.models import AgentSession, Checkpoint, Turn, TurnStatus
+from shared.runtime import Runtime
+from shared.turns import transitions
 
 log = logging.getLogger(__name__)
 BATCH = 200
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def expire_paused_turns(rt: Runtime, limit: int = BATCH) -> int:
@@ -39,7 +37,7 @@ def expire_paused_turns(rt: Runtime, limit: int = BATCH) -> int:
     with unit_of_work(rt.sessions, SYSTEM) as db:
         due = db.execute(
             select(Turn.id, Turn.session_id)
-            .where(Turn.status == "requires_action", Turn.action_expires_at < now)
+            .where(Turn.status == TurnStatus.REQUIRES_ACTION, Turn.action_expires_at < now)
             .order_by(Turn.action_expires_at).limit(limit)
         ).all()
     expired = 0
@@ -51,11 +49,11 @@ def expire_paused_turns(rt: Runtime, limit: int = BATCH) -> int:
             session = db.scalars(select(AgentSession).where(AgentSession.id == session_id)
                                  .with_for_update()).first()
             turn = db.scalars(select(Turn).where(Turn.id == turn_id).with_for_update()).first()
-            if (session is None or turn is None or turn.status != "requires_action"
-                    or turn.action_expires_at is None or _aware(turn.action_expires_at) >= now):
+            if (session is None or turn is None or turn.status != TurnStatus.REQUIRES_ACTION
+                    or turn.action_expires_at is None or aware(turn.action_expires_at) >= now):
                 continue
             reason = (turn.pending or {}).get("reason", "an answer")
-            finish_turn(db, rt, turn, session, "expired", {
+            transitions.finish(db, rt, turn, session, TurnStatus.EXPIRED, {
                 "code": "action_timeout",
                 "message": f"the turn waited for {reason} longer than STEPRUN_ACTION_TIMEOUT_SECONDS "
                            f"({timeout:g} s) and nobody resumed it"})

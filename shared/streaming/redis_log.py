@@ -1,87 +1,16 @@
-"""The per-session event log: durable enough to resume, live enough to stream.
-
-Events are stored as JSON text without their cursor; the cursor is the log
-entry's id and is spliced in on the way out, so relaying an event never
-decodes and re-encodes it. Cursors are integers, strictly increasing within a
-session. A session's counter starts from the clock (microseconds), so a log
-that Redis lost restarts *above* every cursor a client may hold: nothing a
-client sees later can be mistaken for something it already has.
-
-Two implementations behind one interface: :class:`RedisEventLog` (a Redis
-stream per session, a counter, and a pub/sub "doorbell" rung by the same
-atomic script) and :class:`MemoryEventLog` for the embedded mode.
-"""
+"""The production event log: a Redis stream per session, rung through one pub/sub doorbell per process."""
 from __future__ import annotations
 
-import json
+import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
+from shared.streaming.protocol import Batch, Ring, with_cursor
 
-def encode_event(type_: str, turn_id: str | None, data: dict[str, Any] | None = None) -> str:
-    """An event body as stored: everything but the cursor."""
-    return json.dumps(
-        {"type": type_, "turn_id": turn_id, "data": data or {}, "ts": round(time.time(), 6)},
-        separators=(",", ":"),
-    )
-
-
-def with_cursor(cursor: int, body: str) -> str:
-    return f'{{"cursor":{cursor},{body[1:]}'
-
-
-@dataclass
-class Batch:
-    """Events read from a log: raw JSON texts with cursors, and where to continue."""
-
-    events: list[str]
-    next: int
-    # True when events after the requested cursor were trimmed or expired.
-    gone: bool = False
-
-
-class EventLog(Protocol):
-    def append(self, session_id: str, bodies: Iterable[str], cancel_turn_id: str | None = None) -> tuple[int, bool]:
-        """Append events; returns (last cursor, whether ``cancel_turn_id`` has a cancel request)."""
-        ...
-
-    def read(self, session_id: str, after: int, limit: int = 500) -> Batch: ...
-
-    def head(self, session_id: str) -> int:
-        """The last cursor of the session's log (0 if it has none)."""
-        ...
-
-    def wait(self, session_id: str, after: int, timeout: float, limit: int = 500) -> Batch:
-        """Like read, but waits up to ``timeout`` seconds for something after ``after``."""
-        ...
-
-    def listen(self, session_id: str) -> AbstractContextManager[_Ring]:
-        """A wake-up flag, set when the session may have new events, for as long as the block runs.
-
-        A doorbell, not a delivery: it may ring spuriously or (during a Redis
-        reconnect) late, so a listener clears it, re-reads the log after its
-        last cursor, and only then waits on it again.
-        """
-        ...
-
-    def delete(self, session_id: str) -> None: ...
-
-    def request_cancel(self, turn_id: str) -> None: ...
-
-    def cancel_requested(self, turn_id: str) -> bool: ...
-
-    def ping(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _clock_start() -> int:
-    return int(time.time() * 1_000_000)
+log = logging.getLogger(__name__)
 
 
 # KEYS: stream, counter, cancel flag. ARGV: channel, maxlen, ttl, bodies...
@@ -192,27 +121,11 @@ class RedisEventLog:
         self.redis.close()
 
 
-class _Ring:
-    """A waiter's wake-up flag."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
-    def clear(self) -> None:
-        self._event.clear()
-
-
 class _Listening:
     def __init__(self, bell: Doorbell, channel: str):
-        self.bell, self.channel, self.ring = bell, channel, _Ring()
+        self.bell, self.channel, self.ring = bell, channel, Ring()
 
-    def __enter__(self) -> _Ring:
+    def __enter__(self) -> Ring:
         self.bell._add(self.channel, self.ring)
         return self.ring
 
@@ -232,7 +145,7 @@ class Doorbell:
 
     def __init__(self, client: Any):
         self.redis = client
-        self._waiters: dict[str, set[_Ring]] = defaultdict(set)
+        self._waiters: dict[str, set[Ring]] = defaultdict(set)
         self._lock = threading.Lock()
         self._changes: list[tuple[str, str]] = []
         self._closed = False
@@ -242,14 +155,14 @@ class Doorbell:
     def listen(self, channel: str) -> _Listening:
         return _Listening(self, channel)
 
-    def _add(self, channel: str, ring: _Ring) -> None:
+    def _add(self, channel: str, ring: Ring) -> None:
         with self._lock:
             first = not self._waiters[channel]
             self._waiters[channel].add(ring)
             if first:
                 self._changes.append(("sub", channel))
 
-    def _remove(self, channel: str, ring: _Ring) -> None:
+    def _remove(self, channel: str, ring: Ring) -> None:
         with self._lock:
             waiters = self._waiters.get(channel)
             if waiters is None:
@@ -285,6 +198,8 @@ class Doorbell:
                         channel = message["channel"]
                         self._wake(channel.decode() if isinstance(channel, bytes) else channel)
             except Exception:  # noqa: BLE001 - a lost connection: back off, reconnect, re-subscribe
+                if not self._closed:
+                    log.warning("event doorbell: pub/sub connection failed; reconnecting", exc_info=True)
                 time.sleep(0.5)
             finally:
                 try:
@@ -294,85 +209,3 @@ class Doorbell:
 
     def close(self) -> None:
         self._closed = True
-
-
-class MemoryEventLog:
-    """The embedded mode's log: the same behaviour in one process."""
-
-    def __init__(self, *, retention_seconds: int, max_len: int):
-        self.max_len = max_len
-        self._logs: dict[str, list[tuple[int, str]]] = {}
-        self._counters: dict[str, int] = {}
-        self._cancels: set[str] = set()
-        self._rings: dict[str, set[_Ring]] = defaultdict(set)
-        self._cond = threading.Condition()
-
-    def append(self, session_id: str, bodies: Iterable[str], cancel_turn_id: str | None = None) -> tuple[int, bool]:
-        with self._cond:
-            log = self._logs.setdefault(session_id, [])
-            c = self._counters.get(session_id) or _clock_start()
-            for body in bodies:
-                c += 1
-                log.append((c, body))
-            self._counters[session_id] = c
-            if len(log) > self.max_len:
-                del log[: len(log) - self.max_len]
-            self._cond.notify_all()
-            for ring in self._rings.get(session_id, ()):
-                ring.set()
-            return c, cancel_turn_id in self._cancels
-
-    def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
-        with self._cond:
-            log = self._logs.get(session_id, [])
-            selected = [(c, b) for c, b in log if c > after][:limit]
-            gone = after > 0 and (not log or after < log[0][0] - 1)
-        events = [with_cursor(c, b) for c, b in selected]
-        return Batch(events, selected[-1][0] if selected else after, gone)
-
-    def head(self, session_id: str) -> int:
-        with self._cond:
-            log = self._logs.get(session_id)
-            return log[-1][0] if log else 0
-
-    def wait(self, session_id: str, after: int, timeout: float, limit: int = 500) -> Batch:
-        deadline = time.monotonic() + timeout
-        with self._cond:  # reentrant: read() takes it too, so no append slips between
-            while True:
-                batch = self.read(session_id, after, limit)
-                remaining = deadline - time.monotonic()
-                if batch.events or batch.gone or remaining <= 0:
-                    return batch
-                self._cond.wait(min(remaining, 1.0))
-
-    @contextmanager
-    def listen(self, session_id: str) -> Iterator[_Ring]:
-        ring = _Ring()
-        with self._cond:
-            self._rings[session_id].add(ring)
-        try:
-            yield ring
-        finally:
-            with self._cond:
-                rings = self._rings.get(session_id)
-                if rings is not None:
-                    rings.discard(ring)
-                    if not rings:
-                        del self._rings[session_id]
-
-    def delete(self, session_id: str) -> None:
-        with self._cond:
-            self._logs.pop(session_id, None)
-
-    def request_cancel(self, turn_id: str) -> None:
-        with self._cond:
-            self._cancels.add(turn_id)
-
-    def cancel_requested(self, turn_id: str) -> bool:
-        return turn_id in self._cancels
-
-    def ping(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None

@@ -5,10 +5,11 @@ import logging
 import time
 from typing import Any
 
-from shared import memory
-from shared.db import SYSTEM, unit_of_work
+from shared.auth.principal import SYSTEM
+from shared.db import unit_of_work
 from shared.metrics import LEASE_EXPIRIES
 from shared.runtime import Runtime
+from shared.storage import memory
 
 log = logging.getLogger(__name__)
 

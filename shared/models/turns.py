@@ -1,78 +1,41 @@
-"""SQLAlchemy 2 models: the source of truth for every session, turn and message.
+"""Sessions, turns, checkpoints and messages: the source of truth for every conversation.
 
 Every row that holds user data carries both ``tenant_id`` and ``user_id`` (the
 principal), so every query can be scoped to it.
 """
 from __future__ import annotations
 
-import secrets
-from datetime import datetime, timezone
+from datetime import datetime
+from enum import Enum
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Text,
-    UniqueConstraint,
-)
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
 
-# JSONB on Postgres, plain JSON (text) on SQLite in the embedded mode.
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-# SQLite only autoincrements INTEGER PRIMARY KEY.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-NAMING = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
+from shared.clock import utcnow
+from shared.models.base import Base, BigId, JSONType, new_id
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+class TurnStatus(str, Enum):
+    """A turn's status, in OpenAI's words (DESIGN section 3). Compares equal to its string."""
+
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    REQUIRES_ACTION = "requires_action"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    INCOMPLETE = "incomplete"
+
+    # The value, not "TurnStatus.X", wherever a status is formatted into text or JSON.
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
-def new_id(prefix: str) -> str:
-    """An unguessable id: the prefix names the kind, 96 random bits follow."""
-    return f"{prefix}_{secrets.token_hex(12)}"
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
-
-
-class Tenant(Base):
-    __tablename__ = "tenants"
-
-    id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    # NULL for a service key, which acts for any user of its tenant named in X-User-Id.
-    user_id: Mapped[str | None] = mapped_column(String(256))
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))
-    name: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
+TERMINAL = frozenset({TurnStatus.COMPLETED, TurnStatus.FAILED, TurnStatus.CANCELLED, TurnStatus.EXPIRED,
+                      TurnStatus.INCOMPLETE})
+ACTIVE = frozenset({TurnStatus.QUEUED, TurnStatus.IN_PROGRESS, TurnStatus.REQUIRES_ACTION})
 
 class AgentSession(Base):
     """One conversation between one user and one agent."""
@@ -179,10 +142,3 @@ class Message(Base):
     # "complete", or "cancelled" for the partial output of a cancelled step.
     status: Mapped[str] = mapped_column(String(20), default="complete")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-TERMINAL = frozenset({"completed", "failed", "cancelled", "expired", "incomplete"})
-ACTIVE = frozenset({"queued", "in_progress", "requires_action"})
-
-# Memory, knowledge and trace tables: imported here so Base.metadata always holds them.
-from shared import storage_models  # noqa: E402,F401

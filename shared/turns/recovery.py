@@ -13,10 +13,12 @@ from typing import Any
 
 from sqlalchemy import and_, select, update
 
-from shared.db import SYSTEM, unit_of_work
-from shared.lifecycle import expire_paused_turns
-from shared.models import AgentSession, Turn, utcnow
-from shared.runtime import Runtime, after_commit
+from shared.auth.principal import SYSTEM
+from shared.clock import utcnow
+from shared.db import after_commit, unit_of_work
+from shared.models import AgentSession, Turn
+from shared.runtime import Runtime
+from shared.turns.housekeeping import expire_paused_turns
 
 log = logging.getLogger(__name__)
 # Shown in the next attempt's step.retrying, and in the error if the turn runs out of attempts.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import jwt
 
+from shared.auth.principal import Principal
 from shared.errors import Unauthorized
-from shared.keys import Principal
 from shared.settings import Settings
 
 

@@ -1,26 +1,27 @@
-"""Sessions, turns and history as a client sees them.
+"""Sessions and turns as a client sees them: create, read, list, cancel, resume.
 
 Service functions take the database session first and never commit: the edge
 (an API request, a CLI command) commits once. Work that must wait for the
 commit (enqueueing a step, publishing an event) is registered with
-:func:`shared.runtime.after_commit`. Every query is scoped to the principal.
+:func:`shared.db.after_commit`. Every query is scoped to the principal; every
+status change goes through :mod:`shared.turns.transitions`.
 """
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared.auth.principal import Principal
+from shared.clock import utcnow
+from shared.db import after_commit
 from shared.errors import BadInput, Conflict, NotFound, RateLimited, TooLarge
-from shared.events import encode_event
-from shared.keys import Principal
-from shared.metrics import TURNS_FINISHED
-from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, utcnow
-from shared.runtime import Runtime, after_commit
+from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, TurnStatus
+from shared.runtime import Runtime
+from shared.turns import transitions
 
 ON_BUSY = ("enqueue", "reject", "interrupt")
 MAX_PAGE = 100
@@ -131,7 +132,7 @@ def create_turn(
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
     waiting = db.scalar(select(func.count()).select_from(Turn).where(
-        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status == "queued"))
+        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status == TurnStatus.QUEUED))
     if waiting >= rt.settings.max_queued_turns:
         raise RateLimited(f"{waiting} turns are already waiting; the limit is {rt.settings.max_queued_turns}",
                           retry_after=5)
@@ -159,20 +160,21 @@ def create_turn(
         if existing is None:
             raise
         return _same_request(existing, session_id, user_input), False
-    publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, {"input": user_input})])
+    transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, {"input": user_input})])
     if not busy:
-        activate(db, rt, session, turn)
+        transitions.activate(db, rt, session, turn)
     elif on_busy == "interrupt":
         # "This input, now": everything ahead of it is cancelled, as LangGraph's interrupt
         # cancels a thread's pending runs too. Queued turns go first, so that when the active
         # turn stops, the session passes straight to this one.
-        ahead = db.scalars(select(Turn).where(Turn.session_id == session.id, Turn.status == "queued",
+        ahead = db.scalars(select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.QUEUED,
                                               Turn.id != turn.id, Turn.id != session.active_turn_id)).all()
         for queued in ahead:
-            finish_turn(db, rt, queued, session, "cancelled", extra={"reason": f"interrupted by turn {turn.id}"})
+            transitions.finish(db, rt, queued, session, TurnStatus.CANCELLED,
+                               extra={"reason": f"interrupted by turn {turn.id}"})
         active = db.get(Turn, session.active_turn_id)
         if active is not None:
-            request_cancel(db, rt, active, session)
+            transitions.request_cancel(db, rt, active, session)
     session.updated_at = utcnow()
     return turn, True
 
@@ -208,18 +210,8 @@ def cancel_turn(db: Session, rt: Runtime, who: Principal, turn_id: str) -> Turn:
     session = get_session(db, who, turn.session_id, lock=True)
     db.refresh(turn, with_for_update=True)
     if turn.status not in TERMINAL:
-        request_cancel(db, rt, turn, session)
+        transitions.request_cancel(db, rt, turn, session)
     return turn
-
-
-def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) -> None:
-    """Cancel now if no step runs; otherwise flag it and let the running step stop itself."""
-    turn.cancel_requested = True
-    if turn.lease_expires_at is not None and _aware(turn.lease_expires_at) > utcnow():
-        # A step is running: it sees the flag within one delta flush or heartbeat.
-        after_commit(db, lambda: rt.events.request_cancel(turn.id))
-        return
-    finish_turn(db, rt, turn, session, "cancelled")
 
 
 def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: dict[str, Any]) -> Turn:
@@ -227,7 +219,7 @@ def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: di
     turn = get_turn(db, who, turn_id)
     get_session(db, who, turn.session_id, lock=True)  # the same lock order as every other turn change
     db.refresh(turn, with_for_update=True)
-    if turn.status != "requires_action":
+    if turn.status != TurnStatus.REQUIRES_ACTION:
         raise Conflict(f"turn {turn_id} is {turn.status}, not requires_action")
     approve, text, outputs = body.get("approve"), body.get("input"), body.get("tool_outputs")
     if approve is not None and not isinstance(approve, bool):
@@ -245,71 +237,5 @@ def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: di
         raise BadInput("this turn waits for an approval: send 'approve': true or false", field="approve")
     if (pending.get("reason") == "question" or pending.get("questions")) and text is None:
         raise BadInput("this turn waits for an answer: send 'input'", field="input")
-    turn.resume = {"approve": approve, "input": text, "tool_outputs": outputs}
-    turn.status = "in_progress"
-    now = utcnow()
-    if turn.deadline_at is not None and turn.paused_at is not None:
-        # Time spent waiting for the user does not count against STEPRUN_TURN_TIME_LIMIT.
-        turn.deadline_at = _aware(turn.deadline_at) + (now - _aware(turn.paused_at))
-    turn.paused_at = turn.action_expires_at = None
-    turn.enqueued_at = now
-    step = turn.step_count
-    after_commit(db, lambda: rt.queue.enqueue_step(turn.id, step))
+    transitions.resume(db, rt, turn, {"approve": approve, "input": text, "tool_outputs": outputs})
     return turn
-
-
-# --- shared by API, workers and scheduler -----------------------------------
-
-def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> None:
-    """Make ``turn`` the session's active turn and send its first step after commit."""
-    session.active_turn_id = turn.id
-    turn.enqueued_at = utcnow()
-    turn_id = turn.id
-    after_commit(db, lambda: rt.queue.enqueue_step(turn_id, 0))
-
-
-def finish_turn(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: str,
-                error: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """End a turn (status is terminal), publish it, and hand the session to the next queued turn."""
-    assert status in TERMINAL, status
-    turn.status = status
-    turn.finished_at = utcnow()
-    turn.lease_owner = None
-    turn.lease_expires_at = None
-    turn.error = error
-    data: dict[str, Any] = dict(extra or {})
-    if status == "completed":
-        data["output"] = turn.output
-    if error:
-        data["error"] = error
-    publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
-    after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
-    if session.active_turn_id == turn.id:
-        session.active_turn_id = None
-        nxt = db.scalars(
-            select(Turn).where(Turn.session_id == session.id, Turn.status == "queued", Turn.id != turn.id)
-            .order_by(Turn.seq).limit(1)
-        ).first()
-        if nxt is not None:
-            activate(db, rt, session, nxt)
-
-
-def publish_after_commit(db: Session, rt: Runtime, session_id: str,
-                         events: list[tuple[str, str | None, dict[str, Any] | None]]) -> None:
-    bodies = [encode_event(t, turn_id, data) for t, turn_id, data in events]
-    after_commit(db, lambda: rt.events.append(session_id, bodies))
-
-
-def wait_deadline(seconds: float) -> datetime:
-    return utcnow() + timedelta(seconds=seconds)
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything steprun stores is UTC."""
-    from datetime import timezone
-
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def clear_lease(db: Session, turn_id: str) -> None:
-    db.execute(update(Turn).where(Turn.id == turn_id).values(lease_owner=None, lease_expires_at=None))

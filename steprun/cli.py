@@ -44,8 +44,8 @@ def keys() -> None:
 @click.option("--name", help="A label for the key.")
 def keys_create(tenant: str, user_id: str | None, service: bool, name: str | None) -> None:
     """Create a key and print it (it is shown only once)."""
+    from shared.auth.keys import create_key
     from shared.db import make_engine, make_sessionmaker, unit_of_work
-    from shared.keys import create_key
 
     if bool(user_id) == service:
         raise click.UsageError("give exactly one of --user USER or --service")
@@ -60,8 +60,8 @@ def keys_create(tenant: str, user_id: str | None, service: bool, name: str | Non
 @click.option("--tenant", required=True, help="Tenant whose keys to list.")
 def keys_list(tenant: str) -> None:
     """List a tenant's keys (ids and prefixes; the keys themselves are not stored)."""
+    from shared.auth.keys import list_keys
     from shared.db import make_engine, make_sessionmaker, unit_of_work
-    from shared.keys import list_keys
 
     engine = make_engine(_settings())
     with unit_of_work(make_sessionmaker(engine)) as db:
@@ -75,8 +75,8 @@ def keys_list(tenant: str) -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id (see `keys list`); API processes stop accepting it within STEPRUN_KEY_CACHE_SECONDS."""
+    from shared.auth.keys import revoke_key
     from shared.db import make_engine, make_sessionmaker, unit_of_work
-    from shared.keys import revoke_key
 
     engine = make_engine(_settings())
     with unit_of_work(make_sessionmaker(engine)) as db:
@@ -111,7 +111,8 @@ def stats(window: float, as_json: bool) -> None:
     """Queue latency from Postgres: oldest waiting step, waiting/running counts, start-delay p95."""
     import json
 
-    from shared.db import SYSTEM, install_row_security, make_engine, make_sessionmaker, set_scope
+    from shared.auth.principal import SYSTEM
+    from shared.db import install_row_security, make_engine, make_sessionmaker, set_scope
     from shared.stats import queue_stats
 
     settings = _settings()
@@ -139,12 +140,12 @@ def users() -> None:
 @click.option("--user", "user_id", required=True, help="The user whose data is erased.")
 def users_erase(tenant: str, user_id: str) -> None:
     """Erase everything of one user: sessions with their history, traces and event logs, memory, own documents."""
+    from shared.auth.principal import Principal
     from shared.db import unit_of_work
-    from shared.history import erase_user
-    from shared.keys import Principal
-    from shared.runtime import Runtime
+    from shared.engine.step import build_runtime
+    from shared.turns.history import erase_user
 
-    rt = Runtime.create(_settings())
+    rt = build_runtime(_settings())
     try:
         who = Principal(tenant, user_id)
         with unit_of_work(rt.sessions, who) as db:
@@ -162,7 +163,7 @@ def users_erase(tenant: str, user_id: str) -> None:
 @click.option("--key", envvar="STEPRUN_KEY", required=True, help="An API key (env STEPRUN_KEY).")
 def chat(agent: str | None, session_id: str | None, url: str, key: str) -> None:
     """Chat with an agent in the terminal: each line is a turn, the answer streams back."""
-    from shared.chat import Chat, ChatError
+    from steprun.chat import Chat, ChatError
 
     client = Chat(url, key)
     try:
@@ -184,23 +185,24 @@ def dev(port: int | None) -> None:
 
     from api.app import create_app
     from scheduler.main import run_forever
+    from shared.auth.keys import create_key
     from shared.db import unit_of_work
-    from shared.keys import create_key
     from shared.logs import configure_logging
     from shared.migrate import upgrade
-    from shared.recovery import recover_after_restart
-    from shared.runtime import Runtime
+    from shared.turns.recovery import recover_after_restart
 
     settings = _settings()
     if port:
         settings = settings.replace(port=port)
     if not settings.secret_key:
-        from shared.stream_tokens import dev_secret_key
+        from shared.auth.stream_tokens import dev_secret_key
 
         # Stream tokens work out of the box in development; production must set STEPRUN_SECRET_KEY.
         settings = settings.replace(secret_key=dev_secret_key(settings.data_dir))
     configure_logging(settings)
-    rt = Runtime.create(settings)
+    from shared.engine.step import build_runtime
+
+    rt = build_runtime(settings)
     upgrade(rt.engine)
     key_file = os.path.join(settings.data_dir, "dev-key")
     if os.path.exists(key_file):

@@ -18,13 +18,13 @@ from sqlalchemy import delete, func, literal_column, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import textsearch
+from shared.auth.principal import Principal
+from shared.clock import aware, utcnow
 from shared.db import unit_of_work
 from shared.errors import BadInput, NotFound, TooLarge
-from shared.keys import Principal
-from shared.models import utcnow
+from shared.models import MemoryItem
 from shared.settings import Settings
-from shared.storage_models import MemoryItem
+from shared.storage import textsearch
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_KEY_CHARS = 256
@@ -104,7 +104,7 @@ def put_item(db: Session, settings: Settings, who: Principal, namespace: str, ke
     for _ in range(2):
         row = db.scalars(select(MemoryItem).where(*owner).with_for_update()).first()
         if row is not None:
-            created = row.expires_at is not None and _aware(row.expires_at) <= utcnow()
+            created = row.expires_at is not None and aware(row.expires_at) <= utcnow()
             row.value, row.text, row.expires_at, row.updated_at = value, text, expires_at, utcnow()
             if created:  # an expired item is gone as far as anyone could see: this is a new one
                 row.created_at = row.updated_at
@@ -186,15 +186,9 @@ def purge_expired(db: Session, now: datetime | None = None) -> int:
     return result.rowcount or 0
 
 
-def _aware(value: datetime) -> datetime:
-    from datetime import timezone
-
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
 def item_dict(row: MemoryItem) -> dict[str, Any]:
     return {"namespace": row.namespace, "key": row.key, "value": row.value,
-            "updated_at": _aware(row.updated_at).isoformat()}
+            "updated_at": aware(row.updated_at).isoformat()}
 
 
 class MemoryStore:

@@ -1,0 +1,38 @@
+"""Who a database session acts as: one principal, or the narrow system path.
+
+A principal sees that user's rows only. :data:`SYSTEM` is the cross-tenant path
+of the worker's claim and the scheduler's sweeps; nothing else uses it. A
+session with no scope sees no user data at all (row-level security).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Union
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The (tenant, user) a request acts as."""
+
+    tenant_id: str
+    user_id: str
+
+
+class System:
+    """The system scope's type: one instance, :data:`SYSTEM`."""
+
+    _instance: System | None = None
+
+    def __new__(cls) -> System:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "SYSTEM"
+
+
+SYSTEM: Final = System()
+
+# What a unit of work may be scoped to. ``None`` (no scope) sees no user data.
+Scope = Union[Principal, System]

@@ -1,0 +1,205 @@
+"""One reasoning step of one turn: claim, load, run, commit, publish, continue.
+
+This is the coordinator every worker (Celery or the embedded thread pool) runs;
+the parts live beside it, each importing only the ones before it:
+
+- :mod:`~shared.engine.outcome` — results, stop reasons, the history's message shape;
+- :mod:`~shared.engine.claim` — the fenced lease, and the step's input read with it;
+- :mod:`~shared.engine.trace` — the step's spans, written with its commit;
+- :mod:`~shared.engine.buffer` — the step's events, flushed in batches;
+- :mod:`~shared.engine.watch` — heartbeat, cancel, time limits, shutdown;
+- :mod:`~shared.engine.tools` — tool calls and answers to a pause;
+- :mod:`~shared.engine.commit` — the fenced commit.
+
+Duplicates are harmless and crashes lose nothing: a task that claims nothing
+exits quietly; no database connection is held across the model call; a zombie
+attempt commits nothing; the scheduler re-sends what a crash left behind.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from shared.agent import Agent, AgentRegistry
+from shared.auth.principal import SYSTEM
+from shared.db import unit_of_work
+from shared.engine.buffer import StepEvents
+from shared.engine.claim import Claim, StepInput, claim_turn, load_step_input
+from shared.engine.commit import commit_step, release_step
+from shared.engine.outcome import (
+    ChatMessage,
+    StepInterrupted,
+    StepOutcome,
+    StepResult,
+    StopReason,
+    close_tool_calls,
+    for_model,
+    stopped_outcome,
+)
+from shared.engine.tools import answer_pending, run_tool
+from shared.engine.watch import StepWatch, step_deadline
+from shared.llm import ModelError, ModelResponse, TransientModelError, build_model
+from shared.logs import log_context
+from shared.models import TurnStatus
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def run_step_in_process(rt: Runtime, turn_id: str, step: int) -> None:
+    """The embedded queue's runner (``Runtime.create(step_runner=...)``)."""
+    # A pool thread lives on after the step: scope the step's log ids to it.
+    with log_context(turn_id=turn_id, step=step):
+        run_step(rt, turn_id, step)
+
+
+def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
+    """Run step ``step`` of ``turn_id`` if it is still due. Returns what happened, for logs and tests."""
+    if rt.stopping.is_set():
+        # This worker is shutting down (and Celery's gevent pool keeps taking deliveries while
+        # it waits for running tasks): leave the step to a worker that stays, claiming nothing.
+        time.sleep(0.2)  # not a busy loop if this very worker receives the message again
+        rt.queue.enqueue_step(turn_id, step)
+        return StepOutcome.PASSED_ON
+    # The claim looks a turn up by id alone: the one cross-tenant read of a step.
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
+    if claim is None:
+        return StepOutcome.SKIPPED
+    with unit_of_work(rt.sessions, claim.principal) as db:
+        loaded = load_step_input(db, claim, rt.settings.turn_time_limit)
+    # The connection is back in the pool before the model is called.
+    if loaded is None:
+        return StepOutcome.ZOMBIE  # deleted under us: nothing to commit to
+    state = list(loaded.history)
+    agent = rt.agents.get(loaded.agent_name)
+    events = StepEvents(rt, claim)
+    last_failure = loaded.retry_reason or "the previous attempt did not finish"
+    if claim.step_attempt > rt.settings.max_attempts:
+        reason = (f"step {step} failed {claim.step_attempt - 1} times (STEPRUN_MAX_ATTEMPTS="
+                  f"{rt.settings.max_attempts}); the last attempt: {last_failure}")
+        return commit_step(rt, claim, StepResult(status=TurnStatus.FAILED,
+                                                 error={"code": "max_attempts", "message": reason}), state, events)
+    if claim.step_attempt > 1:
+        # Clients drop what earlier attempts of this step streamed (deltas carry step and attempt).
+        events.add("step.retrying", {"step": step, "attempt": claim.step_attempt, "reason": last_failure})
+    elif step == 0:
+        events.add("turn.started", {})
+    events.add("step.started", {"step": step, "attempt": claim.step_attempt})
+    if agent is None:
+        error = {"code": "unknown_agent", "message": f"agent {loaded.agent_name!r} is not served here"}
+        return commit_step(rt, claim, StepResult(status=TurnStatus.FAILED, error=error), state, events)
+    if loaded.cancel:
+        return commit_step(rt, claim, StepResult(status=TurnStatus.CANCELLED), state, events)
+    deadline, deadline_reason = step_deadline(rt, loaded.deadline_at)
+    if deadline_reason == StopReason.TURN_TIME_LIMIT and deadline is not None and deadline <= time.monotonic():
+        stopped = stopped_outcome(StepResult(), StopReason.TURN_TIME_LIMIT, rt.settings, step, events.text, state)
+        return commit_step(rt, claim, stopped, state, events)
+
+    watch = StepWatch(rt, claim, events, deadline=deadline, deadline_reason=deadline_reason)
+    watch.start()
+    result = StepResult()
+    try:
+        with watch.interruptible():
+            _execute(rt, agent, claim, loaded, state, events, result)
+    except StepInterrupted as stop:
+        watch.stop()
+        if stop.reason == StopReason.LEASE_LOST:
+            log.warning("turn %s step %s: lease lost, attempt %s abandoned", turn_id, step, claim.attempt)
+            return StepOutcome.ZOMBIE
+        if stop.reason == StopReason.SHUTDOWN:
+            # Hand the step back instead of being killed mid-way: another worker resumes it
+            # from the same checkpoint now, not after the lease runs out.
+            release_step(rt, claim, "the worker running it shut down")
+            rt.queue.enqueue_step(turn_id, step)
+            return StepOutcome.HANDED_BACK
+        stopped_outcome(result, stop.reason, rt.settings, step, events.text, state)
+    except TransientModelError as exc:
+        # Hand the step back: the next attempt starts from the same checkpoint.
+        watch.stop()
+        release_step(rt, claim, f"the model provider failed: {exc}"[:500])
+        log.warning("turn %s step %s: transient model error, retrying: %s", turn_id, step, exc)
+        rt.queue.enqueue_step(turn_id, step)
+        return StepOutcome.RELEASED
+    except ModelError as exc:
+        result.status, result.error = TurnStatus.FAILED, {"code": "model_error", "message": str(exc)[:2000]}
+        close_tool_calls(state, result.new_messages, "not run: the turn failed")
+    except Exception as exc:  # noqa: BLE001 - an agent's own bug fails its turn, not the worker
+        log.exception("turn %s step %s raised", turn_id, step)
+        result.status, result.error = TurnStatus.FAILED, {"code": "agent_error",
+                                                          "message": f"{type(exc).__name__}: {exc}"[:2000]}
+        close_tool_calls(state, result.new_messages, "not run: the turn failed")
+    except BaseException:
+        watch.stop()  # the pool is killing this greenlet: stop beating, so the lease can lapse
+        raise
+    try:
+        # The heartbeat goes on through the commit: a slow flush (Redis away) or a database
+        # restart here must not let the lease lapse and hand a finished step to another worker.
+        return commit_step(rt, claim, result, state, events)
+    finally:
+        watch.stop()
+
+
+def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list[ChatMessage],
+             events: StepEvents, result: StepResult) -> StepResult:
+    """Run the step into ``result``, which keeps what was done if the step is interrupted."""
+    if claim.step == 0 and not loaded.resume:
+        result.new_messages.append({"role": "user", "content": loaded.input})
+    if loaded.resume and loaded.pending:
+        result.new_messages.extend(answer_pending(agent, claim, loaded, events))
+    closing: list[ChatMessage] = []
+    if claim.step == 0 and not loaded.resume:
+        # A turn that ended while paused (expired, cancelled) left its tool calls unanswered, which
+        # chat APIs reject: the prompt answers them; the stored history stays as it happened.
+        close_tool_calls(state, closing, "not run: the turn ended before the user answered")
+    messages = state + closing + [for_model(m) for m in result.new_messages]
+    model = build_model(agent.model, rt.settings)
+    system: list[ChatMessage] = [{"role": "system", "content": agent.instructions}] if agent.instructions else []
+    events.trace.model_started(model)
+    response: ModelResponse = model.generate(
+        system + messages, [t.schema() for t in agent.tools], events.delta, max_output_tokens=agent.max_output_tokens
+    )
+    events.trace.model_finished(response)
+    events.flush(when_due=True)
+    result.text = response.text
+    result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
+    assistant: ChatMessage = {"role": "assistant", "content": response.text}
+    if response.tool_calls:
+        assistant["tool_calls"] = [c.as_message_part() for c in response.tool_calls]  # type: ignore[typeddict-item]  # as_message_part builds the OpenAI shape
+    result.new_messages.append(assistant)
+    if response.finish_reason == "length":
+        result.status, result.error = TurnStatus.INCOMPLETE, {"code": "max_output_tokens",
+                                                              "message": "the model hit the output token limit"}
+        return result
+    if not response.tool_calls:
+        result.status = TurnStatus.COMPLETED
+        return result
+    calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls]
+    for call in calls:
+        events.add("tool.call", call)
+    needs_approval = [c for c in calls if (t := agent.tool_named(c["name"])) and t.requires_approval]
+    questions = [c for c in calls if (t := agent.tool_named(c["name"])) and t.asks_user]
+    if needs_approval or questions:
+        # Pause: nothing is held while the user thinks; resume runs the calls (or not) on any worker.
+        result.status = TurnStatus.REQUIRES_ACTION
+        result.pending = {"reason": "approval" if needs_approval else "question", "tool_calls": calls,
+                          "needs_approval": [c["id"] for c in needs_approval],
+                          "questions": [{"id": c["id"], "question": str(c["arguments"].get("question", ""))}
+                                        for c in questions]}
+        return result
+    for call in calls:
+        result.new_messages.append(run_tool(agent, claim, loaded, call, events))
+    if claim.step + 1 >= agent.max_steps:
+        result.status, result.error = TurnStatus.INCOMPLETE, {
+            "code": "max_steps", "message": f"the agent used its {agent.max_steps} steps"}
+    return result
+
+
+def build_runtime(settings: Settings, *, agents: AgentRegistry | None = None) -> Runtime:
+    """The runtime for a process's entrypoint, with this engine as its in-process step runner.
+
+    Production processes send steps through Celery and never call the runner; the
+    embedded mode (no Redis) runs them on its in-process queue.
+    """
+    return Runtime.create(settings, agents=agents, step_runner=run_step_in_process)

@@ -1,0 +1,123 @@
+"""Every change of a turn's status, in one place: the state machine of DESIGN section 3.
+
+```
+queued → in_progress ⇄ requires_action → completed | failed | cancelled | expired | incomplete
+```
+
+- ``queued`` → ``in_progress``: the worker's claim (:func:`shared.engine.claim.claim_turn`,
+  one fenced UPDATE) or :func:`resume` (an answer to a pause).
+- ``in_progress`` → next step: :func:`advance`; → ``requires_action``: :func:`pause`.
+- → a terminal status: :func:`finish`, the only way a turn ends; it hands the session
+  to the next queued turn (:func:`activate`).
+- :func:`request_cancel` ends a turn no step is running, or flags the running step.
+- :func:`release` gives a step's lease back for a fresh attempt (the status stays).
+
+Functions take the database session first and never commit; what must wait for
+the commit (enqueueing a step, publishing events) goes through
+:func:`shared.db.after_commit`. Callers hold the session row lock, then the turn's.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.clock import aware, utcnow
+from shared.db import after_commit
+from shared.metrics import TURNS_FINISHED
+from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
+from shared.runtime import Runtime
+from shared.streaming.protocol import encode_event
+
+
+def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> None:
+    """Make ``turn`` the session's active turn and send its first step after commit."""
+    session.active_turn_id = turn.id
+    turn.enqueued_at = utcnow()
+    turn_id = turn.id
+    after_commit(db, lambda: rt.queue.enqueue_step(turn_id, 0))
+
+
+def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: TurnStatus,
+                error: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """End a turn (status is terminal), publish it, and hand the session to the next queued turn."""
+    if status not in TERMINAL:
+        raise ValueError(f"finish() takes a terminal status, not {status!r}")
+    turn.status = status
+    turn.finished_at = utcnow()
+    turn.lease_owner = None
+    turn.lease_expires_at = None
+    turn.error = error
+    data: dict[str, Any] = dict(extra or {})
+    if status == TurnStatus.COMPLETED:
+        data["output"] = turn.output
+    if error:
+        data["error"] = error
+    publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
+    after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
+    if session.active_turn_id == turn.id:
+        session.active_turn_id = None
+        nxt = db.scalars(
+            select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.QUEUED, Turn.id != turn.id)
+            .order_by(Turn.seq).limit(1)
+        ).first()
+        if nxt is not None:
+            activate(db, rt, session, nxt)
+
+
+def publish_after_commit(db: Session, rt: Runtime, session_id: str,
+                         events: list[tuple[str, str | None, dict[str, Any] | None]]) -> None:
+    bodies = [encode_event(t, turn_id, data) for t, turn_id, data in events]
+    after_commit(db, lambda: rt.events.append(session_id, bodies))
+
+
+def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) -> None:
+    """Cancel now if no step runs; otherwise flag it and let the running step stop itself."""
+    turn.cancel_requested = True
+    if turn.lease_expires_at is not None and aware(turn.lease_expires_at) > utcnow():
+        # A step is running: it sees the flag within one delta flush or heartbeat.
+        after_commit(db, lambda: rt.events.request_cancel(turn.id))
+        return
+    finish(db, rt, turn, session, TurnStatus.CANCELLED)
+
+
+def advance(db: Session, rt: Runtime, turn: Turn, next_step: int) -> None:
+    """The committed step asked for another: stays ``in_progress``, and ``next_step`` is sent after commit."""
+    turn.enqueued_at = utcnow()
+    turn_id = turn.id
+    after_commit(db, lambda: rt.queue.enqueue_step(turn_id, next_step))
+
+
+def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: dict[str, Any]) -> None:
+    """``in_progress`` → ``requires_action``: wait (holding nothing) for the user, until the action deadline."""
+    now = utcnow()
+    expires = now + timedelta(seconds=rt.settings.action_timeout_seconds)
+    pending = {**pending, "expires_at": expires.isoformat().replace("+00:00", "Z")}
+    # The scheduler expires the pause at action_expires_at (shared/turns/housekeeping.py).
+    turn.status, turn.pending, turn.paused_at, turn.action_expires_at = (
+        TurnStatus.REQUIRES_ACTION, pending, now, expires)
+    publish_after_commit(db, rt, session.id, [("turn.requires_action", turn.id, {
+        "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
+
+
+def resume(db: Session, rt: Runtime, turn: Turn, answer: dict[str, Any]) -> None:
+    """``requires_action`` → ``in_progress`` with the user's answer; the paused step is sent again after commit."""
+    turn.resume = answer
+    turn.status = TurnStatus.IN_PROGRESS
+    now = utcnow()
+    if turn.deadline_at is not None and turn.paused_at is not None:
+        # Time spent waiting for the user does not count against STEPRUN_TURN_TIME_LIMIT.
+        turn.deadline_at = aware(turn.deadline_at) + (now - aware(turn.paused_at))
+    turn.paused_at = turn.action_expires_at = None
+    turn.enqueued_at = now
+    turn_id, step = turn.id, turn.step_count
+    after_commit(db, lambda: rt.queue.enqueue_step(turn_id, step))
+
+
+def release(db: Session, turn_id: str, attempt: int, reason: str) -> None:
+    """Give ``attempt``'s lease back so the next attempt may start now; ``reason`` shows in its step.retrying."""
+    db.execute(update(Turn).where(Turn.id == turn_id, Turn.attempt == attempt)
+               .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), retry_reason=reason)
+               .execution_options(synchronize_session=False))
