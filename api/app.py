@@ -3,26 +3,32 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, g
+from flask import Blueprint, Flask, g
+from flask.json.provider import DefaultJSONProvider
 
+from api import history, knowledge, memory, openapi, sessions, streaming, system, turns
 from api.auth import install_auth
 from api.context import reject_nul_args
 from api.errors import register_error_handlers
 from api.observability import install_observability
+from api.openapi import OpenAPIRegistry, RouteDocs
 from shared.engine.step import build_runtime
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.stats import register_queue_metrics
+
+
+class _JSONProvider(DefaultJSONProvider):
+    sort_keys = False  # bodies keep the order they are written in (id first)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Flask:
     settings = settings or (runtime.settings if runtime else Settings.from_env())
     runtime = runtime or build_runtime(settings)
     app = Flask("steprun")
+    app.json = _JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["steprun"] = runtime
-    from shared.stats import register_queue_metrics
-
     register_queue_metrics(runtime.sessions)  # queue-latency gauges, computed from Postgres on each scrape
 
     @app.teardown_request
@@ -35,19 +41,23 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     install_observability(app)  # before auth, so rejected requests are counted and carry an id too
     app.before_request(reject_nul_args)
     install_auth(app)
-    from api import openapi, sessions, system, turns
 
-    app.register_blueprint(system.bp)
-    app.register_blueprint(openapi.bp)
-    app.register_blueprint(sessions.bp)
-    app.register_blueprint(turns.bp)
-    from api import streaming
+    # Every blueprint is registered with the description of its routes; /openapi.json is built from them.
+    docs = OpenAPIRegistry()
 
-    streaming.install(app)
-    from api import history, knowledge, memory
+    def register(blueprint: Blueprint, described: RouteDocs) -> None:
+        app.register_blueprint(blueprint)
+        docs.add(described)
 
-    app.register_blueprint(memory.bp)
-    app.register_blueprint(knowledge.bp)
-    app.register_blueprint(history.bp)
+    register(system.bp, system.describe())
+    register(openapi.bp, openapi.describe())
+    register(sessions.bp, sessions.describe(agent.name for agent in runtime.agents))
+    register(turns.bp, turns.describe())
+    streaming.install(app)  # its blueprint, with the WebSocket server's options
+    docs.add(streaming.describe())
+    register(memory.bp, memory.describe())
+    register(knowledge.bp, knowledge.describe())
+    register(history.bp, history.describe())
+    app.extensions[openapi.EXTENSION] = docs.document()
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app

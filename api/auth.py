@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, request
 
@@ -16,6 +16,8 @@ from shared.db import set_scope
 from shared.errors import BadInput, RateLimited, Unauthorized, Unavailable
 
 USER_ID_RE = re.compile(r"^[\w.@:+-]{1,256}$")
+STREAM_TOKEN_MARK = "accepts_stream_token"
+View = TypeVar("View", bound=Callable[..., Any])
 
 
 def install_auth(app: Flask) -> None:
@@ -29,9 +31,10 @@ def install_auth(app: Flask) -> None:
         enforce_rate_limit(g.principal)
 
 
-def accepts_stream_token(view: Callable[..., Any]) -> Callable[..., Any]:
+def accepts_stream_token(view: View) -> View:
     """Mark a route (the WebSocket and SSE streams) as also accepting ``?token=<stream token>``."""
-    view.accepts_stream_token = True  # type: ignore[attr-defined]
+    # A function attribute, kept in its __dict__ (functools.wraps copies it onto flask-sock's wrapper).
+    view.__dict__[STREAM_TOKEN_MARK] = True
     return view
 
 
@@ -39,7 +42,7 @@ def stream_token_principal() -> Principal | None:
     """The principal of a ``?token=`` on a route that accepts one and has no Authorization header."""
     token = request.args.get("token")
     view = current_app.view_functions.get(request.endpoint or "")
-    if token is None or "Authorization" in request.headers or not getattr(view, "accepts_stream_token", False):
+    if token is None or "Authorization" in request.headers or not getattr(view, STREAM_TOKEN_MARK, False):
         return None
     secret = runtime().settings.secret_key
     if not secret:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def error_response(status: int, code: str, message: str, *, field: str | None = None,
-                   retry_after: float | None = None):  # type: ignore[no-untyped-def]
-    body: dict = {"code": code, "message": message}
+                   retry_after: float | None = None) -> Response:
+    body: dict[str, str] = {"code": code, "message": message}
     if field:
         body["field"] = field
     response = jsonify({"error": body})
@@ -28,11 +28,11 @@ def error_response(status: int, code: str, message: str, *, field: str | None = 
 
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(StepRunError)
-    def _domain(exc: StepRunError):  # type: ignore[no-untyped-def]
+    def _domain(exc: StepRunError) -> Response:
         return error_response(exc.status, exc.code, exc.message, field=exc.field, retry_after=exc.retry_after)
 
     @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException):  # type: ignore[no-untyped-def]
+    def _http(exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "invalid_request"}.get(
             exc.code or 500, "http_error")
         message = exc.description or exc.name
@@ -45,12 +45,12 @@ def register_error_handlers(app: Flask) -> None:
         return response
 
     @app.errorhandler(OperationalError)
-    def _db_down(exc: OperationalError):  # type: ignore[no-untyped-def]
+    def _db_down(exc: OperationalError) -> Response:
         log.warning("database unavailable: %s", exc)
         return error_response(503, "unavailable", "the database is unavailable; retry shortly", retry_after=2)
 
     @app.errorhandler(DBAPIError)
-    def _db_error(exc: DBAPIError):  # type: ignore[no-untyped-def]
+    def _db_error(exc: DBAPIError) -> Response:
         # A dropped connection ("connection already closed", invalidated) is an outage, not a bug.
         if database_unavailable(exc):
             log.warning("database unavailable: %s", exc)
@@ -59,7 +59,7 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(500, "internal_error", "internal error")
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+    def _unexpected(exc: Exception) -> Response:
         import redis
 
         if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):

@@ -4,10 +4,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
-from api import storage_docs  # noqa: F401  (describes these routes in /openapi.json)
 from api.context import db, principal, runtime
+from api.openapi import OBJ, SID, TID, TS, RouteDocs, op, ref
 from api.serialize import message_json, session_json, ts, turn_json
 from shared.engine.otel import trace_id_for
 from shared.models import TraceSpan
@@ -15,6 +15,26 @@ from shared.turns import history
 from shared.turns.service import get_turn
 
 bp = Blueprint("history", __name__)
+
+
+def describe() -> RouteDocs:
+    return RouteDocs({
+        "/v1/turns/{turn_id}/trace": {"get": op("Spans of the turn: steps, model calls, tool calls", "200",
+                                                ref("Trace"), params=[TID])},
+        "/v1/sessions/{session_id}/export": {"get": op("The whole session: turns, messages, checkpoint, traces",
+                                                       "200", OBJ, params=[SID])},
+        "/v1/users/me/data": {"delete": op("Erase everything of the calling user", "200", OBJ,
+                                           errors=("401", "429"))},
+    }, schemas={
+        "Trace": {"type": "object", "required": ["turn_id", "trace_id", "spans"], "properties": {
+            "turn_id": {"type": "string"}, "trace_id": {"type": "string"}, "status": {"type": "string"},
+            "spans": {"type": "array", "items": {"type": "object", "properties": {
+                "span_id": {"type": "string"}, "parent_span_id": {"type": ["string", "null"]},
+                "kind": {"enum": ["step", "model", "tool"]}, "name": {"type": "string"},
+                "step": {"type": "integer"}, "attempt": {"type": "integer"}, "status": {"type": "string"},
+                "started_at": TS, "ended_at": TS, "duration_ms": {"type": "number"},
+                "attributes": {"type": "object"}}}}}},
+    })
 
 
 def span_json(row: TraceSpan) -> dict[str, Any]:
@@ -39,7 +59,7 @@ def trace_json(turn_id: str, spans: list[TraceSpan]) -> dict[str, Any]:
 
 
 @bp.get("/v1/turns/<turn_id>/trace")
-def get_trace(turn_id: str):  # type: ignore[no-untyped-def]
+def get_trace(turn_id: str) -> Response:
     """Spans of every committed step of the turn, in start order (an unfinished step has none yet)."""
     turn = get_turn(db(), principal(), turn_id)
     body = trace_json(turn.id, history.list_spans(db(), principal(), turn.id))
@@ -48,7 +68,7 @@ def get_trace(turn_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/v1/sessions/<session_id>/export")
-def export_session(session_id: str):  # type: ignore[no-untyped-def]
+def export_session(session_id: str) -> Response:
     data = history.export_session(db(), principal(), session_id)
     by_turn: dict[str, list[TraceSpan]] = {}
     for span in data.spans:
@@ -67,7 +87,7 @@ def export_session(session_id: str):  # type: ignore[no-untyped-def]
 
 
 @bp.delete("/v1/users/me/data")
-def erase_my_data():  # type: ignore[no-untyped-def]
+def erase_my_data() -> Response:
     """Erase every session (with turns, messages, checkpoints, traces, event logs), memory and own document."""
     report = history.erase_user(db(), runtime(), principal())
     db().commit()

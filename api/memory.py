@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from api.context import db, int_arg, json_body, principal, reject_empty_args, runtime
+from api.openapi import AFTER_PAGE, LIMIT, OBJ, SEARCH_Q, TS, RouteDocs, op, page, query, ref
 from api.serialize import ts
 from shared.errors import BadInput
 from shared.models import MemoryItem
@@ -13,6 +14,31 @@ from shared.storage import memory
 from shared.streaming.protocol import MAX_CURSOR
 
 bp = Blueprint("memory", __name__, url_prefix="/v1/memory")
+
+NS = {"name": "namespace", "in": "path", "required": True,
+      "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}}
+KEY = {"name": "key", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": "^[^/\\x00-\\x1f]{1,256}$"}}
+
+
+def describe() -> RouteDocs:
+    return RouteDocs({
+        "/v1/memory/{namespace}/{key}": {
+            "put": op("Create (201) or replace (200) a memory item", "200", ref("Memory"), body="MemoryPut",
+                      params=[NS, KEY], errors=("400", "401", "413", "429"), also={"201": "created"}),
+            "get": op("One memory item", "200", ref("Memory"), params=[NS, KEY]),
+            "delete": op("Delete a memory item", "200", OBJ, params=[NS, KEY]),
+        },
+        "/v1/memory": {"get": op("Your memory, newest first; with q, best match first", "200", page("Memory"),
+                                 params=[query("namespace", {"type": "string"}), SEARCH_Q, LIMIT, AFTER_PAGE])},
+    }, schemas={
+        "Memory": {"type": "object", "required": ["namespace", "key", "value"], "properties": {
+            "object": {"const": "memory"}, "namespace": {"type": "string"}, "key": {"type": "string"}, "value": {},
+            "expires_at": TS, "created_at": TS, "updated_at": TS, "score": {"type": "number"}}},
+        "MemoryPut": {"type": "object", "required": ["value"], "properties": {
+            "value": {"description": "any JSON"},
+            "ttl_seconds": {"type": ["integer", "null"], "minimum": 1, "description": "null or absent: no expiry"}}},
+    })
 
 
 def memory_json(row: MemoryItem, score: float | None = None) -> dict[str, Any]:
@@ -31,7 +57,7 @@ def memory_json(row: MemoryItem, score: float | None = None) -> dict[str, Any]:
 
 
 @bp.put("/<namespace>/<key>")
-def put_item(namespace: str, key: str):  # type: ignore[no-untyped-def]
+def put_item(namespace: str, key: str) -> tuple[Response, int]:
     body = json_body()
     if "value" not in body:
         raise BadInput("'value' is required (any JSON)", field="value")
@@ -42,19 +68,19 @@ def put_item(namespace: str, key: str):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/<namespace>/<key>")
-def get_item(namespace: str, key: str):  # type: ignore[no-untyped-def]
+def get_item(namespace: str, key: str) -> Response:
     return jsonify(memory_json(memory.get_item(db(), principal(), namespace, key)))
 
 
 @bp.delete("/<namespace>/<key>")
-def delete_item(namespace: str, key: str):  # type: ignore[no-untyped-def]
+def delete_item(namespace: str, key: str) -> Response:
     memory.delete_item(db(), principal(), namespace, key)
     db().commit()
     return jsonify({"object": "memory", "namespace": namespace, "key": key, "deleted": True})
 
 
 @bp.get("")
-def list_items():  # type: ignore[no-untyped-def]
+def list_items() -> Response:
     """Newest first; with ``q``, best match first. ``next`` is an opaque cursor for ``after``."""
     reject_empty_args("limit", "after")
     limit = int_arg("limit", 20, lo=1, hi=memory.MAX_PAGE)

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared.metrics import track_stream
 from shared.settings import Settings
 from shared.streaming.protocol import EventLog
 
@@ -210,8 +211,17 @@ def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings
     """The body of an SSE response: events after ``after``, then live, with heartbeats.
 
     Each ``yield`` returns only once the server has written the chunk, so the
-    follower's position is always what the client was actually sent.
+    follower's position is always what the client was actually sent. It counts
+    as one open ``sse`` stream (``steprun_active_streams``) from its first chunk
+    until it ends: its own end, an error, or the server closing it when the
+    client went away (a failed write; a heartbeat finds out within
+    STEPRUN_SSE_HEARTBEAT_SECONDS).
     """
+    with track_stream("sse"):  # open for exactly as long as this body runs, whichever way it ends
+        yield from _sse_body(events, session_id, after, settings, sock)
+
+
+def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any) -> Iterator[str]:
     follower = LogFollower(events, session_id, after, settings)
     heartbeat = max(0.05, settings.sse_heartbeat_seconds)
     previous_timeout = bound_socket(sock, settings)

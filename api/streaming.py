@@ -10,49 +10,52 @@ handshake's status, so it is told in an error frame and a close reason.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
 from flask_sock import Sock
+from simple_websocket import Server
 
-from api import openapi
 from api.auth import accepts_stream_token, enforce_rate_limit
 from api.context import db, int_arg, principal, runtime
+from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
 from api.relay import gone_message, sse_stream
 from api.serialize import ts
 from api.websocket import WebSocketStream
 from shared.auth.stream_tokens import mint_stream_token
 from shared.errors import BadInput, Gone, Unavailable
+from shared.metrics import ACTIVE_STREAMS
 from shared.streaming.protocol import MAX_CURSOR
 from shared.turns import service as turns
 
 bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
 sock = Sock()
+# The transports counted in steprun_active_streams (api/relay.py for SSE, api/websocket.py).
+STREAM_TRANSPORTS = ("sse", "ws")
 
 
-_TOKEN = openapi.query("token", {"type": "string"},
-                       "a stream token (POST .../stream-token), in place of the Authorization header")
-_STREAM_ERRORS = ("400", "401", "404", "410", "429", "503")
-_ws_op = openapi.op(
-    "WebSocket: the session's events as JSON text frames (after ?after=, else from now); the client sends "
-    "turn, cancel, resume, subscribe and ping frames. Closes 4000 {reason: slow_consumer, cursor} when "
-    "the client lags, 4410 when its cursor is too old.", "101", {"type": "object"},
-    params=[openapi.SID, openapi.AFTER_INT, _TOKEN], errors=("400", "401", "404", "429", "503"))
-_ws_op["responses"]["101"] = {"description": "Switching Protocols (WebSocket)"}
-openapi.EXTRA_PATHS.append({
-    "/v1/sessions/{session_id}/events/stream": {"get": openapi.op(
-        "The session's events as Server-Sent Events (id: cursor, event: type, data: the event); "
-        "Last-Event-ID or ?after= resumes, else from now; a comment line as heartbeat", "200",
-        {"type": "string"}, content_type="text/event-stream", errors=_STREAM_ERRORS,
-        params=[openapi.SID, openapi.AFTER_INT, openapi.header("Last-Event-ID", "resume after this cursor"),
-                _TOKEN])},
-    "/v1/sessions/{session_id}/ws": {"get": _ws_op},
-    "/v1/sessions/{session_id}/stream-token": {"post": openapi.op(
-        "A short-lived token for this session's WebSocket and SSE streams (browsers cannot set headers)",
-        "200", {"type": "object", "required": ["token", "expires_at"], "properties": {
-            "token": {"type": "string"}, "session_id": {"type": "string"},
-            "expires_at": {"type": "string", "format": "date-time"}, "expires_in": {"type": "integer"}}},
-        params=[openapi.SID], errors=("401", "404", "429", "503"))},
-})
+def describe() -> RouteDocs:
+    token = query("token", {"type": "string"},
+                  "a stream token (POST .../stream-token), in place of the Authorization header")
+    ws = op("WebSocket: the session's events as JSON text frames (after ?after=, else from now); the client sends "
+            "turn, cancel, resume, subscribe and ping frames. Closes 4000 {reason: slow_consumer, cursor} when "
+            "the client lags, 4410 when its cursor is too old.", "101", OBJ,
+            params=[SID, AFTER_INT, token], errors=("400", "401", "404", "429", "503"))
+    ws["responses"]["101"] = {"description": "Switching Protocols (WebSocket)"}
+    return RouteDocs({
+        "/v1/sessions/{session_id}/events/stream": {"get": op(
+            "The session's events as Server-Sent Events (id: cursor, event: type, data: the event); "
+            "Last-Event-ID or ?after= resumes, else from now; a comment line as heartbeat", "200",
+            {"type": "string"}, content_type="text/event-stream", errors=("400", "401", "404", "410", "429", "503"),
+            params=[SID, AFTER_INT, header("Last-Event-ID", "resume after this cursor"), token])},
+        "/v1/sessions/{session_id}/ws": {"get": ws},
+        "/v1/sessions/{session_id}/stream-token": {"post": op(
+            "A short-lived token for this session's WebSocket and SSE streams (browsers cannot set headers)",
+            "200", {"type": "object", "required": ["token", "expires_at"], "properties": {
+                "token": {"type": "string"}, "session_id": {"type": "string"},
+                "expires_at": {"type": "string", "format": "date-time"}, "expires_in": {"type": "integer"}}},
+            params=[SID], errors=("401", "404", "429", "503"))},
+    })
 
 
 def install(app: Flask) -> None:
@@ -66,6 +69,8 @@ def install(app: Flask) -> None:
         "max_message_size": 4 * settings.max_body_bytes,
     }
     app.register_blueprint(bp)
+    for transport in STREAM_TRANSPORTS:
+        ACTIVE_STREAMS.labels(transport=transport)  # each series on /metrics from the start, at 0
 
 
 def _start_cursor(session_id: str, *, header: bool) -> int:
@@ -88,7 +93,7 @@ def _own_session(session_id: str) -> None:
 
 @bp.get("/<session_id>/events/stream")
 @accepts_stream_token
-def stream_events(session_id: str):  # type: ignore[no-untyped-def]
+def stream_events(session_id: str) -> Response:
     """The session's events as Server-Sent Events."""
     rt = runtime()
     _own_session(session_id)
@@ -115,13 +120,13 @@ def _check_websocket() -> None:
 
 @sock.route("/<session_id>/ws", bp=bp)
 @accepts_stream_token
-def stream_ws(ws, session_id: str) -> None:  # type: ignore[no-untyped-def]
+def stream_ws(ws: Server, session_id: str) -> None:
     """The session's events over a WebSocket, and turn requests from the client."""
     WebSocketStream(ws, runtime(), principal(), session_id, g.stream_after, enforce_rate_limit).run()
 
 
 @bp.post("/<session_id>/stream-token")
-def create_stream_token(session_id: str):  # type: ignore[no-untyped-def]
+def create_stream_token(session_id: str) -> dict[str, Any]:
     """A short-lived token a browser passes as ?token= to the WebSocket and SSE routes."""
     rt = runtime()
     turns.get_session(db(), principal(), session_id)

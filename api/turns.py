@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from api.context import db, float_arg, json_body, principal, runtime
+from api.openapi import TID, WAIT, RouteDocs, op, ref
 from api.serialize import turn_json
 from shared.models import ACTIVE
 from shared.turns import service as turns
@@ -13,8 +14,25 @@ from shared.turns import service as turns
 bp = Blueprint("turns", __name__, url_prefix="/v1/turns")
 
 
+def describe() -> RouteDocs:
+    return RouteDocs({
+        "/v1/turns/{turn_id}": {
+            "get": op("A turn; wait long-polls for a terminal or paused status", "200", ref("Turn"),
+                      params=[TID, WAIT])},
+        "/v1/turns/{turn_id}/cancel": {"post": op("Cancel (idempotent)", "200", ref("Turn"), params=[TID])},
+        "/v1/turns/{turn_id}/resume": {
+            "post": op("Continue a requires_action turn", "202", ref("Turn"), body="Resume",
+                       errors=("400", "401", "404", "409", "429"), params=[TID])},
+    }, schemas={
+        "Resume": {"type": "object", "properties": {
+            "approve": {"type": "boolean"}, "input": {"type": "string"},
+            "tool_outputs": {"type": "array", "items": {"type": "object", "required": ["id"],
+                                                        "properties": {"id": {"type": "string"}, "output": {}}}}}},
+    })
+
+
 @bp.get("/<turn_id>")
-def get_turn(turn_id: str):  # type: ignore[no-untyped-def]
+def get_turn(turn_id: str) -> Response:
     rt = runtime()
     wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
     turn = turns.get_turn(db(), principal(), turn_id)
@@ -38,14 +56,14 @@ def _running(status: str) -> bool:
 
 
 @bp.post("/<turn_id>/cancel")
-def cancel_turn(turn_id: str):  # type: ignore[no-untyped-def]
+def cancel_turn(turn_id: str) -> Response:
     turn = turns.cancel_turn(db(), runtime(), principal(), turn_id)
     db().commit()
     return jsonify(turn_json(turn))
 
 
 @bp.post("/<turn_id>/resume")
-def resume_turn(turn_id: str):  # type: ignore[no-untyped-def]
+def resume_turn(turn_id: str) -> tuple[Response, int]:
     turn = turns.resume_turn(db(), runtime(), principal(), turn_id, json_body())
     db().commit()
     return jsonify(turn_json(turn)), 202

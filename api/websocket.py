@@ -33,6 +33,7 @@ from api.serialize import turn_json
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
 from shared.errors import BadInput, NotFound, StepRunError, TooLarge, Unavailable
+from shared.metrics import track_stream
 from shared.runtime import Runtime
 from shared.streaming.protocol import MAX_CURSOR
 from shared.turns import service as turns
@@ -87,6 +88,11 @@ class WebSocketStream:
     # --- lifecycle -----------------------------------------------------------
 
     def run(self) -> None:
+        """Serve until either side closes; counted as one open ``ws`` stream for exactly that long."""
+        with track_stream("ws"):
+            self._run()
+
+    def _run(self) -> None:
         bound_socket(self.ws.sock, self.settings)
         self.ws.sock = _SerialSocket(self.ws.sock)
         with self.rt.events.listen(self.session_id) as ring:

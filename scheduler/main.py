@@ -1,39 +1,46 @@
-"""Periodic sweeps: lease recovery, lost-task re-enqueue, expiry of pauses and idle sessions, retention."""
+"""The scheduler process: one loop over the periodic jobs of scheduler/jobs.py."""
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
+from collections.abc import Sequence
+from typing import Any
 
+from scheduler.jobs import JOBS, Job
 from shared.engine.step import build_runtime
 from shared.logs import configure_logging
 from shared.metrics import serve_metrics
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.storage.sweep import StorageSweep, observe_sweep
-from shared.turns.housekeeping import Housekeeping
-from shared.turns.recovery import sweep
 
 log = logging.getLogger("steprun.scheduler")
 
 
-def run_forever(rt: Runtime, stop: threading.Event) -> None:
-    """Sweep every ``sweep_interval`` seconds until ``stop`` is set. A failed sweep is retried next round."""
-    storage = StorageSweep(rt)
-    housekeeping = Housekeeping(rt)
+def run_job(rt: Runtime, job: Job[Any]) -> None:
+    """Run ``job`` once and log its report if it did something. A failure is logged, never raised."""
+    try:
+        line = job.describe(job.run(rt))
+    except Exception:  # noqa: BLE001 - Postgres or Redis down: the job runs again at its next turn
+        log.exception("%s failed", job.name)
+        return
+    if line:
+        log.info("%s", line)
+
+
+def run_forever(rt: Runtime, stop: threading.Event, jobs: Sequence[Job[Any]] = JOBS) -> None:
+    """Run every job whenever it is due until ``stop`` is set; all are due at the start.
+
+    A job is due again ``interval`` seconds after its last run ended, failed or not.
+    """
+    next_run = [0.0] * len(jobs)
     while not stop.is_set():
-        try:
-            report = sweep(rt)
-            observe_sweep(report)
-            if report:
-                log.info("sweep: %s", report)
-            storage.run_if_due()
-            done = housekeeping.run_if_due()
-            if done and (done.sessions_deleted or done.checkpoints_pruned):
-                log.info("housekeeping: %s", done)
-        except Exception:  # noqa: BLE001 - Postgres or Redis down: try again next round
-            log.exception("sweep failed")
-        stop.wait(rt.settings.sweep_interval)
+        for i, job in enumerate(jobs):
+            if time.monotonic() >= next_run[i]:
+                run_job(rt, job)
+                next_run[i] = time.monotonic() + job.interval(rt.settings)
+        stop.wait(max(0.0, min(next_run) - time.monotonic()))
 
 
 def main() -> None:
@@ -45,6 +52,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if settings.scheduler_metrics_port:
         serve_metrics(settings, settings.scheduler_metrics_port)
-    log.info("scheduler started: sweeping every %ss", settings.sweep_interval)
+    log.info("scheduler started: %s", ", ".join(
+        f"{job.name} every {job.interval(settings):g}s" for job in JOBS))
     run_forever(rt, stop)
     rt.close()

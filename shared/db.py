@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth.principal import SYSTEM, Scope
@@ -29,7 +29,7 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while a step commits; foreign keys make deletes cascade.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -74,6 +74,18 @@ def after_commit(db: Session, callback: Callable[[], Any]) -> None:
     This is how work is enqueued: a task can never run before its row exists.
     """
     db.info.setdefault("after_commit", []).append(callback)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE (without RETURNING) matched.
+
+    ``Session.execute`` is typed as returning a plain :class:`~sqlalchemy.Result`;
+    for these statements it is a :class:`~sqlalchemy.CursorResult`, which carries
+    the count.
+    """
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"expected the CursorResult of an UPDATE or DELETE, got {type(result).__name__}")
+    return result.rowcount or 0
 
 
 def set_scope(db: Session, scope: Scope | None) -> Session:

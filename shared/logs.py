@@ -40,10 +40,6 @@ def log_context(**values: Any) -> Iterator[None]:
         _LOG_CONTEXT.reset(token)
 
 
-def current_log_context() -> dict[str, Any]:
-    return dict(_LOG_CONTEXT.get())
-
-
 class ContextFilter(logging.Filter):
     """Copies the context's ids onto each record (as attributes, and as text for the plain format)."""
 

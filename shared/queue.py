@@ -40,7 +40,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # step is never redelivered while it still runs. Were it redelivered,
             # the fenced claim would skip it, but only at the cost of a round trip.
             # Fast recovery from a dead worker comes from the Postgres lease sweep
-            # (lease_seconds), never from this timeout (see workers/celery_app.py);
+            # (lease_seconds), never from this timeout (see workers/app.py);
             # past it, the scheduler hands stranded messages back (restore_unacked).
             "visibility_timeout": int(2 * settings.step_time_limit) + 60,
         },

@@ -182,7 +182,7 @@ class Settings:
     )
     embedder: str | None = _setting(
         "STEPRUN_EMBEDDER", None,
-        "Optional `module:attr` building an embedder (see shared/embeddings.py); unset: full-text search only.",
+        "Optional `module:attr` building an embedder (see shared/storage/embeddings.py); unset: full-text search only.",
     )
     vector_scan_limit: int = _setting(
         "STEPRUN_VECTOR_SCAN_LIMIT", 5000, "With an embedder: how many of the newest chunks a search compares."

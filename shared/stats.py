@@ -30,19 +30,24 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth.principal import SYSTEM
+from shared.clock import aware
 from shared.db import set_scope
+from shared.models import Turn, TurnStatus
 
-WAITING = "status IN ('queued', 'in_progress') AND lease_expires_at IS NULL AND enqueued_at IS NOT NULL"
+# Turns with a step to run (a paused turn, requires_action, waits for its user, not for a worker).
+RUNNABLE_SQL = f"status IN ('{TurnStatus.QUEUED}', '{TurnStatus.IN_PROGRESS}')"
+RUNNING_SQL = f"status = '{TurnStatus.IN_PROGRESS}'"
+WAITING = f"{RUNNABLE_SQL} AND lease_expires_at IS NULL AND enqueued_at IS NOT NULL"
 
 # One statement, for Postgres. KEDA's postgresql trigger (infra/k8s/keda.yaml) runs the first column alone.
 QUEUE_SQL = f"""
 SELECT
   COALESCE(EXTRACT(EPOCH FROM now() - min(enqueued_at) FILTER (WHERE {WAITING})), 0) AS oldest_wait_seconds,
   count(*) FILTER (WHERE {WAITING}) AS waiting,
-  count(*) FILTER (WHERE status = 'in_progress' AND lease_expires_at >= now()) AS running,
-  count(*) FILTER (WHERE status = 'in_progress' AND lease_expires_at < now()) AS expired_leases
+  count(*) FILTER (WHERE {RUNNING_SQL} AND lease_expires_at >= now()) AS running,
+  count(*) FILTER (WHERE {RUNNING_SQL} AND lease_expires_at < now()) AS expired_leases
 FROM turns
-WHERE status IN ('queued', 'in_progress')
+WHERE {RUNNABLE_SQL}
 """
 
 START_DELAY_SQL = """
@@ -83,31 +88,27 @@ def queue_stats(db: Session, window_seconds: float = 60.0) -> QueueStats:
 
 def _queue_stats_portable(db: Session, window_seconds: float) -> QueueStats:
     """The embedded (SQLite) mode: the same figures computed in Python over the active turns."""
-    from shared.models import Turn
-
     now = datetime.now(timezone.utc)
     rows = db.query(Turn.status, Turn.lease_expires_at, Turn.enqueued_at).filter(
-        Turn.status.in_(("queued", "in_progress"))).all()
+        Turn.status.in_((TurnStatus.QUEUED, TurnStatus.IN_PROGRESS))).all()
     waits, running, expired = [], 0, 0
     for status, lease, enqueued in rows:
-        lease, enqueued = _aware(lease), _aware(enqueued)
         if lease is None and enqueued is not None:
-            waits.append((now - enqueued).total_seconds())
-        elif status == "in_progress" and lease is not None:
-            running, expired = (running + 1, expired) if lease >= now else (running, expired + 1)
+            waits.append((now - aware(enqueued)).total_seconds())
+        elif status == TurnStatus.IN_PROGRESS and lease is not None:
+            running, expired = (running + 1, expired) if aware(lease) >= now else (running, expired + 1)
     since = now - timedelta(seconds=window_seconds)
-    delays = sorted(
-        (_aware(s) - _aware(e)).total_seconds()  # type: ignore[operator]
-        for s, e in db.query(Turn.started_at, Turn.enqueued_at).filter(Turn.started_at.is_not(None))
-        .filter(Turn.enqueued_at.is_not(None)).all()
-        if _aware(s) >= since and _aware(e) <= _aware(s)  # type: ignore[operator]
-    )
+    delays: list[float] = []
+    for started_at, enqueued_at in (db.query(Turn.started_at, Turn.enqueued_at)
+                                    .filter(Turn.started_at.is_not(None)).filter(Turn.enqueued_at.is_not(None)).all()):
+        if started_at is None or enqueued_at is None:
+            continue  # the query leaves these out; this tells the type checker so
+        started, enqueued = aware(started_at), aware(enqueued_at)
+        if started >= since and enqueued <= started:
+            delays.append((started - enqueued).total_seconds())
+    delays.sort()
     p95 = delays[min(len(delays) - 1, int(0.95 * len(delays)))] if delays else None
     return QueueStats(max(waits, default=0.0), len(waits), running, expired, p95, len(delays), window_seconds)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 class QueueLatencyCollector:

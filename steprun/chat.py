@@ -100,11 +100,15 @@ class Chat:
                 pass
         raise ChatError("could not reconnect")
 
+    def _socket(self) -> websocket.WebSocket:
+        if self.ws is None:
+            raise ChatError("not connected: start() opens the socket")
+        return self.ws
+
     def _send(self, frame: dict[str, Any]) -> None:
         while True:
             try:
-                assert self.ws is not None
-                self.ws.send(json.dumps(frame))
+                self._socket().send(json.dumps(frame))
                 return
             except (OSError, websocket.WebSocketException) as exc:
                 self._reconnect(type(exc).__name__)
@@ -112,9 +116,9 @@ class Chat:
     def _receive(self) -> dict[str, Any]:
         """The next frame; reconnects (resuming after the last cursor) if the connection drops."""
         while True:
-            assert self.ws is not None
+            ws = self._socket()
             try:
-                opcode, data = self.ws.recv_data(control_frame=False)
+                opcode, data = ws.recv_data(control_frame=False)
             except (OSError, websocket.WebSocketException) as exc:
                 self._reconnect(type(exc).__name__)
                 continue

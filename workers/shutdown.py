@@ -11,7 +11,7 @@ Heroku and Kubernetes). Two stages, both on the runtime:
 - after STEPRUN_SHUTDOWN_GRACE_SECONDS, ``draining``: a step still running is
   handed back instead of waiting to be killed. It gives up its lease and
   re-enqueues itself, so another worker resumes it from its checkpoint at once
-  rather than after the lease runs out (shared/step_watch.py).
+  rather than after the lease runs out (shared/engine/watch.py).
 
 If the process dies anyway, the lease sweep recovers the step: nothing is lost.
 """
@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
+
+from workers.runtime import worker_runtime
 
 log = logging.getLogger("steprun.worker")
 
 
-def _call_later(seconds: float, fn: Any) -> None:
+def _call_later(seconds: float, fn: Callable[[], object]) -> None:
     """Run ``fn`` later without blocking: Celery calls us inside a signal handler (the gevent loop)."""
     try:
         from gevent import monkey, spawn_later
@@ -40,19 +43,18 @@ def _call_later(seconds: float, fn: Any) -> None:
     timer.start()
 
 
-def _on_shutdown(**_: Any) -> None:
-    from workers.tasks import StepTask
-
-    rt = StepTask._runtime
-    if rt is None or rt.stopping.is_set():
-        return  # no step ever ran in this process, or already stopping
-    rt.stopping.set()
-    grace = rt.settings.shutdown_grace_seconds
-    log.warning("worker shutting down: no new steps; running ones may finish for %ss, then are handed back",
-                grace)
-    _call_later(grace, rt.draining.set)
-
-
-def install_shutdown_drain() -> None:
+def install_shutdown_drain(app: Celery) -> None:
     """Connect the drain to Celery's shutdown signal (warm SIGTERM and cold SIGQUIT alike)."""
+    holder = worker_runtime(app)
+
+    def _on_shutdown(**_: Any) -> None:
+        rt = holder.started
+        if rt is None or rt.stopping.is_set():
+            return  # this process runs no steps (a prefork parent, a worker still starting), or already stopping
+        rt.stopping.set()
+        grace = rt.settings.shutdown_grace_seconds
+        log.warning("worker shutting down: no new steps; running ones may finish for %ss, then are handed back",
+                    grace)
+        _call_later(grace, rt.draining.set)
+
     signals.worker_shutting_down.connect(_on_shutdown, weak=False)

@@ -2,31 +2,23 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from celery import Task, shared_task
 
-from shared.engine.step import build_runtime, run_step
-from shared.logs import configure_logging, log_context
+from shared.engine.step import run_step
+from shared.logs import log_context
 from shared.runtime import Runtime
+from workers.runtime import worker_runtime
 
 log = logging.getLogger("steprun.worker")
-_runtime_lock = threading.Lock()
 
 
 class StepTask(Task):
-    """Holds the process's runtime (engine, Redis, agents), built on first use in the worker."""
-
-    _runtime: Runtime | None = None
+    """A step task: runs on the runtime its app built when the worker started (workers/runtime.py)."""
 
     @property
     def runtime(self) -> Runtime:
-        with _runtime_lock:
-            if StepTask._runtime is None:
-                settings = self.app.conf.steprun_settings
-                configure_logging(settings)
-                StepTask._runtime = build_runtime(settings)
-            return StepTask._runtime
+        return worker_runtime(self.app).runtime
 
 
 @shared_task(name="steps.run", base=StepTask, bind=True, ignore_result=True)

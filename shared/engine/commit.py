@@ -16,7 +16,7 @@ import time
 from sqlalchemy import func, select, update
 
 from shared.clock import utcnow
-from shared.db import database_unavailable, unit_of_work
+from shared.db import database_unavailable, rowcount, unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
 from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_model
@@ -64,7 +64,7 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
                     retry_reason=None)
             .execution_options(synchronize_session=False)
         )
-        turn = db.get(Turn, claim.turn_id) if fenced.rowcount else None
+        turn = db.get(Turn, claim.turn_id) if rowcount(fenced) else None
         if session is None or turn is None:
             return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
         events.trace.write(db, turn, result)  # the spans commit (or not) with the step

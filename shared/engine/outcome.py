@@ -10,33 +10,12 @@ for any model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Literal, TypedDict
+from typing import Any
 
-from typing_extensions import NotRequired
-
+from shared.enums import StrValueEnum
+from shared.llm.base import ChatMessage  # the history's message shape, defined beside the model interface
 from shared.models import TurnStatus
 from shared.settings import Settings
-
-
-class ToolCallPart(TypedDict):
-    """One tool call as an assistant message carries it (OpenAI chat shape)."""
-
-    id: str
-    type: Literal["function"]
-    function: dict[str, str]
-
-
-class ChatMessage(TypedDict):
-    """One message of a session's history, as checkpoints store it and models receive it."""
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
-    tool_calls: NotRequired[list[ToolCallPart]]
-    tool_call_id: NotRequired[str]
-    name: NotRequired[str | None]
-    # Kept in the history table only (message status), never sent to a model.
-    _status: NotRequired[str]
 
 
 def tool_message(call_id: str, name: str | None, content: str) -> ChatMessage:
@@ -49,7 +28,7 @@ def for_model(message: ChatMessage) -> ChatMessage:
     return {k: v for k, v in message.items() if not k.startswith("_")}  # type: ignore[return-value]  # same keys minus private ones
 
 
-class StopReason(str, Enum):
+class StopReason(StrValueEnum):
     """Why a step stopped before its end."""
 
     CANCELLED = "cancelled"
@@ -58,11 +37,8 @@ class StopReason(str, Enum):
     TURN_TIME_LIMIT = "turn_time_limit"
     SHUTDOWN = "shutdown"
 
-    __str__ = str.__str__
-    __format__ = str.__format__
 
-
-class StepOutcome(str, Enum):
+class StepOutcome(StrValueEnum):
     """What :func:`shared.engine.step.run_step` did when it committed nothing (else it returns the turn status)."""
 
     SKIPPED = "skipped"          # nothing due: a duplicate delivery, a finished turn, a lease held elsewhere
@@ -70,9 +46,6 @@ class StepOutcome(str, Enum):
     PASSED_ON = "passed on"      # the worker is stopping: the step was re-enqueued unclaimed
     HANDED_BACK = "handed back"  # the worker drained mid-step: the step was released and re-enqueued
     RELEASED = "released"        # a transient model error: released for a fresh attempt
-
-    __str__ = str.__str__
-    __format__ = str.__format__
 
 
 class StepInterrupted(BaseException):

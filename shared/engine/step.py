@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from shared.agent import Agent, AgentRegistry
 from shared.auth.principal import SYSTEM
@@ -166,7 +167,7 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: 
     result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
     assistant: ChatMessage = {"role": "assistant", "content": response.text}
     if response.tool_calls:
-        assistant["tool_calls"] = [c.as_message_part() for c in response.tool_calls]  # type: ignore[typeddict-item]  # as_message_part builds the OpenAI shape
+        assistant["tool_calls"] = [c.as_message_part() for c in response.tool_calls]
     result.new_messages.append(assistant)
     if response.finish_reason == "length":
         result.status, result.error = TurnStatus.INCOMPLETE, {"code": "max_output_tokens",
@@ -175,7 +176,8 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: 
     if not response.tool_calls:
         result.status = TurnStatus.COMPLETED
         return result
-    calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls]
+    calls: list[dict[str, Any]] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                   for c in response.tool_calls]
     for call in calls:
         events.add("tool.call", call)
     needs_approval = [c for c in calls if (t := agent.tool_named(c["name"])) and t.requires_approval]

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from shared import metrics
-from shared.clock import utcnow
+from shared.clock import aware, utcnow
 from shared.db import after_commit
 from shared.engine.claim import Claim
 from shared.engine.otel import export_spans
 from shared.engine.outcome import StepResult
 from shared.logs import bind_log_context
-from shared.models import TraceSpan, Turn
+from shared.models import TraceSpan, Turn, TurnStatus
 from shared.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -94,17 +94,15 @@ class StepTrace:
         """Add the step's spans to the step's commit; observe metrics once it commits."""
         end = time.monotonic()
         if self._model is not None:  # the call was interrupted (cancelled) or raised
-            status = "cancelled" if result.status == "cancelled" else "error"
+            status = "cancelled" if result.status == TurnStatus.CANCELLED else "error"
             self._add_child("model", self._model["name"], self._model["start"], end, status,
                             {"error": (result.error or {}).get("message")})
             self._model = None
         step_ms = round((end - self._mono0) * 1000, 3)
         queued_ms = None
         if turn.enqueued_at is not None:
-            enqueued = turn.enqueued_at if turn.enqueued_at.tzinfo else turn.enqueued_at.replace(
-                tzinfo=self._wall0.tzinfo)
-            queued_ms = max(0.0, round((self._wall0 - enqueued).total_seconds() * 1000, 3))
-        failed = result.status == "failed"
+            queued_ms = max(0.0, round((self._wall0 - aware(turn.enqueued_at)).total_seconds() * 1000, 3))
+        failed = result.status == TurnStatus.FAILED
         rows = [TraceSpan(
             tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id,
             step=self.claim.step, attempt=self.claim.step_attempt, span_id=self.span_id, parent_span_id=None,

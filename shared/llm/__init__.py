@@ -1,7 +1,8 @@
 """Models behind one streaming interface, named by a string."""
-from typing import Any  # noqa: E402
+from typing import Any
 
 from shared.llm.base import (  # noqa: F401  (re-exported)
+    ChatMessage,
     Model,
     ModelError,
     ModelResponse,

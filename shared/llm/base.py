@@ -8,7 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypedDict
+
+from typing_extensions import NotRequired
+
+
+class ToolCallPart(TypedDict):
+    """One tool call as an assistant message carries it (OpenAI chat shape)."""
+
+    id: str
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class ChatMessage(TypedDict):
+    """One message of a session's history, as checkpoints store it and models receive it."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    tool_calls: NotRequired[list[ToolCallPart]]
+    tool_call_id: NotRequired[str]
+    name: NotRequired[str | None]
+    # Kept in the history table only (message status), never sent to a model.
+    _status: NotRequired[str]
 
 
 class ModelError(Exception):
@@ -25,7 +47,7 @@ class ToolCallRequest:
     name: str
     arguments: dict[str, Any]
 
-    def as_message_part(self) -> dict[str, Any]:
+    def as_message_part(self) -> ToolCallPart:
         import json
 
         return {
@@ -61,7 +83,7 @@ class Model(Protocol):
 
     def generate(
         self,
-        messages: list[dict[str, Any]],
+        messages: list[ChatMessage],
         tools: list[dict[str, Any]],
         on_delta: OnDelta,
         *,

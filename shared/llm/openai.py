@@ -13,7 +13,15 @@ import time
 import urllib.parse
 from typing import Any
 
-from shared.llm.base import ModelError, ModelResponse, OnDelta, ToolCallRequest, TransientModelError, Usage
+from shared.llm.base import (
+    ChatMessage,
+    ModelError,
+    ModelResponse,
+    OnDelta,
+    ToolCallRequest,
+    TransientModelError,
+    Usage,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_BACKOFF = 20.0
@@ -93,13 +101,14 @@ class OpenAIModel:
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         url = urllib.parse.urlsplit(self.base_url + "/chat/completions")
-        if url.scheme not in ("http", "https") or not url.hostname:
+        host = url.hostname
+        if url.scheme not in ("http", "https") or not host:
             raise ValueError(f"bad base_url: {self.base_url!r}")
-        self._url = url
+        self._url, self._host = url, host
         # One TLS context per model: loading the CA bundle per request would cost milliseconds.
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
 
-    def generate(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], on_delta: OnDelta,
+    def generate(self, messages: list[ChatMessage], tools: list[dict[str, Any]], on_delta: OnDelta,
                  *, max_output_tokens: int | None = None) -> ModelResponse:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
                                 "stream_options": {"include_usage": True}}
@@ -130,10 +139,10 @@ class OpenAIModel:
         time.sleep(seconds)  # looked up per call, so gevent's patched sleep is the one used
 
     def _connect(self) -> http.client.HTTPConnection:
-        host, port = self._url.hostname, self._url.port
+        port = self._url.port
         if self._ssl is not None:
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
-        return http.client.HTTPConnection(host, port, timeout=self.timeout)
+            return http.client.HTTPSConnection(self._host, port, timeout=self.timeout, context=self._ssl)
+        return http.client.HTTPConnection(self._host, port, timeout=self.timeout)
 
     def _attempt(self, payload: bytes, on_delta: OnDelta, state: _Attempt) -> ModelResponse:
         """One HTTP request. The connection is closed however it ends, on_delta raising included."""

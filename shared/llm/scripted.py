@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from shared.llm.base import ModelResponse, OnDelta, ToolCallRequest, Usage
+from shared.llm.base import ChatMessage, ModelResponse, OnDelta, ToolCallRequest, Usage
 
 FILLER = (
     "steady tokens flow from the scripted model so every client sees a long answer arrive piece by piece "
@@ -33,7 +33,7 @@ class Reply:
     tool_calls: list[ToolCallRequest] | None = None
 
 
-Script = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Reply]
+Script = Callable[[list[ChatMessage], list[dict[str, Any]]], Reply]
 
 
 class ScriptedModel:
@@ -64,7 +64,7 @@ class ScriptedModel:
 
     def generate(
         self,
-        messages: list[dict[str, Any]],
+        messages: list[ChatMessage],
         tools: list[dict[str, Any]],
         on_delta: OnDelta,
         *,
@@ -99,7 +99,7 @@ class ScriptedModel:
             time_to_first_token=(first_token_at - started) if first_token_at else None,
         )
 
-    def default_script(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Reply:
+    def default_script(self, messages: list[ChatMessage], tools: list[dict[str, Any]]) -> Reply:
         last = messages[-1] if messages else {"role": "user", "content": ""}
         if last.get("role") == "tool":
             results = []

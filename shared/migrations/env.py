@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
 from shared.models import Base
 
@@ -14,7 +15,10 @@ def run_migrations_online() -> None:
     if connectable is None:
         from sqlalchemy import create_engine
 
-        connectable = create_engine(config.get_main_option("sqlalchemy.url"))
+        url = config.get_main_option("sqlalchemy.url")
+        if url is None:
+            raise RuntimeError("alembic: neither a connection nor sqlalchemy.url was given (see shared/migrate.py)")
+        connectable = create_engine(url)
         with connectable.connect() as connection:
             _run(connection)
         connectable.dispose()
@@ -22,7 +26,7 @@ def run_migrations_online() -> None:
         _run(connectable)
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -6,17 +6,17 @@ principal), so every query can be scoped to it.
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
 from typing import Any
 
 from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.clock import utcnow
+from shared.enums import StrValueEnum
 from shared.models.base import Base, BigId, JSONType, new_id
 
 
-class TurnStatus(str, Enum):
+class TurnStatus(StrValueEnum):
     """A turn's status, in OpenAI's words (DESIGN section 3). Compares equal to its string."""
 
     QUEUED = "queued"
@@ -27,10 +27,6 @@ class TurnStatus(str, Enum):
     CANCELLED = "cancelled"
     EXPIRED = "expired"
     INCOMPLETE = "incomplete"
-
-    # The value, not "TurnStatus.X", wherever a status is formatted into text or JSON.
-    __str__ = str.__str__
-    __format__ = str.__format__
 
 
 TERMINAL = frozenset({TurnStatus.COMPLETED, TurnStatus.FAILED, TurnStatus.CANCELLED, TurnStatus.EXPIRED,
@@ -73,7 +69,7 @@ class Turn(Base):
     tenant_id: Mapped[str] = mapped_column(String(128))
     user_id: Mapped[str] = mapped_column(String(256))
     seq: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20), default="queued")
+    status: Mapped[str] = mapped_column(String(20), default=TurnStatus.QUEUED)
     input: Mapped[str] = mapped_column(Text)
     on_busy: Mapped[str] = mapped_column(String(20), default="enqueue")
     idempotency_key: Mapped[str | None] = mapped_column(String(256))

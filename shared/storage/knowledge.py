@@ -13,13 +13,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import ColumnElement, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
 from shared.errors import BadInput, Forbidden, NotFound, TooLarge
 from shared.models import KnowledgeChunk, KnowledgeDocument
+from shared.paging import page
 from shared.settings import Settings
 from shared.storage import textsearch
 from shared.storage.embeddings import cosine, load_embedder
@@ -147,7 +148,7 @@ def add_document(db: Session, settings: Settings, who: Principal, body: dict[str
     return doc
 
 
-def _visible(who: Principal):  # type: ignore[no-untyped-def]
+def _visible(who: Principal) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     return (KnowledgeDocument.tenant_id == who.tenant_id,
             or_(KnowledgeDocument.user_id == who.user_id, KnowledgeDocument.user_id.is_(None)))
 
@@ -172,9 +173,9 @@ def list_documents(db: Session, who: Principal, limit: int,
         query = query.where(
             (KnowledgeDocument.created_at < anchor.created_at)
             | ((KnowledgeDocument.created_at == anchor.created_at) & (KnowledgeDocument.id < anchor.id)))
-    rows = list(db.scalars(query.order_by(KnowledgeDocument.created_at.desc(), KnowledgeDocument.id.desc())
-                           .limit(limit + 1)))
-    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+    rows = db.scalars(query.order_by(KnowledgeDocument.created_at.desc(), KnowledgeDocument.id.desc())
+                      .limit(limit + 1))
+    return page(rows, limit, lambda row: row.id)
 
 
 def delete_document(db: Session, who: Principal, doc_id: str, *, service: bool) -> None:

@@ -8,21 +8,23 @@ database session first and do not commit.
 """
 from __future__ import annotations
 
+import builtins
 import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, literal_column, or_, select
+from sqlalchemy import ColumnClause, ColumnElement, Select, delete, func, literal_column, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
-from shared.db import unit_of_work
+from shared.db import rowcount, unit_of_work
 from shared.errors import BadInput, NotFound, TooLarge
 from shared.models import MemoryItem
+from shared.paging import page
 from shared.settings import Settings
 from shared.storage import textsearch
 
@@ -73,7 +75,7 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _scoped(who: Principal):  # type: ignore[no-untyped-def]
+def _scoped(who: Principal) -> Select[MemoryItem]:
     now = utcnow()
     return select(MemoryItem).where(
         MemoryItem.tenant_id == who.tenant_id,
@@ -143,8 +145,7 @@ def list_items(db: Session, who: Principal, namespace: str | None, limit: int,
         query = query.where(MemoryItem.namespace == namespace)
     if after:
         query = query.where(MemoryItem.id < after)
-    rows = list(db.scalars(query.order_by(MemoryItem.id.desc()).limit(limit + 1)))
-    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+    return page(db.scalars(query.order_by(MemoryItem.id.desc()).limit(limit + 1)), limit, lambda row: row.id)
 
 
 @dataclass
@@ -163,8 +164,9 @@ def search_items(db: Session, who: Principal, q: str, namespace: str | None, lim
         query = query.where(MemoryItem.namespace == namespace)
     if textsearch.dialect(db) == "postgresql":
         tsq = func.websearch_to_tsquery(literal_column("'english'::regconfig"), textsearch.postgres_query(q, "any"))
-        tsv = literal_column("memory_items.tsv")
-        score = func.ts_rank(tsv, tsq)
+        tsv: ColumnClause[Any] = literal_column("memory_items.tsv")
+        # ts_rank's float on Postgres, a count of words elsewhere: either is "higher is better".
+        score: ColumnElement[Any] = func.ts_rank(tsv, tsq)
         query = query.where(tsv.op("@@")(tsq))
     else:
         # Memory is small per user and the owner index narrows it first: counting words is enough here.
@@ -175,15 +177,15 @@ def search_items(db: Session, who: Principal, q: str, namespace: str | None, lim
         .order_by(literal_column("score").desc(), MemoryItem.updated_at.desc())
         .offset(offset).limit(limit + 1)
     ).all()
-    hits = [Hit(r[0], float(r[1])) for r in rows[:limit]]
-    return hits, (offset + limit if len(rows) > limit else None)
+    found, next_offset = page(rows, limit, lambda _last: offset + limit)
+    return [Hit(r[0], float(r[1])) for r in found], next_offset
 
 
 def purge_expired(db: Session, now: datetime | None = None) -> int:
     """Delete every expired item (all users): the retention sweep."""
     result = db.execute(delete(MemoryItem).where(MemoryItem.expires_at <= (now or utcnow()))
                         .execution_options(synchronize_session=False))
-    return result.rowcount or 0
+    return rowcount(result)
 
 
 def item_dict(row: MemoryItem) -> dict[str, Any]:
@@ -227,7 +229,8 @@ class MemoryStore:
             rows, _ = list_items(db, self._who, namespace, min(limit, MAX_PAGE), None)
             return [item_dict(r) for r in rows]
 
-    def search(self, query: str, namespace: str | None = None, limit: int = 5) -> list[dict[str, Any]]:
+    # builtins.list: inside this class, ``list`` is the method above.
+    def search(self, query: str, namespace: str | None = None, limit: int = 5) -> builtins.list[dict[str, Any]]:
         with unit_of_work(self._sessions, self._who) as db:
             hits, _ = search_items(db, self._who, query, namespace, min(limit, MAX_PAGE))
             return [item_dict(h.item) | {"score": round(h.score, 4)} for h in hits]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from sqlalchemy import ColumnElement, case, func, literal
+from sqlalchemy import ColumnElement, SQLColumnExpression, case, func, literal
 from sqlalchemy.orm import Session
 
 Match = Literal["any", "all"]
@@ -52,7 +52,7 @@ def fts5_query(query: str, match: Match) -> str:
     return joiner.join(f'"{t}"' for t in terms(query))
 
 
-def term_count(column: ColumnElement[str], query: str) -> ColumnElement[int]:
+def term_count(column: SQLColumnExpression[str], query: str) -> ColumnElement[int]:
     """How many of the query's words occur in ``column``: the fallback score where no index exists."""
     lowered = func.lower(column)
     score: ColumnElement[int] = literal(0)

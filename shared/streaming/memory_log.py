@@ -15,14 +15,37 @@ class MemoryEventLog:
 
     def __init__(self, *, retention_seconds: int, max_len: int):
         self.max_len = max_len
+        self.retention = retention_seconds
         self._logs: dict[str, list[tuple[int, str]]] = {}
+        # time.monotonic() of each session's last append: a log idle past the retention is dropped,
+        # as Redis expires the stream and its counter (the counter then restarts from the clock).
+        self._appended: dict[str, float] = {}
+        self._next_sweep = 0.0
         self._counters: dict[str, int] = {}
         self._cancels: set[str] = set()
         self._rings: dict[str, set[Ring]] = defaultdict(set)
         self._cond = threading.Condition()
 
+    def _expire(self, session_id: str, now: float) -> None:
+        """Drop ``session_id``'s log if it is idle past the retention (the lock is held)."""
+        if now - self._appended.get(session_id, now) > self.retention:
+            self._logs.pop(session_id, None)
+            self._counters.pop(session_id, None)
+            self._appended.pop(session_id, None)
+
+    def _live(self, session_id: str) -> list[tuple[int, str]]:
+        now = time.monotonic()
+        self._expire(session_id, now)
+        if now >= self._next_sweep:  # now and then, drop every idle log, so memory stays bounded
+            self._next_sweep = now + min(60.0, max(self.retention, 1))
+            for other in list(self._appended):
+                self._expire(other, now)
+        return self._logs.get(session_id, [])
+
     def append(self, session_id: str, bodies: Iterable[str], cancel_turn_id: str | None = None) -> tuple[int, bool]:
         with self._cond:
+            self._live(session_id)
+            self._appended[session_id] = time.monotonic()
             log = self._logs.setdefault(session_id, [])
             c = self._counters.get(session_id) or clock_start()
             for body in bodies:
@@ -38,7 +61,7 @@ class MemoryEventLog:
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
         with self._cond:
-            log = self._logs.get(session_id, [])
+            log = self._live(session_id)
             selected = [(c, b) for c, b in log if c > after][:limit]
             gone = after > 0 and (not log or after < log[0][0] - 1)
         events = [with_cursor(c, b) for c, b in selected]
@@ -46,7 +69,7 @@ class MemoryEventLog:
 
     def head(self, session_id: str) -> int:
         with self._cond:
-            log = self._logs.get(session_id)
+            log = self._live(session_id)
             return log[-1][0] if log else 0
 
     def wait(self, session_id: str, after: int, timeout: float, limit: int = 500) -> Batch:

@@ -13,7 +13,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
-from shared.db import after_commit
+from shared.db import after_commit, rowcount
 from shared.models import (
     ACTIVE,
     AgentSession,
@@ -85,8 +85,7 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
 
     def drop(model: Any, where: tuple[Any, ...] | None = None) -> int:
         clauses = where if where is not None else (model.tenant_id == who.tenant_id, model.user_id == who.user_id)
-        result = db.execute(delete(model).where(*clauses).execution_options(synchronize_session=False))
-        return result.rowcount or 0
+        return rowcount(db.execute(delete(model).where(*clauses).execution_options(synchronize_session=False)))
 
     report.trace_spans = drop(TraceSpan)
     report.messages = drop(Message)

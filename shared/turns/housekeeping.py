@@ -3,7 +3,7 @@
 :func:`expire_paused_turns` runs with every sweep: a turn waiting in
 ``requires_action`` past its deadline becomes ``expired`` and hands the session
 to the next queued turn. The rest runs every ``lifecycle_interval`` through
-:class:`Housekeeping`: idle sessions are deleted with their data (when a TTL is
+:func:`run_housekeeping`: idle sessions are deleted with their data (when a TTL is
 set), old checkpoints are pruned, and broker messages stranded by killed
 workers are handed back to the broker so they do not pile up in Redis.
 
@@ -14,7 +14,6 @@ under a lock, so the second one finds nothing left to do.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -123,22 +122,10 @@ class HousekeepingReport:
     checkpoints_pruned: int = 0
 
 
-class Housekeeping:
-    """Runs the slow lifecycle jobs at most once per ``lifecycle_interval``."""
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self._next = 0.0
-
-    def run_if_due(self) -> HousekeepingReport | None:
-        now = time.monotonic()
-        if now < self._next:
-            return None
-        self._next = now + self.rt.settings.lifecycle_interval
-        report = HousekeepingReport()
-        report.sessions_deleted = expire_idle_sessions(self.rt)
-        report.checkpoints_pruned = prune_checkpoints(self.rt)
-        restore = getattr(self.rt.queue, "restore_unacked", None)
-        if restore is not None:  # the Celery queue; the embedded one has nothing to strand
-            restore()
-        return report
+def run_housekeeping(rt: Runtime) -> HousekeepingReport:
+    """The slow lifecycle jobs (the scheduler runs them every ``lifecycle_interval``)."""
+    report = HousekeepingReport(sessions_deleted=expire_idle_sessions(rt), checkpoints_pruned=prune_checkpoints(rt))
+    restore = getattr(rt.queue, "restore_unacked", None)
+    if restore is not None:  # the Celery queue; the embedded one has nothing to strand
+        restore()
+    return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import and_, select, update
@@ -16,7 +17,7 @@ from sqlalchemy import and_, select, update
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
-from shared.models import AgentSession, Turn
+from shared.models import AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
 from shared.turns.housekeeping import expire_paused_turns
 
@@ -50,7 +51,7 @@ def _resend(rt: Runtime, conditions: list[Any], values: dict[str, Any], why: str
         ).all()
         for row in rows:
             log.warning(why, row.id, row.step_count)
-            after_commit(db, lambda t=row.id, s=row.step_count: rt.queue.enqueue_step(t, s))
+            after_commit(db, partial(rt.queue.enqueue_step, row.id, row.step_count))
     return len(rows)
 
 
@@ -64,7 +65,7 @@ def recover_expired_leases(rt: Runtime) -> int:
     now = utcnow()
     return _resend(
         rt,
-        [Turn.status == "in_progress", Turn.lease_expires_at < now],
+        [Turn.status == TurnStatus.IN_PROGRESS, Turn.lease_expires_at < now],
         {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now, "retry_reason": LEASE_EXPIRED},
         "turn %s: lease expired during step %s; re-enqueued",
     )
@@ -77,7 +78,7 @@ def recover_lost_tasks(rt: Runtime) -> int:
     return _resend(
         rt,
         [
-            Turn.status.in_(("queued", "in_progress")),
+            Turn.status.in_((TurnStatus.QUEUED, TurnStatus.IN_PROGRESS)),
             Turn.lease_expires_at.is_(None),
             and_(Turn.enqueued_at.is_not(None), Turn.enqueued_at < stale),
             Turn.id == _active_turn(),
@@ -102,7 +103,7 @@ def recover_after_restart(rt: Runtime) -> int:
     """
     return _resend(
         rt,
-        [Turn.status.in_(("queued", "in_progress")), Turn.id == _active_turn()],
+        [Turn.status.in_((TurnStatus.QUEUED, TurnStatus.IN_PROGRESS)), Turn.id == _active_turn()],
         {"lease_owner": None, "lease_expires_at": None, "enqueued_at": utcnow()},
         "turn %s: resuming step %s after a restart",
     )

@@ -9,6 +9,7 @@ status change goes through :mod:`shared.turns.transitions`.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
@@ -20,6 +21,7 @@ from shared.clock import utcnow
 from shared.db import after_commit
 from shared.errors import BadInput, Conflict, NotFound, RateLimited, TooLarge
 from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, TurnStatus
+from shared.paging import page
 from shared.runtime import Runtime
 from shared.turns import transitions
 
@@ -72,8 +74,8 @@ def list_sessions(db: Session, who: Principal, limit: int, after: str | None) ->
             (AgentSession.created_at < anchor.created_at)
             | ((AgentSession.created_at == anchor.created_at) & (AgentSession.id < anchor.id))
         )
-    rows = list(db.scalars(query.order_by(AgentSession.created_at.desc(), AgentSession.id.desc()).limit(limit + 1)))
-    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+    rows = db.scalars(query.order_by(AgentSession.created_at.desc(), AgentSession.id.desc()).limit(limit + 1))
+    return page(rows, limit, lambda row: row.id)
 
 
 def delete_session(db: Session, rt: Runtime, who: Principal, session_id: str) -> None:
@@ -82,7 +84,7 @@ def delete_session(db: Session, rt: Runtime, who: Principal, session_id: str) ->
         select(Turn.id).where(Turn.session_id == row.id, Turn.status.in_(ACTIVE))
     ).all()
     for turn_id in running:
-        after_commit(db, lambda t=turn_id: rt.events.request_cancel(t))
+        after_commit(db, partial(rt.events.request_cancel, turn_id))
     db.delete(row)
     after_commit(db, lambda: rt.events.delete(session_id))
 
@@ -90,16 +92,14 @@ def delete_session(db: Session, rt: Runtime, who: Principal, session_id: str) ->
 def list_messages(db: Session, who: Principal, session_id: str, limit: int,
                   after: int) -> tuple[list[Message], int | None]:
     get_session(db, who, session_id)
-    rows = list(
-        db.scalars(
-            select(Message)
-            .where(Message.session_id == session_id, Message.tenant_id == who.tenant_id,
-                   Message.user_id == who.user_id, Message.id > after)
-            .order_by(Message.id)
-            .limit(limit + 1)
-        )
+    rows = db.scalars(
+        select(Message)
+        .where(Message.session_id == session_id, Message.tenant_id == who.tenant_id,
+               Message.user_id == who.user_id, Message.id > after)
+        .order_by(Message.id)
+        .limit(limit + 1)
     )
-    return rows[:limit], (rows[limit - 1].id if len(rows) > limit else None)
+    return page(rows, limit, lambda row: row.id)
 
 
 # --- turns ------------------------------------------------------------------
@@ -131,8 +131,8 @@ def create_turn(
 
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
-    waiting = db.scalar(select(func.count()).select_from(Turn).where(
-        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status == TurnStatus.QUEUED))
+    waiting = db.scalars(select(func.count()).select_from(Turn).where(
+        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status == TurnStatus.QUEUED)).one()
     if waiting >= rt.settings.max_queued_turns:
         raise RateLimited(f"{waiting} turns are already waiting; the limit is {rt.settings.max_queued_turns}",
                           retry_after=5)

@@ -1,0 +1,63 @@
+"""The scheduler's periodic jobs, as one table: what runs, how often, and what it logs.
+
+Each job is a system path (it acts for all tenants) and is safe to run from two
+schedulers at once (shared/turns/housekeeping.py, shared/turns/recovery.py).
+``interval`` reads the settings, so a job's period is whatever the process was
+configured with (STEPRUN_SWEEP_INTERVAL, STEPRUN_LIFECYCLE_INTERVAL).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from shared.runtime import Runtime
+from shared.settings import Settings
+from shared.storage.sweep import observe_sweep, purge_expired_memory
+from shared.turns.housekeeping import HousekeepingReport, run_housekeeping
+from shared.turns.recovery import SweepReport, sweep
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Job(Generic[R]):
+    """One periodic job."""
+
+    name: str
+    # Seconds from the end of one run to the next.
+    interval: Callable[[Settings], float]
+    run: Callable[[Runtime], R]
+    # The line to log about a run's report, or None when the run did nothing worth a line.
+    describe: Callable[[R], str | None]
+
+
+def recover(rt: Runtime) -> SweepReport:
+    """Lease recovery, lost-task re-enqueue and expired pauses (every sweep), with the lease expiries counted."""
+    report = sweep(rt)
+    observe_sweep(report)
+    return report
+
+
+
+
+def _describe_sweep(report: SweepReport) -> str | None:
+    return f"sweep: {report}" if report else None
+
+
+def _describe_purge(purged: int) -> str | None:
+    return f"storage sweep: {purged} expired memory items removed" if purged else None
+
+
+def _describe_housekeeping(report: HousekeepingReport) -> str | None:
+    return f"housekeeping: {report}" if report.sessions_deleted or report.checkpoints_pruned else None
+
+
+# Each job typed on its own, so its describe is checked against what its run returns.
+SWEEP: Job[SweepReport] = Job("sweep", lambda s: s.sweep_interval, recover, _describe_sweep)
+STORAGE: Job[int] = Job("storage", lambda s: s.lifecycle_interval, purge_expired_memory, _describe_purge)
+HOUSEKEEPING: Job[HousekeepingReport] = Job("housekeeping", lambda s: s.lifecycle_interval, run_housekeeping,
+                                            _describe_housekeeping)
+
+# In the order they run when several are due at once.
+JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING)

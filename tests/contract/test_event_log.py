@@ -1,0 +1,308 @@
+"""The per-session event log: RedisEventLog (production) and MemoryEventLog (embedded) keep the same promises.
+
+See shared/streaming/protocol.py: cursors strictly increasing per session and
+starting from the clock; events stored as JSON without their cursor, which is
+spliced in on the way out; ``gone`` when a client's cursor is older than what
+the log still keeps; ``wait`` and ``listen`` wake on an append.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shared.streaming.memory_log import MemoryEventLog
+from shared.streaming.protocol import EventLog, encode_event, with_cursor
+from shared.streaming.redis_log import RedisEventLog
+
+MakeLog = Callable[..., EventLog]
+
+
+@pytest.fixture(params=["redis", "memory"])
+def make_log(request: pytest.FixtureRequest) -> Iterator[MakeLog]:
+    """Makes logs of one implementation: ``make_log(max_len=..., retention_seconds=...)``."""
+    made: list[EventLog] = []
+    if request.param == "redis":  # set up before this fixture, so torn down after it
+        client = request.getfixturevalue("redis_client")
+        prefix = request.getfixturevalue("unique_name")
+
+    def make(*, max_len: int = 10_000, retention_seconds: int = 3600) -> EventLog:
+        log: EventLog
+        if request.param == "redis":
+            log = RedisEventLog(client, prefix=prefix, retention_seconds=retention_seconds, max_len=max_len)
+        else:
+            log = MemoryEventLog(retention_seconds=retention_seconds, max_len=max_len)
+        made.append(log)
+        return log
+
+    yield make
+    for log in made:
+        if isinstance(log, RedisEventLog) and log._doorbell is not None:
+            log._doorbell.close()  # the client itself is the fixture's (it deletes the keys with it)
+
+
+@pytest.fixture
+def log(make_log: MakeLog) -> EventLog:
+    return make_log()
+
+
+def _session() -> str:
+    return f"sess_{secrets.token_hex(6)}"
+
+
+def _body(i: int, turn_id: str = "turn_1") -> str:
+    return encode_event("message.delta", turn_id, {"text": f"piece {i}", "i": i})
+
+
+def _cursors(events: list[str]) -> list[int]:
+    return [json.loads(e)["cursor"] for e in events]
+
+
+def _append_one_by_one(log: EventLog, session_id: str, bodies: list[str]) -> list[int]:
+    return [log.append(session_id, [b])[0] for b in bodies]
+
+
+# --- cursors -------------------------------------------------------------------------
+
+def test_cursors_start_from_the_clock_and_strictly_increase(log: EventLog) -> None:
+    sid = _session()
+    before = int(time.time() * 1_000_000)
+    first, _ = log.append(sid, [_body(0)])
+    after = int(time.time() * 1_000_000)
+    # The counter starts from the clock in microseconds: above any cursor of a log that was lost.
+    assert before < first <= after + 1_000_000
+    batch_last, _ = log.append(sid, [_body(1), _body(2), _body(3)])
+    last, _ = log.append(sid, [_body(4)])
+    cursors = _cursors(log.read(sid, 0).events)
+    assert len(cursors) == 5
+    assert all(a < b for a, b in zip(cursors, cursors[1:], strict=False)), cursors
+    # append returns the cursor of the last event it wrote.
+    assert cursors[0] == first and cursors[3] == batch_last and cursors[4] == last
+    assert log.head(sid) == last
+
+
+def test_each_session_has_its_own_log(log: EventLog) -> None:
+    a, b = _session(), _session()
+    ca = _append_one_by_one(log, a, [_body(0, "turn_a"), _body(1, "turn_a")])
+    cb = _append_one_by_one(log, b, [_body(0, "turn_b")])
+    assert _cursors(log.read(a, 0).events) == ca
+    assert [json.loads(e)["turn_id"] for e in log.read(b, 0).events] == ["turn_b"]
+    assert log.head(a) == ca[-1] and log.head(b) == cb[-1]
+    assert log.head(_session()) == 0  # a session that never had an event
+
+
+# --- read ------------------------------------------------------------------------------
+
+def test_read_returns_exactly_the_later_events_in_order_with_their_cursors(log: EventLog) -> None:
+    sid = _session()
+    bodies = [_body(i) for i in range(6)]
+    cursors = _append_one_by_one(log, sid, bodies)
+
+    everything = log.read(sid, 0)
+    # The stored text with the cursor spliced in front, byte for byte (relaying never re-encodes).
+    assert everything.events == [with_cursor(c, b) for c, b in zip(cursors, bodies, strict=True)]
+    for c, raw, body in zip(cursors, everything.events, bodies, strict=True):
+        assert raw.startswith(f'{{"cursor":{c},')
+        assert json.loads(raw) == {"cursor": c, **json.loads(body)}
+    assert everything.next == cursors[-1] and everything.gone is False
+
+    later = log.read(sid, cursors[2])
+    assert _cursors(later.events) == cursors[3:]
+    assert later.next == cursors[-1] and later.gone is False
+
+
+def test_read_pages_with_limit_and_next(log: EventLog) -> None:
+    sid = _session()
+    cursors = _append_one_by_one(log, sid, [_body(i) for i in range(7)])
+    seen: list[int] = []
+    after = 0
+    pages = 0
+    while True:
+        batch = log.read(sid, after, limit=3)
+        if not batch.events:
+            break
+        assert len(batch.events) <= 3
+        page = _cursors(batch.events)
+        assert batch.next == page[-1]
+        seen += page
+        after = batch.next
+        pages += 1
+    assert seen == cursors and pages == 3
+
+
+def test_an_empty_read_continues_from_where_it_was_asked(log: EventLog) -> None:
+    sid = _session()
+    last, _ = log.append(sid, [_body(0)])
+    current = log.read(sid, last)
+    assert current.events == [] and current.next == last and current.gone is False
+    nothing = log.read(_session(), 0)  # no log at all, from the start
+    assert nothing.events == [] and nothing.next == 0 and nothing.gone is False
+
+
+# --- gone ------------------------------------------------------------------------------
+
+def test_gone_when_the_cursor_is_older_than_what_is_kept(make_log: MakeLog) -> None:
+    log = make_log(max_len=10)
+    sid = _session()
+    cursors = _append_one_by_one(log, sid, [_body(i) for i in range(300)])
+    kept = log.read(sid, 0, limit=1000)
+    kept_cursors = _cursors(kept.events)
+    assert kept.gone is False  # from the start: whatever is kept, nothing to report
+    # Trimmed (never below max_len; Redis trims approximately, in whole stream nodes) ...
+    assert 10 <= len(kept_cursors) < 300
+    # ... from the front: what is kept is the latest events, up to the head.
+    assert kept_cursors == cursors[-len(kept_cursors):] and log.head(sid) == cursors[-1]
+
+    oldest = cursors.index(kept_cursors[0])
+    # A client that has the event just before the oldest kept one has missed nothing.
+    up_to_date = log.read(sid, cursors[oldest - 1], limit=1000)
+    assert up_to_date.gone is False and _cursors(up_to_date.events) == kept_cursors
+    # One event further back was trimmed: it gets what is left, and the flag.
+    behind = log.read(sid, cursors[oldest - 2], limit=1000)
+    assert behind.gone is True and _cursors(behind.events) == kept_cursors
+    assert log.read(sid, cursors[0]).gone is True
+
+    current = log.read(sid, cursors[-1])
+    assert current.gone is False and current.events == []
+
+    # One append of many events is trimmed alike.
+    batch_sid = _session()
+    last, _ = log.append(batch_sid, [_body(i) for i in range(300)])
+    in_batch = _cursors(log.read(batch_sid, 0, limit=1000).events)
+    assert 10 <= len(in_batch) < 300 and in_batch[-1] == last
+
+    # wait() does not sit out its timeout on a gone cursor.
+    started = time.monotonic()
+    waited = log.wait(sid, cursors[0], timeout=5)
+    assert waited.gone is True and time.monotonic() - started < 1.0
+
+
+def test_a_deleted_log_is_gone_and_a_new_one_starts_above_the_old_cursors(log: EventLog) -> None:
+    sid = _session()
+    old = _append_one_by_one(log, sid, [_body(i) for i in range(3)])
+    log.delete(sid)
+    assert log.head(sid) == 0
+    assert log.read(sid, 0).events == []
+    after_delete = log.read(sid, old[-1])
+    assert after_delete.events == [] and after_delete.gone is True
+    new, _ = log.append(sid, [_body(9)])
+    assert new > old[-1]  # nothing a client still holds can be mistaken for the new event
+    assert _cursors(log.read(sid, old[-1]).events) == [new]
+
+
+def test_an_idle_log_expires_after_the_retention(make_log: MakeLog) -> None:
+    """STEPRUN_EVENT_RETENTION_SECONDS: "How long a session's event log is kept after its last event"."""
+    log = make_log(retention_seconds=2)
+    sid = _session()
+    first, _ = log.append(sid, [_body(0)])
+    time.sleep(1.2)
+    second, _ = log.append(sid, [_body(1)])  # each append extends the retention
+    time.sleep(1.2)
+    assert _cursors(log.read(sid, 0).events) == [first, second]  # 2.4 s after the first, 1.2 s after the last
+    time.sleep(2.0)
+    assert log.head(sid) == 0
+    expired = log.read(sid, first)
+    assert expired.events == [] and expired.gone is True
+
+
+# --- wait --------------------------------------------------------------------------------
+
+def _append_later(log: EventLog, session_id: str, body: str, delay: float, at: list[float]) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        at.append(time.monotonic())
+        log.append(session_id, [body])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_wait_returns_as_soon_as_an_event_arrives(log: EventLog) -> None:
+    sid = _session()
+    start, _ = log.append(sid, [_body(0)])
+    appended_at: list[float] = []
+    thread = _append_later(log, sid, _body(1), 0.3, appended_at)
+    batch = log.wait(sid, start, timeout=10)
+    returned_at = time.monotonic()
+    thread.join()
+    assert [json.loads(e)["data"]["i"] for e in batch.events] == [1]
+    assert batch.next == log.head(sid) and batch.gone is False
+    # Woken by the append, not by a poll (Redis's fallback poll is once a second).
+    assert returned_at - appended_at[0] < 0.6, returned_at - appended_at[0]
+
+
+def test_wait_returns_at_once_when_there_is_something_already(log: EventLog) -> None:
+    sid = _session()
+    cursors = _append_one_by_one(log, sid, [_body(0), _body(1)])
+    started = time.monotonic()
+    batch = log.wait(sid, cursors[0], timeout=10)
+    assert _cursors(batch.events) == cursors[1:] and time.monotonic() - started < 0.5
+
+
+def test_wait_returns_empty_after_the_timeout(log: EventLog) -> None:
+    sid, other = _session(), _session()
+    start, _ = log.append(sid, [_body(0)])
+    appended_at: list[float] = []
+    thread = _append_later(log, other, _body(1), 0.2, appended_at)  # another session's event
+    started = time.monotonic()
+    batch = log.wait(sid, start, timeout=0.8)
+    elapsed = time.monotonic() - started
+    thread.join()
+    assert batch.events == [] and batch.next == start and batch.gone is False
+    assert 0.75 <= elapsed < 2.0, elapsed
+    assert log.wait(_session(), 0, timeout=0.2).events == []
+
+
+# --- listen ------------------------------------------------------------------------------
+
+def _settled(ring: Any) -> None:
+    """Past any ring from setting the listener up (Redis rings once its subscription is confirmed)."""
+    deadline = time.monotonic() + 5
+    while True:
+        ring.clear()
+        if not ring.wait(0.3):
+            return
+        assert time.monotonic() < deadline, "the ring keeps ringing with nothing appended"
+
+
+def test_listen_rings_on_an_append_to_its_session_only(log: EventLog) -> None:
+    sid, other = _session(), _session()
+    with log.listen(sid) as ring, log.listen(sid) as second:
+        _settled(ring)
+        _settled(second)
+        appended_at: list[float] = []
+        thread = _append_later(log, sid, _body(0), 0.1, appended_at)
+        assert ring.wait(3.0) is True
+        rung_at = time.monotonic()
+        thread.join()
+        assert rung_at - appended_at[0] < 0.6
+        assert second.wait(1.0) is True  # every listener of the session
+        ring.clear()
+        log.append(other, [_body(1)])
+        assert ring.wait(0.4) is False  # another session's append
+    ring.clear()
+    log.append(sid, [_body(2)])
+    assert ring.wait(0.4) is False  # the block is over: no longer listening
+
+
+# --- cancel --------------------------------------------------------------------------------
+
+def test_cancel_requests_are_per_turn_and_reported_by_append(log: EventLog) -> None:
+    sid = _session()
+    turn, other = f"turn_{secrets.token_hex(6)}", f"turn_{secrets.token_hex(6)}"
+    assert log.cancel_requested(turn) is False
+    assert log.append(sid, [_body(0, turn)], cancel_turn_id=turn)[1] is False
+    log.request_cancel(turn)
+    assert log.cancel_requested(turn) is True and log.cancel_requested(other) is False
+    cursor, cancelled = log.append(sid, [_body(1, turn)], cancel_turn_id=turn)
+    assert cancelled is True and cursor == log.head(sid)  # the events are appended all the same
+    assert log.append(sid, [_body(2, other)], cancel_turn_id=other)[1] is False
+    assert log.append(sid, [_body(3, turn)])[1] is False  # no turn asked about
+    assert len(log.read(sid, 0).events) == 4
+    log.ping()

@@ -1,0 +1,106 @@
+"""Principals: user keys, service keys with X-User-Id, end-user JWTs (HS256/RS256); rate limits.
+
+Through the Flask test client, in this process (the keys CLI against a real web process: e2e/test_keys_cli.py).
+"""
+from __future__ import annotations
+
+import secrets
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from api.app import create_app
+from shared.auth.keys import create_key
+from shared.db import unit_of_work
+from shared.engine.step import build_runtime
+from shared.settings import Settings
+
+SECRET = "s" * 48
+
+
+@pytest.fixture(scope="module")
+def rsa_pair() -> tuple[str, str]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return pem, public
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings, rsa_pair: tuple[str, str]):  # noqa: ANN201
+    configured = settings.replace(jwt_secret=SECRET, jwt_public_key=rsa_pair[1], rate_limit_per_minute=30,
+                                  redis_prefix=settings.redis_prefix + "-auth")
+    rt = build_runtime(configured)
+    yield create_app(configured, runtime=rt).test_client(), rt
+    rt.close()
+
+
+def _token(claims: dict, key: str = SECRET, alg: str = "HS256") -> str:
+    return jwt.encode({"exp": int(time.time()) + 60, **claims}, key, algorithm=alg)
+
+
+def _sessions(c, token: str, **headers: str):  # noqa: ANN001, ANN202
+    return c.get("/v1/sessions", headers={"Authorization": f"Bearer {token}", **headers})
+
+
+def test_jwt_hs256_and_rs256_act_as_tid_sub(client, rsa_pair) -> None:  # noqa: ANN001
+    c, _ = client
+    tid, sub = f"t-{secrets.token_hex(3)}", f"u-{secrets.token_hex(3)}"
+    hs = _token({"tid": tid, "sub": sub})
+    created = c.post("/v1/sessions", json={"agent": "echo"}, headers={"Authorization": f"Bearer {hs}"})
+    assert created.status_code == 201
+    rs = _token({"tid": tid, "sub": sub}, rsa_pair[0], "RS256")
+    listed = _sessions(c, rs).get_json()["data"]
+    assert [s["id"] for s in listed] == [created.get_json()["id"]]  # the same principal either way
+    other = _token({"tid": tid, "sub": sub + "x"})
+    assert _sessions(c, other).get_json()["data"] == []
+
+
+@pytest.mark.parametrize("claims,key,alg,why", [
+    ({"tid": "t", "sub": "u", "exp": int(time.time()) - 5}, SECRET, "HS256", "expired"),
+    ({"tid": "t", "sub": "u"}, "wrong-secret-wrong-secret-wrong!", "HS256", "refused"),
+    ({"sub": "u"}, SECRET, "HS256", "refused"),
+    ({"tid": "t", "sub": "u"}, SECRET, "HS384", "not accepted"),
+])
+def test_bad_jwts_are_401(client, claims: dict, key: str, alg: str, why: str) -> None:  # noqa: ANN001
+    c, _ = client
+    token = jwt.encode({"exp": int(time.time()) + 60, **claims}, key, algorithm=alg)
+    r = _sessions(c, token)
+    assert r.status_code == 401 and why in r.get_json()["error"]["message"]
+
+
+def test_service_key_names_the_user(client) -> None:  # noqa: ANN001
+    c, rt = client
+    tenant = f"t-{secrets.token_hex(3)}"
+    with unit_of_work(rt.sessions) as db:
+        _, service = create_key(db, tenant, None)
+    assert _sessions(c, service).status_code == 400  # no X-User-Id
+    assert _sessions(c, service, **{"X-User-Id": "bad user id!"}).status_code == 400
+    made = c.post("/v1/sessions", json={"agent": "echo"},
+                  headers={"Authorization": f"Bearer {service}", "X-User-Id": "alice"})
+    assert made.status_code == 201
+    assert len(_sessions(c, service, **{"X-User-Id": "alice"}).get_json()["data"]) == 1
+    assert _sessions(c, service, **{"X-User-Id": "bob"}).get_json()["data"] == []
+    # A user key of the same tenant is that user only; X-User-Id cannot widen it.
+    with unit_of_work(rt.sessions) as db:
+        _, bob = create_key(db, tenant, "bob")
+    assert _sessions(c, bob, **{"X-User-Id": "alice"}).get_json()["data"] == []
+
+
+def test_rate_limit_answers_429_with_retry_after(client) -> None:  # noqa: ANN001
+    c, _ = client
+    token = _token({"tid": "t-rl", "sub": f"u-{secrets.token_hex(3)}"})
+    if time.time() % 60 > 58:  # stay inside one counting window
+        time.sleep(60 - time.time() % 60 + 0.1)
+    codes = [_sessions(c, token).status_code for _ in range(32)]
+    assert codes[:30] == [200] * 30
+    assert codes[30] == 429
+    r = _sessions(c, token)
+    assert 1 <= int(r.headers["Retry-After"]) <= 60 and r.get_json()["error"]["code"] == "rate_limited"
+    # Another principal is unaffected.
+    assert _sessions(c, _token({"tid": "t-rl", "sub": "someone-else"})).status_code == 200

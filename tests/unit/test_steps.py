@@ -1,0 +1,135 @@
+"""The step engine called directly (no Celery): claims, fencing, duplicates."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from shared.auth.principal import SYSTEM, Principal
+from shared.clock import utcnow
+from shared.db import unit_of_work
+from shared.engine.buffer import StepEvents
+from shared.engine.claim import claim_turn
+from shared.engine.commit import commit_step
+from shared.engine.outcome import StepResult
+from shared.engine.step import run_step
+from shared.models import Checkpoint, Message, Turn
+from shared.runtime import Runtime
+from shared.turns import service as turns
+
+
+def _start_turn(rt: Runtime, who: Principal, agent: str, text: str) -> tuple[str, str]:
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, agent, None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, text)
+        return session.id, turn.id
+
+
+def _messages(rt: Runtime, session_id: str) -> list[tuple[str, str]]:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        rows = db.scalars(select(Message).where(Message.session_id == session_id).order_by(Message.id))
+        return [(m.role, m.content) for m in rows]
+
+
+def test_a_turn_runs_step_by_step_to_completion(rt: Runtime, who: Principal) -> None:
+    sid, tid = _start_turn(rt, who, "math", "add 2 and 40")
+    assert run_step(rt, tid, 0) == "in_progress"
+    assert run_step(rt, tid, 1) == "completed"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        turn = db.get(Turn, tid)
+        assert turn.status == "completed" and turn.output == "The result of add is 42." and turn.step_count == 2
+        numbers = db.scalars(select(Checkpoint.number).where(Checkpoint.session_id == sid)).all()
+        assert sorted(numbers) == [1, 2]
+        last = db.scalars(select(Checkpoint).where(Checkpoint.session_id == sid, Checkpoint.number == 2)).one()
+        assert [m["role"] for m in last.state["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert _messages(rt, sid)[-1] == ("assistant", "The result of add is 42.")
+
+
+def test_duplicate_and_stale_deliveries_are_harmless(rt: Runtime, who: Principal) -> None:
+    sid, tid = _start_turn(rt, who, "math", "add 1 and 1")
+    assert run_step(rt, tid, 0) == "in_progress"
+    assert run_step(rt, tid, 0) == "skipped"  # step 0 was committed: a redelivery does nothing
+    assert run_step(rt, tid, 5) == "skipped"  # a step that is not due
+    assert run_step(rt, tid, 1) == "completed"
+    assert run_step(rt, tid, 1) == "skipped"  # the turn is finished
+    assert [r for r, _ in _messages(rt, sid)] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_live_lease_blocks_a_second_claim(rt: Runtime, who: Principal) -> None:
+    _, tid = _start_turn(rt, who, "echo", "hello")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        first = claim_turn(db, tid, 0, "worker-a", lease_seconds=60)
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        second = claim_turn(db, tid, 0, "worker-b", lease_seconds=60)
+    assert first is not None and first.attempt == 1 and first.step_attempt == 1
+    assert second is None
+
+
+def test_a_zombie_attempt_commits_nothing(rt: Runtime, who: Principal) -> None:
+    sid, tid = _start_turn(rt, who, "echo", "hello")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        zombie = claim_turn(db, tid, 0, "worker-a", lease_seconds=60)
+        assert zombie is not None
+    # Worker A stalls past its lease; worker B takes over.
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        taker = claim_turn(db, tid, 0, "worker-b", lease_seconds=60)
+    assert taker is not None and taker.attempt == zombie.attempt + 1 and taker.step_attempt == 2
+
+    stale = StepResult(text="stale", status="completed",
+                       new_messages=[{"role": "assistant", "content": "from the zombie"}])
+    assert commit_step(rt, zombie, stale, [], StepEvents(rt, zombie)) == "zombie"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        turn = db.get(Turn, tid)
+        assert turn.status == "in_progress" and turn.output == "" and turn.step_count == 0
+    assert _messages(rt, sid) == []
+
+    fresh = StepResult(text="fresh", status="completed", new_messages=[{"role": "assistant", "content": "fresh"}])
+    assert commit_step(rt, taker, fresh, [], StepEvents(rt, taker)) == "completed"
+    assert _messages(rt, sid) == [("assistant", "fresh")]
+
+
+def test_a_retried_step_says_so_in_the_events(rt: Runtime, who: Principal) -> None:
+    sid, tid = _start_turn(rt, who, "echo", "hi")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        assert claim_turn(db, tid, 0, "dead-worker", lease_seconds=60) is not None
+        db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert run_step(rt, tid, 0) == "completed"
+    events = rt.events.read(sid, 0).events
+    import json
+
+    types = [json.loads(e)["type"] for e in events]
+    assert "step.retrying" in types and "turn.started" not in types[types.index("step.retrying"):]
+    retry = json.loads(events[types.index("step.retrying")])
+    assert retry["data"]["attempt"] == 2 and retry["data"]["step"] == 0
+
+
+def test_max_attempts_fails_the_turn_with_a_reason(rt: Runtime, who: Principal) -> None:
+    _, tid = _start_turn(rt, who, "echo", "hi")
+    for _ in range(rt.settings.max_attempts):
+        with unit_of_work(rt.sessions, SYSTEM) as db:
+            assert claim_turn(db, tid, 0, "dying-worker", lease_seconds=60) is not None
+            db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert run_step(rt, tid, 0) == "failed"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        turn = db.get(Turn, tid)
+        assert turn.status == "failed" and turn.error["code"] == "max_attempts"
+        assert "failed 3 times" in turn.error["message"]
+
+
+def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Principal) -> None:
+    """A commit retried after a dropped connection, when the first one did reach the database."""
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, "echo", None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
+    assert claim is not None
+    result = StepResult(text="once", status="completed", new_messages=[{"role": "assistant", "content": "once"}])
+    assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "completed"
+    assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "zombie"
+    with unit_of_work(rt.sessions, who) as db:
+        assert [m.content for m in turns.list_messages(db, who, session.id, 10, 0)[0]] == ["once"]
+        assert turns.get_turn(db, who, turn.id).output == "once"
+
