@@ -10,13 +10,14 @@ from flask import Flask, current_app, g, request
 from api.context import db, runtime
 from shared.auth.jwt import jwt_enabled, looks_like_jwt, principal_from_jwt
 from shared.auth.keys import identify_key
-from shared.auth.principal import Principal
+from shared.auth.principal import Principal, Tenant
 from shared.auth.stream_tokens import verify_stream_token
 from shared.db import set_scope
-from shared.errors import BadInput, RateLimited, Unauthorized, Unavailable
+from shared.errors import BadInput, Forbidden, RateLimited, Unauthorized, Unavailable
 
 USER_ID_RE = re.compile(r"^[\w.@:+-]{1,256}$")
 STREAM_TOKEN_MARK = "accepts_stream_token"
+TENANT_WIDE_MARK = "tenant_wide"
 View = TypeVar("View", bound=Callable[..., Any])
 
 
@@ -24,6 +25,12 @@ def install_auth(app: Flask) -> None:
     @app.before_request
     def _authenticate() -> None:
         if not request.path.startswith("/v1/"):
+            return
+        view = current_app.view_functions.get(request.endpoint or "")
+        if getattr(view, TENANT_WIDE_MARK, False):
+            g.tenant = authenticate_tenant()
+            set_scope(db(), g.tenant)
+            enforce_rate_limit(Principal(g.tenant.tenant_id, ""))
             return
         g.principal = stream_token_principal() or authenticate()
         # Every later transaction of this request sees this principal's rows only.
@@ -36,6 +43,20 @@ def accepts_stream_token(view: View) -> View:
     # A function attribute, kept in its __dict__ (functools.wraps copies it onto flask-sock's wrapper).
     view.__dict__[STREAM_TOKEN_MARK] = True
     return view
+
+
+def tenant_wide(view: View) -> View:
+    """Mark a route as acting for the whole tenant (webhook endpoints): service keys only, no X-User-Id."""
+    view.__dict__[TENANT_WIDE_MARK] = True
+    return view
+
+
+def authenticate_tenant() -> Tenant:
+    """The tenant of a service key; 403 for a key (or JWT) that acts as one user."""
+    who = authenticate(require_user=False)
+    if not g.get("service_key", False):
+        raise Forbidden("webhook endpoints belong to the tenant: use a service key (a user key cannot manage them)")
+    return Tenant(who.tenant_id)
 
 
 def stream_token_principal() -> Principal | None:
@@ -60,7 +81,7 @@ def enforce_rate_limit(who: Principal) -> None:
         raise RateLimited(f"more than {limit} requests a minute; slow down", retry_after=retry_after)
 
 
-def authenticate() -> Principal:
+def authenticate(require_user: bool = True) -> Principal:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -83,6 +104,8 @@ def authenticate() -> Principal:
         return Principal(identity.tenant_id, identity.user_id)
     g.service_key = True  # acts for the tenant: may also write tenant-wide data (knowledge)
     user_id = request.headers.get("X-User-Id", "")
+    if not require_user:
+        return Principal(identity.tenant_id, "")
     if not user_id:
         raise BadInput("a service key must name the user in the X-User-Id header", field="X-User-Id")
     if not USER_ID_RE.match(user_id):

@@ -116,7 +116,8 @@ def common_schemas() -> dict[str, Any]:
                      "error": {"type": ["object", "null"]}, "usage": {"type": "object"},
                      "steps": {"type": "integer"}, "pending": {"type": ["object", "null"]},
                      "cancel_requested": {"type": "boolean"},
-                     "created_at": TS, "started_at": TS, "finished_at": TS}},
+                     "created_at": TS, "started_at": TS, "finished_at": TS, "scheduled_at": TS,
+                     "schedule_id": {"type": ["string", "null"]}}},
         "Message": {"type": "object", "required": ["id", "role", "content"], "properties": {
             "id": {"type": "integer"}, "object": {"const": "message"}, "turn_id": ID,
             "role": {"enum": ["user", "assistant", "tool", "system"]}, "content": {"type": "string"},

@@ -43,6 +43,8 @@ def turn_json(row: Turn) -> dict[str, Any]:
         "created_at": ts(row.created_at),
         "started_at": ts(row.started_at),
         "finished_at": ts(row.finished_at),
+        "scheduled_at": ts(row.scheduled_at),
+        "schedule_id": row.schedule_id,
     }
 
 

@@ -47,7 +47,11 @@ def describe(agent_names: Iterable[str] = ()) -> RouteDocs:
         "SessionCreate": {"type": "object", "required": ["agent"], "properties": {
             "agent": agent, "metadata": {"type": ["object", "null"]}}},
         "TurnCreate": {"type": "object", "required": ["input"], "properties": {
-            "input": {"type": "string", "minLength": 1}, "on_busy": {"enum": ["enqueue", "reject", "interrupt"]}}},
+            "input": {"type": "string", "minLength": 1}, "on_busy": {"enum": ["enqueue", "reject", "interrupt"]},
+            "after_seconds": {"type": "number", "minimum": 0, "maximum": turns.MAX_DELAY_SECONDS,
+                              "description": "start the turn this many seconds from now"},
+            "at": {"type": "string", "format": "date-time",
+                   "description": "start the turn at this time (RFC 3339 with an offset)"}}},
         "EventPage": {"type": "object", "required": ["data", "next"], "properties": {
             "data": {"type": "array", "items": ref("Event")}, "next": {"type": "integer"}}},
     })
@@ -93,7 +97,7 @@ def create_turn(session_id: str) -> tuple[Response, int]:
     body = json_body()
     turn, created = turns.create_turn(
         db(), runtime(), principal(), session_id, body.get("input"), body.get("on_busy"),
-        request.headers.get("Idempotency-Key"),
+        request.headers.get("Idempotency-Key"), after_seconds=body.get("after_seconds"), at=body.get("at"),
     )
     db().commit()
     return jsonify(turn_json(turn)), (202 if created else 200)

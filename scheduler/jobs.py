@@ -1,9 +1,13 @@
 """The scheduler's periodic jobs, as one table: what runs, how often, and what it logs.
 
 Each job is a system path (it acts for all tenants) and is safe to run from two
-schedulers at once (shared/turns/housekeeping.py, shared/turns/recovery.py).
-``interval`` reads the settings, so a job's period is whatever the process was
-configured with (STEPRUN_SWEEP_INTERVAL, STEPRUN_LIFECYCLE_INTERVAL).
+schedulers at once (shared/turns/housekeeping.py, shared/turns/recovery.py,
+shared/schedules/firing.py, shared/webhooks/delivery.py). ``interval`` reads the
+settings, so a job's period is whatever the process was configured with
+(STEPRUN_SWEEP_INTERVAL, STEPRUN_LIFECYCLE_INTERVAL, STEPRUN_SCHEDULE_POLL_SECONDS,
+STEPRUN_WEBHOOK_POLL_SECONDS). Jobs of different ``lane``s run in their own
+threads, so a webhook receiver that takes its time never delays a scheduled turn
+or a recovery sweep.
 """
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from shared.runtime import Runtime
+from shared.schedules.firing import FiringReport, fire_due
 from shared.settings import Settings
 from shared.storage.sweep import observe_sweep, purge_expired_memory
 from shared.turns.housekeeping import HousekeepingReport, run_housekeeping
 from shared.turns.recovery import SweepReport, sweep
+from shared.webhooks.delivery import DeliveryReport, deliver_webhooks, purge_deliveries
 
 R = TypeVar("R")
 
@@ -30,6 +36,8 @@ class Job(Generic[R]):
     run: Callable[[Runtime], R]
     # The line to log about a run's report, or None when the run did nothing worth a line.
     describe: Callable[[R], str | None]
+    # Jobs of one lane run one after another in one thread; lanes run side by side.
+    lane: str = "sweeps"
 
 
 def recover(rt: Runtime) -> SweepReport:
@@ -53,11 +61,29 @@ def _describe_housekeeping(report: HousekeepingReport) -> str | None:
     return f"housekeeping: {report}" if report.sessions_deleted or report.checkpoints_pruned else None
 
 
+def _describe_firing(report: FiringReport) -> str | None:
+    return f"schedules: {report}" if report else None
+
+
+def _describe_webhooks(report: DeliveryReport) -> str | None:
+    return f"webhooks: {report}" if report.failed or report.retrying else None
+
+
+def _describe_webhook_purge(purged: int) -> str | None:
+    return f"webhooks: {purged} old deliveries forgotten" if purged else None
+
+
 # Each job typed on its own, so its describe is checked against what its run returns.
 SWEEP: Job[SweepReport] = Job("sweep", lambda s: s.sweep_interval, recover, _describe_sweep)
 STORAGE: Job[int] = Job("storage", lambda s: s.lifecycle_interval, purge_expired_memory, _describe_purge)
 HOUSEKEEPING: Job[HousekeepingReport] = Job("housekeeping", lambda s: s.lifecycle_interval, run_housekeeping,
                                             _describe_housekeeping)
+FIRING: Job[FiringReport] = Job("schedules", lambda s: s.schedule_poll_seconds, fire_due, _describe_firing,
+                                lane="schedules")
+WEBHOOKS: Job[DeliveryReport] = Job("webhooks", lambda s: s.webhook_poll_seconds, deliver_webhooks,
+                                    _describe_webhooks, lane="webhooks")
+WEBHOOK_RETENTION: Job[int] = Job("webhook-retention", lambda s: s.lifecycle_interval, purge_deliveries,
+                                  _describe_webhook_purge, lane="webhooks")
 
-# In the order they run when several are due at once.
-JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING)
+# In the order they run (within a lane) when several are due at once.
+JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, FIRING, WEBHOOKS, WEBHOOK_RETENTION)

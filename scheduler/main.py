@@ -32,8 +32,26 @@ def run_job(rt: Runtime, job: Job[Any]) -> None:
 def run_forever(rt: Runtime, stop: threading.Event, jobs: Sequence[Job[Any]] = JOBS) -> None:
     """Run every job whenever it is due until ``stop`` is set; all are due at the start.
 
-    A job is due again ``interval`` seconds after its last run ended, failed or not.
+    Each lane of jobs runs in its own thread (the first in this one), so a slow job
+    delays only its own lane. A job is due again ``interval`` seconds after its
+    last run ended, failed or not.
     """
+    lanes: dict[str, list[Job[Any]]] = {}
+    for job in jobs:
+        lanes.setdefault(job.lane, []).append(job)
+    if not lanes:
+        return
+    first, *others = lanes.values()
+    threads = [threading.Thread(target=_run_lane, args=(rt, stop, lane), name=f"scheduler-{lane[0].lane}",
+                                daemon=True) for lane in others]
+    for thread in threads:
+        thread.start()
+    _run_lane(rt, stop, first)
+    for thread in threads:
+        thread.join(timeout=rt.settings.webhook_timeout_seconds + 5)
+
+
+def _run_lane(rt: Runtime, stop: threading.Event, jobs: Sequence[Job[Any]]) -> None:
     next_run = [0.0] * len(jobs)
     while not stop.is_set():
         for i, job in enumerate(jobs):

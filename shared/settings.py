@@ -117,6 +117,45 @@ class Settings:
         "stale broker messages).",
     )
 
+    # Delayed and scheduled turns, webhooks (scheduler).
+    schedule_min_seconds: int = _setting(
+        "STEPRUN_SCHEDULE_MIN_SECONDS", 60, "Smallest `every_seconds` a schedule may have."
+    )
+    schedule_poll_seconds: float = _setting(
+        "STEPRUN_SCHEDULE_POLL_SECONDS", 0.5,
+        "How often the scheduler looks for due schedules and delayed turns (a run starts this late at most, "
+        "plus the queue's latency).",
+    )
+    webhook_allow_private: bool = _setting(
+        "STEPRUN_WEBHOOK_ALLOW_PRIVATE", False,
+        "Allow webhook URLs that resolve to private, loopback or link-local addresses (tests, private networks).",
+    )
+    webhook_poll_seconds: float = _setting(
+        "STEPRUN_WEBHOOK_POLL_SECONDS", 1.0, "How often the scheduler sends due webhook deliveries."
+    )
+    webhook_timeout_seconds: float = _setting(
+        "STEPRUN_WEBHOOK_TIMEOUT_SECONDS", 10.0,
+        "Longest one webhook delivery may take (connect plus response); past it the attempt failed.",
+    )
+    webhook_retry_base_seconds: float = _setting(
+        "STEPRUN_WEBHOOK_RETRY_BASE_SECONDS", 5.0,
+        "Wait after a delivery's first failed attempt; each further failure doubles it (with +-25% jitter).",
+    )
+    webhook_retry_max_seconds: float = _setting(
+        "STEPRUN_WEBHOOK_RETRY_MAX_SECONDS", 3600.0, "Longest wait between two attempts of one delivery."
+    )
+    webhook_retry_window_seconds: float = _setting(
+        "STEPRUN_WEBHOOK_RETRY_WINDOW_SECONDS", 86400.0,
+        "A delivery is retried for at least this long after its event; the first failure after it marks it failed.",
+    )
+    webhook_retention_seconds: float = _setting(
+        "STEPRUN_WEBHOOK_RETENTION_SECONDS", 604800.0,
+        "Delivered and failed webhook deliveries (the delivery log) and sent outbox events are kept this long.",
+    )
+    webhook_concurrency: int = _setting(
+        "STEPRUN_WEBHOOK_CONCURRENCY", 8, "Webhook deliveries one scheduler sends at once."
+    )
+
     # Limits.
     max_body_bytes: int = _setting("STEPRUN_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted.")
     max_input_chars: int = _setting("STEPRUN_MAX_INPUT_CHARS", 100_000, "Largest turn input, in characters.")

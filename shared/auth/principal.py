@@ -1,6 +1,8 @@
 """Who a database session acts as: one principal, or the narrow system path.
 
-A principal sees that user's rows only. :data:`SYSTEM` is the cross-tenant path
+A principal sees that user's rows only. A :class:`Tenant` scope (a service key
+on a tenant-wide route: webhook endpoints) sees its tenant's tenant-wide rows and
+no user's. :data:`SYSTEM` is the cross-tenant path
 of the worker's claim and the scheduler's sweeps; nothing else uses it. A
 session with no scope sees no user data at all (row-level security).
 """
@@ -16,6 +18,15 @@ class Principal:
 
     tenant_id: str
     user_id: str
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A whole tenant, acting as no user: for tenant-wide rows (webhook endpoints and their deliveries)."""
+
+    tenant_id: str
+    # No user: the principal policies match nothing, the tenant-wide ones match this tenant.
+    user_id: str = ""
 
 
 class System:
@@ -35,4 +46,4 @@ class System:
 SYSTEM: Final = System()
 
 # What a unit of work may be scoped to. ``None`` (no scope) sees no user data.
-Scope = Union[Principal, System]
+Scope = Union[Principal, Tenant, System]

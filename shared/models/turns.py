@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.clock import utcnow
@@ -62,6 +62,9 @@ class Turn(Base):
         UniqueConstraint("tenant_id", "user_id", "idempotency_key", name="uq_turns_idempotency"),
         Index("ix_turns_session", "session_id", "seq"),
         Index("ix_turns_status", "status", "lease_expires_at"),
+        Index("ix_turns_scheduled", "scheduled_at", postgresql_where=text("status = 'queued'"),
+              sqlite_where=text("status = 'queued'")),
+        Index("ix_turns_schedule", "schedule_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("turn"))
@@ -99,6 +102,10 @@ class Turn(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A delayed turn waits (queued, not the session's active turn) until this time.
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The schedule that started this turn, if one did.
+    schedule_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class Checkpoint(Base):

@@ -22,8 +22,10 @@ from shared.models import (
     KnowledgeDocument,
     MemoryItem,
     Message,
+    Schedule,
     TraceSpan,
     Turn,
+    WebhookEvent,
 )
 from shared.runtime import Runtime
 from shared.turns.service import get_session, get_turn
@@ -63,6 +65,7 @@ class ErasureReport:
     trace_spans: int = 0
     memory_items: int = 0
     knowledge_documents: int = 0
+    schedules: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -93,6 +96,8 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
     report.turns = drop(Turn)
     report.sessions = drop(AgentSession)
     report.memory_items = drop(MemoryItem)
+    report.schedules = drop(Schedule)
+    drop(WebhookEvent)  # unsent outbox events of the user's turns (sent ones live on as the tenant's deliveries)
     mine = (KnowledgeDocument.tenant_id == who.tenant_id, KnowledgeDocument.user_id == who.user_id)
     drop(KnowledgeChunk)  # the cascade would too; explicit so SQLite's FTS triggers see each row go
     report.knowledge_documents = drop(KnowledgeDocument, mine)

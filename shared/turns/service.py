@@ -9,6 +9,8 @@ status change goes through :mod:`shared.turns.transitions`.
 from __future__ import annotations
 
 import json
+import math
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -27,6 +29,9 @@ from shared.turns import transitions
 
 ON_BUSY = ("enqueue", "reject", "interrupt")
 MAX_PAGE = 100
+# The longest a turn may be delayed (after_seconds / at), and how far in the past `at` may be (clock skew).
+MAX_DELAY_SECONDS = 366 * 86400
+AT_PAST_SLACK_SECONDS = 300
 
 
 # --- sessions ---------------------------------------------------------------
@@ -112,8 +117,17 @@ def create_turn(
     user_input: Any,
     on_busy: Any = None,
     idempotency_key: str | None = None,
+    after_seconds: Any = None,
+    at: Any = None,
 ) -> tuple[Turn, bool]:
-    """Start a turn, or queue it behind the active one. Returns (turn, created)."""
+    """Start a turn, or queue it behind the active one. Returns (turn, created).
+
+    With ``after_seconds`` or ``at`` the turn is delayed: it stays ``queued`` with
+    ``scheduled_at``, not taking the session, until the scheduler starts it then.
+    """
+    scheduled_at = delay_until(after_seconds, at)
+    if scheduled_at is not None and on_busy not in (None, "enqueue"):
+        raise BadInput("a delayed turn takes its place when it is due: 'on_busy' must be enqueue", field="on_busy")
     if not isinstance(user_input, str) or not user_input.strip():
         raise BadInput("'input' is required and must be a non-empty string", field="input")
     if len(user_input) > rt.settings.max_input_chars:
@@ -149,6 +163,7 @@ def create_turn(
         input=user_input,
         on_busy=on_busy,
         idempotency_key=idempotency_key,
+        scheduled_at=scheduled_at,
     )
     try:
         with db.begin_nested():
@@ -160,7 +175,14 @@ def create_turn(
         if existing is None:
             raise
         return _same_request(existing, session_id, user_input), False
-    transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, {"input": user_input})])
+    queued_event: dict[str, Any] = {"input": user_input}
+    if scheduled_at is not None:
+        queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
+        # Not the session's turn until it is due: the scheduler activates it then (shared/schedules/firing.py).
+        transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, queued_event)])
+        session.updated_at = utcnow()
+        return turn, True
+    transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, queued_event)])
     if not busy:
         transitions.activate(db, rt, session, turn)
     elif on_busy == "interrupt":
@@ -168,7 +190,8 @@ def create_turn(
         # cancels a thread's pending runs too. Queued turns go first, so that when the active
         # turn stops, the session passes straight to this one.
         ahead = db.scalars(select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.QUEUED,
-                                              Turn.id != turn.id, Turn.id != session.active_turn_id)).all()
+                                              Turn.id != turn.id, Turn.id != session.active_turn_id,
+                                              Turn.scheduled_at.is_(None))).all()
         for queued in ahead:
             transitions.finish(db, rt, queued, session, TurnStatus.CANCELLED,
                                extra={"reason": f"interrupted by turn {turn.id}"})
@@ -177,6 +200,33 @@ def create_turn(
             transitions.request_cancel(db, rt, active, session)
     session.updated_at = utcnow()
     return turn, True
+
+
+def delay_until(after_seconds: Any, at: Any) -> datetime | None:
+    """When a delayed turn is due, from ``after_seconds`` (>= 0) or ``at`` (RFC 3339 with an offset); None: now."""
+    if after_seconds is not None and at is not None:
+        raise BadInput("give 'after_seconds' or 'at', not both", field="at")
+    now = utcnow()
+    if after_seconds is not None:
+        if (isinstance(after_seconds, bool) or not isinstance(after_seconds, (int, float))
+                or not math.isfinite(after_seconds) or not 0 <= after_seconds <= MAX_DELAY_SECONDS):
+            raise BadInput(f"'after_seconds' must be a number from 0 to {MAX_DELAY_SECONDS}", field="after_seconds")
+        return now + timedelta(seconds=after_seconds) if after_seconds > 0 else None
+    if at is None:
+        return None
+    if not isinstance(at, str) or len(at) > 64:
+        raise BadInput("'at' must be an RFC 3339 time with an offset, e.g. 2030-01-31T09:00:00Z", field="at")
+    try:
+        when = datetime.fromisoformat(at[:-1] + "+00:00" if at.endswith(("Z", "z")) else at)
+    except ValueError:
+        raise BadInput(f"'at' is not an RFC 3339 time: {at!r}", field="at") from None
+    if when.tzinfo is None:
+        raise BadInput("'at' needs an offset (Z or +hh:mm): a time without one is ambiguous", field="at")
+    if when < now - timedelta(seconds=AT_PAST_SLACK_SECONDS):
+        raise BadInput(f"'at' ({at}) is in the past", field="at")
+    if when > now + timedelta(seconds=MAX_DELAY_SECONDS):
+        raise BadInput("'at' is more than a year away", field="at")
+    return when if when > now else None
 
 
 def _turn_by_idempotency_key(db: Session, who: Principal, key: str) -> Turn | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.clock import aware, utcnow
@@ -30,6 +30,7 @@ from shared.metrics import TURNS_FINISHED
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
 from shared.streaming.protocol import encode_event
+from shared.webhooks.outbox import record_turn_event
 
 
 def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> None:
@@ -56,15 +57,23 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
     if error:
         data["error"] = error
     publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
+    record_turn_event(db, turn, status)  # the webhook outbox: in this transaction, so never lost nor invented
     after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
     if session.active_turn_id == turn.id:
         session.active_turn_id = None
-        nxt = db.scalars(
-            select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.QUEUED, Turn.id != turn.id)
-            .order_by(Turn.seq).limit(1)
-        ).first()
-        if nxt is not None:
-            activate(db, rt, session, nxt)
+        activate_next(db, rt, session, exclude=turn.id)
+
+
+def activate_next(db: Session, rt: Runtime, session: AgentSession, exclude: str | None = None) -> Turn | None:
+    """Hand an idle session to its oldest queued turn that is due (a delayed turn waits for its time)."""
+    nxt = db.scalars(
+        select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.QUEUED, Turn.id != exclude,
+                           or_(Turn.scheduled_at.is_(None), Turn.scheduled_at <= utcnow()))
+        .order_by(Turn.seq).limit(1)
+    ).first()
+    if nxt is not None:
+        activate(db, rt, session, nxt)
+    return nxt
 
 
 def publish_after_commit(db: Session, rt: Runtime, session_id: str,
@@ -100,6 +109,7 @@ def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: 
         TurnStatus.REQUIRES_ACTION, pending, now, expires)
     publish_after_commit(db, rt, session.id, [("turn.requires_action", turn.id, {
         "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
+    record_turn_event(db, turn, TurnStatus.REQUIRES_ACTION)
 
 
 def resume(db: Session, rt: Runtime, turn: Turn, answer: dict[str, Any]) -> None:

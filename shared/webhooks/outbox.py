@@ -1,0 +1,46 @@
+"""The outbox: a turn's webhook event, written in the transaction that changes the turn's state.
+
+:func:`record_turn_event` is called by :mod:`shared.turns.transitions` (finish and
+pause) inside the state change's transaction: the event commits with it or not at
+all, so a crash never loses one and a rolled-back (or fenced-out zombie) change
+never invents one. The scheduler fans each row out to the tenant's endpoints.
+"""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy.orm import Session
+
+from shared.clock import utcnow
+from shared.models import Turn, WebhookEvent, new_id
+
+# A turn's status -> the event its end (or pause) sends. A response id is a turn id.
+STATUS_EVENTS = {
+    "completed": "response.completed",
+    "failed": "response.failed",
+    "cancelled": "response.cancelled",
+    "incomplete": "response.incomplete",
+    # OpenAI has no "expired" response event: a pause nobody answered in time ended the turn unfinished.
+    "expired": "response.failed",
+    "requires_action": "response.requires_action",
+}
+EVENT_TYPES = ("response.completed", "response.failed", "response.cancelled", "response.incomplete",
+               "response.requires_action")
+
+
+def event_body(event_id: str, event_type: str, created_at: int, object_id: str) -> str:
+    """The JSON body of one event, as OpenAI sends it; the exact text is what gets signed."""
+    return json.dumps({"id": event_id, "object": "event", "type": event_type, "created_at": created_at,
+                       "data": {"id": object_id}}, separators=(",", ":"))
+
+
+def record_turn_event(db: Session, turn: Turn, status: str) -> None:
+    """Add the webhook event of ``turn`` entering ``status`` to the current transaction."""
+    event_type = STATUS_EVENTS.get(str(status))
+    if event_type is None:
+        return
+    now = utcnow()
+    event_id = new_id("evt")
+    db.add(WebhookEvent(id=event_id, tenant_id=turn.tenant_id, user_id=turn.user_id, type=event_type,
+                        turn_id=turn.id, body=event_body(event_id, event_type, int(now.timestamp()), turn.id),
+                        created_at=now))
