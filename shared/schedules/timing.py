@@ -1,7 +1,6 @@
 """When a schedule runs next: 5-field cron read in an IANA time zone (croniter handles DST), or every N seconds."""
 from __future__ import annotations
 
-import math
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -43,9 +42,9 @@ def next_run(cron: str | None, every_seconds: int | None, tz: str, now: datetime
              previous: datetime | None = None) -> datetime:
     """The first run time strictly after ``now`` (UTC).
 
-    Runs missed while no scheduler ran collapse: the next one is after ``now``,
-    not after ``previous``. An interval keeps its phase: ``previous`` plus a
-    whole number of periods.
+    Runs missed while no scheduler ran collapse into the one fired on return:
+    the next is computed from ``now``, not one period after the missed slot. An
+    interval served on time keeps its phase (``previous`` plus one period).
     """
     now = aware(now)
     if cron is not None:
@@ -53,8 +52,7 @@ def next_run(cron: str | None, every_seconds: int | None, tz: str, now: datetime
         return croniter(cron, local).get_next(datetime).astimezone(timezone.utc)
     if every_seconds is None:
         raise ValueError("a schedule has a cron expression or an interval")
-    if previous is None:
-        return now + timedelta(seconds=every_seconds)
-    previous = aware(previous)
-    periods = max(1, math.floor((now - previous).total_seconds() / every_seconds) + 1)
-    return previous + timedelta(seconds=periods * every_seconds)
+    step = timedelta(seconds=every_seconds)
+    if previous is not None and aware(previous) + step > now:
+        return aware(previous) + step
+    return now + step

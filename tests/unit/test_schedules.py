@@ -32,8 +32,10 @@ def test_cron_runs_in_its_time_zone_across_dst() -> None:
 
 def test_an_interval_keeps_its_phase_and_collapses_missed_runs() -> None:
     slot = datetime(2025, 1, 1, tzinfo=timezone.utc)
-    later = slot + timedelta(seconds=1000)  # 16 runs were missed
-    assert next_run(None, 60, "UTC", later, previous=slot) == slot + timedelta(seconds=1020)
+    on_time = slot + timedelta(seconds=0.2)
+    assert next_run(None, 60, "UTC", on_time, previous=slot) == slot + timedelta(seconds=60)
+    later = slot + timedelta(seconds=1000)  # 16 runs were missed: one fires now, the next a period later
+    assert next_run(None, 60, "UTC", later, previous=slot) == later + timedelta(seconds=60)
 
 
 def _schedule(db, rt: Runtime, who: Principal, **body):  # noqa: ANN001, ANN202
@@ -108,12 +110,14 @@ def test_another_user_cannot_see_or_change_a_schedule(rt: Runtime, who: Principa
     for other in (Principal(who.tenant_id, "mallory"), Principal("t-other", who.user_id)):
         with unit_of_work(rt.sessions, other) as db:
             assert schedules.list_schedules(db, other, 100, None)[0] == []
-            for call in (lambda: schedules.get_schedule(db, other, sid),
-                         lambda: schedules.update_schedule(db, rt, other, sid, {"paused": True}),
-                         lambda: schedules.delete_schedule(db, other, sid),
-                         lambda: schedules.list_runs(db, other, sid, 10, None)):
-                with pytest.raises(NotFound):
-                    call()
+            with pytest.raises(NotFound):
+                schedules.get_schedule(db, other, sid)
+            with pytest.raises(NotFound):
+                schedules.update_schedule(db, rt, other, sid, {"paused": True})
+            with pytest.raises(NotFound):
+                schedules.delete_schedule(db, other, sid)
+            with pytest.raises(NotFound):
+                schedules.list_runs(db, other, sid, 10, None)
     with unit_of_work(rt.sessions, who) as db:
         assert schedules.get_schedule(db, who, sid).paused is False
 
@@ -164,5 +168,6 @@ def test_at_with_an_offset_is_read_as_that_instant(rt: Runtime, who: Principal) 
     when = (utcnow() + timedelta(hours=2)).astimezone(timezone(timedelta(hours=5, minutes=30)))
     with unit_of_work(rt.sessions, who) as db:
         session_id = turns.create_session(db, rt, who, "math", None).id
-        turn, _ = turns.create_turn(db, rt, who, session_id, "hi", at=when.isoformat(), idempotency_key=secrets.token_hex(4))
+        turn, _ = turns.create_turn(db, rt, who, session_id, "hi", at=when.isoformat(),
+                                    idempotency_key=secrets.token_hex(4))
         assert abs((aware(turn.scheduled_at) - when).total_seconds()) < 1e-3  # type: ignore[arg-type]  # set
