@@ -272,3 +272,29 @@ def test_openapi_describes_the_routes(dep: Deployment) -> None:
                  "/v1/responses/{response_id}/input_items", "/v1/conversations",
                  "/v1/conversations/{conversation_id}", "/v1/conversations/{conversation_id}/items"):
         assert path in paths
+
+
+def test_openai_agents_sdk_uses_a_steprun_agent_as_its_model(dep: Deployment, key: str) -> None:
+    """The Agents SDK (a second outside client) runs a turn with a steprun agent as its Responses model."""
+    import asyncio
+
+    from agents import Agent, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+    set_tracing_disabled(True)  # its traces would go to OpenAI's servers
+    client = openai.AsyncOpenAI(base_url=f"{dep.urls[0]}/v1", api_key=key, max_retries=0, timeout=60)
+    agent = Agent(name="math", instructions="You add numbers.",
+                  model=OpenAIResponsesModel(model="math", openai_client=client))
+
+    async def run() -> tuple[Any, Any, str]:
+        result = await Runner.run(agent, "add 2 and 3")
+        streamed = Runner.run_streamed(agent, "add 4 and 5", previous_response_id=result.last_response_id)
+        text = ""
+        async for event in streamed.stream_events():
+            if event.type == "raw_response_event" and event.data.type == "response.output_text.delta":
+                text += event.data.delta
+        return result, streamed, text
+
+    result, streamed, text = asyncio.run(run())
+    assert result.final_output == "The result of add is 5."
+    assert [type(i).__name__ for i in result.new_items] == ["ToolCallItem", "MessageOutputItem"]
+    assert streamed.final_output == text == "The result of add is 9."
