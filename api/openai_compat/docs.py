@@ -15,14 +15,15 @@ ERR = {"400": "bad input: param names the field or item", "401": "no key, or a b
 
 
 def _op(summary: str, schema: dict[str, Any], *, body: str | None = None, params: list[dict[str, Any]] | None = None,
-        errors: tuple[str, ...] = ("400", "401", "404", "429"), sse: bool = False) -> dict[str, Any]:
+        errors: tuple[str, ...] = ("400", "401", "404", "429"), sse: bool = False,
+        body_required: bool = True) -> dict[str, Any]:
     ok: dict[str, Any] = json_response(schema)
     if sse:
         ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     out: dict[str, Any] = {"summary": summary, "parameters": params or [], "responses": {
         "200": ok, **{code: json_response(ref("OpenAIError"), ERR[code]) for code in errors}}}
     if body:
-        out["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
+        out["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": ref(body)}}}
     return out
 
 
@@ -46,7 +47,7 @@ def describe() -> RouteDocs:
             "What was sent to start the response", ref("OpenAIList"), params=[RID, *LIST_PARAMS])},
         "/v1/conversations": {"post": _op("Create a conversation (a session; the first response binds its agent)",
                                           ref("OpenAIConversation"), body="OpenAIConversationCreate",
-                                          errors=("400", "401", "413", "429"))},
+                                          errors=("400", "401", "413", "429"), body_required=False)},
         "/v1/conversations/{conversation_id}": {
             "get": _op("A conversation", ref("OpenAIConversation"), params=[CID]),
             "post": _op("Update its metadata", ref("OpenAIConversation"), params=[CID],
@@ -79,7 +80,7 @@ def describe() -> RouteDocs:
                                "properties": {"id": {"type": "string"}, "object": {"const": "conversation"},
                                               "created_at": {"type": "integer"}, "metadata": obj}},
         "OpenAIConversationCreate": {"type": "object", "properties": {
-            "metadata": {"type": ["object", "null"]}, "items": {"type": "array", "items": obj}}},
+            "metadata": {"type": ["object", "null"]}, "items": {"type": ["array", "null"], "items": obj}}},
         "OpenAIConversationUpdate": {"type": "object", "required": ["metadata"], "properties": {"metadata": obj}},
         "OpenAIList": {"type": "object", "required": ["object", "data", "has_more"], "properties": {
             "object": {"const": "list"}, "data": {"type": "array", "items": obj},
