@@ -11,6 +11,9 @@ from api.auth import install_auth
 from api.context import reject_nul_args
 from api.errors import register_error_handlers
 from api.observability import install_observability
+from api.openai_compat import conversations as openai_conversations
+from api.openai_compat import docs as openai_docs
+from api.openai_compat import responses as openai_responses
 from api.openapi import OpenAPIRegistry, RouteDocs
 from shared.engine.step import build_runtime
 from shared.runtime import Runtime
@@ -60,6 +63,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     register(history.bp, history.describe())
     register(schedules.bp, schedules.describe())
     register(webhooks.bp, webhooks.describe())
+    # The OpenAI Responses + Conversations API (DESIGN 10.1), described together.
+    app.register_blueprint(openai_responses.bp)
+    app.register_blueprint(openai_conversations.bp)
+    docs.add(openai_docs.describe())
     app.extensions[openapi.EXTENSION] = docs.document()
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app
