@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from shared.fleet import record_sample
+from shared.models import QueueSample
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.storage.sweep import observe_sweep, purge_expired_memory
@@ -32,11 +34,28 @@ class Job(Generic[R]):
     describe: Callable[[R], str | None]
 
 
+# Lease expiries this process's sweeps found since its last queue sample (the console's chart shows them).
+_unsampled_expiries = 0
+
+
 def recover(rt: Runtime) -> SweepReport:
     """Lease recovery, lost-task re-enqueue and expired pauses (every sweep), with the lease expiries counted."""
+    global _unsampled_expiries
     report = sweep(rt)
     observe_sweep(report)
+    _unsampled_expiries += report.expired_leases
     return report
+
+
+def sample_queue(rt: Runtime) -> QueueSample:
+    """The queue's figures now, kept a day for the console's last-hour chart (shared/fleet.py)."""
+    global _unsampled_expiries
+    expiries, _unsampled_expiries = _unsampled_expiries, 0
+    try:
+        return record_sample(rt, expiries)
+    except Exception:
+        _unsampled_expiries += expiries  # counted again with the next sample
+        raise
 
 
 
@@ -53,11 +72,17 @@ def _describe_housekeeping(report: HousekeepingReport) -> str | None:
     return f"housekeeping: {report}" if report.sessions_deleted or report.checkpoints_pruned else None
 
 
+def _describe_sample(_sample: QueueSample) -> str | None:
+    return None  # every run writes one row: nothing worth a log line
+
+
 # Each job typed on its own, so its describe is checked against what its run returns.
 SWEEP: Job[SweepReport] = Job("sweep", lambda s: s.sweep_interval, recover, _describe_sweep)
 STORAGE: Job[int] = Job("storage", lambda s: s.lifecycle_interval, purge_expired_memory, _describe_purge)
 HOUSEKEEPING: Job[HousekeepingReport] = Job("housekeeping", lambda s: s.lifecycle_interval, run_housekeeping,
                                             _describe_housekeeping)
+QUEUE_SAMPLE: Job[QueueSample] = Job("queue-sample", lambda s: s.queue_sample_seconds, sample_queue,
+                                     _describe_sample)
 
 # In the order they run when several are due at once.
-JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING)
+JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, QUEUE_SAMPLE)

@@ -1,8 +1,10 @@
 """Who a database session acts as: one principal, or the narrow system path.
 
-A principal sees that user's rows only. :data:`SYSTEM` is the cross-tenant path
-of the worker's claim and the scheduler's sweeps; nothing else uses it. A
-session with no scope sees no user data at all (row-level security).
+A principal sees that user's rows only. A :class:`TenantAdmin` (the console's
+operator) reads every row of one tenant and writes none. :data:`SYSTEM` is the
+cross-tenant path of the worker's claim and the scheduler's sweeps; nothing
+else uses it. A session with no scope sees no user data at all (row-level
+security).
 """
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ class Principal:
 
     tenant_id: str
     user_id: str
+
+
+@dataclass(frozen=True)
+class TenantAdmin:
+    """A tenant's operator: reads all of that tenant's rows (migration 0011's policy), writes none.
+
+    The console acts *as the turn's user* (a :class:`Principal`) for a change such
+    as an approval, so writes still pass the principal policy.
+    """
+
+    tenant_id: str
 
 
 class System:
@@ -35,4 +48,4 @@ class System:
 SYSTEM: Final = System()
 
 # What a unit of work may be scoped to. ``None`` (no scope) sees no user data.
-Scope = Union[Principal, System]
+Scope = Union[Principal, TenantAdmin, System]

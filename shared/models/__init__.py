@@ -3,7 +3,7 @@
 Importing any model module loads this package first, so ``Base.metadata`` always
 holds the whole schema (Alembic and the tests rely on it).
 """
-from shared.models.auth import ApiKey, Tenant
+from shared.models.auth import ApiKey, QueueSample, Tenant, WorkerHeartbeat
 from shared.models.base import Base, BigId, JSONType, new_id
 from shared.models.storage import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
 from shared.models.turns import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, Turn, TurnStatus
@@ -11,5 +11,5 @@ from shared.models.turns import ACTIVE, TERMINAL, AgentSession, Checkpoint, Mess
 __all__ = [
     "ACTIVE", "TERMINAL", "TurnStatus",
     "AgentSession", "ApiKey", "Base", "BigId", "Checkpoint", "JSONType", "KnowledgeChunk", "KnowledgeDocument",
-    "MemoryItem", "Message", "Tenant", "TraceSpan", "Turn", "new_id",
+    "MemoryItem", "Message", "QueueSample", "Tenant", "TraceSpan", "Turn", "WorkerHeartbeat", "new_id",
 ]
