@@ -5,9 +5,9 @@
   stops; a row older than three beats is a worker that died.
 - The scheduler samples :func:`shared.stats.queue_stats` every
   STEPRUN_QUEUE_SAMPLE_SECONDS into ``queue_samples`` (:func:`record_sample`):
-  the depth chart. Latency needs no sampling: each turn's first step keeps its
-  enqueue and start times, so p50/p99 per bucket come from ``turns``, as the
-  start-delay gauge on /metrics does.
+  the depth chart. Latency needs no sampling: each committed step's span keeps
+  its queue latency (what ``steprun_queue_latency_seconds`` observes), so
+  p50/p99 per bucket come from ``trace_spans``.
 
 Everything here spans every tenant (workers and the queue are shared), read
 on the system path, as /metrics is.
@@ -94,7 +94,7 @@ def workers(db: Session, rt: Runtime) -> list[WorkerRow]:
     running = dict(db.execute(
         select(Turn.lease_owner, func.count()).where(
             Turn.status == TurnStatus.IN_PROGRESS, Turn.lease_expires_at >= now, Turn.lease_owner.is_not(None))
-        .group_by(Turn.lease_owner)).tuples().all())
+        .group_by(Turn.lease_owner)).all())
     rows = db.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.beat_at >= now - FORGET_WORKERS)
                       .order_by(WorkerHeartbeat.beat_at.desc())).all()
     limit = MISSED_BEATS * rt.settings.worker_beat_seconds
@@ -132,28 +132,28 @@ class LatencyBucket:
     count: int
 
 
-LATENCY_SQL = """
+# Every committed step's wait from enqueue to a worker's claim, as its step span records it: the figure
+# steprun_queue_latency_seconds observes on /metrics (shared/engine/trace.py), read back over the last hour.
+WAIT = "((attributes->>'queue_latency_ms')::float / 1000)"
+STEP_WAITS = f"FROM trace_spans WHERE kind = 'step' AND started_at >= :since AND attributes->>'queue_latency_ms' IS NOT NULL"
+LATENCY_SQL = f"""
 SELECT to_timestamp(floor(EXTRACT(EPOCH FROM started_at) / :bucket) * :bucket) AS bucket,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM started_at - enqueued_at)) AS p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM started_at - enqueued_at)) AS p99,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY {WAIT}) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY {WAIT}) AS p99,
        count(*) AS n
-FROM turns
-WHERE started_at >= :since AND enqueued_at <= started_at
+{STEP_WAITS}
 GROUP BY 1 ORDER BY 1
 """
-OVERALL_SQL = """
-SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM started_at - enqueued_at)) AS p50,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM started_at - enqueued_at)) AS p99,
+OVERALL_SQL = f"""
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY {WAIT}) AS p50,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY {WAIT}) AS p99,
        count(*) AS n
-FROM turns WHERE started_at >= :since AND enqueued_at <= started_at
+{STEP_WAITS}
 """
 
 
 def latency(db: Session, since: datetime, bucket_seconds: int) -> tuple[list[LatencyBucket], LatencyBucket]:
-    """Enqueue-to-start of first steps since ``since``: per bucket, and over the whole span.
-
-    The same measure as ``steprun_queue_start_delay_p95_seconds`` (shared/stats.py), at other quantiles.
-    """
+    """Queue latency (enqueue to claim) of the steps committed since ``since``: per bucket, and overall."""
     if db.get_bind().dialect.name == "postgresql":
         params: dict[str, Any] = {"since": since, "bucket": bucket_seconds}
         buckets = [LatencyBucket(aware(r.bucket), float(r.p50), float(r.p99), int(r.n))
@@ -177,16 +177,14 @@ def _quantile(values: list[float], q: float) -> float:
 def _latency_portable(db: Session, since: datetime, bucket_seconds: int) -> tuple[list[LatencyBucket], LatencyBucket]:
     grouped: dict[int, list[float]] = {}
     every: list[float] = []
-    for started_at, enqueued_at in db.execute(select(Turn.started_at, Turn.enqueued_at).where(
-            Turn.started_at.is_not(None), Turn.enqueued_at.is_not(None))).tuples():
-        if started_at is None or enqueued_at is None:
+    for started_at, attributes in db.execute(select(TraceSpan.started_at, TraceSpan.attributes).where(
+            TraceSpan.kind == "step", TraceSpan.started_at >= since)):
+        waited_ms = (attributes or {}).get("queue_latency_ms")
+        if waited_ms is None:
             continue
-        started, enqueued = aware(started_at), aware(enqueued_at)
-        if started < since or enqueued > started:
-            continue
-        wait = (started - enqueued).total_seconds()
+        wait = float(waited_ms) / 1000
         every.append(wait)
-        grouped.setdefault(int(started.timestamp()) // bucket_seconds, []).append(wait)
+        grouped.setdefault(int(aware(started_at).timestamp()) // bucket_seconds, []).append(wait)
     buckets = []
     for key in sorted(grouped):
         values = sorted(grouped[key])

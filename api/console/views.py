@@ -110,8 +110,8 @@ def _session() -> ConsoleSession:
 
 # --- sign-in ------------------------------------------------------------------
 
-@bp.get("")
 @bp.get("/")
+@bp.get("")  # registered first: url_for gives /console
 def sign_in_page() -> BaseResponse:
     if current() is not None:
         return redirect(url_for("console.turns_page"), code=303)

@@ -54,11 +54,11 @@ def list_turns(db: Session, admin: TenantAdmin, *, status: str | None = None, ag
     if user:
         query = query.where(Turn.user_id == user)
     rows = db.execute(query.order_by(Turn.created_at.desc(), Turn.id.desc()).limit(min(limit, MAX_ROWS)))
-    return [TurnRow(turn, agent_name) for turn, agent_name in rows.tuples()]
+    return [TurnRow(turn, agent_name) for turn, agent_name in rows]
 
 
 def get_turn(db: Session, admin: TenantAdmin, turn_id: str) -> TurnRow:
-    row = db.execute(_turns(admin).where(Turn.id == turn_id)).tuples().first()
+    row = db.execute(_turns(admin).where(Turn.id == turn_id)).first()
     if row is None:
         raise NotFound(f"no turn {turn_id!r} in this tenant")
     return TurnRow(row[0], row[1])
@@ -80,4 +80,4 @@ def waiting_turns(db: Session, admin: TenantAdmin) -> list[TurnRow]:
     """Every turn of the tenant waiting for an approval or an answer, oldest first."""
     rows = db.execute(_turns(admin).where(Turn.status == TurnStatus.REQUIRES_ACTION)
                       .order_by(Turn.paused_at.asc().nulls_last(), Turn.id).limit(MAX_ROWS))
-    return [TurnRow(turn, agent_name) for turn, agent_name in rows.tuples()]
+    return [TurnRow(turn, agent_name) for turn, agent_name in rows]
