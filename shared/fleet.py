@@ -135,7 +135,8 @@ class LatencyBucket:
 # Every committed step's wait from enqueue to a worker's claim, as its step span records it: the figure
 # steprun_queue_latency_seconds observes on /metrics (shared/engine/trace.py), read back over the last hour.
 WAIT = "((attributes->>'queue_latency_ms')::float / 1000)"
-STEP_WAITS = f"FROM trace_spans WHERE kind = 'step' AND started_at >= :since AND attributes->>'queue_latency_ms' IS NOT NULL"
+STEP_WAITS = ("FROM trace_spans WHERE kind = 'step' AND started_at >= :since "
+              "AND attributes->>'queue_latency_ms' IS NOT NULL")
 LATENCY_SQL = f"""
 SELECT to_timestamp(floor(EXTRACT(EPOCH FROM started_at) / :bucket) * :bucket) AS bucket,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY {WAIT}) AS p50,

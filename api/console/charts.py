@@ -27,6 +27,9 @@ class Bar:
     label: str
     detail: str
     depth: int
+    # Where the detail text goes: right of the bar if it fits, else left of it.
+    detail_x: float
+    detail_anchor: str
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,13 @@ def waterfall(spans: list[TraceSpan]) -> Waterfall:
     top = ROW_H  # room for the axis labels
     for i, (span, depth) in enumerate(ordered):
         offset = (aware(span.started_at) - start).total_seconds() * 1000
-        bars.append(Bar(y=top + i * ROW_H, x=LABEL_W + offset * scale, width=max(2.0, span.duration_ms * scale),
-                        kind=span.kind, status=span.status, label=f"{span.kind} {span.name}" if depth else span.name,
-                        detail=_detail(span), depth=depth))
+        x, width, detail = LABEL_W + offset * scale, max(2.0, span.duration_ms * scale), _detail(span)
+        text_w = 6.2 * len(detail)  # about 11 px text
+        right = x + width + 6 + text_w <= WIDTH
+        bars.append(Bar(y=top + i * ROW_H, x=x, width=width, kind=span.kind, status=span.status,
+                        label=f"{span.kind} {span.name}" if depth else span.name, detail=detail, depth=depth,
+                        detail_x=x + width + 6 if right else max(LABEL_W + text_w, x - 6),
+                        detail_anchor="start" if right else "end"))
     ticks = [(LABEL_W + (WIDTH - LABEL_W - 10) * f, _ms(total_ms * f)) for f in (0, 0.25, 0.5, 0.75, 1)]
     return Waterfall(bars, top + len(ordered) * ROW_H + 4, ticks, total_ms)
 

@@ -165,7 +165,8 @@ def _row_json(row: tenant_view.TurnRow) -> dict[str, Any]:
     turn = row.turn
     return {
         "id": turn.id, "input": turn.input[:80], "user": turn.user_id, "agent": row.agent, "status": turn.status,
-        "step": turn.step_count, "attempts": turn.step_attempt, "created_at": ts(turn.created_at),
+        "step": turn.step_count, "attempts": turn.attempt,  # claims of its steps, retries included
+        "created_at": ts(turn.created_at),
         "age_seconds": round((utcnow() - aware(turn.created_at)).total_seconds(), 1),
         "url": url_for("console.turn_page", turn_id=turn.id),
     }
