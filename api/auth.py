@@ -100,6 +100,8 @@ def authenticate(require_user: bool = True) -> Principal:
         if identity is None:
             raise Unauthorized("the key is not valid (unknown or revoked)")
         cache.put(token, identity)
+    if identity.admin:
+        raise Unauthorized("an admin key signs in to /console; it does not call the API (use a user or service key)")
     if identity.user_id is not None:
         return Principal(identity.tenant_id, identity.user_id)
     g.service_key = True  # acts for the tenant: may also write tenant-wide data (knowledge)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from shared.fleet import record_sample
+from shared.models import QueueSample
 from shared.runtime import Runtime
 from shared.schedules.firing import FiringReport, fire_due
 from shared.settings import Settings
@@ -40,11 +42,28 @@ class Job(Generic[R]):
     lane: str = "sweeps"
 
 
+# Lease expiries this process's sweeps found since its last queue sample (the console's chart shows them).
+_unsampled_expiries = 0
+
+
 def recover(rt: Runtime) -> SweepReport:
     """Lease recovery, lost-task re-enqueue and expired pauses (every sweep), with the lease expiries counted."""
+    global _unsampled_expiries
     report = sweep(rt)
     observe_sweep(report)
+    _unsampled_expiries += report.expired_leases
     return report
+
+
+def sample_queue(rt: Runtime) -> QueueSample:
+    """The queue's figures now, kept a day for the console's last-hour chart (shared/fleet.py)."""
+    global _unsampled_expiries
+    expiries, _unsampled_expiries = _unsampled_expiries, 0
+    try:
+        return record_sample(rt, expiries)
+    except Exception:
+        _unsampled_expiries += expiries  # counted again with the next sample
+        raise
 
 
 
@@ -73,6 +92,10 @@ def _describe_webhook_purge(purged: int) -> str | None:
     return f"webhooks: {purged} old deliveries forgotten" if purged else None
 
 
+def _describe_sample(_sample: QueueSample) -> str | None:
+    return None  # every run writes one row: nothing worth a log line
+
+
 # Each job typed on its own, so its describe is checked against what its run returns.
 SWEEP: Job[SweepReport] = Job("sweep", lambda s: s.sweep_interval, recover, _describe_sweep)
 STORAGE: Job[int] = Job("storage", lambda s: s.lifecycle_interval, purge_expired_memory, _describe_purge)
@@ -87,3 +110,10 @@ WEBHOOK_RETENTION: Job[int] = Job("webhook-retention", lambda s: s.lifecycle_int
 
 # In the order they run (within a lane) when several are due at once.
 JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, FIRING, WEBHOOKS, WEBHOOK_RETENTION)
+
+
+QUEUE_SAMPLE: Job[QueueSample] = Job("queue-sample", lambda s: s.queue_sample_seconds, sample_queue,
+                                     _describe_sample)
+
+# In the order they run when several are due at once.
+JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, QUEUE_SAMPLE)

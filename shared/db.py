@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.auth.principal import SYSTEM, Scope
+from shared.auth.principal import SYSTEM, Scope, TenantAdmin
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,12 @@ def install_row_security(factory: sessionmaker[Session], role: str | None) -> No
         if connection.dialect.name != "postgresql":
             return
         scope = session.info.get("scope")
-        tenant = getattr(scope, "tenant_id", "") or ""
+        admin = scope.tenant_id if isinstance(scope, TenantAdmin) else ""
+        tenant = "" if admin else getattr(scope, "tenant_id", "") or ""
         user = getattr(scope, "user_id", "") or ""
-        params = {"t": tenant, "u": user, "s": "on" if scope is SYSTEM else ""}
+        params = {"t": tenant, "u": user, "s": "on" if scope is SYSTEM else "", "a": admin}
         sql = ("SELECT set_config('steprun.tenant_id', %(t)s, true), set_config('steprun.user_id', %(u)s, true), "
-               "set_config('steprun.system', %(s)s, true)")
+               "set_config('steprun.system', %(s)s, true), set_config('steprun.admin_tenant_id', %(a)s, true)")
         if role:
             params["r"] = role
             sql += ", set_config('role', %(r)s, true)"

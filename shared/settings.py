@@ -246,6 +246,25 @@ class Settings:
         "OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); needs the `otel` extra. Unset: off.",
     )
 
+    # The console (/console) and the fleet figures it shows.
+    console_session_seconds: float = _setting(
+        "STEPRUN_CONSOLE_SESSION_SECONDS", 43_200.0,
+        "How long a console sign-in lasts; revoking the admin key ends its sessions at once.",
+    )
+    console_secure_cookie: bool = _setting(
+        "STEPRUN_CONSOLE_SECURE_COOKIE", False,
+        "Mark the console's cookies Secure even when the request reached the web process over plain HTTP "
+        "(TLS ended at a proxy). Requests made over HTTPS always get Secure cookies.",
+    )
+    worker_beat_seconds: float = _setting(
+        "STEPRUN_WORKER_BEAT_SECONDS", 5.0,
+        "How often each worker process renews its row in worker_heartbeats (the console's workers alive).",
+    )
+    queue_sample_seconds: float = _setting(
+        "STEPRUN_QUEUE_SAMPLE_SECONDS", 30.0,
+        "How often the scheduler records the queue's figures for the console's last-hour chart.",
+    )
+
     # Database pool (per process).
     db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "SQLAlchemy pool size per process.")
     db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10, "SQLAlchemy pool overflow per process.")

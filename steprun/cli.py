@@ -41,17 +41,18 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="Tenant (application) the key belongs to.")
 @click.option("--user", "user_id", help="End user the key acts as.")
 @click.option("--service", is_flag=True, help="A service key: acts for any user named in X-User-Id.")
+@click.option("--admin", is_flag=True, help="A tenant admin key: signs in to the web console (/console).")
 @click.option("--name", help="A label for the key.")
-def keys_create(tenant: str, user_id: str | None, service: bool, name: str | None) -> None:
+def keys_create(tenant: str, user_id: str | None, service: bool, admin: bool, name: str | None) -> None:
     """Create a key and print it (it is shown only once)."""
     from shared.auth.keys import create_key
     from shared.db import make_engine, make_sessionmaker, unit_of_work
 
-    if bool(user_id) == service:
-        raise click.UsageError("give exactly one of --user USER or --service")
+    if [bool(user_id), service, admin].count(True) != 1:
+        raise click.UsageError("give exactly one of --user USER, --service or --admin")
     engine = make_engine(_settings())
     with unit_of_work(make_sessionmaker(engine)) as db:
-        _, raw = create_key(db, tenant, user_id, name)
+        _, raw = create_key(db, tenant, user_id, name, admin=admin)
     engine.dispose()
     click.echo(raw)
 
@@ -67,7 +68,8 @@ def keys_list(tenant: str) -> None:
     with unit_of_work(make_sessionmaker(engine)) as db:
         for row in list_keys(db, tenant):
             state = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "live"
-            click.echo(f"{row.id}  {row.prefix}…  {row.user_id or '(service)':24} {state:22} {row.name or ''}")
+            who = row.user_id or ("(admin)" if row.admin else "(service)")
+            click.echo(f"{row.id}  {row.prefix}…  {who:24} {state:22} {row.name or ''}")
     engine.dispose()
 
 
@@ -215,8 +217,12 @@ def dev(port: int | None) -> None:
         with open(key_file, "w") as f:
             f.write(key + "\n")
         os.chmod(key_file, 0o600)
+    beat = None
     if settings.redis_url is None:
+        from shared.fleet import WorkerBeat
+
         recover_after_restart(rt)
+        beat = WorkerBeat(rt).start()  # this process runs the steps: it is the worker the console lists
     app = create_app(settings, runtime=rt)
     server = make_server(settings.host, settings.port, app, threaded=True)
     url = f"http://{settings.host}:{server.server_port}"
@@ -236,6 +242,8 @@ def dev(port: int | None) -> None:
     finally:
         stop.set()
         server.shutdown()
+        if beat is not None:
+            beat.stop()
         rt.close()
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from celery import Celery, signals
 
 from shared.engine.step import build_runtime
+from shared.fleet import WorkerBeat
 from shared.logs import configure_logging
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -41,6 +42,7 @@ class WorkerRuntime:
         self.settings = settings
         self._runtime: Runtime | None = None
         self._pid: int | None = None
+        self._beat: WorkerBeat | None = None
         self._lock = threading.Lock()
 
     @property
@@ -65,6 +67,7 @@ class WorkerRuntime:
                 configure_logging(self.settings)  # before the build logs anything (Celery's setup comes later)
                 self._runtime = build_runtime(self.settings)
                 self._pid = os.getpid()
+                self._beat = WorkerBeat(self._runtime).start()  # the console's "workers alive"
                 log.info("worker runtime ready (%s)", self._runtime.worker_id)
             return self._runtime
 
@@ -72,8 +75,11 @@ class WorkerRuntime:
         """Release this process's connections, once the pool has stopped running steps."""
         with self._lock:
             rt, self._runtime = self.started, None
+            beat, self._beat = self._beat, None
         if rt is None:
             return
+        if beat is not None:
+            beat.stop()
         try:
             rt.close()
         except Exception:  # noqa: BLE001 - the process is exiting: say so, do not fail the exit

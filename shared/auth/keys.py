@@ -21,19 +21,28 @@ class KeyIdentity:
     tenant_id: str
     # None for a service key: it names the user per request.
     user_id: str | None
+    # A tenant admin key: the console's, refused by the /v1 API.
+    admin: bool = False
 
 
 def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def create_key(db: Session, tenant_id: str, user_id: str | None, name: str | None = None) -> tuple[ApiKey, str]:
-    """Create a key; returns the row and the raw key, which is never stored."""
+def create_key(db: Session, tenant_id: str, user_id: str | None, name: str | None = None, *,
+               admin: bool = False) -> tuple[ApiKey, str]:
+    """Create a key; returns the row and the raw key, which is never stored.
+
+    An ``admin`` key belongs to no user: it signs in to the tenant's console.
+    """
+    if admin and user_id is not None:
+        raise ValueError("an admin key belongs to no user")
     if db.get(Tenant, tenant_id) is None:
         db.add(Tenant(id=tenant_id))
         db.flush()
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(tenant_id=tenant_id, user_id=user_id, key_hash=hash_key(raw), prefix=raw[:10], name=name)
+    row = ApiKey(tenant_id=tenant_id, user_id=user_id, key_hash=hash_key(raw), prefix=raw[:10], name=name,
+                 admin=admin)
     db.add(row)
     db.flush()
     return row, raw
@@ -70,14 +79,19 @@ class KeyCache:
                 self._entries.pop(next(iter(self._entries)))
             self._entries[hash_key(raw)] = (time.monotonic() + self.ttl, identity)
 
+    def forget(self, key_hash: str) -> None:
+        """Drop a key (by its stored hash) at once: a revoke in this process takes effect here immediately."""
+        with self._lock:
+            self._entries.pop(key_hash, None)
+
 
 def identify_key(db: Session, raw: str) -> KeyIdentity | None:
     row = db.execute(
-        select(ApiKey.id, ApiKey.tenant_id, ApiKey.user_id).where(
+        select(ApiKey.id, ApiKey.tenant_id, ApiKey.user_id, ApiKey.admin).where(
             ApiKey.key_hash == hash_key(raw), ApiKey.revoked_at.is_(None)
         )
     ).first()
-    return KeyIdentity(row.id, row.tenant_id, row.user_id) if row else None
+    return KeyIdentity(row.id, row.tenant_id, row.user_id, bool(row.admin)) if row else None
 
 
 def list_keys(db: Session, tenant_id: str) -> list[ApiKey]:

@@ -2,9 +2,10 @@
 
 A principal sees that user's rows only. A :class:`Tenant` scope (a service key
 on a tenant-wide route: webhook endpoints) sees its tenant's tenant-wide rows and
-no user's. :data:`SYSTEM` is the cross-tenant path
-of the worker's claim and the scheduler's sweeps; nothing else uses it. A
-session with no scope sees no user data at all (row-level security).
+no user's. A :class:`TenantAdmin` (the console's operator) reads every row of one
+tenant and writes none. :data:`SYSTEM` is the cross-tenant path of the worker's
+claim and the scheduler's sweeps; nothing else uses it. A session with no scope
+sees no user data at all (row-level security).
 """
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ class Tenant:
     user_id: str = ""
 
 
+@dataclass(frozen=True)
+class TenantAdmin:
+    """A tenant's operator: reads all of that tenant's rows (migration 0011's policy), writes none.
+
+    The console acts *as the turn's user* (a :class:`Principal`) for a change such
+    as an approval, so writes still pass the principal policy.
+    """
+
+    tenant_id: str
+
+
 class System:
     """The system scope's type: one instance, :data:`SYSTEM`."""
 
@@ -46,4 +58,4 @@ class System:
 SYSTEM: Final = System()
 
 # What a unit of work may be scoped to. ``None`` (no scope) sees no user data.
-Scope = Union[Principal, Tenant, System]
+Scope = Union[Principal, Tenant, TenantAdmin, System]

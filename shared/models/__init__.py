@@ -3,7 +3,7 @@
 Importing any model module loads this package first, so ``Base.metadata`` always
 holds the whole schema (Alembic and the tests rely on it).
 """
-from shared.models.auth import ApiKey, Tenant
+from shared.models.auth import ApiKey, QueueSample, Tenant, WorkerHeartbeat
 from shared.models.base import Base, BigId, JSONType, new_id
 from shared.models.schedules import Schedule
 from shared.models.storage import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
@@ -13,6 +13,6 @@ from shared.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEven
 __all__ = [
     "ACTIVE", "TERMINAL", "TurnStatus",
     "AgentSession", "ApiKey", "Base", "BigId", "Checkpoint", "JSONType", "KnowledgeChunk", "KnowledgeDocument",
-    "MemoryItem", "Message", "Schedule", "Tenant", "TraceSpan", "Turn", "WebhookDelivery", "WebhookEndpoint",
-    "WebhookEvent", "new_id",
+    "MemoryItem", "Message", "QueueSample", "Schedule", "Tenant", "TraceSpan", "Turn", "WebhookDelivery",
+    "WebhookEndpoint", "WebhookEvent", "WorkerHeartbeat", "new_id",
 ]

@@ -16,8 +16,8 @@ def test_every_route_is_described_and_the_document_is_valid(rt: Runtime) -> None
     described = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     missing = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
+        if rule.endpoint == "static" or rule.rule.startswith("/console"):
+            continue  # the web console's pages are HTML for operators, not API routes
         path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             if (path, method) not in described:
