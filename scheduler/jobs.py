@@ -108,12 +108,8 @@ WEBHOOKS: Job[DeliveryReport] = Job("webhooks", lambda s: s.webhook_poll_seconds
 WEBHOOK_RETENTION: Job[int] = Job("webhook-retention", lambda s: s.lifecycle_interval, purge_deliveries,
                                   _describe_webhook_purge, lane="webhooks")
 
-# In the order they run (within a lane) when several are due at once.
-JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, FIRING, WEBHOOKS, WEBHOOK_RETENTION)
-
-
 QUEUE_SAMPLE: Job[QueueSample] = Job("queue-sample", lambda s: s.queue_sample_seconds, sample_queue,
                                      _describe_sample)
 
-# In the order they run when several are due at once.
-JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, QUEUE_SAMPLE)
+# In the order they run (within a lane) when several are due at once.
+JOBS: tuple[Job[Any], ...] = (SWEEP, STORAGE, HOUSEKEEPING, QUEUE_SAMPLE, FIRING, WEBHOOKS, WEBHOOK_RETENTION)
