@@ -11,8 +11,19 @@ keepalive = 95
 # gunicorn's largest request line (default 4094): long search queries and cursors then reach
 # the app, which answers a JSON 400 naming the field instead of gunicorn's HTML 414.
 limit_request_line = 8190
+# Long requests (?wait=) may finish within this after SIGTERM; streams and idle keep-alive connections
+# do not wait for it (see post_worker_init): the process exits within a few seconds.
 graceful_timeout = 25
 timeout = 60
+# After SIGTERM: streams are closed at once; whatever is still open this many seconds later is cut.
+STREAM_CLOSE_GRACE = float(os.environ.get("STEPRUN_WEB_SHUTDOWN_SECONDS", "3"))
+
+
+def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
+    # The master refuses a half-configured deployment before it forks a worker (one line, exit 3).
+    from shared.settings import deployment_settings
+
+    deployment_settings("web")
 
 
 def post_fork(server, worker):  # noqa: ARG001 - gunicorn's hook signature
@@ -29,3 +40,64 @@ def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """SIGTERM: stop accepting, close streams with a code and their cursor, drop idle keep-alives, exit.
+
+    gunicorn's gevent worker waits up to graceful_timeout for every connection, and an idle
+    keep-alive or a stream never ends by itself. Here every connection is tracked: on SIGTERM
+    the WebSockets are closed with 1012 (service restart) and the cursor, SSE streams end with
+    an ``error`` event ``server_restart`` carrying the cursor, idle keep-alive connections are
+    shut down, and a request in flight gets ``Connection: close`` (gunicorn does that once the
+    worker is no longer alive). Clients reconnect to another process.
+    """
+    import socket
+
+    import gevent
+
+    idle: dict[int, socket.socket] = {}  # connections between two requests (keep-alive)
+    handle, handle_request, handle_exit = worker.handle, worker.handle_request, worker.handle_exit
+
+    def tracked_handle(listener, client, addr):
+        idle[id(client)] = client
+        try:
+            handle(listener, client, addr)
+        finally:
+            idle.pop(id(client), None)
+
+    def tracked_request(listener_name, req, sock, addr):
+        idle.pop(id(sock), None)
+        try:
+            return handle_request(listener_name, req, sock, addr)
+        finally:
+            if worker.alive:
+                idle[id(sock)] = sock
+
+    def shut(sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def stop_connections():
+        from api.streaming import close_streams_for_restart
+
+        closed = close_streams_for_restart(worker.wsgi)
+        worker.log.info("SIGTERM: closing %d stream(s) and %d idle connection(s)", closed, len(idle))
+        for sock in list(idle.values()):
+            shut(sock)
+        gevent.sleep(STREAM_CLOSE_GRACE)
+        for sock in list(idle.values()):
+            shut(sock)
+
+    def on_exit(sig, frame):
+        first = worker.alive
+        handle_exit(sig, frame)
+        if first:
+            gevent.spawn(stop_connections)
+
+    worker.handle, worker.handle_request, worker.handle_exit = tracked_handle, tracked_request, on_exit
+    import signal
+
+    signal.signal(signal.SIGTERM, on_exit)
