@@ -155,10 +155,10 @@ _RESTARTING = threading.Event()
 _SSE_RINGS: weakref.WeakSet[_RestartRing] = weakref.WeakSet()
 
 
-class _RestartRing:
+class _RestartRing(Ring):
     """A stream's doorbell that also rings, and then raises, when the process shuts down."""
 
-    def __init__(self, ring: Ring):
+    def __init__(self, ring: Ring):  # wraps ``ring``: no event of its own, so no super().__init__()
         self._ring = ring
 
     def set(self) -> None:
@@ -183,7 +183,7 @@ class _RestartableLog:
         self._events = events
 
     @contextmanager
-    def listen(self, session_id: str) -> Iterator[_RestartRing]:
+    def listen(self, session_id: str) -> Iterator[Ring]:
         with self._events.listen(session_id) as ring:
             proxy = _RestartRing(ring)
             _SSE_RINGS.add(proxy)
