@@ -46,50 +46,55 @@ def post_worker_init(worker):
     """SIGTERM: stop accepting, close streams with a code and their cursor, drop idle keep-alives, exit.
 
     gunicorn's gevent worker waits up to graceful_timeout for every connection, and an idle
-    keep-alive or a stream never ends by itself. Here every connection is tracked: on SIGTERM
-    the WebSockets are closed with 1012 (service restart) and the cursor, SSE streams end with
-    an ``error`` event ``server_restart`` carrying the cursor, idle keep-alive connections are
-    shut down, and a request in flight gets ``Connection: close`` (gunicorn does that once the
-    worker is no longer alive). Clients reconnect to another process.
+    keep-alive or a stream never ends by itself. Here every connection's wait between two
+    requests is tracked: on SIGTERM the WebSockets are closed with 1012 (service restart) and
+    the cursor, SSE streams end with an ``error`` event ``server_restart`` carrying the cursor,
+    idle keep-alive connections are ended as if their keep-alive timed out, and a connection
+    whose request ends after SIGTERM is closed (gunicorn also answers it ``Connection: close``).
+    Clients reconnect to another process.
     """
     import socket
 
     import gevent
 
-    idle: dict[int, socket.socket] = {}  # connections between two requests (keep-alive)
-    handle, handle_request, handle_exit = worker.handle, worker.handle_request, worker.handle_exit
+    # Connections waiting for their next request: handler greenlet -> the keep-alive Timeout it waits in.
+    waiting: dict[object, object] = {}
+    timeout_ctx, handle_request, handle_exit = worker.timeout_ctx, worker.handle_request, worker.handle_exit
 
-    def tracked_handle(listener, client, addr):
-        idle[id(client)] = client
-        try:
-            handle(listener, client, addr)
-        finally:
-            idle.pop(id(client), None)
+    def tracked_timeout():
+        timeout = timeout_ctx()
+        waiting[gevent.getcurrent()] = timeout
+        return timeout
 
     def tracked_request(listener_name, req, sock, addr):
-        idle.pop(id(sock), None)
+        waiting.pop(gevent.getcurrent(), None)
         try:
             return handle_request(listener_name, req, sock, addr)
         finally:
-            if worker.alive:
-                idle[id(sock)] = sock
+            if not worker.alive:
+                # Shutting down: this connection serves no further request (an upgraded WebSocket's
+                # socket included, whose client may not have answered the close frame yet).
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
-    def shut(sock):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def end_idle():
+        for greenlet, timeout in list(waiting.items()):
+            waiting.pop(greenlet, None)
+            if not greenlet.dead:
+                # Raised where the handler waits for the next request: gunicorn takes it for the
+                # keep-alive timeout and closes the connection quietly.
+                greenlet.kill(timeout, block=False)
 
     def stop_connections():
         from api.streaming import close_streams_for_restart
 
         closed = close_streams_for_restart(worker.wsgi)
-        worker.log.info("SIGTERM: closing %d stream(s) and %d idle connection(s)", closed, len(idle))
-        for sock in list(idle.values()):
-            shut(sock)
+        worker.log.info("SIGTERM: closing %d stream(s) and %d idle connection(s)", closed, len(waiting))
+        end_idle()
         gevent.sleep(STREAM_CLOSE_GRACE)
-        for sock in list(idle.values()):
-            shut(sock)
+        end_idle()
 
     def on_exit(sig, frame):
         first = worker.alive
@@ -97,7 +102,7 @@ def post_worker_init(worker):
         if first:
             gevent.spawn(stop_connections)
 
-    worker.handle, worker.handle_request, worker.handle_exit = tracked_handle, tracked_request, on_exit
+    worker.timeout_ctx, worker.handle_request, worker.handle_exit = tracked_timeout, tracked_request, on_exit
     import signal
 
     signal.signal(signal.SIGTERM, on_exit)
