@@ -1,5 +1,6 @@
 """gunicorn settings for the web process (gevent workers)."""
 import os
+from typing import Any
 
 worker_class = "gevent"
 # Each open WebSocket/SSE stream holds one "connection"; the default 1000 caps streams per process.
@@ -58,7 +59,7 @@ def post_worker_init(worker):
     import gevent
 
     # Connections waiting for their next request: handler greenlet -> the keep-alive Timeout it waits in.
-    waiting: dict[object, object] = {}
+    waiting: dict[Any, Any] = {}
     timeout_ctx, handle_request, handle_exit = worker.timeout_ctx, worker.handle_request, worker.handle_exit
 
     def tracked_timeout():

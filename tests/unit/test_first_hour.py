@@ -185,3 +185,18 @@ def test_the_sqlite_file_and_its_folder_are_private(tmp_path):
     db.chmod(0o644)  # a file made world-readable before: tightened on the next start
     private_sqlite_file(str(data), str(db))
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
+def test_chat_says_text_restarts_only_when_text_of_that_step_was_printed():
+    import io
+
+    from steprun.chat import Chat
+
+    out, err = io.StringIO(), io.StringIO()
+    chat = Chat("http://127.0.0.1:9", "k", out=out, err=err, inp=io.StringIO())
+    retry = {"turn_id": "t", "type": "step.retrying", "data": {"step": 0}}
+    chat._show("t", retry)  # a 429 before anything streamed: nothing to take back
+    assert err.getvalue() == ""
+    chat._show("t", {"turn_id": "t", "type": "message.delta", "data": {"step": 0, "text": "Hel"}})
+    chat._show("t", retry)
+    assert "its text restarts" in err.getvalue() and out.getvalue() == "Hel"
