@@ -9,6 +9,11 @@ handshake's status, so it is told in an error frame and a close reason.
 """
 from __future__ import annotations
 
+import json
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,11 +26,11 @@ from api.context import db, int_arg, principal, runtime
 from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
 from api.relay import gone_message, sse_stream
 from api.serialize import ts
-from api.websocket import WebSocketStream
+from api.websocket import WebSocketStream, close_all_for_restart
 from shared.auth.stream_tokens import mint_stream_token
 from shared.errors import BadInput, Gone, Unavailable
 from shared.metrics import ACTIVE_STREAMS
-from shared.streaming.protocol import MAX_CURSOR
+from shared.streaming.protocol import MAX_CURSOR, EventLog, Ring
 from shared.turns import service as turns
 
 bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
@@ -101,7 +106,7 @@ def stream_events(session_id: str) -> Response:
     if after and rt.events.read(session_id, after, 1).gone:
         raise Gone(gone_message(session_id, after))
     raw_socket = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    body = sse_stream(rt.events, session_id, after, rt.settings, raw_socket)
+    body = _until_restart(sse_stream(_RestartableLog(rt.events), session_id, after, rt.settings, raw_socket), after)
     return Response(body, mimetype="text/event-stream", headers={
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
@@ -137,3 +142,81 @@ def create_stream_token(session_id: str) -> dict[str, Any]:
     return {"token": token, "session_id": session_id,
             "expires_at": ts(datetime.fromtimestamp(expires, timezone.utc)),
             "expires_in": int(rt.settings.stream_token_ttl)}
+
+
+# --- closing streams when the web process shuts down (api/gunicorn_conf.py, on SIGTERM) ------------------
+
+class _ServerRestart(BaseException):
+    """Raised out of an SSE stream's wait when the process shuts down (a BaseException, so that nothing
+    in the relay mistakes it for a failed read and retries)."""
+
+
+_RESTARTING = threading.Event()
+_SSE_RINGS: weakref.WeakSet[_RestartRing] = weakref.WeakSet()
+
+
+class _RestartRing(Ring):
+    """A stream's doorbell that also rings, and then raises, when the process shuts down."""
+
+    def __init__(self, ring: Ring):  # wraps ``ring``: no event of its own, so no super().__init__()
+        self._ring = ring
+
+    def set(self) -> None:
+        self._ring.set()
+
+    def clear(self) -> None:
+        self._ring.clear()
+
+    def wait(self, timeout: float) -> bool:
+        if _RESTARTING.is_set():
+            raise _ServerRestart
+        rang = self._ring.wait(timeout)
+        if _RESTARTING.is_set():
+            raise _ServerRestart
+        return rang
+
+
+class _RestartableLog:
+    """The event log as one SSE stream sees it: the same, with a doorbell a shutdown rings."""
+
+    def __init__(self, events: EventLog):
+        self._events = events
+
+    @contextmanager
+    def listen(self, session_id: str) -> Iterator[Ring]:
+        with self._events.listen(session_id) as ring:
+            proxy = _RestartRing(ring)
+            _SSE_RINGS.add(proxy)
+            try:
+                yield proxy
+            finally:
+                _SSE_RINGS.discard(proxy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._events, name)
+
+
+def _until_restart(body: Iterator[str], after: int) -> Iterator[str]:
+    """The SSE body, ended by a shutdown with ``event: error`` (code ``server_restart``, the last cursor)."""
+    cursor = after
+    try:
+        for chunk in body:
+            if chunk.startswith("id: "):  # frames: "id: C\nevent: T\ndata: {...}\n\n", joined; data has no newline
+                at = chunk.rfind("\n\nid: ")
+                at = 0 if at < 0 else at + 2
+                cursor = int(chunk[at + 4:chunk.index("\n", at)])
+            yield chunk
+    except _ServerRestart:
+        error = {"code": "server_restart", "message": "the server is restarting; reconnect with Last-Event-ID",
+                 "cursor": cursor}
+        yield f"event: error\ndata: {json.dumps({'error': error})}\n\n"
+
+
+def close_streams_for_restart(app: Any) -> int:  # noqa: ARG001 - the app, for a later per-app registry
+    """End every stream of this process: WebSockets close with 1012 and the cursor, SSE with an error event.
+    Returns how many were open."""
+    _RESTARTING.set()
+    rings = list(_SSE_RINGS)
+    for ring in rings:
+        ring.set()
+    return close_all_for_restart() + len(rings)

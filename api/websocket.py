@@ -21,6 +21,7 @@ import json
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -45,8 +46,23 @@ CLOSE_SLOW = 4000
 CLOSE_UNAVAILABLE = 4003
 CLOSE_NOT_FOUND = 4404
 CLOSE_GONE = 4410
+# The web process is shutting down (SIGTERM): reconnect, to another process, after the cursor in the reason.
+CLOSE_RESTART = 1012
 REPLY_QUEUE = 64
 FRAME_TYPES = ("turn", "cancel", "resume", "subscribe", "ping")
+
+
+# Every WebSocket this process serves, so a shutdown can close them all with a code (api/gunicorn_conf.py).
+_OPEN: weakref.WeakSet[WebSocketStream] = weakref.WeakSet()
+
+
+def close_all_for_restart() -> int:
+    """Close every open WebSocket with 1012 and its cursor (``{"reason":"server_restart","cursor":C}``)."""
+    streams = list(_OPEN)
+    for stream in streams:
+        if stream.ring is not None:
+            stream._end(CLOSE_RESTART, "server_restart")
+    return len(streams)
 
 
 class _SerialSocket:
@@ -97,12 +113,14 @@ class WebSocketStream:
         self.ws.sock = _SerialSocket(self.ws.sock)
         with self.rt.events.listen(self.session_id) as ring:
             self.ring = ring
+            _OPEN.add(self)
             writer = threading.Thread(target=self._write_loop, name=f"ws-writer-{self.session_id}", daemon=True)
             writer.start()
             try:
                 self._read_loop()
             finally:
                 self.closing = True
+                _OPEN.discard(self)
                 ring.set()
                 writer.join(self.settings.stream_send_timeout + 2)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -96,6 +97,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
@@ -112,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                                "options": {k: v for k, v in vars(opts).items() if not k.endswith("_list")}}
     stack = Stack(config)
     t0 = time.monotonic()
+    # SIGTERM (make bench stopped, a CI timeout) cleans up like Ctrl-C: processes, database, Redis keys.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGHUP, _interrupted)
     try:
         progress.show("[setup] database, migrations, web + workers + scheduler ...", force=True)
         stack.start()
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             if not proc.alive():
                 progress.done(f"{proc.name} exited; its log ends:\n{proc.log()[-1500:]}")
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
         Loader.kill_all()
         stack.dispose()
         stack.stop()

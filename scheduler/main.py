@@ -13,7 +13,7 @@ from shared.engine.step import build_runtime
 from shared.logs import configure_logging
 from shared.metrics import serve_metrics
 from shared.runtime import Runtime
-from shared.settings import Settings
+from shared.settings import deployment_settings
 
 log = logging.getLogger("steprun.scheduler")
 
@@ -62,7 +62,7 @@ def _run_lane(rt: Runtime, stop: threading.Event, jobs: Sequence[Job[Any]]) -> N
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = deployment_settings("scheduler")
     configure_logging(settings)
     rt = build_runtime(settings)
     stop = threading.Event()

@@ -17,10 +17,13 @@ the schema.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import inspect
+import json
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -72,12 +75,40 @@ class Tool:
             "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
         }
 
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
     def invoke(self, arguments: dict[str, Any], context: ToolContext) -> Any:
-        """Call the tool with model-supplied arguments; unknown arguments are a TypeError."""
+        """Call the tool with model-supplied arguments; unknown arguments are a TypeError.
+
+        An ``async def`` tool is awaited to its end on an event loop of its own (a native thread
+        under the gevent worker), so the model receives its result, never a coroutine object.
+        """
         kwargs = dict(arguments)
         if self.context_param:
             kwargs[self.context_param] = context
-        return self.fn(**kwargs)
+        if self.is_async:
+            return _run_coroutine(self.fn, kwargs)
+        value = self.fn(**kwargs)
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError(f"tool {self.name!r} returned an awaitable; declare it `async def` so it is awaited")
+        return value
+
+
+def _run_coroutine(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Run ``await fn(**kwargs)`` to completion from synchronous step code."""
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        monkey = None
+    if monkey is not None and monkey.is_module_patched("threading"):
+        # Greenlets share one OS thread, and asyncio allows one running loop per thread: run the
+        # coroutine on a native thread of gevent's pool, which this greenlet waits for cooperatively.
+        return get_hub().threadpool.apply(asyncio.run, (fn(**kwargs),))
+    return asyncio.run(fn(**kwargs))
 
 
 def tool(
@@ -161,12 +192,23 @@ class AgentRegistry:
                 raise AgentDefinitionError(f"AGENTS must hold Agent objects, got {type(agent).__name__}")
             if agent.name in self._agents:
                 raise AgentDefinitionError(f"two agents are named {agent.name!r}")
+            check_agent(agent)
             self._agents[agent.name] = agent
 
     @classmethod
     def from_module(cls, module_name: str | None) -> AgentRegistry:
-        """Load ``AGENTS`` from the named module, or the built-in demo agents."""
-        module = importlib.import_module(module_name or "shared.demo_agents")
+        """Load ``AGENTS`` from the named module, or the built-in demo agents; check each agent's model
+        and tools, so a bad definition fails at start (one line naming it) rather than at a turn."""
+        name = module_name or "shared.demo_agents"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if missing and (name == missing or name.startswith(missing + ".")):
+                path = ", ".join(p or "." for p in sys.path)
+                raise AgentDefinitionError(
+                    f"STEPRUN_AGENTS={name}: no module named {missing!r} (searched: {path})") from None
+            raise
         agents = getattr(module, "AGENTS", None)
         if not isinstance(agents, (list, tuple)):
             raise AgentDefinitionError(f"module {module.__name__!r} has no AGENTS list")
@@ -177,6 +219,40 @@ class AgentRegistry:
 
     def __iter__(self) -> typing.Iterator[Agent]:
         return iter(self._agents.values())
+
+
+def check_agent(agent: Agent) -> None:
+    """Raise AgentDefinitionError unless the agent's model name is known and every tool schema is usable."""
+    from shared.llm import ModelError, check_model_spec
+
+    try:
+        check_model_spec(agent.model)
+    except ModelError as exc:
+        raise AgentDefinitionError(f"agent {agent.name!r}: {exc}") from None
+    for t in agent.tools:
+        check_tool_schema(t, agent.name)
+
+
+def check_tool_schema(t: Tool, agent: str = "?") -> None:
+    """A tool's parameters must be a JSON object schema a provider accepts."""
+    where = f"agent {agent!r}, tool {t.name!r}"
+    if not NAME_RE.match(t.name):
+        raise AgentDefinitionError(f"{where}: the name must match {NAME_RE.pattern}")
+    if not isinstance(t.description, str):
+        raise AgentDefinitionError(f"{where}: the description must be a string")
+    params = t.parameters
+    if not isinstance(params, dict) or params.get("type") != "object":
+        raise AgentDefinitionError(f"{where}: parameters must be a JSON schema with \"type\": \"object\"")
+    props = params.get("properties", {})
+    if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+        raise AgentDefinitionError(f"{where}: parameters.properties must map each name to a schema object")
+    required = params.get("required", [])
+    if not isinstance(required, list) or any(r not in props for r in required):
+        raise AgentDefinitionError(f"{where}: parameters.required must list names of parameters.properties")
+    try:
+        json.dumps(params)
+    except (TypeError, ValueError) as exc:
+        raise AgentDefinitionError(f"{where}: parameters are not JSON ({exc})") from None
 
 
 _PRIMITIVES: dict[Any, str] = {int: "integer", float: "number", str: "string", bool: "boolean"}

@@ -22,10 +22,24 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def private_sqlite_file(data_dir: str, path: str) -> None:
+    """The data folder (0700) and the SQLite file (0600) readable by their owner only: they hold keys'
+    hashes and every conversation. SQLite gives its -wal and -shm files the database file's mode."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def make_engine(settings: Settings) -> Engine:
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
-        os.makedirs(settings.data_dir, exist_ok=True)
+        private_sqlite_file(settings.data_dir, url.removeprefix("sqlite:///"))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -17,6 +18,8 @@ from shared.settings import Settings
 # thread starts with an empty context (none is inherited), so each binds its own.
 # Only ever replaced, never mutated (the default is read-only and shared).
 _LOG_CONTEXT: ContextVar[Mapping[str, Any]] = ContextVar("steprun_log_context", default=MappingProxyType({}))
+# Terminal colour codes (werkzeug colours its request lines): never written to a log file or a JSON line.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s%(log_context)s"
 
 
@@ -50,6 +53,16 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, without terminal colour codes."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return ANSI_ESCAPE.sub("", super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, process, the context's ids, any traceback."""
 
@@ -58,7 +71,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": ANSI_ESCAPE.sub("", record.getMessage()),
             "process": record.process,
         }
         entry.update(getattr(record, "steprun_context", None) or _LOG_CONTEXT.get())
@@ -79,7 +92,7 @@ def configure_logging(settings: Settings, handler: logging.Handler | None = None
         root.addHandler(handler)
     elif not root.handlers:
         root.addHandler(logging.StreamHandler())
-    formatter = JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
     for h in root.handlers:
         h.setFormatter(formatter)
         if not any(isinstance(f, ContextFilter) for f in h.filters):

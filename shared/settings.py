@@ -155,6 +155,20 @@ class Settings:
     webhook_concurrency: int = _setting(
         "STEPRUN_WEBHOOK_CONCURRENCY", 8, "Webhook deliveries one scheduler sends at once."
     )
+    # Model calls (the `openai:` models): one retry budget per step.
+    model_retry_attempts: int = _setting(
+        "STEPRUN_MODEL_RETRY_ATTEMPTS", 4,
+        "Requests one step may make to the model provider (429, 5xx, network errors are retried within it).",
+    )
+    model_retry_seconds: float = _setting(
+        "STEPRUN_MODEL_RETRY_SECONDS", 30.0,
+        "Longest a step keeps retrying the model provider (backoff with jitter, Retry-After honoured); past it "
+        "the turn fails with the provider's last error.",
+    )
+    model_request_timeout: float = _setting(
+        "STEPRUN_MODEL_REQUEST_TIMEOUT", 60.0,
+        "Longest the model provider may stay silent (connecting, before the first token, between tokens), seconds.",
+    )
 
     # Limits.
     max_body_bytes: int = _setting("STEPRUN_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted.")
@@ -295,6 +309,28 @@ class Settings:
             url = "postgresql+psycopg2://" + url[len("postgresql://"):]
         return url
 
+    def check_deployment(self, process: str) -> None:
+        """Refuse a half-configured production process (web, worker, scheduler), naming what is missing.
+
+        Outside `steprun dev` the processes share state through Postgres and Redis: one without the other
+        would run the embedded mode inside each process, and events would appear or vanish depending on
+        which process answers. The web process also needs STEPRUN_SECRET_KEY (stream tokens).
+        """
+        missing = [name for name, value in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.redis_url))
+                   if not value]
+        if missing and len(missing) == 2:
+            raise SettingsError(
+                f"the {process} process needs DATABASE_URL and REDIS_URL (neither is set); for one local "
+                "process on a SQLite file, run `steprun dev` instead")
+        if missing:
+            present = "REDIS_URL" if missing[0] == "DATABASE_URL" else "DATABASE_URL"
+            raise SettingsError(f"{present} is set but {missing[0]} is not: the {process} process needs both "
+                                "(or neither, with `steprun dev`)")
+        if process == "web" and not self.secret_key:
+            raise SettingsError(
+                "STEPRUN_SECRET_KEY is not set: the web process signs stream tokens with it; give every web "
+                "process the same long random value (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         environ = os.environ if environ is None else environ
@@ -309,6 +345,20 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def deployment_settings(process: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of a production entrypoint; a configuration error is one line on stderr and exit 3."""
+    import sys
+
+    try:
+        settings = Settings.from_env(environ)
+        settings.check_deployment(process)
+    except SettingsError as exc:
+        sys.stderr.write(f"steprun {process}: configuration error: {exc}\n")
+        sys.stderr.flush()
+        raise SystemExit(3) from None
+    return settings
 
 
 def _coerce(name: str, env: str, raw: str, default: Any) -> Any:

@@ -2,24 +2,63 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import threading
+from importlib import metadata
+from typing import Any
 
 import click
 
-from shared.settings import Settings, documented_settings
+from shared.agent import AgentDefinitionError
+from shared.settings import Settings, SettingsError, documented_settings
+
+# Local URLs: `steprun chat` finds the dev key of `steprun dev` for these without --key.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]", "0.0.0.0")
 
 
 def _settings() -> Settings:
     return Settings.from_env()
 
 
+def _version() -> str:
+    try:
+        return metadata.version("steprun")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a tree that is not installed
+        return "unknown"
+
+
+def _self_command() -> str:
+    """How to run this same `steprun` again, pasteable into any shell (the script need not be on PATH)."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script) == "steprun" and os.access(script, os.X_OK):
+        found = next((os.path.join(d, "steprun") for d in os.environ.get("PATH", "").split(os.pathsep)
+                      if d and os.path.realpath(os.path.join(d, "steprun")) == os.path.realpath(script)), None)
+        return "steprun" if found else shlex.quote(script)
+    return f"{shlex.quote(sys.executable)} -m steprun"
+
+
 @click.group()
-def main() -> None:
+@click.version_option(_version(), "--version", "-V", prog_name="steprun", message="%(prog)s %(version)s")
+def cli() -> None:
     """steprun: the runtime layer for AI agents."""
 
 
-@main.command()
+def main() -> None:
+    """The console script: agent modules resolve from the current directory; config errors are one line."""
+    # `python -m` and gunicorn put the working directory on the path; a console script does not.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        cli(standalone_mode=True)
+    except (AgentDefinitionError, SettingsError) as exc:
+        click.echo(f"steprun: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+
+@cli.command()
 def migrate() -> None:
     """Bring the database schema to head."""
     from shared.db import make_engine
@@ -32,7 +71,7 @@ def migrate() -> None:
     click.echo(f"database at head ({engine.url.render_as_string(hide_password=True)})")
 
 
-@main.group()
+@cli.group()
 def keys() -> None:
     """Create API keys."""
 
@@ -89,7 +128,7 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
-@main.command()
+@cli.command()
 @click.option("--write-readme", type=click.Path(exists=True), help="Rewrite the table in this README.")
 def settings(write_readme: str | None) -> None:
     """List every environment variable steprun reads."""
@@ -105,7 +144,7 @@ def settings(write_readme: str | None) -> None:
         click.echo(f"{s.env:34} default={s.default!r:28} {s.help}")
 
 
-@main.command()
+@cli.command()
 @click.option("--window", type=float, default=60.0, show_default=True,
               help="Seconds of recent first steps the enqueue-to-start p95 covers.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -132,7 +171,7 @@ def stats(window: float, as_json: bool) -> None:
         click.echo(f"{name:26} {'-' if value is None else (round(value, 3) if isinstance(value, float) else value)}")
 
 
-@main.group()
+@cli.group()
 def users() -> None:
     """Operate on one end user's data."""
 
@@ -157,16 +196,40 @@ def users_erase(tenant: str, user_id: str) -> None:
     click.echo(" ".join(f"{k}={v}" for k, v in report.as_dict().items()))
 
 
-@main.command()
+def _dev_key_for(url: str) -> str | None:
+    """The key `steprun dev` wrote next to us, when ``url`` is local (this machine)."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host not in {h.strip("[]") for h in LOCAL_HOSTS}:
+        return None
+    path = os.path.join(_settings().data_dir, "dev-key")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+@cli.command()
 @click.option("--agent", help="Agent to talk to (default: the first one served).")
 @click.option("--session", "session_id", help="Continue this session instead of starting one.")
 @click.option("--url", envvar="STEPRUN_URL", default="http://127.0.0.1:8000", show_default=True,
               help="The API's base URL (env STEPRUN_URL).")
-@click.option("--key", envvar="STEPRUN_KEY", required=True, help="An API key (env STEPRUN_KEY).")
-def chat(agent: str | None, session_id: str | None, url: str, key: str) -> None:
-    """Chat with an agent in the terminal: each line is a turn, the answer streams back."""
+@click.option("--key", envvar="STEPRUN_KEY",
+              help="An API key (env STEPRUN_KEY). For a local URL, the dev key `steprun dev` wrote in "
+                   "STEPRUN_DATA_DIR (.steprun/dev-key) is used when none is given.")
+def chat(agent: str | None, session_id: str | None, url: str, key: str | None) -> None:
+    """Chat with an agent in the terminal: each line is a turn, the answer streams back.
+
+    Ctrl-C cancels the running turn; a second Ctrl-C (or Ctrl-D) quits.
+    """
     from steprun.chat import Chat, ChatError
 
+    key = key or _dev_key_for(url)
+    if not key:
+        raise click.UsageError("give --key KEY (or STEPRUN_KEY); only a local URL next to a .steprun/dev-key "
+                               "works without one")
     client = Chat(url, key)
     try:
         client.start(agent, session_id)
@@ -179,10 +242,41 @@ def chat(agent: str | None, session_id: str | None, url: str, key: str) -> None:
         client.close()
 
 
-@main.command()
+class _DataDirLock:
+    """One `steprun dev` per data folder: a second one must not resume (steal) the first one's turns."""
+
+    def __init__(self, data_dir: str):
+        self.path = os.path.join(data_dir, "dev.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise click.ClickException(
+                f"another `steprun dev` (pid {holder}) is using {os.path.abspath(os.path.dirname(self.path))}; "
+                "stop it, or give this one its own STEPRUN_DATA_DIR") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd  # held (and the lock with it) until the process exits
+
+
+def _not_ready(environ: Any, start_response: Any) -> list[bytes]:
+    """What the bound port answers while the runtime starts (migrations, recovery)."""
+    start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")])
+    return [b'{"error":{"code":"unavailable","message":"steprun dev is starting"}}']
+
+
+@cli.command()
 @click.option("--port", type=int, help="Port (default: $PORT or 8000).")
 def dev(port: int | None) -> None:
     """Everything in one process on the embedded default (SQLite + in-process queue and bus)."""
+    import werkzeug.serving
     from werkzeug.serving import make_server
 
     from api.app import create_app
@@ -196,6 +290,16 @@ def dev(port: int | None) -> None:
     settings = _settings()
     if port:
         settings = settings.replace(port=port)
+    # First the data folder's lock, then the port: a second `steprun dev` stops here, before it
+    # opens the database or recovers (steals) anything of the first one.
+    os.makedirs(settings.data_dir, mode=0o700, exist_ok=True)
+    _DataDirLock(settings.data_dir).acquire()
+    werkzeug.serving._log_add_style = False  # no colour codes in request log lines (files, JSON)
+    try:
+        server = make_server(settings.host, settings.port, _not_ready, threaded=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} "
+                                   "(use --port or PORT)") from None
     if not settings.secret_key:
         from shared.auth.stream_tokens import dev_secret_key
 
@@ -213,38 +317,64 @@ def dev(port: int | None) -> None:
     else:
         with unit_of_work(rt.sessions) as db:
             _, key = create_key(db, "dev", "dev", "steprun dev")
-        os.makedirs(settings.data_dir, exist_ok=True)
-        with open(key_file, "w") as f:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
-        os.chmod(key_file, 0o600)
     beat = None
     if settings.redis_url is None:
         from shared.fleet import WorkerBeat
 
         recover_after_restart(rt)
         beat = WorkerBeat(rt).start()  # this process runs the steps: it is the worker the console lists
-    app = create_app(settings, runtime=rt)
-    server = make_server(settings.host, settings.port, app, threaded=True)
+    server.app = create_app(settings, runtime=rt)
     url = f"http://{settings.host}:{server.server_port}"
     stop = threading.Event()
     threading.Thread(target=run_forever, args=(rt, stop), name="scheduler", daemon=True).start()
     mode = "embedded" if settings.database_url is None else "Postgres"
+    agent = "math" if rt.agents.get("math") else next((a.name for a in rt.agents), "")
+    me = _self_command()
+    default_url = url == "http://127.0.0.1:8000"
     click.echo(f"steprun dev ({mode}) serving {url}")
     click.echo(f"dev key: {key}")
     click.echo(f"try: curl -s -H 'Authorization: Bearer {key}' {url}/v1/agents")
-    agent = "math" if rt.agents.get("math") else next((a.name for a in rt.agents), "")
-    click.echo(f"chat: STEPRUN_URL={url} STEPRUN_KEY={key} steprun chat --agent {agent}")
+    # Pasteable as is: the full path when `steprun` is not on PATH; the key is found in .steprun/ (cwd).
+    options = ([] if default_url else ["--url", url]) + (
+        [] if settings.data_dir == ".steprun" else ["--key", key]) + (["--agent", agent] if agent else [])
+    click.echo(f"chat: {' '.join([me, 'chat', *options])}")
     sys.stdout.flush()
+
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
-        server.shutdown()
+        server.server_close()
         if beat is not None:
             beat.stop()
         rt.close()
+
+
+@cli.command()
+@click.option("--workers", type=int, default=1, show_default=True, help="Celery worker processes.")
+@click.option("--web-workers", type=int, default=None,
+              help="gunicorn worker processes (default: WEB_CONCURRENCY or 2).")
+@click.option("--no-migrate", is_flag=True, help="Do not bring the schema to head first.")
+def start(workers: int, web_workers: int | None, no_migrate: bool) -> None:
+    """Run the production shape locally: web, worker(s) and scheduler, each its own process.
+
+    Needs DATABASE_URL, REDIS_URL and STEPRUN_SECRET_KEY (as a deployment does). Each line of output is
+    prefixed with its process; when one process exits, or on Ctrl-C / SIGTERM, all are stopped.
+    """
+    from steprun.start import run_processes
+
+    settings = _settings()
+    settings.check_deployment("web")
+    sys.exit(run_processes(settings, workers=workers, web_workers=web_workers, migrate=not no_migrate))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,9 +7,9 @@ settings read here, the only place the worker reads its environment.
 """
 from __future__ import annotations
 
-from shared.settings import Settings
+from shared.settings import deployment_settings
 from workers.app import create_celery
 from workers.patches import apply_gevent_patches
 
 apply_gevent_patches()
-app = create_celery(Settings.from_env())
+app = create_celery(deployment_settings("worker"))

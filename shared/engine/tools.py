@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -10,6 +11,8 @@ from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim, StepInput
 from shared.engine.outcome import ChatMessage, tool_message
 from shared.storage.context import tool_storage
+
+log = logging.getLogger(__name__)
 
 
 def idempotency_key(claim: Claim, call_id: str) -> str:
@@ -36,6 +39,9 @@ def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], 
         error = None
     except Exception as exc:  # noqa: BLE001 - the model is told, and may recover
         output, error = f"error: {type(exc).__name__}: {exc}", True
+        # The operator sees it too, with where it happened and the traceback.
+        log.warning("turn %s step %s: tool %s (call %s) raised %s: %s", claim.turn_id, claim.step, call["name"],
+                    call["id"], type(exc).__name__, exc, exc_info=True)
     finally:
         events.in_tool = False
     events.trace.tool_finished(call, output, error, started)

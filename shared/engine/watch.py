@@ -28,6 +28,7 @@ from shared.db import unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
 from shared.engine.outcome import StepInterrupted, StopReason
+from shared.llm.interrupt import CallScope, call_scope
 from shared.models import Turn
 from shared.runtime import Runtime
 
@@ -59,6 +60,8 @@ class StepWatch:
         self._interruptible = False
         self._stop_noticed_at: float | None = None
         self._interrupted = False
+        # Threads (the embedded mode) cannot be thrown into: a stop aborts the model call's scope instead.
+        self.calls = CallScope()
         # Two loops, so that an event log that hangs (Redis away) never delays the heartbeat.
         self._threads = [
             threading.Thread(target=self._run_lease, name=f"lease-{claim.turn_id}", daemon=True),
@@ -77,7 +80,8 @@ class StepWatch:
         """The part of the step the watch may interrupt in place (model call and tools, not the commit)."""
         self._interruptible = True
         try:
-            yield
+            with call_scope(self.calls):
+                yield
         finally:
             # Set before any switch can happen: a scheduled interrupt that runs later finds it False.
             self._interruptible = False
@@ -153,8 +157,15 @@ class StepWatch:
 
     def _interrupt(self, reason: StopReason) -> None:
         target = self._target
-        if target is None or self._interrupted:
-            return  # threads (embedded mode) cannot be interrupted: the step stops at its next check
+        if self._interrupted:
+            return
+        if target is None:
+            # A thread (embedded mode): cut the model call's sockets and waits; it raises the stop.
+            self._interrupted = True
+            log.warning("turn %s step %s: interrupting a model call that did not stop (%s)",
+                        self.claim.turn_id, self.claim.step, reason)
+            self.calls.abort(lambda: StepInterrupted(reason))
+            return
         self._interrupted = True
         import gevent
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import ssl
 import time
 import urllib.parse
@@ -22,9 +23,13 @@ from shared.llm.base import (
     TransientModelError,
     Usage,
 )
+from shared.llm.interrupt import CallScope, current_scope
+from shared.llm.retry import RetryBudget
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_BACKOFF = 20.0
+# Default retry budget of one call (STEPRUN_MODEL_RETRY_SECONDS for agents served by steprun).
+BUDGET_SECONDS = 30.0
 # 408/409 are "try again" answers too; everything else in 4xx is the request's fault.
 RETRYABLE_STATUS = {408, 409, 429}
 
@@ -90,7 +95,8 @@ class OpenAIModel:
     """Streams Chat Completions from OpenAI or any server speaking its wire format."""
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, max_retries: int = 4, backoff_base: float = 0.5):
+                 timeout: float = 60.0, max_retries: int = 3, backoff_base: float = 0.5,
+                 budget_seconds: float = BUDGET_SECONDS):
         self.model = model
         self.name = f"openai:{model}"
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -98,8 +104,11 @@ class OpenAIModel:
         # A socket timeout bounds each read, not the whole stream: a long answer that
         # keeps streaming is fine, a server that goes silent for `timeout` s is not.
         self.timeout = timeout
+        # The retry budget: at most max_retries + 1 requests, none started past budget_seconds.
         self.max_retries = max_retries
         self.backoff_base = backoff_base
+        self.budget_seconds = budget_seconds
+        self._rand = random.random  # the jitter's source (a test pins it)
         url = urllib.parse.urlsplit(self.base_url + "/chat/completions")
         host = url.hostname
         if url.scheme not in ("http", "https") or not host:
@@ -118,25 +127,30 @@ class OpenAIModel:
             body["max_tokens"] = max_output_tokens
         payload = json.dumps(body).encode("utf-8")
 
-        last: _Retryable | None = None
-        for attempt in range(self.max_retries + 1):
+        budget = RetryBudget(self.max_retries + 1, self.budget_seconds, base=self.backoff_base, cap=MAX_BACKOFF,
+                             rand=self._rand)
+        scope = current_scope()
+        while True:
             state = _Attempt()
+            budget.attempt()
             try:
-                return self._attempt(payload, on_delta, state)
+                return self._attempt(payload, on_delta, state, scope)
             except _Retryable as exc:
+                scope.check()  # the step was stopped (time limit, cancel): that, not a retry
+                delay = budget.next_delay(exc.retry_after)
                 if state.emitted:
-                    # The caller already showed part of this answer; a fresh attempt
-                    # would stream a different one after it. Let the caller decide.
+                    # The caller already showed part of this answer; a fresh attempt would stream a
+                    # different one after it: the step is re-run (its text restarts), after a backoff.
+                    self._sleep(min(delay if delay is not None else self.backoff_base, MAX_BACKOFF))
                     raise TransientModelError(f"{self.name}: stream broke mid-answer: {exc}") from exc
-                last = exc
-                if attempt < self.max_retries:
-                    delay = exc.retry_after if exc.retry_after is not None else self.backoff_base * 2**attempt
-                    self._sleep(min(delay, MAX_BACKOFF))
-        attempts = self.max_retries + 1
-        raise TransientModelError(f"{self.name}: failed after {attempts} attempts: {last}") from last
+                if delay is None:
+                    # The step's budget is spent: the turn fails with the provider's last words, rather
+                    # than the queue re-running the step (and its budget) again.
+                    raise ModelError(f"{self.name}: gave up after {budget.describe()}: {exc}") from exc
+                self._sleep(min(delay, MAX_BACKOFF))
 
     def _sleep(self, seconds: float) -> None:
-        time.sleep(seconds)  # looked up per call, so gevent's patched sleep is the one used
+        current_scope().sleep(seconds)  # a step's stop cuts the wait short
 
     def _connect(self) -> http.client.HTTPConnection:
         port = self._url.port
@@ -144,15 +158,21 @@ class OpenAIModel:
             return http.client.HTTPSConnection(self._host, port, timeout=self.timeout, context=self._ssl)
         return http.client.HTTPConnection(self._host, port, timeout=self.timeout)
 
-    def _attempt(self, payload: bytes, on_delta: OnDelta, state: _Attempt) -> ModelResponse:
-        """One HTTP request. The connection is closed however it ends, on_delta raising included."""
+    def _attempt(self, payload: bytes, on_delta: OnDelta, state: _Attempt, scope: CallScope) -> ModelResponse:
+        """One HTTP request. The connection is closed however it ends, on_delta raising included.
+
+        Its socket is registered with the step's call scope, so a stop can cut a blocked read."""
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         path = self._url.path + (f"?{self._url.query}" if self._url.query else "")
         conn = self._connect()
+        sock = None
         try:
             try:
+                conn.connect()
+                sock = conn.sock
+                scope.register(sock)
                 conn.request("POST", path, body=payload, headers=headers)
                 resp = conn.getresponse()
                 if resp.status >= 400:
@@ -166,6 +186,7 @@ class OpenAIModel:
             for chunk in self._events(resp):
                 self._apply(chunk, on_delta, state)
         finally:
+            scope.unregister(sock)
             conn.close()
         return self._response(state)
 
@@ -236,6 +257,14 @@ class OpenAIModel:
         usage = state.usage or Usage(0, len(state.text))
         finish = state.finish_reason or ("tool_calls" if calls else "stop")
         return ModelResponse("".join(state.text), calls, usage, finish, state.ttft)
+
+
+def from_settings(model: str, settings: Any) -> OpenAIModel:
+    """Build from steprun's settings: endpoint, key, request timeout and the step's retry budget."""
+    return OpenAIModel(model, base_url=settings.openai_base_url, api_key=settings.openai_api_key,
+                       timeout=settings.model_request_timeout,
+                       max_retries=max(0, settings.model_retry_attempts - 1),
+                       budget_seconds=settings.model_retry_seconds)
 
 
 def from_spec(model: str, *, base_url: str | None, api_key: str | None) -> OpenAIModel:

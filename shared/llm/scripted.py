@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.llm.base import ChatMessage, ModelResponse, OnDelta, ToolCallRequest, Usage
+from shared.llm.interrupt import interruptible_sleep
 
 FILLER = (
     "steady tokens flow from the scripted model so every client sees a long answer arrive piece by piece "
@@ -73,7 +74,7 @@ class ScriptedModel:
         started = time.monotonic()
         reply = self.script(messages, tools)
         if self.ttft:
-            time.sleep(self.ttft)
+            interruptible_sleep(self.ttft)
         tokens = re.findall(r"\s*\S+", reply.text)
         finish = "tool_calls" if reply.tool_calls else "stop"
         if max_output_tokens is not None and len(tokens) > max_output_tokens:
@@ -86,7 +87,7 @@ class ScriptedModel:
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay > 0:
-                    time.sleep(delay)
+                    interruptible_sleep(delay)
             if first_token_at is None:
                 first_token_at = time.monotonic()
             on_delta(token)

@@ -83,6 +83,7 @@ def test_429_then_success_is_retried(server):
         respond_stream(text_stream(["ok"])),
     ]
     m = model(server)
+    m._rand = lambda: 0.0  # no jitter on top of Retry-After
     slept = []
     m._sleep = slept.append  # Retry-After: 7 must be honoured, without the test waiting 7 s
     resp = m.generate(MESSAGES, [], lambda d: None)
@@ -91,25 +92,58 @@ def test_429_then_success_is_retried(server):
     assert slept == [7.0]
 
 
-def test_500_forever_gives_up_after_max_retries(server):
+def test_500_forever_spends_the_attempts_then_fails_the_turn(server):
     server.script = [respond_error(500, {"error": {"message": "server on fire"}})]
     m = model(server, max_retries=3, backoff_base=0.01)
+    m._rand = lambda: 1.0  # the top of each jitter window: the exponential caps themselves
     slept = []
     m._sleep = slept.append
-    with pytest.raises(TransientModelError, match="server on fire"):
+    # A ModelError, not a TransientModelError: the queue must not re-run the step (and its budget).
+    with pytest.raises(ModelError, match="gave up after 4 request.*server on fire") as err:
         m.generate(MESSAGES, [], lambda d: None)
+    assert not isinstance(err.value, TransientModelError)
     assert len(server.requests) == 4  # the first attempt + 3 retries
     assert slept == pytest.approx([0.01, 0.02, 0.04])
 
 
-def test_backoff_is_capped(server):
-    server.script = [respond_error(503, b"overloaded", headers=[("Retry-After", "3600")])]
-    m = model(server, max_retries=1)
+def test_backoff_is_jittered(server):
+    server.script = [respond_error(500, {"error": {"message": "down"}})]
+    m = model(server, max_retries=3, backoff_base=1.0)
+    draws = iter([0.5, 0.25, 0.1])
+    m._rand = lambda: next(draws)
     slept = []
     m._sleep = slept.append
-    with pytest.raises(TransientModelError, match="overloaded"):
+    with pytest.raises(ModelError):
         m.generate(MESSAGES, [], lambda d: None)
-    assert slept == [20.0]
+    assert slept == pytest.approx([0.5 * 1.0, 0.25 * 2.0, 0.1 * 4.0])  # a random share of 1, 2, 4 s
+
+
+def test_retry_after_beyond_the_budget_fails_at_once(server):
+    server.script = [respond_error(503, b"overloaded", headers=[("Retry-After", "3600")])]
+    m = model(server, max_retries=5)
+    slept = []
+    m._sleep = slept.append
+    with pytest.raises(ModelError, match="overloaded"):
+        m.generate(MESSAGES, [], lambda d: None)
+    assert slept == [] and len(server.requests) == 1
+
+
+def test_the_budget_in_seconds_bounds_the_retries(server):
+    server.script = [respond_error(500, {"error": {"message": "down"}})]
+    m = model(server, max_retries=1000, backoff_base=0.05, budget_seconds=0.5)
+    with pytest.raises(ModelError, match="gave up"):
+        m.generate(MESSAGES, [], lambda d: None)
+    # Backoff from 0.05 s doubling, within half a second: a handful of requests, not a thousand.
+    assert 2 <= len(server.requests) <= 12
+
+
+def test_settings_set_the_budget_and_timeout():
+    from shared.llm import build_model
+    from shared.settings import Settings
+
+    m = build_model("openai:gpt-x", Settings(model_retry_attempts=2, model_retry_seconds=5.0,
+                                              model_request_timeout=7.0))
+    assert (m.max_retries, m.budget_seconds, m.timeout) == (1, 5.0, 7.0)
 
 
 def test_400_is_a_model_error_without_retry(server):
@@ -119,11 +153,11 @@ def test_400_is_a_model_error_without_retry(server):
     assert len(server.requests) == 1
 
 
-def test_connection_refused_is_transient(server):
+def test_connection_refused_is_retried_within_the_budget(server):
     url = server.base_url
     server.httpd.server_close()  # nothing listens on the port any more
     m = OpenAIModel("gpt-test", base_url=url, max_retries=2, backoff_base=0.001, timeout=1.0)
-    with pytest.raises(TransientModelError):
+    with pytest.raises(ModelError, match="gave up after 3 request.*ConnectionRefused"):
         m.generate(MESSAGES, [], lambda d: None)
 
 
@@ -131,9 +165,13 @@ def test_stream_cut_after_output_is_not_retried(server):
     # The stream ends with neither finish_reason nor [DONE]: the answer is incomplete.
     server.script = [respond_stream([chunk({"content": "partial"})], done=False)]
     deltas = []
+    m = model(server)
+    slept = []
+    m._sleep = slept.append
     with pytest.raises(TransientModelError, match="mid-answer"):
-        model(server).generate(MESSAGES, [], deltas.append)
+        m.generate(MESSAGES, [], deltas.append)
     assert deltas == ["partial"] and len(server.requests) == 1
+    assert len(slept) == 1  # a backoff before the step is re-run, not an instant retry
 
 
 def test_on_delta_exception_propagates_and_closes_connection(server):
