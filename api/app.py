@@ -8,8 +8,8 @@ from flask.json.provider import DefaultJSONProvider
 
 from api import console, history, knowledge, memory, openapi, schedules, sessions, streaming, system, turns, webhooks
 from api.auth import install_auth
-from api.context import reject_nul_args
 from api.errors import register_error_handlers
+from api.input_gate import gate_request
 from api.observability import install_observability
 from api.openai_compat import conversations as openai_conversations
 from api.openai_compat import docs as openai_docs
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     register_error_handlers(app)
     install_observability(app)  # before auth, so rejected requests are counted and carry an id too
-    app.before_request(reject_nul_args)
+    app.before_request(gate_request)  # before auth: a NUL in a path id never reaches a query
     install_auth(app)
 
     # Every blueprint is registered with the description of its routes; /openapi.json is built from them.

@@ -15,7 +15,7 @@ from shared.auth.stream_tokens import verify_stream_token
 from shared.db import set_scope
 from shared.errors import BadInput, Forbidden, RateLimited, Unauthorized, Unavailable
 
-USER_ID_RE = re.compile(r"^[\w.@:+-]{1,256}$")
+USER_ID_RE = re.compile(r"[\w.@:+-]{1,256}")
 STREAM_TOKEN_MARK = "accepts_stream_token"
 TENANT_WIDE_MARK = "tenant_wide"
 View = TypeVar("View", bound=Callable[..., Any])
@@ -110,7 +110,7 @@ def authenticate(require_user: bool = True) -> Principal:
         return Principal(identity.tenant_id, "")
     if not user_id:
         raise BadInput("a service key must name the user in the X-User-Id header", field="X-User-Id")
-    if not USER_ID_RE.match(user_id):
+    if not USER_ID_RE.fullmatch(user_id):
         raise BadInput("X-User-Id must be 1-256 characters of letters, digits and . @ : + - _",
                        field="X-User-Id")
     return Principal(identity.tenant_id, user_id)

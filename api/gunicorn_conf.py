@@ -27,11 +27,37 @@ def on_starting(server):  # noqa: ARG001 - gunicorn's hook signature
     deployment_settings("web")
 
 
+# Requests in flight in this worker, so a timeout kill can say which ones it dropped.
+_in_flight: dict[int, tuple[float, str, str]] = {}
+
+
 def post_fork(server, worker):  # noqa: ARG001 - gunicorn's hook signature
     # psycopg2 must yield to gevent, or one slow query stalls every request of the worker.
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+
+
+def pre_request(worker, req):  # noqa: ARG001 - gunicorn's hook signature
+    import time
+
+    _in_flight[id(req)] = (time.monotonic(), req.method, req.path)
+
+
+def post_request(worker, req, environ, resp):  # noqa: ARG001 - gunicorn's hook signature
+    _in_flight.pop(id(req), None)
+
+
+def worker_abort(worker):
+    # The arbiter kills a worker whose event loop was blocked past `timeout`: name the requests it held,
+    # oldest first, so the one that blocked it can be found.
+    import time
+
+    now = time.monotonic()
+    held = sorted(_in_flight.values())
+    worker.log.error("worker %s timed out with %d request(s) in flight", worker.pid, len(held))
+    for started, method, path in held[:20]:
+        worker.log.error("  in flight %.1fs: %s %s", now - started, method, path.encode("unicode_escape").decode())
 
 
 def child_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature

@@ -86,7 +86,7 @@ def list_items() -> Response:
     limit = int_arg("limit", 20, lo=1, hi=memory.MAX_PAGE)
     after = int_arg("after", 0, lo=0, hi=MAX_CURSOR)
     namespace = request.args.get("namespace") or None
-    if namespace is not None and not memory.NAMESPACE_RE.match(namespace):
+    if namespace is not None and not memory.NAMESPACE_RE.fullmatch(namespace):
         raise BadInput("namespace must be 1-128 characters of letters, digits and _ . : -", field="namespace")
     q = request.args.get("q", "").replace("\x00", " ")
     if len(q) > 1000:

@@ -10,7 +10,7 @@ from flask import Flask, Response, g, request
 from shared.logs import bind_log_context, reset_log_context
 from shared.metrics import HTTP_LATENCY, HTTP_REQUESTS
 
-REQUEST_ID_RE = re.compile(r"^[\w.:-]{1,128}$")
+REQUEST_ID_RE = re.compile(r"[\w.:-]{1,128}", re.ASCII)
 
 
 def install_observability(app: Flask) -> None:
@@ -18,7 +18,7 @@ def install_observability(app: Flask) -> None:
     def _start() -> None:
         g.started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id", "")
-        g.request_id = incoming if REQUEST_ID_RE.match(incoming) else "req_" + secrets.token_hex(8)
+        g.request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else "req_" + secrets.token_hex(8)
         args = request.view_args or {}
         # Bound in the request's own context (a greenlet under gunicorn): nothing leaks to the next request.
         g.log_token = bind_log_context(request_id=g.request_id, session_id=args.get("session_id"),

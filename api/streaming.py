@@ -23,6 +23,7 @@ from simple_websocket import Server
 
 from api.auth import accepts_stream_token, enforce_rate_limit
 from api.context import db, int_arg, principal, runtime
+from api.input_gate import ascii_int
 from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
 from api.relay import gone_message, sse_stream
 from api.serialize import ts
@@ -82,9 +83,10 @@ def _start_cursor(session_id: str, *, header: bool) -> int:
     """The cursor to stream after: Last-Event-ID (SSE), ?after=, or the head of the log (now)."""
     raw = request.headers.get("Last-Event-ID", "").strip() if header else ""
     if raw:
-        if not raw.isdigit() or int(raw) > MAX_CURSOR:
+        cursor = ascii_int("Last-Event-ID", raw)
+        if not 0 <= cursor <= MAX_CURSOR:
             raise BadInput("Last-Event-ID must be a cursor (a non-negative integer)", field="Last-Event-ID")
-        return int(raw)
+        return cursor
     if request.args.get("after", "") != "":
         return int_arg("after", 0, lo=0, hi=MAX_CURSOR)
     return runtime().events.head(session_id)

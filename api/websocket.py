@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 
+from api.input_gate import parse_json
 from api.relay import POLL_SECONDS, CursorGone, Frame, LogFollower, StreamEnded, bound_socket
 from api.serialize import turn_json
 from shared.auth.principal import Principal
@@ -148,10 +149,7 @@ class WebSocketStream:
         try:
             if isinstance(message, bytes):
                 raise BadInput("frames must be JSON text, not binary")
-            try:
-                frame = json.loads(message)
-            except ValueError as exc:
-                raise BadInput(f"the frame is not valid JSON ({exc})") from None
+            frame = parse_json(message, what="the frame")
             if not isinstance(frame, dict):
                 raise BadInput("a frame must be a JSON object with a 'type'")
             ref = frame.get("ref")

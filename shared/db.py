@@ -60,6 +60,8 @@ def make_engine(settings: Settings) -> Engine:
         pool_timeout=5,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # A failed statement's error (and its log line) must not carry user content: no parameters in it.
+        hide_parameters=True,
     )
 
 

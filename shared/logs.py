@@ -54,10 +54,15 @@ class ContextFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """TEXT_FORMAT, without terminal colour codes."""
+    """The plain format without terminal colour codes, one record per line: a newline inside a message
+    (an id from a request) is escaped, so no input can forge a log line. Tracebacks keep their lines."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        line = super().formatMessage(record)
+        return line.replace("\r", "\\r").replace("\n", "\\n") if ("\n" in line or "\r" in line) else line
 
     def format(self, record: logging.LogRecord) -> str:
         return ANSI_ESCAPE.sub("", super().format(record))

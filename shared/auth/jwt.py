@@ -1,11 +1,26 @@
 """End-user JWTs: HS256 with a shared secret or RS256 with a public key. Claims `tid`, `sub`, `exp`."""
 from __future__ import annotations
 
+import re
+
 import jwt
 
 from shared.auth.principal import Principal
-from shared.errors import Unauthorized
+from shared.errors import BadInput, Unauthorized
 from shared.settings import Settings
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _storable_id(value: str) -> bool:
+    """An id Postgres can store and a log line can print: no control character, no unpaired surrogate."""
+    if _CONTROL.search(value):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def jwt_enabled(settings: Settings) -> bool:
@@ -44,4 +59,8 @@ def principal_from_jwt(settings: Settings, token: str) -> Principal:
     tid, sub = claims.get("tid"), claims.get("sub")
     if not isinstance(tid, str) or not isinstance(sub, str) or not tid or not sub or len(tid) > 128 or len(sub) > 256:
         raise Unauthorized("the JWT's 'tid' and 'sub' must be non-empty strings")
+    for name, value in (("tid", tid), ("sub", sub)):
+        if not _storable_id(value):
+            raise BadInput(f"the JWT's {name!r} claim holds a control character or an unpaired surrogate",
+                           field=name)
     return Principal(tid, sub)

@@ -28,7 +28,7 @@ from shared.paging import page
 from shared.settings import Settings
 from shared.storage import textsearch
 
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_KEY_CHARS = 256
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 MAX_PAGE = 100
@@ -36,7 +36,7 @@ MAX_PAGE = 100
 
 def check_address(namespace: Any, key: Any) -> None:
     """400 unless the namespace and key are usable (the key may hold anything but '/' and control characters)."""
-    if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace):
+    if not isinstance(namespace, str) or not NAMESPACE_RE.fullmatch(namespace):
         raise BadInput("namespace must be 1-128 characters of letters, digits and _ . : -", field="namespace")
     if (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS or "/" in key
             or any(ord(c) < 32 for c in key)):
