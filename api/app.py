@@ -6,7 +6,7 @@ import logging
 from flask import Blueprint, Flask, g
 from flask.json.provider import DefaultJSONProvider
 
-from api import history, knowledge, memory, openapi, sessions, streaming, system, turns
+from api import history, knowledge, langgraph, memory, openapi, sessions, streaming, system, turns
 from api.auth import install_auth
 from api.context import reject_nul_args
 from api.errors import register_error_handlers
@@ -58,6 +58,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     register(memory.bp, memory.describe())
     register(knowledge.bp, knowledge.describe())
     register(history.bp, history.describe())
+    langgraph.install(app)  # its blueprint at /langgraph, with LangGraph's error shape
+    docs.add(langgraph.describe())
     app.extensions[openapi.EXTENSION] = docs.document()
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app

@@ -65,7 +65,8 @@ def reject_nul_args() -> None:
     for name, values in request.args.lists():
         if "\x00" in name or any("\x00" in v for v in values):
             raise BadInput(f"'{name}' holds a NUL character", field=name.replace("\x00", ""))
-        if len(values) > 1:  # which one would count is a guess: refuse instead
+        if len(values) > 1 and not (name == "stream_mode" and request.path.startswith("/langgraph/")):
+            # Which one would count is a guess: refuse instead (LangGraph's repeated stream_mode is a list).
             raise BadInput(f"'{name}' is given more than once", field=name)
 
 
