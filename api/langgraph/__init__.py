@@ -8,6 +8,7 @@ streams read the same event log as the native SSE route.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from flask import Flask, Response, request
 
@@ -65,7 +66,7 @@ def _describe() -> RouteDocs:
     last_id = header("Last-Event-ID", "the id of the last frame received: the stream resumes after it")
     create = "RunCreate"
 
-    def stream_op(summary: str, params: list) -> dict:  # type: ignore[type-arg]  # an OpenAPI operation
+    def stream_op(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
         return op(summary, "200", sse, body=create, params=params, errors=run_errors,
                   content_type="text/event-stream")
 
@@ -89,6 +90,11 @@ def _describe() -> RouteDocs:
             "get": op("The thread's state: messages as LangChain message dicts, and any interrupt", "200", OBJ,
                       params=[tid]),
             "post": op("Not supported (400): start a run instead", "200", OBJ, params=[tid])},
+        f"{PREFIX}/threads/{{thread_id}}/state/{{checkpoint_id}}": {
+            "get": op("The state at one kept checkpoint", "200", OBJ, params=[tid, path_param("checkpoint_id")])},
+        f"{PREFIX}/threads/{{thread_id}}/state/checkpoint": {
+            "post": op("The state at a checkpoint config (the latest without checkpoint_id)", "200", OBJ,
+                       body="LGCheckpoint", params=[tid])},
         f"{PREFIX}/threads/{{thread_id}}/history": {
             "post": op("One state per kept checkpoint, newest first", "200", {"type": "array", "items": OBJ},
                        body="LGHistory", params=[tid])},
@@ -133,6 +139,8 @@ def _describe() -> RouteDocs:
         "ThreadCreate": {"type": "object", "properties": {
             "thread_id": {"type": "string", "maxLength": 40}, "metadata": {"type": ["object", "null"]},
             "if_exists": {"enum": ["raise", "do_nothing"]}, "graph_id": {"type": "string"}}},
+        "LGCheckpoint": {"type": "object", "properties": {"checkpoint": {"type": "object"},
+                                                          "subgraphs": {"type": "boolean"}}},
         "Detail": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
         "ThreadPatch": {"type": "object", "properties": {"metadata": {"type": "object"}}},
         "LGSearch": {"type": "object", "properties": {
@@ -147,5 +155,5 @@ def _describe() -> RouteDocs:
     })
 
 
-def ref_thread() -> dict:  # type: ignore[type-arg]  # a JSON schema
+def ref_thread() -> dict[str, Any]:
     return {"$ref": "#/components/schemas/Thread"}

@@ -75,9 +75,12 @@ def check_metadata(metadata: Any) -> dict[str, Any]:
 
 
 def own_thread(thread_id: str, *, lock: bool = False) -> AgentSession:
-    if not THREAD_ID_RE.match(thread_id):
-        raise NotFound(f"no thread {thread_id!r}")
-    return turns.get_session(db(), principal(), thread_id, lock=lock)
+    if THREAD_ID_RE.match(thread_id):
+        try:
+            return turns.get_session(db(), principal(), thread_id, lock=lock)
+        except NotFound:
+            pass
+    raise NotFound(f"no thread {thread_id!r}")
 
 
 def create_thread(thread_id: Any, metadata: Any, agent: str = "", if_exists: str = "raise") -> AgentSession:

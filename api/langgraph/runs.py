@@ -141,16 +141,16 @@ def start_run(thread_id: str | None, *, default_modes: tuple[str, ...] = ("value
                 raise
             session = create_thread(thread_id, None, assistant)
     bind_agent(session, assistant)
-    started = StartedRun(turn=None, session=session, assistant=assistant, modes=modes,  # type: ignore[arg-type]  # set below
-                         strategy=strategy, cancel_on_disconnect=on_disconnect == "cancel")
+    resumed_after = None
     if command is not None:
         paused = db().get(Turn, session.active_turn_id) if session.active_turn_id else None
         if paused is None or paused.status != TurnStatus.REQUIRES_ACTION:
             raise Conflict(f"thread {session.id} has no interrupted run to resume")
-        started.resumed_after = rt.events.head(session.id)  # before the commit: every frame of the resumed run follows it
-        started.turn = turns.resume_turn(db(), rt, who, paused.id, _resume_body(command["resume"]))
+        resumed_after = rt.events.head(session.id)  # read before the commit: the resumed run's frames follow it
+        turn = turns.resume_turn(db(), rt, who, paused.id, _resume_body(command["resume"]))
     else:
-        started.turn, _ = turns.create_turn(db(), rt, who, session.id, user_input(body["input"]), ON_BUSY[strategy])
+        turn, _ = turns.create_turn(db(), rt, who, session.id, user_input(body["input"]), ON_BUSY[strategy])
+    started = StartedRun(turn, session, assistant, modes, strategy, on_disconnect == "cancel", resumed_after)
     db().commit()
     return started
 
@@ -221,8 +221,8 @@ def wait_stateless_run() -> Response:
 
 def _own_run(thread_id: str, run_id: str) -> tuple[AgentSession, Turn]:
     session = own_thread(thread_id)
-    turn = turns.get_turn(db(), principal(), run_id)
-    if turn.session_id != session.id:
+    turn = db().get(Turn, run_id)
+    if turn is None or turn.session_id != session.id:
         raise NotFound(f"no run {run_id!r} in thread {thread_id!r}")
     return session, turn
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from api.langgraph.convert import TOOLS_NODE, interrupt_of, message_dict, thread_metadata, thread_status
 from api.serialize import ts
 from shared.auth.principal import Principal
+from shared.errors import NotFound
 from shared.models import AgentSession, Checkpoint, Message, Turn, TurnStatus
 
 
@@ -27,8 +28,9 @@ def messages_until(db: Session, who: Principal, session_id: str, turn: Turn | No
     query = select(Message).where(*_mine(Message, who, session_id))
     if turn is not None:
         earlier = select(Turn.id).where(*_mine(Turn, who, session_id), Turn.seq < turn.seq)
+        last_step = step if step is not None else 1 << 30
         query = query.where(or_(Message.turn_id.in_(earlier),
-                                (Message.turn_id == turn.id) & (Message.step <= (step if step is not None else 1 << 30))))
+                                (Message.turn_id == turn.id) & (Message.step <= last_step)))
     return [message_dict(m) for m in db.scalars(query.order_by(Message.id))]
 
 
@@ -80,6 +82,25 @@ def state_json(db: Session, who: Principal, session: AgentSession) -> dict[str, 
     active, _ = active_and_last(db, session)
     return _state(session, messages_until(db, who, session.id, None, None), newest[0] if newest else None,
                   newest[1] if len(newest) > 1 else None, active)
+
+
+def state_at_json(db: Session, who: Principal, session: AgentSession, checkpoint_id: str) -> dict[str, Any]:
+    """The state at one kept checkpoint (404 if there is no such checkpoint)."""
+    row = None
+    if checkpoint_id.isdigit():
+        row = db.scalars(select(Checkpoint).where(*_mine(Checkpoint, who, session.id),
+                                                  Checkpoint.number == int(checkpoint_id))).first()
+    if row is None:
+        raise NotFound(f"no checkpoint {checkpoint_id!r} in thread {session.id!r}")
+    states = history_json(db, who, session, 1, str(row.number + 1))
+    newest = db.scalar(select(func.max(Checkpoint.number)).where(*_mine(Checkpoint, who, session.id)))
+    if newest == row.number:
+        active, _ = active_and_last(db, session)
+        paused = interrupts(active)
+        if paused and active is not None:
+            states[0] = _state(session, states[0]["values"]["messages"], row, None, active) | {
+                "parent_checkpoint": states[0]["parent_checkpoint"]}
+    return states[0]
 
 
 def history_json(db: Session, who: Principal, session: AgentSession, limit: int,

@@ -132,6 +132,24 @@ def get_state(thread_id: str) -> Response:
     return jsonify(state.state_json(db(), principal(), own_thread(thread_id)))
 
 
+@bp.get("/threads/<thread_id>/state/<checkpoint_id>")
+def get_state_at(thread_id: str, checkpoint_id: str) -> Response:
+    return jsonify(state.state_at_json(db(), principal(), own_thread(thread_id), checkpoint_id))
+
+
+@bp.post("/threads/<thread_id>/state/checkpoint")
+def get_state_at_checkpoint(thread_id: str) -> Response:
+    """RemoteGraph's get_state: a checkpoint config, whose checkpoint_id (if any) picks the state."""
+    session = own_thread(thread_id)
+    checkpoint = json_body().get("checkpoint") or {}
+    if not isinstance(checkpoint, dict):
+        raise BadInput("'checkpoint' must be an object", field="checkpoint")
+    checkpoint_id = checkpoint.get("checkpoint_id")
+    if checkpoint_id is None:
+        return jsonify(state.state_json(db(), principal(), session))
+    return jsonify(state.state_at_json(db(), principal(), session, str(checkpoint_id)))
+
+
 @bp.post("/threads/<thread_id>/state")
 def update_state(thread_id: str) -> Response:
     own_thread(thread_id)
