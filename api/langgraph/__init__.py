@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from flask import Flask, Response, request
+from werkzeug.routing import BaseConverter
 
 from api.langgraph import runs, threads
 from api.langgraph.common import bp
@@ -27,6 +28,8 @@ def install(app: Flask) -> None:
     chunks = app.extensions["steprun"].settings.langgraph_chunks
     if chunks not in CHUNK_MODES:
         raise SettingsError(f"STEPRUN_LANGGRAPH_CHUNKS={chunks!r}: expected live or committed")
+    # A run id is a turn id: so .../runs/stream and .../runs/wait never also read as "the run named stream".
+    app.url_map.converters.update(run_id=RunIdConverter, lg_id=NameConverter, checkpoint=CheckpointConverter)
     app.register_blueprint(bp)
 
     @app.after_request
@@ -41,6 +44,20 @@ def install(app: Flask) -> None:
         return response
 
 
+class RunIdConverter(BaseConverter):
+    regex = r"turn_[0-9a-f]{1,64}"
+
+
+class NameConverter(BaseConverter):
+    """A thread or assistant id: never "search", so POST …/search is not also GET of the one named so."""
+
+    regex = r"(?!search(?![A-Za-z0-9_-]))[A-Za-z0-9_-]{1,64}"
+
+
+class CheckpointConverter(BaseConverter):
+    regex = r"[0-9]{1,18}"
+
+
 def _under_prefix(path: str) -> bool:
     return path == PREFIX or path.startswith(PREFIX + "/")
 
@@ -48,11 +65,21 @@ def _under_prefix(path: str) -> bool:
 def describe() -> RouteDocs:
     """The /langgraph routes; their errors are documented as ``{"detail": ...}``."""
     docs = _describe()
+    for name in ("ThreadCreate", "ThreadPatch", "LGSearch", "LGAssistantSearch", "LGHistory", "LGCheckpoint"):
+        for prop in docs.schemas[name]["properties"].values():
+            # Clients send null for "not given" (the SDK drops it, others do not): null is a default.
+            if isinstance(prop.get("type"), str):
+                prop["type"] = [prop["type"], "null"]
+            if "enum" in prop and None not in prop["enum"]:
+                prop["enum"] = [*prop["enum"], None]
     for operations in docs.paths.values():
         for operation in operations.values():
             for code, response in operation["responses"].items():
                 if code[0] in "45":
                     response["content"]["application/json"]["schema"] = {"$ref": "#/components/schemas/Detail"}
+            body = operation.get("requestBody")
+            if body and body["content"]["application/json"]["schema"] != {"$ref": "#/components/schemas/RunCreate"}:
+                body["required"] = False  # the SDK may send no body: every field has a default
             if "204" in operation["responses"]:
                 operation["responses"]["204"] = {"description": "deleted"}
     return docs
@@ -73,11 +100,12 @@ def _describe() -> RouteDocs:
     return RouteDocs({
         f"{PREFIX}/info": {"get": op("Server information and flags", "200", OBJ, errors=("401",))},
         f"{PREFIX}/assistants/search": {"post": op("The agents served, as assistants", "200",
-                                                   {"type": "array", "items": OBJ}, body="LGSearch", errors=errs)},
+                                                   {"type": "array", "items": OBJ}, body="LGAssistantSearch",
+                                                   errors=errs)},
         f"{PREFIX}/assistants/{{assistant_id}}": {"get": op("One assistant (an agent)", "200", OBJ, params=[aid])},
         f"{PREFIX}/threads": {"post": op("Create a thread (a session its first run binds to an agent)", "200",
-                                         ref_thread(), body="ThreadCreate", errors=("400", "401", "409", "413",
-                                                                                    "429"))},
+                                         ref_thread(), body="ThreadCreate", errors=("400", "401", "404", "409",
+                                                                                    "413", "429"))},
         f"{PREFIX}/threads/search": {"post": op("Your threads, filtered by metadata, status or ids", "200",
                                                 {"type": "array", "items": ref_thread()}, body="LGSearch",
                                                 errors=errs)},
@@ -140,12 +168,17 @@ def _describe() -> RouteDocs:
             "thread_id": {"type": "string", "maxLength": 40}, "metadata": {"type": ["object", "null"]},
             "if_exists": {"enum": ["raise", "do_nothing"]}, "graph_id": {"type": "string"}}},
         "LGCheckpoint": {"type": "object", "properties": {"checkpoint": {"type": "object"},
-                                                          "subgraphs": {"type": "boolean"}}},
+                                                          "subgraphs": {}}},
         "Detail": {"type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}},
         "ThreadPatch": {"type": "object", "properties": {"metadata": {"type": "object"}}},
         "LGSearch": {"type": "object", "properties": {
             "limit": {"type": "integer", "minimum": 1, "maximum": 100}, "offset": {"type": "integer", "minimum": 0},
-            "metadata": {"type": "object"}, "status": {"type": "string"}, "graph_id": {"type": "string"}}},
+            "metadata": {"type": "object"}, "status": {"type": "string"},
+            "sort_by": {"enum": ["created_at", "updated_at", "thread_id"]}, "sort_order": {"enum": ["asc", "desc"]},
+            "ids": {"type": "array", "items": {"type": "string"}}}},
+        "LGAssistantSearch": {"type": "object", "properties": {
+            "limit": {"type": "integer", "minimum": 1, "maximum": 100}, "offset": {"type": "integer", "minimum": 0},
+            "metadata": {"type": "object"}, "graph_id": {"type": "string"}, "name": {"type": "string"}}},
         "LGHistory": {"type": "object", "properties": {"limit": {"type": "integer", "minimum": 1, "maximum": 100},
                                                        "before": {}}},
         "Thread": {"type": "object", "required": ["thread_id", "status"], "properties": {

@@ -16,7 +16,7 @@ from shared.turns import service as turns
 bp = Blueprint("langgraph", __name__, url_prefix="/langgraph")
 
 # A client-chosen thread id (LangGraph clients send UUIDs): it becomes the session id.
-THREAD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+THREAD_ID_RE = re.compile(r"^(?!search$)[A-Za-z0-9_-]{1,40}$")
 MAX_PAGE = 100
 
 
@@ -88,7 +88,8 @@ def create_thread(thread_id: Any, metadata: Any, agent: str = "", if_exists: str
     metadata = check_metadata(metadata)
     if thread_id is not None:
         if not isinstance(thread_id, str) or not THREAD_ID_RE.match(thread_id):
-            raise BadInput("'thread_id' must be 1-40 letters, digits, '-' or '_'", field="thread_id")
+            raise BadInput("'thread_id' must be 1-40 letters, digits, '-' or '_' (and not 'search')",
+                           field="thread_id")
         existing = db().get(AgentSession, thread_id)
         if existing is not None:
             who = principal()

@@ -183,7 +183,7 @@ def _wait_response(run: StartedRun) -> Response:
     return Response(body, mimetype="application/json", headers=_locations(run, "join"))
 
 
-@bp.post("/threads/<thread_id>/runs")
+@bp.post("/threads/<lg_id:thread_id>/runs")
 def create_run(thread_id: str) -> Response:
     run = start_run(thread_id)
     response = jsonify(run_json(run.turn, run.assistant, run.strategy))
@@ -199,7 +199,7 @@ def create_stateless_run() -> Response:
     return response
 
 
-@bp.post("/threads/<thread_id>/runs/stream")
+@bp.post("/threads/<lg_id:thread_id>/runs/stream")
 def stream_run(thread_id: str) -> Response:
     return _stream_response(start_run(thread_id))
 
@@ -209,7 +209,7 @@ def stream_stateless_run() -> Response:
     return _stream_response(start_run(None))
 
 
-@bp.post("/threads/<thread_id>/runs/wait")
+@bp.post("/threads/<lg_id:thread_id>/runs/wait")
 def wait_run(thread_id: str) -> Response:
     return _wait_response(start_run(thread_id))
 
@@ -227,7 +227,7 @@ def _own_run(thread_id: str, run_id: str) -> tuple[AgentSession, Turn]:
     return session, turn
 
 
-@bp.get("/threads/<thread_id>/runs")
+@bp.get("/threads/<lg_id:thread_id>/runs")
 def list_runs(thread_id: str) -> Response:
     session = own_thread(thread_id)
     limit, offset = query_paging()
@@ -243,20 +243,20 @@ def list_runs(thread_id: str) -> Response:
     return jsonify([run_json(t, session.agent) for t in rows])
 
 
-@bp.get("/threads/<thread_id>/runs/<run_id>")
+@bp.get("/threads/<lg_id:thread_id>/runs/<run_id:run_id>")
 def get_run(thread_id: str, run_id: str) -> Response:
     session, turn = _own_run(thread_id, run_id)
     return jsonify(run_json(turn, session.agent))
 
 
-@bp.get("/threads/<thread_id>/runs/<run_id>/join")
+@bp.get("/threads/<lg_id:thread_id>/runs/<run_id:run_id>/join")
 def join_run(thread_id: str, run_id: str) -> Response:
     session, turn = _own_run(thread_id, run_id)
     db().close()  # the body waits: hold no connection
     return Response(wait_body(runtime(), principal(), session.id, turn.id), mimetype="application/json")
 
 
-@bp.get("/threads/<thread_id>/runs/<run_id>/stream")
+@bp.get("/threads/<lg_id:thread_id>/runs/<run_id:run_id>/stream")
 def join_run_stream(thread_id: str, run_id: str) -> Response:
     session, turn = _own_run(thread_id, run_id)
     raw_id = request.headers.get("Last-Event-ID", "").strip()
@@ -273,7 +273,7 @@ def join_run_stream(thread_id: str, run_id: str) -> Response:
     return _sse_response(req, {})
 
 
-@bp.post("/threads/<thread_id>/runs/<run_id>/cancel")
+@bp.post("/threads/<lg_id:thread_id>/runs/<run_id:run_id>/cancel")
 def cancel_run(thread_id: str, run_id: str) -> tuple[Response, int]:
     rt = runtime()
     action = request.args.get("action", "interrupt")

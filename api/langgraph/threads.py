@@ -38,12 +38,15 @@ def search_assistants() -> Response:
     body = json_body()
     limit, offset = paging(body)
     graph_id, name = body_field(body, "graph_id", str), body_field(body, "name", str)
+    check_metadata(body.get("metadata"))  # every assistant's metadata is {}: any filter but {} matches none
+    if body.get("metadata"):
+        return jsonify([])
     agents = [a for a in runtime().agents if (graph_id is None or a.name == graph_id)
               and (name is None or name.lower() in a.name.lower())]
     return jsonify([assistant_json(a.name, a.description) for a in agents[offset:offset + limit]])
 
 
-@bp.get("/assistants/<assistant_id>")
+@bp.get("/assistants/<lg_id:assistant_id>")
 def get_assistant(assistant_id: str) -> Response:
     agent = runtime().agents.get(assistant_name(assistant_id))
     return jsonify(assistant_json(assistant_id, agent.description if agent else ""))
@@ -62,12 +65,12 @@ def create_thread_route() -> Response:
     return jsonify(state.thread_json(db(), principal(), row))
 
 
-@bp.get("/threads/<thread_id>")
+@bp.get("/threads/<lg_id:thread_id>")
 def get_thread(thread_id: str) -> Response:
     return jsonify(state.thread_json(db(), principal(), own_thread(thread_id)))
 
 
-@bp.patch("/threads/<thread_id>")
+@bp.patch("/threads/<lg_id:thread_id>")
 def patch_thread(thread_id: str) -> Response:
     body = json_body()
     row = own_thread(thread_id, lock=True)
@@ -78,7 +81,7 @@ def patch_thread(thread_id: str) -> Response:
     return jsonify(state.thread_json(db(), principal(), row))
 
 
-@bp.delete("/threads/<thread_id>")
+@bp.delete("/threads/<lg_id:thread_id>")
 def delete_thread(thread_id: str) -> tuple[str, int]:
     own_thread(thread_id)
     turns.delete_session(db(), runtime(), principal(), thread_id)
@@ -127,21 +130,22 @@ def search_threads() -> Response:
 MAX_IDS = 1000
 
 
-@bp.get("/threads/<thread_id>/state")
+@bp.get("/threads/<lg_id:thread_id>/state")
 def get_state(thread_id: str) -> Response:
     return jsonify(state.state_json(db(), principal(), own_thread(thread_id)))
 
 
-@bp.get("/threads/<thread_id>/state/<checkpoint_id>")
+@bp.get("/threads/<lg_id:thread_id>/state/<checkpoint:checkpoint_id>")
 def get_state_at(thread_id: str, checkpoint_id: str) -> Response:
     return jsonify(state.state_at_json(db(), principal(), own_thread(thread_id), checkpoint_id))
 
 
-@bp.post("/threads/<thread_id>/state/checkpoint")
+@bp.post("/threads/<lg_id:thread_id>/state/checkpoint")
 def get_state_at_checkpoint(thread_id: str) -> Response:
     """RemoteGraph's get_state: a checkpoint config, whose checkpoint_id (if any) picks the state."""
     session = own_thread(thread_id)
-    checkpoint = json_body().get("checkpoint") or {}
+    checkpoint = json_body().get("checkpoint")
+    checkpoint = {} if checkpoint is None else checkpoint
     if not isinstance(checkpoint, dict):
         raise BadInput("'checkpoint' must be an object", field="checkpoint")
     checkpoint_id = checkpoint.get("checkpoint_id")
@@ -150,13 +154,13 @@ def get_state_at_checkpoint(thread_id: str) -> Response:
     return jsonify(state.state_at_json(db(), principal(), session, str(checkpoint_id)))
 
 
-@bp.post("/threads/<thread_id>/state")
+@bp.post("/threads/<lg_id:thread_id>/state")
 def update_state(thread_id: str) -> Response:
     own_thread(thread_id)
     raise BadInput("updating a thread's state is not supported: start a run with the new input instead")
 
 
-@bp.post("/threads/<thread_id>/history")
+@bp.post("/threads/<lg_id:thread_id>/history")
 def get_history(thread_id: str) -> Response:
     body = json_body()
     limit = body_field(body, "limit", int, 10)
