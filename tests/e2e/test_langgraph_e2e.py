@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import requests
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage, convert_to_messages
 from langgraph.pregel.remote import RemoteGraph
 from langgraph_sdk import get_client, get_sync_client
@@ -246,3 +247,6 @@ def test_a_worker_sigkilled_mid_run_the_client_gets_the_exact_answer(procs: Proc
     assert ai_text(parts) == answer
     agent_updates = [p for p in parts if p.event == "updates" and "agent" in p.data]
     assert len(agent_updates) == 2  # each step once, though step 0 ran twice
+    events = requests.get(f"{d.url}/v1/sessions/{tid}/events", headers={"Authorization": f"Bearer {d.key}"},
+                          timeout=10).json()["data"]
+    assert any(e["type"] == "step.retrying" and e["data"]["step"] == 0 for e in events)  # the kill did land mid-step
