@@ -6,7 +6,20 @@ import logging
 from flask import Blueprint, Flask, g
 from flask.json.provider import DefaultJSONProvider
 
-from api import console, history, knowledge, memory, openapi, schedules, sessions, streaming, system, turns, webhooks
+from api import (
+    console,
+    history,
+    knowledge,
+    langgraph,
+    memory,
+    openapi,
+    schedules,
+    sessions,
+    streaming,
+    system,
+    turns,
+    webhooks,
+)
 from api.auth import install_auth
 from api.errors import register_error_handlers
 from api.input_gate import gate_request
@@ -68,6 +81,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.register_blueprint(openai_conversations.bp)
     docs.add(openai_docs.describe())
     app.register_blueprint(console.bp)  # the operator's web pages (/console): not part of the API document
+    langgraph.install(app)  # its blueprint at /langgraph, with LangGraph's error shape
+    docs.add(langgraph.describe())
     app.extensions[openapi.EXTENSION] = docs.document()
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app

@@ -19,12 +19,14 @@ USER_ID_RE = re.compile(r"[\w.@:+-]{1,256}")
 STREAM_TOKEN_MARK = "accepts_stream_token"
 TENANT_WIDE_MARK = "tenant_wide"
 View = TypeVar("View", bound=Callable[..., Any])
+# /langgraph: LangGraph's API (DESIGN 10.2), whose clients send the key as x-api-key.
+AUTHENTICATED_PREFIXES = ("/v1/", "/langgraph/")
 
 
 def install_auth(app: Flask) -> None:
     @app.before_request
     def _authenticate() -> None:
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith(AUTHENTICATED_PREFIXES):
             return
         view = current_app.view_functions.get(request.endpoint or "")
         if getattr(view, TENANT_WIDE_MARK, False):
@@ -83,6 +85,8 @@ def enforce_rate_limit(who: Principal) -> None:
 
 def authenticate(require_user: bool = True) -> Principal:
     header = request.headers.get("Authorization", "")
+    if not header and request.path.startswith("/langgraph/") and request.headers.get("x-api-key"):
+        header = "Bearer " + request.headers["x-api-key"]  # langgraph-sdk's header, taken like a bearer key
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

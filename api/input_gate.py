@@ -176,7 +176,8 @@ def gate_request() -> None:
         if problem:
             clean = name.replace("\x00", "").encode("utf-8", "replace").decode()
             raise BadInput(f"'{clean}' {problem}", field=clean)
-        if len(values) > 1:  # which one would count is a guess: refuse instead
+        if len(values) > 1 and not (name == "stream_mode" and request.path.startswith("/langgraph/")):
+            # Which one would count is a guess: refuse instead (LangGraph's repeated stream_mode is a list).
             raise BadInput(f"'{name}' is given more than once", field=name)
     for header in ID_HEADERS:
         value = request.headers.get(header)

@@ -221,6 +221,11 @@ class Settings:
         "Kernel send buffer (SO_SNDBUF) of a stream connection in bytes; 0 keeps the OS default (up to "
         "megabytes). Smaller pins less kernel memory per stalled client and notices it sooner.",
     )
+    langgraph_chunks: str = _setting(
+        "STEPRUN_LANGGRAPH_CHUNKS", "live",
+        "LangGraph `messages-tuple` chunks: `live` (tokens as they stream; a retried step sends only text "
+        "past what the client has) or `committed` (a step's text once it commits: always equal to the history).",
+    )
 
     # Memory, knowledge and observability.
     max_memory_value_bytes: int = _setting(
