@@ -6,7 +6,7 @@ import logging
 from flask import Blueprint, Flask, g
 from flask.json.provider import DefaultJSONProvider
 
-from api import history, knowledge, memory, openapi, sessions, streaming, system, turns
+from api import history, knowledge, memory, openapi, sessions, streaming, system, turns, usage
 from api.auth import install_auth
 from api.context import reject_nul_args
 from api.errors import register_error_handlers
@@ -16,6 +16,7 @@ from shared.engine.step import build_runtime
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.stats import register_queue_metrics
+from shared.turns.budgets import register_usage_metrics
 
 
 class _JSONProvider(DefaultJSONProvider):
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["steprun"] = runtime
     register_queue_metrics(runtime.sessions)  # queue-latency gauges, computed from Postgres on each scrape
+    register_usage_metrics(runtime.sessions, settings)  # spending per tenant, likewise
 
     @app.teardown_request
     def _close_db(_exc: BaseException | None) -> None:
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     register(memory.bp, memory.describe())
     register(knowledge.bp, knowledge.describe())
     register(history.bp, history.describe())
+    register(usage.bp, usage.describe())
     app.extensions[openapi.EXTENSION] = docs.document()
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app

@@ -223,3 +223,64 @@ def usage_report(db: Session, settings: Settings, who: Principal, now: datetime 
     out["per_turn"] = {"model_calls": settings.budget_model_calls_per_turn or None,
                        "tool_calls": settings.budget_tool_calls_per_turn or None}
     return out
+
+
+class UsageCollector:
+    """Gauges of the current day's and month's spending per tenant, computed from Postgres on each scrape."""
+
+    def __init__(self, sessions: Any, settings: Settings):
+        self.sessions, self.settings = sessions, settings
+
+    def describe(self) -> list[Any]:
+        return []  # computed on scrape
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from shared.auth.principal import SYSTEM
+        from shared.db import set_scope
+
+        now = utcnow()
+        try:
+            with self.sessions() as db:
+                set_scope(db, SYSTEM)  # totals per tenant: the narrow system path
+                rows = []
+                for period in PERIODS:
+                    query = (select(UsageCounter.tenant_id, func.sum(UsageCounter.tokens),
+                                    func.sum(UsageCounter.model_calls), func.sum(UsageCounter.tool_calls))
+                             .where(UsageCounter.period == period,
+                                    UsageCounter.starts_at == period_start(period, now))
+                             .group_by(UsageCounter.tenant_id))
+                    rows += [(period, *row) for row in db.execute(query)]
+                db.rollback()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Postgres is slow or down
+            return
+        families = {name: GaugeMetricFamily(f"steprun_usage_{name}", f"{title} this UTC day/month, per tenant.",
+                                            labels=["tenant", "period"])
+                    for name, title in (("tokens", "Model tokens spent"), ("model_calls", "Model calls made"),
+                                        ("tool_calls", "Tool executions"))}
+        for period, tenant, tokens, calls, tools in rows:
+            families["tokens"].add_metric([tenant, period], float(tokens or 0))
+            families["model_calls"].add_metric([tenant, period], float(calls or 0))
+            families["tool_calls"].add_metric([tenant, period], float(tools or 0))
+        limits = GaugeMetricFamily("steprun_budget_token_limit", "Token budgets set (0: none).",
+                                   labels=["scope", "period"])
+        for scope, period, limit in token_limits(self.settings):
+            limits.add_metric([scope, period], float(limit))
+        yield from families.values()
+        yield limits
+
+
+_usage_collector: UsageCollector | None = None
+
+
+def register_usage_metrics(sessions: Any, settings: Settings) -> None:
+    """Expose the usage gauges on this process's /metrics, once per process (a second app re-points it)."""
+    global _usage_collector
+    from shared.metrics import register_on_scrape
+
+    with _LOCAL_LOCK:
+        if _usage_collector is None:
+            _usage_collector = UsageCollector(sessions, settings)
+            register_on_scrape(_usage_collector)
+        _usage_collector.sessions, _usage_collector.settings = sessions, settings
