@@ -264,7 +264,8 @@ def _outcome_unknown(rt: Runtime, claim: Claim, unknown: ToolOutcomeUnknown, sta
     result.status = TurnStatus.REQUIRES_ACTION
     result.pending = {"reason": "tool_outcome_unknown", "tool_calls": unknown.remaining,
                       "call_step": claim.step if unknown.call_step is None else unknown.call_step,
-                      "unknown": [{**call, "started_at": unknown.started_at, "message": detail}],
+                      "unknown": [{**call, "started_at": unknown.started_at, "attempt": unknown.attempt,
+                                   "message": detail}],
                       "needs_approval": [], "questions": []}
     return result
 

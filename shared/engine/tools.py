@@ -43,10 +43,11 @@ def idempotency_key(turn_id: str, step: int, call_id: str) -> str:
 class ToolOutcomeUnknown(Exception):  # noqa: N818 - named for the pause reason it becomes
     """A call an earlier attempt started and never recorded, of a tool that is not idempotent."""
 
-    def __init__(self, call: dict[str, Any], started_at: str, answered: list[ChatMessage],
+    def __init__(self, call: dict[str, Any], started_at: str, attempt: int, answered: list[ChatMessage],
                  remaining: list[dict[str, Any]]):
         super().__init__(f"the outcome of tool call {call['id']} ({call['name']}) is unknown")
-        self.call, self.started_at = call, started_at
+        # ``attempt``: the fencing number of the attempt that started it and died.
+        self.call, self.started_at, self.attempt = call, started_at, attempt
         # The step whose model asked for the call (set by whoever ran the batch).
         self.call_step: int | None = None
         # Results of the calls before it, and the calls still to answer (this one first).
@@ -67,11 +68,12 @@ def run_tools(agent: Agent, claim: Claim, step: StepInput, calls: list[dict[str,
 
 
 def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], events: StepEvents,
-             journal: StepJournal, *, call_step: int, resolution: str | None = None) -> ChatMessage:
+             journal: StepJournal, *, call_step: int, resolution: tuple[str, int] | None = None) -> ChatMessage:
     """Run one tool call through the journal; its output (or the error, which the model is told) is the message.
 
     ``call_step``: the step whose model asked for the call (the key and the journal row
-    belong to it). ``resolution``: the user's answer to its unknown outcome (retry/skip).
+    belong to it). ``resolution``: the user's answer to its unknown outcome (retry or
+    skip) and the attempt it answers about: a retry that itself died is asked about anew.
     """
     events.check()
     tool = agent.tool_named(call["name"])
@@ -81,17 +83,18 @@ def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], 
     if entry is not None and entry.status != "started":
         return _reused(call, entry.output or "", entry.error, events)
     if entry is not None:  # started by an attempt that died: did the side effect happen? Nobody knows.
-        if resolution == "skip":
+        choice = resolution[0] if resolution is not None and resolution[1] == entry.attempt else None
+        if choice == "skip":
             finish_tool_call(events.rt, claim, call_step, call["id"], SKIPPED_OUTPUT, False, status="skipped")
             return _resolved(call, SKIPPED_OUTPUT, "skipped", events)
-        if resolution == "retry":
+        if choice == "retry":
             how = "retried"
         elif tool is not None and tool.idempotent:
             how = "rerun"
             events.add("tool.outcome_unknown", {"id": call["id"], "name": call["name"], "policy": "rerun",
                                                 "idempotency_key": key, "started_attempt": entry.attempt})
         else:
-            raise ToolOutcomeUnknown(call, entry.started_at.isoformat(), [], [])
+            raise ToolOutcomeUnknown(call, entry.started_at.isoformat(), entry.attempt, [], [])
     start_tool_call(events.rt, claim, call_step, call, key)
     started = time.monotonic()
     events.in_tool = True
@@ -149,7 +152,7 @@ def answer_pending(agent: Agent, claim: Claim, step: StepInput, events: StepEven
     call_step = pending_call_step(claim, pending)
     outputs = {o["id"]: o.get("output") for o in resume.get("tool_outputs") or []}
     questions = {q["id"] for q in pending.get("questions") or []}
-    unknown = {u["id"] for u in pending.get("unknown") or []}
+    unknown = {u["id"]: u.get("attempt") for u in pending.get("unknown") or []}
     calls = pending.get("tool_calls", [])
     messages: list[ChatMessage] = []
     for i, call in enumerate(calls):
@@ -171,7 +174,8 @@ def answer_pending(agent: Agent, claim: Claim, step: StepInput, events: StepEven
             events.add("tool.result", {"id": call["id"], "output": content, "declined": True})
             messages.append(tool_message(call["id"], call["name"], content))
         else:
-            resolution = resume.get("tool_outcome") if call["id"] in unknown else None
+            choice, about = resume.get("tool_outcome"), unknown.get(call["id"])
+            resolution = (choice, about) if choice and isinstance(about, int) else None
             try:
                 messages.append(run_tool(agent, claim, step, call, events, journal, call_step=call_step,
                                          resolution=resolution))

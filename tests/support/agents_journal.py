@@ -157,3 +157,27 @@ AGENTS = [
     Agent(name="spender", model=SPENDER, tools=[noop], max_steps=1000),
     Agent(name="slow_spender", model=SLOW_SPENDER, tools=[noop], max_steps=1000),
 ]
+
+
+def _install_kill_seams() -> None:
+    """In a chaos worker: die right after the journal records a tool's result, or the model's response."""
+    from shared.engine import step as step_module
+    from shared.engine import tools as tools_module
+
+    record_result, record_response = tools_module.record_tool_result, step_module.record_model_response
+
+    def record_result_then_maybe_die(events: Any, claim: Any, step: int, call_id: str, output: str,
+                                     error: bool) -> None:
+        record_result(events, claim, step, call_id, output, error)
+        maybe_die("after_record", claim.turn_id, call_id, "result")
+
+    def record_response_then_maybe_die(rt: Any, claim: Any, response: Any) -> None:
+        record_response(rt, claim, response)
+        maybe_die("after_model", claim.turn_id, f"model-{claim.step}", "model")
+
+    tools_module.record_tool_result = record_result_then_maybe_die  # type: ignore[assignment]
+    step_module.record_model_response = record_response_then_maybe_die  # type: ignore[assignment]
+
+
+if DB_URL is not None:
+    _install_kill_seams()

@@ -169,6 +169,33 @@ def test_retry_runs_the_unknown_call_again_with_the_same_key(jrt: Runtime, who: 
     assert results[first["call_id"]]["journal"] == "retried"
 
 
+def test_a_retry_that_dies_too_is_asked_about_again(jrt: Runtime, who: Principal,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's "retry" answers for the attempt they were told about, not for the retry's own death."""
+    deaths: list[str] = []
+
+    def die_twice(moment: str, turn_id: str, call_id: str, tool_name: str) -> None:
+        if tool_name == "charge" and len(deaths) < 2:
+            deaths.append(call_id)
+            raise WorkerDied(moment)
+    monkeypatch.setattr(agents_journal, "maybe_die", die_twice)
+    _, tid = start(jrt, who)
+    run_dying(jrt, tid, 0)
+    assert run_step(jrt, tid, 0) == "requires_action"
+    with unit_of_work(jrt.sessions, who) as db:
+        turns.resume_turn(db, jrt, who, tid, {"tool_outcome": "retry"})
+    run_dying(jrt, tid, 1)  # the retried charge ran, and its worker died before recording it
+    assert len(effects("charge")) == 2
+    assert run_step(jrt, tid, 1) == "requires_action"  # asked again, not run a third time
+    pending = turn_row(jrt, tid).pending or {}
+    assert pending["reason"] == "tool_outcome_unknown" and pending["call_step"] == 0
+    with unit_of_work(jrt.sessions, who) as db:
+        turns.resume_turn(db, jrt, who, tid, {"tool_outcome": "skip"})
+    assert run_step(jrt, tid, 2) == "in_progress"
+    assert run_step(jrt, tid, 3) == "completed"
+    assert len(effects("charge")) == 3  # two for the first call (the user chose to retry), one for round 2
+
+
 def test_an_idempotent_tool_is_rerun_with_the_same_key(jrt: Runtime, who: Principal,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     kill_after_effect_of(monkeypatch, "reserve")
