@@ -36,6 +36,7 @@ from shared.models import ModelCall, ToolCall, Turn, UsageCounter
 from shared.settings import Settings
 
 PERIODS = ("day", "month")
+ADJECTIVE = {"day": "daily", "month": "monthly"}
 # SQLite (the embedded mode) has no advisory locks: one process, so a process lock serialises the same way.
 _LOCAL_LOCK = threading.RLock()
 
@@ -122,6 +123,11 @@ def _scope_name(scope: str, period: str) -> str:
     return f"{scope}_tokens_per_{period}"
 
 
+def _spent_message(scope: str, period: str, used: int, limit: int, resets: datetime) -> str:
+    return (f"the {scope}'s {ADJECTIVE[period]} token budget is spent ({used} of {limit}); "
+            f"it resets at {iso(resets)}")
+
+
 def check_tokens_spent(db: Session, settings: Settings, who: Principal, now: datetime | None = None) -> None:
     """Raise :class:`BudgetExceeded` if a token budget of ``who`` is spent (``db``: the system scope)."""
     now = now or utcnow()
@@ -130,8 +136,7 @@ def check_tokens_spent(db: Session, settings: Settings, who: Principal, now: dat
         if used >= limit:
             resets = period_end(period, period_start(period, now))
             raise BudgetExceeded(_scope_name(scope, period), used, limit, resets,
-                                 f"the {scope}'s {period}ly token budget is spent ({used} of {limit}); "
-                                 f"it resets at {iso(resets)}")
+                                 _spent_message(scope, period, used, limit, resets))
 
 
 def check_before_model_call(db: Session, settings: Settings, who: Principal, turn_id: str,
@@ -155,8 +160,7 @@ def check_before_model_call(db: Session, settings: Settings, who: Principal, tur
         resets = period_end(period, period_start(period, now))
         if used >= limit:
             raise BudgetExceeded(_scope_name(scope, period), used, limit, resets,
-                                 f"the {scope}'s {period}ly token budget is spent ({used} of {limit}); "
-                                 f"it resets at {iso(resets)}")
+                                 _spent_message(scope, period, used, limit, resets))
         flying = _in_flight(db, who, scope, turn_id, now)
         if flying and used + (flying + 1) * max(largest, 1) > limit:
             raise BudgetBusy(f"{flying} calls in flight near the {scope}'s {period}ly token budget")
