@@ -21,6 +21,8 @@ Budgets are checked in the same transaction that starts a model call
 """
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
-from shared.db import unit_of_work
+from shared.db import database_unavailable, unit_of_work
 from shared.engine.claim import Claim
 from shared.engine.outcome import StepInterrupted, StopReason
 from shared.llm import ModelResponse
@@ -42,8 +44,29 @@ from shared.models import ModelCall, ToolCall, Turn
 from shared.runtime import Runtime
 from shared.turns import budgets
 
+log = logging.getLogger(__name__)
+
 # How often a model call waiting near a token budget's end checks again.
 BUDGET_POLL_SECONDS = 0.1
+# Pauses between tries of a journal write while the database is unreachable (about half a minute in
+# all, as for the step's commit): a restart must not cost the work the step did in memory.
+RETRY_DELAYS = (0.25, 0.5, 1.0) + (2.0,) * 14
+
+
+def ride_out_outages(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Retry ``fn`` while the database is unavailable; each journal write is safe to repeat."""
+    @functools.wraps(fn)
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for delay in RETRY_DELAYS:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                log.warning("database unavailable for %s, retrying in %ss: %s", fn.__name__, delay, exc)
+                time.sleep(delay)
+        return fn(*args, **kwargs)
+    return retrying
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ def _lease_lost() -> StepInterrupted:
     return StepInterrupted(StopReason.LEASE_LOST)
 
 
+@ride_out_outages
 def load_journal(rt: Runtime, claim: Claim, steps: tuple[int, ...]) -> StepJournal:
     """The recorded response of this step and the journaled tool calls of ``steps``."""
     journal = StepJournal()
@@ -131,6 +155,7 @@ def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Sessi
                 lock.release()
 
 
+@ride_out_outages
 def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> None:
     """Check the budgets and mark a model call of this step in flight; wait while the budget is busy.
 
@@ -152,7 +177,7 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
                     db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
                                      user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
                                      status="started", calls=1))
-                else:  # an earlier attempt called the model and died (or failed) before recording an answer
+                elif row.attempt != claim.attempt:  # an earlier attempt called the model and died first
                     row.attempt, row.status, row.started_at = claim.attempt, "started", utcnow()
                     row.calls += 1
             return
@@ -165,6 +190,7 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
             time.sleep(BUDGET_POLL_SECONDS)
 
 
+@ride_out_outages
 def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer before its tools run, and count its tokens. StepInterrupted if fenced out."""
     tokens = response.usage.input_tokens + response.usage.output_tokens
@@ -173,6 +199,8 @@ def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) ->
             raise _lease_lost()
         row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
                          .with_for_update()).first()
+        if row is not None and row.status == "recorded" and row.attempt == claim.attempt:
+            return  # a repeat after a dropped connection: it landed, and is counted
         if row is None:
             row = ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
                             user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt, calls=1)
@@ -182,6 +210,7 @@ def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) ->
         budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
 
 
+@ride_out_outages
 def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], key: str) -> None:
     """Journal a tool call as started, committed before the tool runs (counted against the tool budget)."""
     with unit_of_work(rt.sessions, claim.principal) as db:
@@ -195,12 +224,15 @@ def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], 
                             user_id=claim.principal.user_id, step=step, call_id=call["id"],
                             name=str(call["name"])[:200], idempotency_key=key, attempt=claim.attempt,
                             status="started", runs=1, error=False))
+        elif row.attempt == claim.attempt and row.status == "started":
+            return  # a repeat after a dropped connection: the start landed
         else:  # run again: an idempotent tool, or a retry the user chose; the key stays the first one
             row.attempt, row.status, row.runs, row.started_at = claim.attempt, "started", row.runs + 1, utcnow()
             row.output, row.finished_at = None, None
         budgets.count(db, claim.principal, tool_calls=1)
 
 
+@ride_out_outages
 def finish_tool_call(rt: Runtime, claim: Claim, step: int, call_id: str, output: str, error: bool,
                      status: str | None = None) -> None:
     """Record a tool call's result as soon as it is known (``status``: succeeded/failed, or skipped)."""
