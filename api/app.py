@@ -18,6 +18,7 @@ from api import (
     streaming,
     system,
     turns,
+    usage,
     webhooks,
 )
 from api.auth import install_auth
@@ -32,6 +33,7 @@ from shared.engine.step import build_runtime
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.stats import register_queue_metrics
+from shared.turns.budgets import register_usage_metrics
 
 
 class _JSONProvider(DefaultJSONProvider):
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["steprun"] = runtime
     register_queue_metrics(runtime.sessions)  # queue-latency gauges, computed from Postgres on each scrape
+    register_usage_metrics(runtime.sessions, settings)  # spending per tenant, likewise
 
     @app.teardown_request
     def _close_db(_exc: BaseException | None) -> None:
@@ -83,6 +86,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.register_blueprint(console.bp)  # the operator's web pages (/console): not part of the API document
     langgraph.install(app)  # its blueprint at /langgraph, with LangGraph's error shape
     docs.add(langgraph.describe())
+    register(usage.bp, usage.describe())
     app.extensions[openapi.EXTENSION] = docs.document()
     logging.getLogger(__name__).info("steprun API ready (%s)", "embedded" if settings.embedded else "production")
     return app

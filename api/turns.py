@@ -26,6 +26,8 @@ def describe() -> RouteDocs:
     }, schemas={
         "Resume": {"type": "object", "properties": {
             "approve": {"type": "boolean"}, "input": {"type": "string"},
+            # For reason tool_outcome_unknown: run the call again, or answer it as not run.
+            "tool_outcome": {"enum": ["retry", "skip"]},
             "tool_outputs": {"type": "array", "items": {"type": "object", "required": ["id"],
                                                         "properties": {"id": {"type": "string"}, "output": {}}}}}},
     })

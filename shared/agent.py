@@ -45,7 +45,8 @@ class ToolContext:
     user_id: str
     session_id: str
     turn_id: str
-    # Stable across retried attempts of the same call: (turn, step, call id).
+    # "turn:step:call-id": the same for every execution of this call, in every attempt (a retried
+    # step reuses the model's recorded response, so the call id does not change).
     idempotency_key: str
     # The user's long-term memory (shared.storage.memory.MemoryStore) and the knowledge they may
     # search (shared.storage.knowledge.KnowledgeBase), both bound to this principal. None where a
@@ -64,6 +65,9 @@ class Tool:
     context_param: str | None = None
     # The call is answered by the user, not run: the turn pauses (see ``ask_user``).
     asks_user: bool = False
+    # Safe to run again when a worker died while it ran (its outcome unknown): it dedupes its
+    # effect on ``ToolContext.idempotency_key``. Otherwise such a call pauses (or fails) the turn.
+    idempotent: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -117,8 +121,14 @@ def tool(
     name: str | None = None,
     description: str | None = None,
     requires_approval: bool = False,
+    idempotent: bool = False,
 ) -> Any:
-    """Turn a typed function into a tool. Usable bare (``@tool``) or with options."""
+    """Turn a typed function into a tool. Usable bare (``@tool``) or with options.
+
+    ``idempotent=True`` declares that running the call twice with the same
+    ``ctx.idempotency_key`` has the effect of running it once: steprun then re-runs a
+    call whose worker died mid-way instead of asking the user what happened.
+    """
 
     def wrap(f: Callable[..., Any]) -> Tool:
         tool_name = name or f.__name__
@@ -133,6 +143,7 @@ def tool(
             parameters=parameters,
             requires_approval=requires_approval,
             context_param=context_param,
+            idempotent=idempotent,
         )
 
     return wrap(fn) if fn is not None else wrap
@@ -176,6 +187,7 @@ class Agent:
                     "description": t.description,
                     "parameters": t.parameters,
                     "requires_approval": t.requires_approval,
+                    "idempotent": t.idempotent,
                 }
                 for t in self.tools
             ],

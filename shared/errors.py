@@ -45,5 +45,11 @@ class RateLimited(StepRunError):
     status, code = 429, "rate_limited"
 
 
+class BudgetExhausted(RateLimited):
+    """A token budget of the user or the tenant is spent until its period resets (``retry_after``)."""
+
+    code = "budget_exceeded"
+
+
 class Unavailable(StepRunError):
     status, code = 503, "unavailable"

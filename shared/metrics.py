@@ -67,6 +67,15 @@ QUEUE_LATENCY = Histogram("steprun_queue_latency_seconds", "A step's wait from e
                           buckets=LATENCY_BUCKETS)
 STEP_RETRIES = Counter("steprun_step_retries_total",
                        "Steps run again because an earlier attempt died (each step.retrying event).")
+TOOL_JOURNAL = Counter("steprun_tool_calls_total",
+                       "Tool calls by what the journal made of them: ran, reused (an earlier attempt's result), "
+                       "rerun (idempotent, outcome unknown), retried / skipped / answered (the user chose), "
+                       "unknown_paused / unknown_failed.", ["outcome"])
+MODEL_REPLAYS = Counter("steprun_model_responses_replayed_total",
+                        "Retried steps that reused the model response an earlier attempt recorded.")
+BUDGET_STOPS = Counter("steprun_budget_stops_total", "Turns ended incomplete by a budget, by budget.", ["budget"])
+BUDGET_REJECTIONS = Counter("steprun_budget_rejections_total",
+                            "Turns refused at creation (429) because a token budget was spent.")
 LEASE_EXPIRIES = Counter("steprun_lease_expiries_total",
                          "Running steps whose lease expired (worker presumed dead), found by the scheduler.")
 

@@ -169,6 +169,38 @@ class Settings:
         "STEPRUN_MODEL_REQUEST_TIMEOUT", 60.0,
         "Longest the model provider may stay silent (connecting, before the first token, between tokens), seconds.",
     )
+    # Tool effects and budgets.
+    tool_outcome_unknown: str = _setting(
+        "STEPRUN_TOOL_OUTCOME_UNKNOWN", "pause",
+        "A tool call left started by a dead attempt, of a tool not marked idempotent: `pause` (the turn waits in "
+        "requires_action, reason tool_outcome_unknown, for retry or skip) or `fail` (the turn fails).",
+    )
+    budget_user_tokens_per_day: int = _setting(
+        "STEPRUN_BUDGET_USER_TOKENS_PER_DAY", 0, "Model tokens (in + out) one user may spend per UTC day. 0: no limit."
+    )
+    budget_user_tokens_per_month: int = _setting(
+        "STEPRUN_BUDGET_USER_TOKENS_PER_MONTH", 0, "Model tokens one user may spend per UTC month. 0: no limit."
+    )
+    budget_tenant_tokens_per_day: int = _setting(
+        "STEPRUN_BUDGET_TENANT_TOKENS_PER_DAY", 0,
+        "Model tokens all users of a tenant may spend per UTC day. 0: no limit.",
+    )
+    budget_tenant_tokens_per_month: int = _setting(
+        "STEPRUN_BUDGET_TENANT_TOKENS_PER_MONTH", 0,
+        "Model tokens all users of a tenant may spend per UTC month. 0: no limit.",
+    )
+    budget_model_calls_per_turn: int = _setting(
+        "STEPRUN_BUDGET_MODEL_CALLS_PER_TURN", 0,
+        "Model calls one turn may make (retried attempts included). 0: no limit.",
+    )
+    budget_tool_calls_per_turn: int = _setting(
+        "STEPRUN_BUDGET_TOOL_CALLS_PER_TURN", 0, "Tool executions one turn may make. 0: no limit."
+    )
+    budget_wait_seconds: float = _setting(
+        "STEPRUN_BUDGET_WAIT_SECONDS", 30.0,
+        "Near a token budget's end, a model call waits up to this long for the calls in flight to finish "
+        "(so concurrent calls cannot overshoot it) before the turn ends incomplete.",
+    )
 
     # Limits.
     max_body_bytes: int = _setting("STEPRUN_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted.")
@@ -297,6 +329,10 @@ class Settings:
     host: str = _setting("STEPRUN_HOST", "127.0.0.1", "Address `steprun dev` listens on.")
     port: int = _setting("PORT", 8000, "Port the web process listens on.")
     log_level: str = _setting("STEPRUN_LOG_LEVEL", "INFO", "Logging level.")
+
+    def __post_init__(self) -> None:
+        if self.tool_outcome_unknown not in ("pause", "fail"):
+            raise SettingsError(f"STEPRUN_TOOL_OUTCOME_UNKNOWN={self.tool_outcome_unknown!r}: expected pause or fail")
 
     @property
     def embedded(self) -> bool:

@@ -8,12 +8,18 @@ the parts live beside it, each importing only the ones before it:
 - :mod:`~shared.engine.trace` — the step's spans, written with its commit;
 - :mod:`~shared.engine.buffer` — the step's events, flushed in batches;
 - :mod:`~shared.engine.watch` — heartbeat, cancel, time limits, shutdown;
-- :mod:`~shared.engine.tools` — tool calls and answers to a pause;
+- :mod:`~shared.engine.journal` — the model's response and each tool call, recorded as they happen;
+- :mod:`~shared.engine.tools` — tool calls (through the journal) and answers to a pause;
 - :mod:`~shared.engine.commit` — the fenced commit.
 
 Duplicates are harmless and crashes lose nothing: a task that claims nothing
 exits quietly; no database connection is held across the model call; a zombie
 attempt commits nothing; the scheduler re-sends what a crash left behind.
+
+Side effects happen once: the model's response is recorded before its tools run
+and a retried attempt reuses it (the same tool calls, so the same idempotency
+keys); each tool call is journaled before it runs and its result as it returns
+(shared/engine/tools.py). Budgets are checked before each model call.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from shared.db import unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim, StepInput, claim_turn, load_step_input
 from shared.engine.commit import commit_step, release_step
+from shared.engine.journal import StepJournal, load_journal, record_model_response, start_model_call
 from shared.engine.outcome import (
     ChatMessage,
     StepInterrupted,
@@ -37,13 +44,15 @@ from shared.engine.outcome import (
     for_model,
     stopped_outcome,
 )
-from shared.engine.tools import answer_pending, run_tool
+from shared.engine.tools import ToolOutcomeUnknown, answer_pending, pending_call_step, run_tools
 from shared.engine.watch import StepWatch, step_deadline
 from shared.llm import ModelError, ModelResponse, TransientModelError, build_model
 from shared.logs import log_context
+from shared.metrics import BUDGET_STOPS, MODEL_REPLAYS, TOOL_JOURNAL
 from shared.models import TurnStatus
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.turns.budgets import BudgetExceeded
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +154,34 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
 def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list[ChatMessage],
              events: StepEvents, result: StepResult) -> StepResult:
     """Run the step into ``result``, which keeps what was done if the step is interrupted."""
+    resuming = bool(loaded.resume and loaded.pending)
+    call_step = pending_call_step(claim, loaded.pending or {}) if resuming else claim.step
+    journal = load_journal(rt, claim, (claim.step, call_step))
+    try:
+        return _run(rt, agent, claim, loaded, state, events, result, journal)
+    except ToolOutcomeUnknown as unknown:
+        return _outcome_unknown(rt, claim, unknown, state, events, result)
+    except BudgetExceeded as over:
+        BUDGET_STOPS.labels(budget=over.budget).inc()
+        events.add("budget.exceeded", over.as_error())
+        result.status, result.error = TurnStatus.INCOMPLETE, over.as_error()
+        close_tool_calls(state, result.new_messages, f"not run: {over.message}")
+        return result
+
+
+def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list[ChatMessage],
+         events: StepEvents, result: StepResult, journal: StepJournal) -> StepResult:
     if claim.step == 0 and not loaded.resume:
         result.new_messages.append({"role": "user", "content": loaded.input})
     if loaded.resume and loaded.pending:
-        result.new_messages.extend(answer_pending(agent, claim, loaded, events))
+        result.new_messages.extend(answer_pending(agent, claim, loaded, events, journal))
     closing: list[ChatMessage] = []
     if claim.step == 0 and not loaded.resume:
         # A turn that ended while paused (expired, cancelled) left its tool calls unanswered, which
         # chat APIs reject: the prompt answers them; the stored history stays as it happened.
         close_tool_calls(state, closing, "not run: the turn ended before the user answered")
     messages = state + closing + [for_model(m) for m in result.new_messages]
-    model = build_model(agent.model, rt.settings)
-    system: list[ChatMessage] = [{"role": "system", "content": agent.instructions}] if agent.instructions else []
-    events.trace.model_started(model)
-    response: ModelResponse = model.generate(
-        system + messages, [t.schema() for t in agent.tools], events.delta, max_output_tokens=agent.max_output_tokens
-    )
-    events.trace.model_finished(response)
+    response = _model_response(rt, agent, claim, messages, events, journal)
     events.flush(when_due=True)
     result.text = response.text
     result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
@@ -186,15 +206,67 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: 
         # Pause: nothing is held while the user thinks; resume runs the calls (or not) on any worker.
         result.status = TurnStatus.REQUIRES_ACTION
         result.pending = {"reason": "approval" if needs_approval else "question", "tool_calls": calls,
+                          "call_step": claim.step,
                           "needs_approval": [c["id"] for c in needs_approval],
                           "questions": [{"id": c["id"], "question": str(c["arguments"].get("question", ""))}
                                         for c in questions]}
         return result
-    for call in calls:
-        result.new_messages.append(run_tool(agent, claim, loaded, call, events))
+    result.new_messages.extend(run_tools(agent, claim, loaded, calls, events, journal, call_step=claim.step))
     if claim.step + 1 >= agent.max_steps:
         result.status, result.error = TurnStatus.INCOMPLETE, {
             "code": "max_steps", "message": f"the agent used its {agent.max_steps} steps"}
+    return result
+
+
+def _model_response(rt: Runtime, agent: Agent, claim: Claim, messages: list[ChatMessage], events: StepEvents,
+                    journal: StepJournal) -> ModelResponse:
+    """The model's answer for this step: the one an earlier attempt recorded, or a new call, recorded at once."""
+    if journal.response is not None:
+        # Not called again: a new call would invent new tool call ids (new idempotency keys) or other calls.
+        response = journal.response
+        MODEL_REPLAYS.inc()
+        events.add("model.replayed", {"step": claim.step, "attempt": claim.step_attempt,
+                                      "recorded_attempt": journal.response_attempt})
+        events.trace.model_replayed(response, journal.response_attempt)
+        if response.text:
+            events.delta(response.text)  # clients dropped the dead attempt's deltas at step.retrying
+        return response
+    start_model_call(rt, claim, events.check)  # budgets first: over budget, no call is made
+    model = build_model(agent.model, rt.settings)
+    system: list[ChatMessage] = [{"role": "system", "content": agent.instructions}] if agent.instructions else []
+    events.trace.model_started(model)
+    response = model.generate(
+        system + messages, [t.schema() for t in agent.tools], events.delta, max_output_tokens=agent.max_output_tokens
+    )
+    events.trace.model_finished(response)
+    # Before any tool runs: from here on every attempt of this step sees these very tool calls.
+    record_model_response(rt, claim, response)
+    return response
+
+
+def _outcome_unknown(rt: Runtime, claim: Claim, unknown: ToolOutcomeUnknown, state: list[ChatMessage],
+                     events: StepEvents, result: StepResult) -> StepResult:
+    """A non-idempotent call's outcome is unknown: ask (requires_action) or fail, per the setting."""
+    call = unknown.call
+    policy = rt.settings.tool_outcome_unknown
+    result.new_messages.extend(unknown.answered)
+    events.add("tool.outcome_unknown", {"id": call["id"], "name": call["name"], "policy": policy,
+                                        "started_at": unknown.started_at})
+    events.trace.tool_finished(call, "", None, time.monotonic(), journal="unknown", status="unknown")
+    TOOL_JOURNAL.labels(outcome=f"unknown_{'paused' if policy == 'pause' else 'failed'}").inc()
+    detail = (f"tool call {call['id']} ({call['name']}) was started by an attempt that died before its result "
+              "was recorded: it may or may not have taken effect")
+    if policy == "fail":
+        result.status, result.error = TurnStatus.FAILED, {"code": "tool_outcome_unknown", "message": detail,
+                                                          "tool_call": call}
+        close_tool_calls(state, result.new_messages, "not run: the turn failed (a tool's outcome is unknown)")
+        return result
+    result.status = TurnStatus.REQUIRES_ACTION
+    result.pending = {"reason": "tool_outcome_unknown", "tool_calls": unknown.remaining,
+                      "call_step": claim.step if unknown.call_step is None else unknown.call_step,
+                      "unknown": [{**call, "started_at": unknown.started_at, "attempt": unknown.attempt,
+                                   "message": detail}],
+                      "needs_approval": [], "questions": []}
     return result
 
 

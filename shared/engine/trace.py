@@ -73,11 +73,22 @@ class StepTrace:
             "tool_calls": len(response.tool_calls),
         })
 
-    def tool_finished(self, call: dict[str, Any], output: str, error: Any, started: float) -> None:
-        """A tool call ended; ``started`` is its time.monotonic() start."""
+    def model_replayed(self, response: ModelResponse, recorded_attempt: int | None) -> None:
+        """The step reused the response an earlier attempt recorded: no model call was made."""
+        now = time.monotonic()
+        self._add_child("model", "recorded response", now, now, "ok", {
+            "replayed": True, "recorded_attempt": recorded_attempt,
+            "input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens,
+            "finish_reason": response.finish_reason, "tool_calls": len(response.tool_calls),
+        })
+
+    def tool_finished(self, call: dict[str, Any], output: str, error: Any, started: float, *,
+                      journal: str = "ran", status: str | None = None) -> None:
+        """A tool call ended; ``started`` is its time.monotonic() start; ``journal`` what the journal made of it."""
         arguments = json.dumps(call.get("arguments"), default=str)
-        self._add_child("tool", call["name"], started, time.monotonic(), "error" if error else "ok", {
+        self._add_child("tool", call["name"], started, time.monotonic(), status or ("error" if error else "ok"), {
             "call_id": call["id"],
+            "journal": journal,
             "arguments": call.get("arguments") if len(arguments) <= MAX_ARGUMENT_CHARS
             else arguments[:MAX_ARGUMENT_CHARS] + "…",
             "result_chars": len(output),
@@ -127,7 +138,7 @@ class StepTrace:
         if queued_ms is not None:
             metrics.QUEUE_LATENCY.observe(queued_ms / 1000)
         for row in rows:
-            if row.kind == "model":
+            if row.kind == "model" and not row.attributes.get("replayed"):
                 metrics.MODEL_LATENCY.labels(model=row.name).observe(row.duration_ms / 1000)
                 ttft = row.attributes.get("time_to_first_token_ms")
                 if ttft is not None:

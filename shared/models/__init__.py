@@ -5,6 +5,7 @@ holds the whole schema (Alembic and the tests rely on it).
 """
 from shared.models.auth import ApiKey, QueueSample, Tenant, WorkerHeartbeat
 from shared.models.base import Base, BigId, JSONType, new_id
+from shared.models.journal import ModelCall, ToolCall, UsageCounter
 from shared.models.schedules import Schedule
 from shared.models.storage import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
 from shared.models.turns import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, Turn, TurnStatus
@@ -13,6 +14,6 @@ from shared.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEven
 __all__ = [
     "ACTIVE", "TERMINAL", "TurnStatus",
     "AgentSession", "ApiKey", "Base", "BigId", "Checkpoint", "JSONType", "KnowledgeChunk", "KnowledgeDocument",
-    "MemoryItem", "Message", "QueueSample", "Schedule", "Tenant", "TraceSpan", "Turn", "WebhookDelivery",
-    "WebhookEndpoint", "WebhookEvent", "WorkerHeartbeat", "new_id",
+    "MemoryItem", "Message", "ModelCall", "QueueSample", "Schedule", "Tenant", "ToolCall", "TraceSpan", "Turn",
+    "UsageCounter", "WebhookDelivery", "WebhookEndpoint", "WebhookEvent", "WorkerHeartbeat", "new_id",
 ]

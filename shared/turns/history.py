@@ -22,7 +22,9 @@ from shared.models import (
     KnowledgeDocument,
     MemoryItem,
     Message,
+    ModelCall,
     Schedule,
+    ToolCall,
     TraceSpan,
     Turn,
     WebhookEvent,
@@ -66,6 +68,8 @@ class ErasureReport:
     memory_items: int = 0
     knowledge_documents: int = 0
     schedules: int = 0
+    tool_calls: int = 0
+    model_responses: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -75,7 +79,8 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
     """Delete every row of ``who`` and, after commit, their sessions' event logs.
 
     Kept: tenant-wide knowledge (it belongs to the tenant, and carries no user
-    id) and API keys (credentials; revoking them is the operator's call).
+    id), API keys (credentials; revoking them is the operator's call) and the
+    usage counters (numbers only; erasing them would reset the user's budgets).
     Rows are deleted table by table, children first, rather than left to the
     cascade, so the report counts them and nothing of the user's can survive
     in a row whose session is not theirs.
@@ -91,6 +96,8 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
         return rowcount(db.execute(delete(model).where(*clauses).execution_options(synchronize_session=False)))
 
     report.trace_spans = drop(TraceSpan)
+    report.tool_calls = drop(ToolCall)
+    report.model_responses = drop(ModelCall)
     report.messages = drop(Message)
     report.checkpoints = drop(Checkpoint)
     report.turns = drop(Turn)

@@ -18,16 +18,18 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.auth.principal import Principal
+from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
-from shared.db import after_commit
-from shared.errors import BadInput, Conflict, NotFound, RateLimited, TooLarge
+from shared.db import after_commit, unit_of_work
+from shared.errors import BadInput, BudgetExhausted, Conflict, NotFound, RateLimited, TooLarge
+from shared.metrics import BUDGET_REJECTIONS
 from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, TurnStatus
 from shared.paging import page
 from shared.runtime import Runtime
-from shared.turns import transitions
+from shared.turns import budgets, transitions
 
 ON_BUSY = ("enqueue", "reject", "interrupt")
+TOOL_OUTCOMES = ("retry", "skip")
 MAX_PAGE = 100
 # The longest a turn may be delayed (after_seconds / at), and how far in the past `at` may be (clock skew).
 MAX_DELAY_SECONDS = 366 * 86400
@@ -143,6 +145,7 @@ def create_turn(
         if existing is not None:
             return _same_request(existing, session_id, user_input), False
 
+    check_budget(rt, who)
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
     waiting = db.scalars(select(func.count()).select_from(Turn).where(
@@ -229,6 +232,20 @@ def delay_until(after_seconds: Any, at: Any) -> datetime | None:
     return when if when > now else None
 
 
+def check_budget(rt: Runtime, who: Principal) -> None:
+    """429 with the reset time if a token budget of the user or their tenant is spent."""
+    if not budgets.token_limits(rt.settings):
+        return
+    # The system scope: the tenant's total adds up every user's counters.
+    with unit_of_work(rt.sessions, SYSTEM) as sysdb:
+        try:
+            budgets.check_tokens_spent(sysdb, rt.settings, who)
+        except budgets.BudgetExceeded as over:
+            BUDGET_REJECTIONS.inc()
+            wait = (over.resets_at - utcnow()).total_seconds() if over.resets_at else 60.0
+            raise BudgetExhausted(over.message, retry_after=max(1.0, wait)) from None
+
+
 def _turn_by_idempotency_key(db: Session, who: Principal, key: str) -> Turn | None:
     return db.scalars(
         select(Turn).where(Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id,
@@ -282,10 +299,22 @@ def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: di
         and all(isinstance(o, dict) and isinstance(o.get("id"), str) for o in outputs)
     ):
         raise BadInput("'tool_outputs' must be a list of {id, output} objects", field="tool_outputs")
+    outcome = body.get("tool_outcome")
+    if outcome is not None and outcome not in TOOL_OUTCOMES:
+        raise BadInput("'tool_outcome' must be retry or skip", field="tool_outcome")
     pending = turn.pending or {}
+    if pending.get("reason") == "tool_outcome_unknown" and outcome is None:
+        answered = {o["id"] for o in outputs or []}
+        if not {u["id"] for u in pending.get("unknown") or []} <= answered:
+            raise BadInput("this turn waits for a decision on a tool call whose outcome is unknown: send "
+                           "'tool_outcome': 'retry' (run it again) or 'skip' (do not), or its output in "
+                           "'tool_outputs'", field="tool_outcome")
     if pending.get("reason") == "approval" and approve is None:
         raise BadInput("this turn waits for an approval: send 'approve': true or false", field="approve")
     if (pending.get("reason") == "question" or pending.get("questions")) and text is None:
         raise BadInput("this turn waits for an answer: send 'input'", field="input")
-    transitions.resume(db, rt, turn, {"approve": approve, "input": text, "tool_outputs": outputs})
+    answer: dict[str, Any] = {"approve": approve, "input": text, "tool_outputs": outputs}
+    if outcome is not None:
+        answer["tool_outcome"] = outcome
+    transitions.resume(db, rt, turn, answer)
     return turn

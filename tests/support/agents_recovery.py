@@ -60,7 +60,9 @@ def hang(seconds: float) -> str:
     return "woke up"
 
 
-@tool
+# Idempotent, so each attempt runs it again (and dies again) until STEPRUN_MAX_ATTEMPTS: a tool
+# not marked so would, after the first death, pause its turn as tool_outcome_unknown instead.
+@tool(idempotent=True)
 def crash(code: int) -> str:
     """Kill the worker process running this step, as an out-of-memory kill would."""
     os.kill(os.getpid(), signal.SIGKILL)

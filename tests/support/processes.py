@@ -103,11 +103,13 @@ class Procs:
         wait_http(f"{url}/healthz", proc)
         return proc, url
 
-    def worker(self, concurrency: int = 20, env: dict[str, str] | None = None) -> Proc:
-        """`worker` as the Procfile runs it: Celery with the gevent pool."""
+    def worker(self, concurrency: int = 20, env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+        """`worker` as the Procfile runs it: Celery with the gevent pool (``wait``: until it is ready)."""
         proc = self.start("worker", [str(BIN / "celery"), "-A", "workers.celery_app", "worker", "-P", "gevent",
                                      "-c", str(concurrency), "--without-gossip", "--without-mingle",
                                      "--without-heartbeat", "-Q", self.settings.queue_name, "-l", "INFO"], env=env)
+        if not wait:
+            return proc
         deadline = time.time() + 30
         while "ready." not in proc.log():
             if proc.popen.poll() is not None or time.time() > deadline:

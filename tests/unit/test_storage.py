@@ -206,7 +206,7 @@ def test_erase_user_removes_every_row_of_the_user_and_nothing_else(store: Runtim
     counts = "SELECT (SELECT count(*) FROM {t} WHERE user_id = :u)"
     with unit_of_work(store.sessions, SYSTEM) as db:
         for table in ("sessions", "turns", "messages", "checkpoints", "trace_spans", "memory_items",
-                      "knowledge_documents", "knowledge_chunks"):
+                      "knowledge_documents", "knowledge_chunks", "tool_calls", "model_calls"):
             assert db.execute(text(counts.format(t=table)), {"u": gone.user_id}).scalar() == 0, table
         for table in ("sessions", "turns", "memory_items", "knowledge_documents"):
             assert db.execute(text(counts.format(t=table)), {"u": kept.user_id}).scalar() == 1, table

@@ -1,0 +1,247 @@
+"""The step's journal in Postgres: the model's response, and each tool call, written as they happen.
+
+Two records make side effects happen once:
+
+- the model's response (text, tool calls with their ids, usage) is recorded
+  before any of its tools runs; a retried attempt of the step reuses it instead of
+  calling the model again, so it sees the same tool calls with the same ids, and
+  each tool gets the same idempotency key it got the first time;
+- each tool call is journaled: a row committed before the tool runs, its result
+  recorded as soon as it returns. A retried attempt reuses a recorded result; a row
+  a dead attempt left ``started`` is a call whose outcome nobody knows
+  (shared/engine/tools.py decides what to do with it).
+
+Every write is fenced like the step's commit: it first takes a share lock on the
+turn row where ``attempt`` is this attempt's. A zombie attempt (its lease lapsed,
+another claimed the turn) writes nothing and stops; a claim racing a write waits
+for it, so the new attempt reads what the old one recorded.
+
+Budgets are checked in the same transaction that starts a model call
+(shared/turns/budgets.py), and usage is counted in the one that records it.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.auth.principal import SYSTEM
+from shared.clock import utcnow
+from shared.db import database_unavailable, unit_of_work
+from shared.engine.claim import Claim
+from shared.engine.outcome import StepInterrupted, StopReason
+from shared.llm import ModelResponse
+from shared.llm.base import ToolCallRequest, Usage
+from shared.models import ModelCall, ToolCall, Turn
+from shared.runtime import Runtime
+from shared.turns import budgets
+
+log = logging.getLogger(__name__)
+
+# How often a model call waiting near a token budget's end checks again.
+BUDGET_POLL_SECONDS = 0.1
+# Pauses between tries of a journal write while the database is unreachable (about half a minute in
+# all, as for the step's commit): a restart must not cost the work the step did in memory.
+RETRY_DELAYS = (0.25, 0.5, 1.0) + (2.0,) * 14
+
+
+def ride_out_outages(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Retry ``fn`` while the database is unavailable; each journal write is safe to repeat."""
+    @functools.wraps(fn)
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for delay in RETRY_DELAYS:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                log.warning("database unavailable for %s, retrying in %ss: %s", fn.__name__, delay, exc)
+                time.sleep(delay)
+        return fn(*args, **kwargs)
+    return retrying
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A tool call as the journal has it."""
+
+    step: int
+    call_id: str
+    name: str
+    status: str  # started | succeeded | failed | skipped
+    attempt: int
+    runs: int
+    output: str | None
+    error: bool
+    started_at: datetime
+
+
+@dataclass
+class StepJournal:
+    """What earlier attempts of this step (and of the paused step it resumes) left recorded."""
+
+    response: ModelResponse | None = None
+    response_attempt: int | None = None
+    calls: dict[tuple[int, str], JournalEntry] = field(default_factory=dict)
+
+    def entry(self, step: int, call_id: str) -> JournalEntry | None:
+        return self.calls.get((step, call_id))
+
+
+def fenced(db: Session, claim: Claim) -> bool:
+    """True if ``claim`` still holds the turn; holds a share lock on the turn row until the transaction ends."""
+    query = select(Turn.id).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt).with_for_update(read=True)
+    return db.execute(query).first() is not None
+
+
+def _lease_lost() -> StepInterrupted:
+    return StepInterrupted(StopReason.LEASE_LOST)
+
+
+@ride_out_outages
+def load_journal(rt: Runtime, claim: Claim, steps: tuple[int, ...]) -> StepJournal:
+    """The recorded response of this step and the journaled tool calls of ``steps``."""
+    journal = StepJournal()
+    with unit_of_work(rt.sessions, claim.principal) as db:
+        row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step,
+                                                 ModelCall.status == "recorded")).first()
+        if row is not None and row.response is not None:
+            journal.response, journal.response_attempt = response_from_record(row.response), row.attempt
+        for call in db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step.in_(steps))):
+            journal.calls[(call.step, call.call_id)] = JournalEntry(
+                call.step, call.call_id, call.name, call.status, call.attempt, call.runs, call.output, call.error,
+                call.started_at)
+    return journal
+
+
+def response_record(response: ModelResponse) -> dict[str, Any]:
+    return {"text": response.text,
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls],
+            "usage": {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens},
+            "finish_reason": response.finish_reason}
+
+
+def response_from_record(record: dict[str, Any]) -> ModelResponse:
+    usage = record.get("usage") or {}
+    return ModelResponse(
+        text=record.get("text") or "",
+        tool_calls=[ToolCallRequest(c["id"], c["name"], c.get("arguments") or {}) for c in record.get("tool_calls")
+                    or []],
+        usage=Usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)),
+        finish_reason=record.get("finish_reason") or "stop",
+    )
+
+
+@contextmanager
+def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Session]:
+    """A transaction that holds the tenant's budget lock when token budgets are set."""
+    held = []
+    try:
+        with unit_of_work(rt.sessions, scope) as db:
+            if budgets.token_limits(rt.settings):
+                held.append(budgets.lock_tenant(db, claim.principal.tenant_id))
+            yield db
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+
+
+@ride_out_outages
+def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> None:
+    """Check the budgets and mark a model call of this step in flight; wait while the budget is busy.
+
+    Raises :class:`~shared.turns.budgets.BudgetExceeded` when a budget is spent (or
+    stayed busy for STEPRUN_BUDGET_WAIT_SECONDS), StepInterrupted if the lease is lost.
+    ``check`` is called between waits (a cancel stops the wait).
+    """
+    deadline = time.monotonic() + rt.settings.budget_wait_seconds
+    while True:
+        try:
+            # The system scope: a tenant's budget adds up every user's spending.
+            with _budget_transaction(rt, claim, SYSTEM) as db:
+                if not fenced(db, claim):
+                    raise _lease_lost()
+                budgets.check_before_model_call(db, rt.settings, claim.principal, claim.turn_id)
+                row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id,
+                                                         ModelCall.step == claim.step).with_for_update()).first()
+                if row is None:
+                    db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                                     user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
+                                     status="started", calls=1))
+                elif row.attempt != claim.attempt:  # an earlier attempt called the model and died first
+                    row.attempt, row.status, row.started_at = claim.attempt, "started", utcnow()
+                    row.calls += 1
+            return
+        except budgets.BudgetBusy as busy:
+            if time.monotonic() >= deadline:
+                raise budgets.BudgetExceeded(
+                    "busy", 0, 0, None,
+                    f"{busy}: waited STEPRUN_BUDGET_WAIT_SECONDS={rt.settings.budget_wait_seconds:g} s") from None
+            check()
+            time.sleep(BUDGET_POLL_SECONDS)
+
+
+@ride_out_outages
+def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) -> None:
+    """Record the model's answer before its tools run, and count its tokens. StepInterrupted if fenced out."""
+    tokens = response.usage.input_tokens + response.usage.output_tokens
+    with _budget_transaction(rt, claim, claim.principal) as db:
+        if not fenced(db, claim):
+            raise _lease_lost()
+        row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
+                         .with_for_update()).first()
+        if row is not None and row.status == "recorded" and row.attempt == claim.attempt:
+            return  # a repeat after a dropped connection: it landed, and is counted
+        if row is None:
+            row = ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                            user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt, calls=1)
+            db.add(row)
+        row.attempt, row.status, row.response, row.recorded_at = (
+            claim.attempt, "recorded", response_record(response), utcnow())
+        budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
+
+
+@ride_out_outages
+def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], key: str) -> None:
+    """Journal a tool call as started, committed before the tool runs (counted against the tool budget)."""
+    with unit_of_work(rt.sessions, claim.principal) as db:
+        if not fenced(db, claim):
+            raise _lease_lost()
+        budgets.check_tool_calls(db, rt.settings, claim.turn_id)
+        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step == step,
+                                                ToolCall.call_id == call["id"]).with_for_update()).first()
+        if row is None:
+            db.add(ToolCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                            user_id=claim.principal.user_id, step=step, call_id=call["id"],
+                            name=str(call["name"])[:200], idempotency_key=key, attempt=claim.attempt,
+                            status="started", runs=1, error=False))
+        elif row.attempt == claim.attempt and row.status == "started":
+            return  # a repeat after a dropped connection: the start landed
+        else:  # run again: an idempotent tool, or a retry the user chose; the key stays the first one
+            row.attempt, row.status, row.runs, row.started_at = claim.attempt, "started", row.runs + 1, utcnow()
+            row.output, row.finished_at = None, None
+        budgets.count(db, claim.principal, tool_calls=1)
+
+
+@ride_out_outages
+def finish_tool_call(rt: Runtime, claim: Claim, step: int, call_id: str, output: str, error: bool,
+                     status: str | None = None) -> None:
+    """Record a tool call's result as soon as it is known (``status``: succeeded/failed, or skipped)."""
+    with unit_of_work(rt.sessions, claim.principal) as db:
+        if not fenced(db, claim):
+            raise _lease_lost()
+        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step == step,
+                                                ToolCall.call_id == call_id).with_for_update()).first()
+        if row is None:
+            return
+        row.status = status or ("failed" if error else "succeeded")
+        row.output, row.error, row.finished_at, row.attempt = output, error, utcnow(), claim.attempt
