@@ -160,7 +160,7 @@ def create_turn(
         if existing is None:
             raise
         return _same_request(existing, session_id, user_input), False
-    transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, {"input": user_input})])
+    transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, {"input": user_input})])
     if not busy:
         transitions.activate(db, rt, session, turn)
     elif on_busy == "interrupt":

@@ -29,7 +29,7 @@ from shared.db import after_commit
 from shared.metrics import TURNS_FINISHED
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
-from shared.streaming.protocol import encode_event
+from shared.turns.events import Durable, record
 
 
 def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> None:
@@ -55,7 +55,7 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
         data["output"] = turn.output
     if error:
         data["error"] = error
-    publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
+    publish_after_commit(db, rt, session, [(f"turn.{status}", turn.id, data)])
     after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
     if session.active_turn_id == turn.id:
         session.active_turn_id = None
@@ -67,10 +67,12 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
             activate(db, rt, session, nxt)
 
 
-def publish_after_commit(db: Session, rt: Runtime, session_id: str,
-                         events: list[tuple[str, str | None, dict[str, Any] | None]]) -> None:
-    bodies = [encode_event(t, turn_id, data) for t, turn_id, data in events]
-    after_commit(db, lambda: rt.events.append(session_id, bodies))
+def publish_after_commit(db: Session, rt: Runtime, session: AgentSession,
+                         events: list[Durable | tuple[str, str | None, dict[str, Any] | None]],
+                         cursor: int = 0) -> None:
+    """Publish ``events`` once the transaction commits; the durable ones are written in it too
+    (:mod:`shared.turns.events`), so they reach the log even if this publish fails."""
+    record(db, rt, session, events, cursor=cursor)
 
 
 def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) -> None:
@@ -98,7 +100,7 @@ def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: 
     # The scheduler expires the pause at action_expires_at (shared/turns/housekeeping.py).
     turn.status, turn.pending, turn.paused_at, turn.action_expires_at = (
         TurnStatus.REQUIRES_ACTION, pending, now, expires)
-    publish_after_commit(db, rt, session.id, [("turn.requires_action", turn.id, {
+    publish_after_commit(db, rt, session, [("turn.requires_action", turn.id, {
         "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
 
 
