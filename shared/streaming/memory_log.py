@@ -78,6 +78,7 @@ class MemoryEventLog:
             if not c or c < floor:
                 c = max(clock_start(), floor)
                 self._eras[session_id] = c
+                self._ids.pop(session_id, None)  # each era holds each durable event at most once
                 reset = True
             held_ids = self._ids.setdefault(session_id, set())
             last = 0

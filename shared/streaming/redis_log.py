@@ -36,6 +36,8 @@ if current == false or tonumber(current) < floor then
   local start = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), floor)
   redis.call('SET', KEYS[2], string.format('%.0f', start))
   redis.call('SET', KEYS[6], string.format('%.0f', start))
+  -- Each era holds each durable event at most once: a restored snapshot's ids are of the old era.
+  redis.call('DEL', KEYS[5])
   reset = 1
 end
 local c = 0
