@@ -75,9 +75,22 @@ def record(db: Session, rt: Runtime, session: AgentSession, events: Iterable[Dur
         session.event_cursor = cursor
     if not items:
         return
+    # One append per session and transaction: a step's step.completed and the turn's end land
+    # together or not at all, so no republish can put a step's event after its turn's end.
+    pending: dict[str, tuple[list[Durable], Any]] = db.info.setdefault("publish_events", {})
+    held = pending.get(session.id)
+    if held is not None and held[1] in db.info.get("after_commit", []):  # still to run with this commit
+        held[0].extend(items)
+        return
+    batch = list(items)
     owner = Principal(session.tenant_id, session.user_id)
     session_id = session.id
-    after_commit(db, lambda: publish(rt, owner, session_id, items))
+
+    def send() -> None:
+        publish(rt, owner, session_id, batch)
+
+    pending[session.id] = (batch, send)
+    after_commit(db, send)
 
 
 def publish(rt: Runtime, scope: Scope, session_id: str, items: list[Durable]) -> int:
