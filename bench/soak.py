@@ -36,32 +36,62 @@ class Turn(threading.Thread):
         self.url, self.timeout = url, timeout
         self.http = requests.Session()
         self.http.headers["Authorization"] = f"Bearer {key}"
-        self.sid = self.http.post(f"{url}/v1/sessions", json={"agent": agent}, timeout=30).json()["id"]
-        self.turn = self.http.post(f"{url}/v1/sessions/{self.sid}/turns", json={"input": text}, timeout=30).json()
+        self.sid = self._post(f"{url}/v1/sessions", {"agent": agent})["id"]
+        self.turn = self._post(f"{url}/v1/sessions/{self.sid}/turns", {"input": text})
         self.view = TurnView(self.turn["id"])
         self.events: list[dict[str, Any]] = []
         self.arrivals: list[float] = []
         self.in_order = True
         self.gone = 0
+        # Reads of the events route that took over 5 s (it long-polls 2 s), or failed: (seconds, outcome).
+        self.slow_reads: list[tuple[float, str]] = []
+        # The longest time between two reads this client started (the client's own stalls).
+        self.poll_gap, self._last_poll = 0.0, 0.0
+        self.empty_run = self._empty = 0
+        self.errors: dict[int, int] = {}
+
+    def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST, retrying a 5xx or a dropped connection (bounded: 10 tries)."""
+        for _ in range(10):
+            try:
+                r = self.http.post(url, json=body, timeout=30)
+            except requests.RequestException:
+                time.sleep(0.5)
+                continue
+            if r.status_code < 500:
+                assert r.status_code in (200, 201, 202), r.text
+                return dict(r.json())
+            time.sleep(0.5)
+        raise RuntimeError(f"POST {url} kept failing")
 
     def run(self) -> None:
         after, deadline = 0, time.monotonic() + self.timeout
         while not self.view.done and time.monotonic() < deadline:
+            asked = time.monotonic()
+            if self._last_poll:
+                self.poll_gap = max(self.poll_gap, asked - self._last_poll)
+            self._last_poll = asked
             try:
                 r = self.http.get(f"{self.url}/v1/sessions/{self.sid}/events",
                                   params={"after": after, "wait": 2}, timeout=30)
-            except requests.RequestException:
+            except requests.RequestException as exc:
+                self.slow_reads.append((time.monotonic() - asked, type(exc).__name__))
                 time.sleep(0.2)
                 continue
+            if time.monotonic() - asked > 5:
+                self.slow_reads.append((time.monotonic() - asked, str(r.status_code)))
             if r.status_code == 410:
                 self.gone += 1
                 match = READ_ON.search(r.json()["error"]["message"])
                 after = int(match.group(1)) if match else after
                 continue
             if r.status_code != 200:
+                self.errors[r.status_code] = self.errors.get(r.status_code, 0) + 1
                 time.sleep(0.2)
                 continue
             body = r.json()
+            self._empty = 0 if body["data"] else self._empty + 1
+            self.empty_run = max(self.empty_run, self._empty)
             now = time.time()
             for event in body["data"]:
                 if self.events and event["cursor"] <= self.events[-1]["cursor"]:
@@ -71,9 +101,17 @@ class Turn(threading.Thread):
                 self.view.apply(event)
             after = body["next"]
 
-    def longest_gap(self) -> float:
-        times = self.arrivals
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    def longest_gap(self) -> tuple[float, str]:
+        """The longest silence between two events of this turn while it ran, and what it was between."""
+        best, where = 0.0, ""
+        for i in range(1, len(self.arrivals)):
+            gap = self.arrivals[i] - self.arrivals[i - 1]
+            if gap > best:
+                a, b = self.events[i - 1], self.events[i]
+                best, where = gap, (f"{a['type']} (step {a['data'].get('step')}) -> {b['type']} "
+                                    f"(step {b['data'].get('step')}, attempt {b['data'].get('attempt')}; "
+                                    f"{b['ts'] - a['ts']:.2f} s apart as written)")
+        return best, where
 
 
 def pct(values: list[float], p: float) -> float:
@@ -87,7 +125,9 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int) -
     rng = random.Random(seed)
     defaults = Settings()
     config = StackConfig(workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
-                         agent_options=dict(ttft=0.02, tps=60, words=60, stream_words=1500, stream_tps=300.0))
+                         agent_options=dict(ttft=0.02, tps=60, words=60, stream_words=1500, stream_tps=300.0),
+                         # Every client shares one key: its polling must not be what the soak measures.
+                         extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0"})
     stack = Stack(config)
     stack.start()
     turns: list[Turn] = []
@@ -142,17 +182,33 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
         gaps.append(t.longest_gap())
         for e in t.events:
             if e["type"] == "step.retrying" and "lease" in e["data"].get("reason", ""):
-                before = [k for k in kill_times if k <= e["ts"]]
-                if before:
-                    resumes.append(e["ts"] - before[-1])
+                # The kill that ended the dead attempt: the first after its last event.
+                step, dead = e["data"]["step"], e["data"]["attempt"] - 1
+                last = max((x["ts"] for x in t.events if x["data"].get("step") == step
+                            and x["data"].get("attempt") == dead), default=None)
+                after = [k for k in kill_times if last is not None and last - 0.3 <= k <= e["ts"]]
+                if after:
+                    resumes.append(e["ts"] - after[0])
     total = len(turns)
+    slow = sorted((r for t in turns for r in t.slow_reads), reverse=True)
+    if slow:
+        print(f"slow or failed event reads: {len(slow)}; worst: " + ", ".join(f"{s:.1f} s {o}" for s, o in slow[:5]))
     print(f"turns: {total} started, {completed} completed, {exact} exact (text == output)")
     print(f"events exact per the client rule (in order, nothing stale, terminal seen, text exact): "
           f"{events_exact}/{total}")
     print(f"kills: {len(kill_times)}; killed steps resumed: {len(resumes)}; kill-to-resume p50 "
           f"{pct(resumes, 50):.2f} s, p99 {pct(resumes, 99):.2f} s, max {max(resumes, default=0):.2f} s")
-    print(f"longest client-visible gap: {max(gaps, default=0):.2f} s "
-          f"(median per turn {statistics.median(gaps) if gaps else 0:.2f} s)")
+    errors: dict[int, int] = {}
+    for t in turns:
+        for code, count in t.errors.items():
+            errors[code] = errors.get(code, 0) + count
+    print(f"event reads answered other than 200/410: {errors or 'none'}")
+    print(f"410s told to clients: {sum(t.gone for t in turns)}; empty reads in a row, longest: "
+          f"{max((t.empty_run for t in turns), default=0)}")
+    print(f"longest pause between a client's reads: {max((t.poll_gap for t in turns), default=0):.2f} s")
+    worst = max(gaps, default=(0.0, ""))
+    print(f"longest client-visible gap: {worst[0]:.2f} s, {worst[1]} "
+          f"(median of each turn's longest: {statistics.median(g for g, _ in gaps) if gaps else 0:.2f} s)")
     return 0 if exact == completed == events_exact == total else 1
 
 

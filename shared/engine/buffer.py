@@ -55,6 +55,7 @@ class StepEvents:
         self._flush_lock = threading.Lock()
         self._last_flush = 0.0
         self._retry_at = 0.0
+        self._holding = False
         self.text = ""
         self.stop_reason: StopReason | None = None
         # True while a tool runs: a cancel waits for it instead of interrupting it.
@@ -113,7 +114,13 @@ class StepEvents:
                     self._pending = []  # a zombie's events never reach a client
                     return False
                 if time.monotonic() > self.lease_valid_until:
-                    return False  # not sure the lease is ours: hold them until the heartbeat knows
+                    # Not sure the lease is ours: hold them until the heartbeat knows.
+                    if not self._holding:
+                        self._holding = True
+                        log.warning("turn %s step %s: holding %d events until a heartbeat vouches for the lease",
+                                    self.claim.turn_id, self.claim.step, len(self._pending))
+                    return False
+                self._holding = False
                 batch, self._pending = self._pending, []
                 self._last_flush = time.monotonic()
             if not batch:
