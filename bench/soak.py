@@ -172,11 +172,16 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {stack.key}"
     completed = exact = events_exact = 0
+    statuses: dict[str, int] = {}
+    reasons: list[str] = []
     resumes: list[float] = []
     gaps: list[float] = []
     for t in turns:
         final = http.get(f"{stack.url}/v1/turns/{t.turn['id']}", timeout=30).json()
         completed += final["status"] == "completed"
+        statuses[final["status"]] = statuses.get(final["status"], 0) + 1
+        if final["status"] != "completed":
+            reasons.append(f"{final['status']}: {(final.get('error') or {}).get('message', '')[:160]}")
         exact += final["status"] == "completed" and t.view.text == final["output"]
         events_exact += t.view.done and t.view.stale == 0 and t.in_order and t.view.text == final["output"]
         gaps.append(t.longest_gap())
@@ -194,6 +199,8 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
     if slow:
         print(f"slow or failed event reads: {len(slow)}; worst: " + ", ".join(f"{s:.1f} s {o}" for s, o in slow[:5]))
     print(f"turns: {total} started, {completed} completed, {exact} exact (text == output)")
+    if reasons:
+        print(f"statuses: {statuses}; not completed: " + " | ".join(reasons[:5]))
     print(f"events exact per the client rule (in order, nothing stale, terminal seen, text exact): "
           f"{events_exact}/{total}")
     print(f"kills: {len(kill_times)}; killed steps resumed: {len(resumes)}; kill-to-resume p50 "
