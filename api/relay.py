@@ -63,7 +63,7 @@ class LogUnavailable(StreamEnded):
 
 def gone_message(session_id: str, cursor: int, since: int | None = None) -> str:
     where = (f"the log continues after cursor {since} (stream with after={since}: it replays each recent "
-             "step's committed text and each turn's end); " if since else "")
+             "step's committed text and each turn's end); " if since is not None else "")
     return (f"events after cursor {cursor} are no longer kept; {where}read the history at "
             f"/v1/sessions/{session_id}/messages, or stream from now on (omit 'after')")
 
