@@ -1,4 +1,4 @@
-.PHONY: setup dev test test-fast lint bench migrate
+.PHONY: setup dev test test-fast lint bench soak migrate
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,3 +29,7 @@ bench:
 
 migrate:
 	$(VENV)/bin/steprun migrate
+
+# SIGKILL workers N times under multi-step tool turns and long streams (bench/soak.py); SOAK_ARGS="--kills 10".
+soak:
+	$(PY) -m bench.soak $(SOAK_ARGS)

@@ -20,13 +20,16 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from shared.auth.principal import Scope
 from shared.metrics import track_stream
+from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.streaming.protocol import EventLog
+from shared.turns.events import republish_session
 
 log = logging.getLogger(__name__)
 # How often a waiting stream re-reads the log even if no doorbell rang (a lost ring costs this much delay).
@@ -58,9 +61,23 @@ class LogUnavailable(StreamEnded):
     reason = "unavailable"
 
 
-def gone_message(session_id: str, cursor: int) -> str:
-    return (f"events after cursor {cursor} are no longer kept; read the history at "
-            f"/v1/sessions/{session_id}/messages and stream from now on (omit 'after')")
+def gone_message(session_id: str, cursor: int, since: int | None = None) -> str:
+    where = (f"the log continues after cursor {since} (stream with after={since}: it replays each recent "
+             "step's committed text and each turn's end); " if since is not None else "")
+    return (f"events after cursor {cursor} are no longer kept; {where}read the history at "
+            f"/v1/sessions/{session_id}/messages, or stream from now on (omit 'after')")
+
+
+def recover_gone(rt: Runtime, who: Scope, session_id: str, after: int) -> str:
+    """A reader found its cursor gone: put the session's durable events back in the log (each once),
+    and say where to read on. The message of the 410 / close frame."""
+    try:
+        republish_session(rt, who, session_id)
+        since = rt.events.read(session_id, after, 1).since
+    except Exception:  # noqa: BLE001 - Redis or Postgres away: the client is still told, without a cursor
+        log.warning("session %s: republishing for a gone cursor failed", session_id, exc_info=True)
+        since = None
+    return gone_message(session_id, after, since)
 
 
 @dataclass
@@ -125,8 +142,11 @@ def coalesce(frames: list[Frame]) -> list[Frame]:
 class LogFollower:
     """One client's position in one session's log: what it was sent, what it gets next."""
 
-    def __init__(self, events: EventLog, session_id: str, after: int, settings: Settings):
+    def __init__(self, events: EventLog, session_id: str, after: int, settings: Settings,
+                 recover: Callable[[int], str] | None = None):
         self.events, self.session_id = events, session_id
+        # Called with a cursor found gone: republishes what it can and returns the message to send.
+        self.recover = recover
         # Every event in (low, position] was sent to this client or skipped at its request; nothing
         # outside it was sent. A client may ask for older events (below low), never for these again.
         self.position = after
@@ -142,7 +162,7 @@ class LogFollower:
         if batch is None:
             return []
         if batch.gone:
-            raise CursorGone(self.position, gone_message(self.session_id, self.position))
+            raise CursorGone(self.position, self._gone_message(self.position))
         now = time.monotonic()
         if len(batch.events) < self.batch:
             self.caught_up_at = now
@@ -158,8 +178,11 @@ class LogFollower:
         if batch is None:
             return []
         if batch.gone:
-            raise CursorGone(self.position, gone_message(self.session_id, after))
+            raise CursorGone(self.position, self._gone_message(after))
         return [f for f in map(parse_frame, batch.events) if f.cursor <= self.low]
+
+    def _gone_message(self, after: int) -> str:
+        return self.recover(after) if self.recover else gone_message(self.session_id, after)
 
     def sent(self, cursor: int) -> None:
         """Record that the event with ``cursor`` reached the client's socket."""
@@ -207,7 +230,8 @@ def sse_frame(frame: Frame) -> str:
     return f"id: {frame.cursor}\nevent: {frame.type}\ndata: {frame.text}\n\n"
 
 
-def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any) -> Iterator[str]:
+def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any,
+               recover: Callable[[int], str] | None = None) -> Iterator[str]:
     """The body of an SSE response: events after ``after``, then live, with heartbeats.
 
     Each ``yield`` returns only once the server has written the chunk, so the
@@ -218,11 +242,12 @@ def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings
     STEPRUN_SSE_HEARTBEAT_SECONDS).
     """
     with track_stream("sse"):  # open for exactly as long as this body runs, whichever way it ends
-        yield from _sse_body(events, session_id, after, settings, sock)
+        yield from _sse_body(events, session_id, after, settings, sock, recover)
 
 
-def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any) -> Iterator[str]:
-    follower = LogFollower(events, session_id, after, settings)
+def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any,
+              recover: Callable[[int], str] | None) -> Iterator[str]:
+    follower = LogFollower(events, session_id, after, settings, recover)
     heartbeat = max(0.05, settings.sse_heartbeat_seconds)
     previous_timeout = bound_socket(sock, settings)
     try:

@@ -7,6 +7,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.context import db, float_arg, int_arg, json_body, principal, runtime
 from api.openapi import AFTER_INT, LIMIT, OBJ, SID, WAIT, RouteDocs, header, op, page, query, ref
+from api.relay import recover_gone
 from api.serialize import message_json, session_json, turn_json
 from shared.errors import Gone
 from shared.streaming.protocol import MAX_CURSOR
@@ -114,8 +115,7 @@ def list_events(session_id: str) -> Response:
     db().close()  # never hold a connection while waiting
     batch = rt.events.wait(session_id, after, wait, limit) if wait else rt.events.read(session_id, after, limit)
     if batch.gone:
-        raise Gone(f"events after cursor {after} are no longer kept; read the history at "
-                   f"/v1/sessions/{session_id}/messages and stream from now on (omit 'after')")
+        raise Gone(recover_gone(rt, principal(), session_id, after))
     # Events are stored as JSON text: spliced, never decoded and re-encoded.
     body = '{"data":[' + ",".join(batch.events) + '],"next":' + str(batch.next) + "}"
     return Response(body, mimetype="application/json")

@@ -25,7 +25,7 @@ from api.auth import accepts_stream_token, enforce_rate_limit
 from api.context import db, int_arg, principal, runtime
 from api.input_gate import ascii_int
 from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
-from api.relay import gone_message, sse_stream
+from api.relay import recover_gone, sse_stream
 from api.serialize import ts
 from api.websocket import WebSocketStream, close_all_for_restart
 from shared.auth.stream_tokens import mint_stream_token
@@ -105,10 +105,12 @@ def stream_events(session_id: str) -> Response:
     rt = runtime()
     _own_session(session_id)
     after = _start_cursor(session_id, header=True)
+    who = principal()
     if after and rt.events.read(session_id, after, 1).gone:
-        raise Gone(gone_message(session_id, after))
+        raise Gone(recover_gone(rt, who, session_id, after))
     raw_socket = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    body = _until_restart(sse_stream(_RestartableLog(rt.events), session_id, after, rt.settings, raw_socket), after)
+    body = _until_restart(sse_stream(_RestartableLog(rt.events), session_id, after, rt.settings, raw_socket,
+                                     lambda cursor: recover_gone(rt, who, session_id, cursor)), after)
     return Response(body, mimetype="text/event-stream", headers={
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream

@@ -17,10 +17,15 @@ Replies have no ``cursor``; events always do.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import queue
+import socket
+import struct
+import termios
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +35,16 @@ from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 
 from api.input_gate import parse_json
-from api.relay import POLL_SECONDS, CursorGone, Frame, LogFollower, StreamEnded, bound_socket
+from api.relay import (
+    POLL_SECONDS,
+    CursorGone,
+    Frame,
+    LogFollower,
+    SlowConsumer,
+    StreamEnded,
+    bound_socket,
+    recover_gone,
+)
 from api.serialize import turn_json
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
@@ -66,6 +80,24 @@ def close_all_for_restart() -> int:
     return len(streams)
 
 
+def unsent_bytes(sock: Any) -> int | None:
+    """Bytes written to ``sock`` that the peer has not acknowledged yet (Linux TIOCOUTQ); None if unknown."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int(struct.unpack("i", raw)[0])
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def send_room(sock: Any) -> int:
+    """How many unacknowledged bytes a frame may join without the write blocking: half the send buffer
+    (the kernel counts its own overhead in SO_SNDBUF), so a close frame always fits beside them."""
+    try:
+        return max(8192, int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)) // 2)
+    except (OSError, AttributeError):
+        return 1 << 20
+
+
 class _SerialSocket:
     """The connection's socket with whole-frame writes, one at a time.
 
@@ -94,7 +126,8 @@ class WebSocketStream:
                  rate_limit: Callable[[Principal], None]):
         self.ws, self.rt, self.who, self.session_id = ws, rt, who, session_id
         self.settings = rt.settings
-        self.follower = LogFollower(rt.events, session_id, after, rt.settings)
+        self.follower = LogFollower(rt.events, session_id, after, rt.settings,
+                                    lambda cursor: recover_gone(rt, who, session_id, cursor))
         self.rate_limit = rate_limit
         self.replies: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=REPLY_QUEUE)
         self.closing = False
@@ -297,11 +330,35 @@ class WebSocketStream:
         follower.low = min(follower.low, after)
 
     def _send_event(self, frame: Frame) -> None:
+        self._await_room(len(frame.text))
         self.ws.send(frame.text)
         self.follower.sent(frame.cursor)
 
     def _send_json(self, value: dict[str, Any]) -> None:
-        self.ws.send(json.dumps(value, separators=(",", ":")))
+        text = json.dumps(value, separators=(",", ":"))
+        self._await_room(len(text))
+        self.ws.send(text)
+
+    def _await_room(self, size: int) -> None:
+        """Wait until a frame of ``size`` bytes can be written without blocking.
+
+        A client that stops reading fills the kernel's send buffer; a write into a full one
+        blocks, and one that times out leaves part of a frame on the wire, after which no close
+        frame can be sent. So the writer never writes into a full buffer: it waits here, and a
+        client that makes no room for STEPRUN_STREAM_SLOW_SECONDS is closed with 4000
+        ``{"reason": "slow_consumer", "cursor": ...}``, which always fits.
+        """
+        sock = self.ws.sock
+        room = send_room(sock)
+        deadline = time.monotonic() + self.settings.stream_slow_seconds
+        while True:
+            unsent = unsent_bytes(sock)
+            if unsent is None or unsent == 0 or unsent + size <= room:
+                return
+            if time.monotonic() >= deadline:
+                raise SlowConsumer(self.follower.position, "the client stopped reading; reconnect with the "
+                                                           "cursor to continue")
+            time.sleep(0.05)
 
     def _close(self, code: int, reason: str, cursor: int) -> None:
         message = json.dumps({"reason": reason, "cursor": cursor}, separators=(",", ":"))

@@ -48,6 +48,8 @@ class StackConfig:
     agent_options: dict = field(default_factory=dict)
     # "": the Procfile's processes exactly. Else proposed fixes patched in (bench/whatif.py).
     whatif: str = ""
+    # More STEPRUN_* settings for every served process (e.g. the soak turns the rate limit off).
+    extra_env: dict = field(default_factory=dict)
 
 
 class Proc:
@@ -193,6 +195,7 @@ class Stack:
             PYTHONUNBUFFERED="1",
             BENCH_WHATIF=c.whatif,
         )
+        env.update(c.extra_env)
         if c.db_pool is not None:
             env["STEPRUN_DB_POOL_SIZE"] = str(c.db_pool)
         if c.db_overflow is not None:

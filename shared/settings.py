@@ -69,19 +69,26 @@ class Settings:
 
     # Workers and recovery.
     lease_seconds: float = _setting(
-        "STEPRUN_LEASE_SECONDS", 30.0, "A running step's lease; a worker silent this long is presumed dead."
+        "STEPRUN_LEASE_SECONDS", 6.0,
+        "A running step's lease; a worker silent this long is presumed dead and its step resumes elsewhere "
+        "(the heartbeat keeps a long step's lease; a zombie commits and streams nothing: both are fenced).",
     )
     heartbeat_seconds: float = _setting(
-        "STEPRUN_HEARTBEAT_SECONDS", 5.0, "How often a running step extends its lease."
+        "STEPRUN_HEARTBEAT_SECONDS", 1.5,
+        "How often a running step extends its lease (keep it well under the lease: 4 beats per lease by default).",
     )
     max_attempts: int = _setting(
-        "STEPRUN_MAX_ATTEMPTS", 3, "Attempts per step before the turn fails."
+        "STEPRUN_MAX_ATTEMPTS", 5,
+        "Attempts of one step that may die (worker killed, lease lost) before the turn fails with max_attempts.",
     )
     lost_task_seconds: float = _setting(
-        "STEPRUN_LOST_TASK_SECONDS", 60.0,
+        "STEPRUN_LOST_TASK_SECONDS", 6.0,
         "A turn waiting for a worker this long with no claim is re-enqueued (its task may be lost).",
     )
-    sweep_interval: float = _setting("STEPRUN_SWEEP_INTERVAL", 2.0, "Seconds between scheduler sweeps.")
+    sweep_interval: float = _setting(
+        "STEPRUN_SWEEP_INTERVAL", 1.0,
+        "Seconds between scheduler sweeps (expired leases, lost tasks, unpublished events).",
+    )
     step_time_limit: float = _setting(
         "STEPRUN_STEP_TIME_LIMIT", 600.0, "Hard cap on one step (model call plus tools), seconds."
     )

@@ -4,6 +4,14 @@ The event log (Redis) may vanish and come back at any time: events that cannot
 be appended are kept and sent with the next flush, so a Redis outage never fails
 the turn. Every append also reports the turn's cancel flag, which is how a
 streaming step notices a cancel without polling.
+
+Every event of a step carries its ``step`` and ``attempt``. Appends are fenced
+(:class:`~shared.streaming.protocol.Fence`, the turn's fencing number): once a
+newer attempt wrote, or the turn ended, this attempt's appends are refused whole
+and the step stops as a zombie. And the buffer flushes only while the lease is
+known to be held: a worker frozen past its lease (SIGSTOP, a long GC pause)
+holds its events until the heartbeat has found out whether the lease is still
+its own, so it never writes as a zombie in the first place.
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ from shared.engine.claim import Claim
 from shared.engine.outcome import StepInterrupted, StopReason
 from shared.engine.trace import StepTrace
 from shared.runtime import Runtime
-from shared.streaming.protocol import encode_event
+from shared.streaming.protocol import DURABLE_TYPES, Fence, Fenced, encode_event
+from shared.turns.events import Durable, republish_session
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +37,25 @@ EVENT_LOG_RETRY_SECONDS = 1.0
 class StepEvents:
     """Events of a running step: deltas coalesced, flushed in batches of one round trip."""
 
-    def __init__(self, rt: Runtime, claim: Claim):
+    def __init__(self, rt: Runtime, claim: Claim, *, claimed_at: float | None = None, floor: int = 0):
         self.rt, self.claim = rt, claim
         self.interval = rt.settings.delta_flush_seconds
-        self._pending: list[str] = []
+        # (id, body): durable events (tool.call, tool.result) have an id, so the log takes them once.
+        self._pending: list[tuple[str, str]] = []
+        # This attempt's durable events, written with its commit.
+        self.durable: list[Durable] = []
+        self._fence = Fence(claim.turn_id, claim.attempt)
+        # The highest cursor the log is known to have issued (Postgres's, then this step's appends).
+        self.high = floor
+        # time.monotonic() until which the lease is surely still this attempt's: the claim's lease,
+        # extended by each heartbeat (StepWatch.note_lease), less a margin for clock and latency.
+        self.lease_valid_until = (claimed_at if claimed_at is not None else time.monotonic()) + self._lease_span()
         self._delta: list[str] = []
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._last_flush = 0.0
         self._retry_at = 0.0
+        self._holding = False
         self.text = ""
         self.stop_reason: StopReason | None = None
         # True while a tool runs: a cancel waits for it instead of interrupting it.
@@ -44,10 +63,24 @@ class StepEvents:
         # The step's spans, written with its commit (shared/engine/trace.py).
         self.trace = StepTrace(rt, claim)
 
+    def _lease_span(self) -> float:
+        settings = self.rt.settings
+        return settings.lease_seconds - min(settings.heartbeat_seconds, settings.lease_seconds / 4)
+
+    def note_lease(self, beat_started: float) -> None:
+        """A heartbeat that started at ``beat_started`` (time.monotonic()) extended the lease."""
+        self.lease_valid_until = max(self.lease_valid_until, beat_started + self._lease_span())
+
     def add(self, type_: str, data: dict[str, Any]) -> None:
+        data = {**data, "step": self.claim.step, "attempt": self.claim.step_attempt}
         with self._lock:
             self._take_delta()
-            self._pending.append(encode_event(type_, self.claim.turn_id, data))
+            if type_ in DURABLE_TYPES:
+                event = Durable.new(type_, self.claim.turn_id, data)
+                self.durable.append(event)
+                self._pending.append((event.id, event.body))
+            else:
+                self._pending.append(("", encode_event(type_, self.claim.turn_id, data)))
 
     def delta(self, text: str) -> None:
         self.check()
@@ -61,9 +94,9 @@ class StepEvents:
     def _take_delta(self) -> None:
         if self._delta:
             # step and attempt let a client drop what an earlier attempt of this step streamed.
-            self._pending.append(encode_event("message.delta", self.claim.turn_id,
-                                              {"text": "".join(self._delta), "step": self.claim.step,
-                                               "attempt": self.claim.step_attempt}))
+            self._pending.append(("", encode_event("message.delta", self.claim.turn_id,
+                                                   {"text": "".join(self._delta), "step": self.claim.step,
+                                                    "attempt": self.claim.step_attempt})))
             self._delta = []
 
     def flush(self, when_due: bool = False) -> bool:
@@ -77,22 +110,50 @@ class StepEvents:
         with self._flush_lock:  # one append at a time keeps the events in order
             with self._lock:
                 self._take_delta()
-                bodies, self._pending = self._pending, []
+                if self.stop_reason == StopReason.LEASE_LOST:
+                    self._pending = []  # a zombie's events never reach a client
+                    return False
+                if time.monotonic() > self.lease_valid_until:
+                    # Not sure the lease is ours: hold them until the heartbeat knows.
+                    if not self._holding:
+                        self._holding = True
+                        log.warning("turn %s step %s: holding %d events until a heartbeat vouches for the lease",
+                                    self.claim.turn_id, self.claim.step, len(self._pending))
+                    return False
+                self._holding = False
+                batch, self._pending = self._pending, []
                 self._last_flush = time.monotonic()
-            if not bodies:
+            if not batch:
                 return True
             try:
-                _, cancelled = self.rt.events.append(self.claim.session_id, bodies,
-                                                     cancel_turn_id=self.claim.turn_id)
+                done = self.rt.events.append_events(
+                    self.claim.session_id, [b for _, b in batch], ids=[i for i, _ in batch], fence=self._fence,
+                    floor=self.high, cancel_turn_id=self.claim.turn_id)
+            except Fenced:
+                log.warning("turn %s step %s: attempt %s is fenced out of the event log (a newer attempt "
+                            "took over); dropping %d events", self.claim.turn_id, self.claim.step,
+                            self.claim.attempt, len(batch))
+                self.stop_reason = StopReason.LEASE_LOST
+                return False
             except Exception as exc:  # noqa: BLE001 - Redis down: keep the events, the step goes on
                 with self._lock:
-                    self._pending[:0] = bodies
+                    self._pending[:0] = batch
                     self._retry_at = time.monotonic() + EVENT_LOG_RETRY_SECONDS
                 log.warning("turn %s: event log unavailable, holding %d events: %s",
-                            self.claim.turn_id, len(bodies), exc)
+                            self.claim.turn_id, len(batch), exc)
                 return False
-            if cancelled and self.stop_reason is None:
+            self.high = max(self.high, done.last)
+            if done.cancelled and self.stop_reason is None:
                 self.stop_reason = StopReason.CANCELLED
+            if done.reset:
+                # The log lost events (Redis lost its data, or came back from an older snapshot):
+                # put the session's committed events back, for the clients now told 410.
+                try:
+                    self.high = max(self.high, republish_session(self.rt, self.claim.principal,
+                                                                 self.claim.session_id))
+                except Exception:  # noqa: BLE001 - the sweep and readers republish too
+                    log.warning("turn %s: republishing after an event log reset failed", self.claim.turn_id,
+                                exc_info=True)
             return True
 
     def check(self) -> None:

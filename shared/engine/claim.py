@@ -53,6 +53,8 @@ class StepInput:
     retry_reason: str | None
     # The session's history as of the latest checkpoint.
     history: tuple[ChatMessage, ...]
+    # The highest cursor the session's event log is known to have issued (the floor of its appends).
+    event_cursor: int = 0
 
 
 def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float) -> Claim | None:
@@ -104,4 +106,5 @@ def load_step_input(db: Session, claim: Claim, turn_time_limit: float) -> StepIn
         input=turn.input, resume=turn.resume, pending=turn.pending, cancel=turn.cancel_requested,
         deadline_at=turn.deadline_at, retry_reason=turn.retry_reason,
         history=tuple(checkpoint.state["messages"]) if checkpoint else (),
+        event_cursor=session.event_cursor or 0,
     )

@@ -86,8 +86,11 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
         turn.resume = None
         turn.pending = result.pending
         session.updated_at = utcnow()
-        transitions.publish_after_commit(db, rt, session.id, [
-            ("step.completed", turn.id, {"step": claim.step, "attempt": claim.step_attempt, "usage": result.usage})])
+        # The step's durable events commit with it (shared/turns/events.py): its tool calls and
+        # results, and step.completed with the step's text, which is what a client keeps.
+        transitions.publish_after_commit(db, rt, session, [*events.durable, (
+            "step.completed", turn.id, {"step": claim.step, "attempt": claim.step_attempt, "usage": result.usage,
+                                        "text": result.text})], cursor=events.high)
         status = result.status
         if status == TurnStatus.IN_PROGRESS and turn.cancel_requested:
             status = TurnStatus.CANCELLED

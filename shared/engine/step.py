@@ -73,6 +73,7 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         rt.queue.enqueue_step(turn_id, step)
         return StepOutcome.PASSED_ON
     # The claim looks a turn up by id alone: the one cross-tenant read of a step.
+    claimed_at = time.monotonic()  # the lease runs from (no earlier than) here
     with unit_of_work(rt.sessions, SYSTEM) as db:
         claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
     if claim is None:
@@ -84,7 +85,7 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         return StepOutcome.ZOMBIE  # deleted under us: nothing to commit to
     state = list(loaded.history)
     agent = rt.agents.get(loaded.agent_name)
-    events = StepEvents(rt, claim)
+    events = StepEvents(rt, claim, claimed_at=claimed_at, floor=loaded.event_cursor)
     last_failure = loaded.retry_reason or "the previous attempt did not finish"
     if claim.step_attempt > rt.settings.max_attempts:
         reason = (f"step {step} failed {claim.step_attempt - 1} times (STEPRUN_MAX_ATTEMPTS="

@@ -91,7 +91,9 @@ class StepWatch:
         next_beat = time.monotonic() + settings.heartbeat_seconds
         while not self._done.wait(0.25):
             now = time.monotonic()
-            if now >= next_beat:
+            # Beat at once when the lease is no longer vouched for (e.g. after a freeze).
+            last_beat = next_beat - settings.heartbeat_seconds
+            if now >= next_beat or (now > self.events.lease_valid_until and now - last_beat >= 0.5):
                 next_beat = now + settings.heartbeat_seconds
                 self._duty("heartbeat", self._heartbeat)
             self._duty("limits", lambda: self._enforce(time.monotonic()))
@@ -100,7 +102,9 @@ class StepWatch:
         next_cancel_check = time.monotonic() + 0.25
         while not self._done.wait(self.events.interval):
             now = time.monotonic()
-            if self.events.pending_count():
+            # Heartbeat before flush: after a freeze (SIGSTOP, a stalled host) the flush holds its
+            # events until a beat has shown the lease is still this attempt's (StepEvents.flush).
+            if self.events.pending_count() and now <= self.events.lease_valid_until:
                 self._duty("flush", lambda: self.events.flush(when_due=True))
             if now >= next_cancel_check:
                 next_cancel_check = now + 0.25
@@ -120,6 +124,7 @@ class StepWatch:
             self.events.stop_reason = StopReason.CANCELLED
 
     def _heartbeat(self) -> None:
+        started = time.monotonic()
         # Extend only a lease this attempt still holds for this step: a beat that lands after
         # the step's commit, its hand-back or the sweep's takeover must not revive the lease
         # (the next step's claim would wait for it to run out).
@@ -133,7 +138,10 @@ class StepWatch:
             ).first()
         if row is None:
             self.events.stop_reason = StopReason.LEASE_LOST
-        elif row.cancel_requested and self.events.stop_reason is None:
+            return
+        # Flushes go on only while a beat vouches for the lease (see shared.engine.buffer).
+        self.events.note_lease(started)
+        if row.cancel_requested and self.events.stop_reason is None:
             self.events.stop_reason = StopReason.CANCELLED
 
     def _enforce(self, now: float) -> None:

@@ -8,12 +8,12 @@ from shared.models.base import Base, BigId, JSONType, new_id
 from shared.models.journal import ModelCall, ToolCall, UsageCounter
 from shared.models.schedules import Schedule
 from shared.models.storage import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
-from shared.models.turns import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, Turn, TurnStatus
+from shared.models.turns import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, StreamEvent, Turn, TurnStatus
 from shared.models.webhooks import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "ACTIVE", "TERMINAL", "TurnStatus",
     "AgentSession", "ApiKey", "Base", "BigId", "Checkpoint", "JSONType", "KnowledgeChunk", "KnowledgeDocument",
-    "MemoryItem", "Message", "ModelCall", "QueueSample", "Schedule", "Tenant", "ToolCall", "TraceSpan", "Turn",
-    "UsageCounter", "WebhookDelivery", "WebhookEndpoint", "WebhookEvent", "WorkerHeartbeat", "new_id",
+    "MemoryItem", "Message", "ModelCall", "QueueSample", "Schedule", "StreamEvent", "Tenant", "ToolCall", "TraceSpan",
+    "Turn", "UsageCounter", "WebhookDelivery", "WebhookEndpoint", "WebhookEvent", "WorkerHeartbeat", "new_id",
 ]

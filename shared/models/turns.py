@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.clock import utcnow
@@ -50,6 +50,9 @@ class AgentSession(Base):
     # The turn that owns the session right now (running or paused); NULL when idle.
     active_turn_id: Mapped[str | None] = mapped_column(String(40))
     turn_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The highest event cursor the session's log is known to have issued: an event log found
+    # below it (Redis restored from an older snapshot) starts a new era above it (shared/streaming).
+    event_cursor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -145,3 +148,32 @@ class Message(Base):
     # "complete", or "cancelled" for the partial output of a cancelled step.
     status: Mapped[str] = mapped_column(String(20), default="complete")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StreamEvent(Base):
+    """An event that changes what a client believes (DESIGN section 5), kept with the commit that made it.
+
+    Written in the same transaction as the step (or status change) it reports, so it
+    exists exactly when that change does; published to the session's event log after
+    the commit and republished from here whenever the log may have lost it
+    (``published_at`` NULL, a Redis that lost its data, a reader finding its cursor gone).
+    The log appends each id at most once.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_session", "session_id", "created_at"),
+        Index("ix_events_unpublished", "created_at", postgresql_where=text("published_at IS NULL"),
+              sqlite_where=text("published_at IS NULL")),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ev"))
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(256))
+    turn_id: Mapped[str | None] = mapped_column(String(40))
+    type: Mapped[str] = mapped_column(String(40))
+    # The event as the log stores it (encode_event): republished byte for byte.
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

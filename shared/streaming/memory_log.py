@@ -4,10 +4,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
-from shared.streaming.protocol import Batch, Ring, clock_start, with_cursor
+from shared.streaming.protocol import Appended, Batch, Fence, Fenced, Ring, clock_start, is_gone, with_cursor
+
+# A fence closed by the turn's terminal event: above every attempt.
+_CLOSED = 2**52
 
 
 class MemoryEventLog:
@@ -22,6 +25,11 @@ class MemoryEventLog:
         self._appended: dict[str, float] = {}
         self._next_sweep = 0.0
         self._counters: dict[str, int] = {}
+        # Per session: where its current era began, and the ids of the durable events it holds.
+        self._eras: dict[str, int] = {}
+        self._ids: dict[str, set[str]] = {}
+        # Per turn: the newest attempt that appended (or _CLOSED), and when, to drop idle ones.
+        self._fences: dict[str, tuple[int, float]] = {}
         self._cancels: set[str] = set()
         self._rings: dict[str, set[Ring]] = defaultdict(set)
         self._cond = threading.Condition()
@@ -32,6 +40,8 @@ class MemoryEventLog:
             self._logs.pop(session_id, None)
             self._counters.pop(session_id, None)
             self._appended.pop(session_id, None)
+            self._eras.pop(session_id, None)
+            self._ids.pop(session_id, None)
 
     def _live(self, session_id: str) -> list[tuple[int, str]]:
         now = time.monotonic()
@@ -40,32 +50,65 @@ class MemoryEventLog:
             self._next_sweep = now + min(60.0, max(self.retention, 1))
             for other in list(self._appended):
                 self._expire(other, now)
+            for turn_id, (_, at) in list(self._fences.items()):
+                if now - at > self.retention:
+                    del self._fences[turn_id]
         return self._logs.get(session_id, [])
 
     def append(self, session_id: str, bodies: Iterable[str], cancel_turn_id: str | None = None) -> tuple[int, bool]:
+        done = self.append_events(session_id, list(bodies), cancel_turn_id=cancel_turn_id)
+        return done.last, done.cancelled
+
+    def append_events(self, session_id: str, bodies: Sequence[str], *, ids: Sequence[str] | None = None,
+                      fence: Fence | None = None, floor: int = 0,
+                      cancel_turn_id: str | None = None) -> Appended:
         with self._cond:
             self._live(session_id)
-            self._appended[session_id] = time.monotonic()
+            now = time.monotonic()
+            if fence is not None:
+                held = self._fences.get(fence.turn_id, (0, now))[0]
+                if fence.attempt > 0 and held > fence.attempt:
+                    raise Fenced(f"turn {fence.turn_id}: attempt {fence.attempt} is fenced out of the event log")
+                mark = _CLOSED if fence.close else fence.attempt
+                self._fences[fence.turn_id] = (max(held, mark), now)
+            self._appended[session_id] = now
             log = self._logs.setdefault(session_id, [])
-            c = self._counters.get(session_id) or clock_start()
-            for body in bodies:
+            c = self._counters.get(session_id) or 0
+            reset = False
+            if not c or c < floor:
+                c = max(clock_start(), floor)
+                self._eras[session_id] = c
+                self._ids.pop(session_id, None)  # each era holds each durable event at most once
+                reset = True
+            held_ids = self._ids.setdefault(session_id, set())
+            last = 0
+            for i, body in enumerate(bodies):
+                event_id = ids[i] if ids else ""
+                if event_id:
+                    if event_id in held_ids:
+                        continue
+                    held_ids.add(event_id)
                 c += 1
+                last = c
                 log.append((c, body))
             self._counters[session_id] = c
             if len(log) > self.max_len:
                 del log[: len(log) - self.max_len]
-            self._cond.notify_all()
-            for ring in self._rings.get(session_id, ()):
-                ring.set()
-            return c, cancel_turn_id in self._cancels
+            if last:
+                self._cond.notify_all()
+                for ring in self._rings.get(session_id, ()):
+                    ring.set()
+            return Appended(last, cancel_turn_id in self._cancels, reset)
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
         with self._cond:
             log = self._live(session_id)
             selected = [(c, b) for c, b in log if c > after][:limit]
-            gone = after > 0 and (not log or after < log[0][0] - 1)
+            low = self._eras.get(session_id, 0)
+            gone = is_gone(after, log[0][0] if log else None, log[-1][0] if log else 0, low)
+            since = max(low, log[0][0] - 1) if log else low
         events = [with_cursor(c, b) for c, b in selected]
-        return Batch(events, selected[-1][0] if selected else after, gone)
+        return Batch(events, selected[-1][0] if selected else after, gone, since)
 
     def head(self, session_id: str) -> int:
         with self._cond:
@@ -100,6 +143,9 @@ class MemoryEventLog:
     def delete(self, session_id: str) -> None:
         with self._cond:
             self._logs.pop(session_id, None)
+            self._counters.pop(session_id, None)
+            self._eras.pop(session_id, None)
+            self._ids.pop(session_id, None)
 
     def request_cancel(self, turn_id: str) -> None:
         with self._cond:

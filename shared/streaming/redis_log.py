@@ -5,34 +5,61 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from shared.streaming.protocol import Batch, Ring, with_cursor
+from shared.streaming.protocol import Appended, Batch, Fence, Fenced, Ring, is_gone, with_cursor
 
 log = logging.getLogger(__name__)
 
 
-# KEYS: stream, counter, cancel flag. ARGV: channel, maxlen, ttl, bodies...
-# Returns {last cursor, cancel flag}. One round trip appends a whole batch.
+# KEYS: stream, counter, cancel flag ('' for none), fence ('' for none), ids held, era start.
+# ARGV: channel, maxlen, ttl, attempt, close, floor, then (id, body) pairs ('' id: not deduplicated).
+# Returns {last cursor (0 if nothing added; -1 refused by the fence), cancel flag, era reset}.
+# One round trip appends a whole batch, atomically: a refused batch adds nothing.
 _APPEND_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 0 then
+local attempt = tonumber(ARGV[4])
+if KEYS[4] ~= '' then
+  local fence = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if attempt > 0 and fence > attempt then return {'-1', 0, 0} end
+  local mark = attempt
+  if ARGV[5] == '1' then mark = 4503599627370496 end
+  if mark > fence then redis.call('SET', KEYS[4], string.format('%.0f', mark), 'EX', ARGV[3]) end
+end
+local floor = tonumber(ARGV[6])
+local current = redis.call('GET', KEYS[2])
+local reset = 0
+if current == false or tonumber(current) < floor then
+  -- A new log, or one older than its writer knows (restored from a snapshot): start above the
+  -- clock and the floor, and remember where, so every cursor from before reads as gone.
   local t = redis.call('TIME')
-  redis.call('SET', KEYS[2], string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  local start = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), floor)
+  redis.call('SET', KEYS[2], string.format('%.0f', start))
+  redis.call('SET', KEYS[6], string.format('%.0f', start))
+  -- Each era holds each durable event at most once: a restored snapshot's ids are of the old era.
+  redis.call('DEL', KEYS[5])
+  reset = 1
 end
 local c = 0
-for i = 4, #ARGV do
-  c = redis.call('INCR', KEYS[2])
-  local body = ARGV[i]
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], string.format('%.0f-0', c), 'e', body)
+for i = 7, #ARGV, 2 do
+  local id = ARGV[i]
+  if id == '' or redis.call('HSETNX', KEYS[5], id, 1) == 1 then
+    c = redis.call('INCR', KEYS[2])
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], string.format('%.0f-0', c), 'e', ARGV[i + 1])
+  end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+for i = 1, 6 do
+  if i ~= 3 and i ~= 4 and KEYS[i] ~= '' then redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+end
 if c ~= 0 then redis.call('PUBLISH', ARGV[1], string.format('%.0f', c)) end
 local cancel = 0
 if KEYS[3] ~= '' then cancel = redis.call('EXISTS', KEYS[3]) end
-return {string.format('%.0f', c), cancel}
+return {string.format('%.0f', c), cancel, reset}
 """
+
+
+def _cursor(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-")[0])
 
 
 class RedisEventLog:
@@ -50,31 +77,48 @@ class RedisEventLog:
         return f"{base}:log", f"{base}:n", base
 
     def append(self, session_id: str, bodies: Iterable[str], cancel_turn_id: str | None = None) -> tuple[int, bool]:
+        done = self.append_events(session_id, list(bodies), cancel_turn_id=cancel_turn_id)
+        return done.last, done.cancelled
+
+    def append_events(self, session_id: str, bodies: Sequence[str], *, ids: Sequence[str] | None = None,
+                      fence: Fence | None = None, floor: int = 0,
+                      cancel_turn_id: str | None = None) -> Appended:
         stream, counter, channel = self._keys(session_id)
         cancel_key = f"{self.prefix}:cancel:{cancel_turn_id}" if cancel_turn_id else ""
-        last, cancel = self._append(
-            keys=[stream, counter, cancel_key],
-            args=[channel, self.max_len, self.retention, *bodies],
+        fence_key = f"{self.prefix}:fence:{fence.turn_id}" if fence else ""
+        pairs: list[str] = []
+        for i, body in enumerate(bodies):
+            pairs += [ids[i] if ids else "", body]
+        last, cancel, reset = self._append(
+            keys=[stream, counter, cancel_key, fence_key, f"{channel}:ids", f"{channel}:era"],
+            args=[channel, self.max_len, self.retention, fence.attempt if fence else 0,
+                  1 if fence and fence.close else 0, floor, *pairs],
         )
-        return int(last), bool(cancel)
+        if int(last) < 0:
+            raise Fenced(f"turn {fence.turn_id if fence else '?'}: attempt {fence.attempt if fence else 0} "
+                         "is fenced out of the event log")
+        return Appended(int(last), bool(cancel), bool(reset))
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
-        stream, _, _ = self._keys(session_id)
+        stream, _, base = self._keys(session_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
         pipe.xrange(stream, min="-", max="+", count=1)
-        entries, first = pipe.execute()
-        events = [with_cursor(int(eid.split(b"-")[0]), fields[b"e"].decode()) for eid, fields in entries]
-        # A cursor from before the oldest entry kept (trimmed, expired, or a log
-        # Redis lost) means the client missed events it can no longer get here.
-        gone = after > 0 and (not first or after < int(first[0][0].split(b"-")[0]) - 1)
-        next_cursor = int(entries[-1][0].split(b"-")[0]) if entries else after
-        return Batch(events, next_cursor, gone)
+        pipe.xrevrange(stream, count=1)
+        pipe.get(f"{base}:era")
+        entries, first, last, era = pipe.execute()
+        events = [with_cursor(_cursor(eid), fields[b"e"].decode()) for eid, fields in entries]
+        low = int(era or 0)
+        oldest = _cursor(first[0][0]) if first else None
+        gone = is_gone(after, oldest, _cursor(last[0][0]) if last else 0, low)
+        next_cursor = _cursor(entries[-1][0]) if entries else after
+        since = max(low, (oldest or 1) - 1) if oldest is not None else low
+        return Batch(events, next_cursor, gone, since)
 
     def head(self, session_id: str) -> int:
         stream, _, _ = self._keys(session_id)
         last = self.redis.xrevrange(stream, count=1)
-        return int(last[0][0].split(b"-")[0]) if last else 0
+        return _cursor(last[0][0]) if last else 0
 
     def wait(self, session_id: str, after: int, timeout: float, limit: int = 500) -> Batch:
         batch = self.read(session_id, after, limit)
@@ -103,8 +147,8 @@ class RedisEventLog:
             return self._doorbell
 
     def delete(self, session_id: str) -> None:
-        stream, counter, _ = self._keys(session_id)
-        self.redis.delete(stream, counter)
+        stream, counter, base = self._keys(session_id)
+        self.redis.delete(stream, counter, f"{base}:ids", f"{base}:era")
 
     def request_cancel(self, turn_id: str) -> None:
         self.redis.set(f"{self.prefix}:cancel:{turn_id}", 1, ex=max(self.retention, 3600))

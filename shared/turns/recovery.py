@@ -19,6 +19,7 @@ from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
 from shared.models import AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
+from shared.turns.events import republish_unpublished
 from shared.turns.housekeeping import expire_paused_turns
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,11 @@ class SweepReport:
     expired_leases: int = 0
     lost_tasks: int = 0
     expired_actions: int = 0
+    # Durable events published by the sweep because their commit could not (shared/turns/events.py).
+    republished_events: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.expired_leases or self.lost_tasks or self.expired_actions)
+        return bool(self.expired_leases or self.lost_tasks or self.expired_actions or self.republished_events)
 
 
 def _resend(rt: Runtime, conditions: list[Any], values: dict[str, Any], why: str) -> int:
@@ -89,9 +92,14 @@ def recover_lost_tasks(rt: Runtime) -> int:
 
 
 def sweep(rt: Runtime) -> SweepReport:
-    """One round of recovery: dead workers' steps, lost tasks, and pauses past their deadline."""
-    return SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt),
-                       expired_actions=expire_paused_turns(rt))
+    """One round of recovery: dead workers' steps, lost tasks, pauses past their deadline, unpublished events."""
+    report = SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt),
+                         expired_actions=expire_paused_turns(rt))
+    try:
+        report.republished_events = republish_unpublished(rt)
+    except Exception:  # noqa: BLE001 - the event log is away: the next round tries again
+        log.warning("sweep: durable events could not be republished yet", exc_info=True)
+    return report
 
 
 def recover_after_restart(rt: Runtime) -> int:

@@ -182,10 +182,10 @@ def create_turn(
     if scheduled_at is not None:
         queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
         # Not the session's turn until it is due: the scheduler activates it then (shared/schedules/firing.py).
-        transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, queued_event)])
+        transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
         session.updated_at = utcnow()
         return turn, True
-    transitions.publish_after_commit(db, rt, session.id, [("turn.queued", turn.id, queued_event)])
+    transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
     if not busy:
         transitions.activate(db, rt, session, turn)
     elif on_busy == "interrupt":

@@ -29,7 +29,7 @@ from shared.db import after_commit
 from shared.metrics import TURNS_FINISHED
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
-from shared.streaming.protocol import encode_event
+from shared.turns.events import Durable, record
 from shared.webhooks.outbox import record_turn_event
 
 
@@ -56,7 +56,7 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
         data["output"] = turn.output
     if error:
         data["error"] = error
-    publish_after_commit(db, rt, session.id, [(f"turn.{status}", turn.id, data)])
+    publish_after_commit(db, rt, session, [(f"turn.{status}", turn.id, data)])
     record_turn_event(db, turn, status)  # the webhook outbox: in this transaction, so never lost nor invented
     after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
     if session.active_turn_id == turn.id:
@@ -76,10 +76,12 @@ def activate_next(db: Session, rt: Runtime, session: AgentSession, exclude: str 
     return nxt
 
 
-def publish_after_commit(db: Session, rt: Runtime, session_id: str,
-                         events: list[tuple[str, str | None, dict[str, Any] | None]]) -> None:
-    bodies = [encode_event(t, turn_id, data) for t, turn_id, data in events]
-    after_commit(db, lambda: rt.events.append(session_id, bodies))
+def publish_after_commit(db: Session, rt: Runtime, session: AgentSession,
+                         events: list[Durable | tuple[str, str | None, dict[str, Any] | None]],
+                         cursor: int = 0) -> None:
+    """Publish ``events`` once the transaction commits; the durable ones are written in it too
+    (:mod:`shared.turns.events`), so they reach the log even if this publish fails."""
+    record(db, rt, session, events, cursor=cursor)
 
 
 def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) -> None:
@@ -107,7 +109,7 @@ def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: 
     # The scheduler expires the pause at action_expires_at (shared/turns/housekeeping.py).
     turn.status, turn.pending, turn.paused_at, turn.action_expires_at = (
         TurnStatus.REQUIRES_ACTION, pending, now, expires)
-    publish_after_commit(db, rt, session.id, [("turn.requires_action", turn.id, {
+    publish_after_commit(db, rt, session, [("turn.requires_action", turn.id, {
         "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
     record_turn_event(db, turn, TurnStatus.REQUIRES_ACTION)
 

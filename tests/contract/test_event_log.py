@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from shared.streaming.memory_log import MemoryEventLog
-from shared.streaming.protocol import EventLog, encode_event, with_cursor
+from shared.streaming.protocol import EventLog, Fence, Fenced, encode_event, with_cursor
 from shared.streaming.redis_log import RedisEventLog
 
 MakeLog = Callable[..., EventLog]
@@ -306,3 +306,59 @@ def test_cancel_requests_are_per_turn_and_reported_by_append(log: EventLog) -> N
     assert log.append(sid, [_body(3, turn)])[1] is False  # no turn asked about
     assert len(log.read(sid, 0).events) == 4
     log.ping()
+
+
+# --- fencing, durable ids, restores ------------------------------------------------------
+
+def test_an_append_from_an_older_attempt_is_refused_whole(log: EventLog) -> None:
+    """DESIGN section 5: once an attempt of a turn wrote to the log, no earlier attempt writes again."""
+    sid, turn = _session(), f"turn_{secrets.token_hex(4)}"
+    first = log.append_events(sid, [_body(0, turn)], fence=Fence(turn, attempt=1)).last
+    log.append_events(sid, [_body(1, turn)], fence=Fence(turn, attempt=2))  # the takeover writes
+    with pytest.raises(Fenced):
+        log.append_events(sid, [_body(2, turn), _body(3, turn)], fence=Fence(turn, attempt=1))
+    texts = [json.loads(e)["data"]["text"] for e in log.read(sid, 0).events]
+    assert texts == ["piece 0", "piece 1"]  # nothing of the refused batch, not even its first body
+    # The same attempt, other turns, and unfenced writers (the API, sweeps) go on.
+    assert log.append_events(sid, [_body(4, turn)], fence=Fence(turn, attempt=2)).last > first
+    log.append_events(sid, [_body(5, "turn_other")], fence=Fence("turn_other", attempt=1))
+    log.append(sid, [_body(6, turn)])
+
+
+def test_the_terminal_event_closes_the_turn_to_every_attempt(log: EventLog) -> None:
+    sid, turn = _session(), f"turn_{secrets.token_hex(4)}"
+    log.append_events(sid, [_body(0, turn)], fence=Fence(turn, attempt=3))
+    log.append_events(sid, [encode_event("turn.completed", turn, {})], fence=Fence(turn, attempt=3, close=True))
+    for attempt in (3, 4):  # a frozen worker's buffer, even of the attempt that finished
+        with pytest.raises(Fenced):
+            log.append_events(sid, [_body(1, turn)], fence=Fence(turn, attempt=attempt))
+    assert [json.loads(e)["type"] for e in log.read(sid, 0).events] == ["message.delta", "turn.completed"]
+
+
+def test_a_durable_event_is_appended_once_however_often_it_is_republished(log: EventLog) -> None:
+    sid = _session()
+    bodies = [_body(0), encode_event("step.completed", "turn_1", {"step": 0}), _body(1)]
+    first = log.append_events(sid, bodies, ids=["", "ev_1", ""])
+    again = log.append_events(sid, [bodies[1]], ids=["ev_1"])
+    assert again.last == 0  # nothing added
+    types = [json.loads(e)["type"] for e in log.read(sid, 0).events]
+    assert types == ["message.delta", "step.completed", "message.delta"] and first.last == log.head(sid)
+
+
+def test_a_log_older_than_its_floor_starts_a_new_era_and_old_cursors_are_gone(log: EventLog) -> None:
+    """A Redis restored from an older snapshot: cursors never repeat, and old ones read as gone."""
+    sid = _session()
+    kept = log.append_events(sid, [_body(0)])
+    assert kept.reset is True  # a new log is a new era
+    # The writer knows the log issued cursors up to here (Postgres keeps it per session).
+    floor = kept.last + 500
+    client_cursor = kept.last + 400  # a cursor issued by the log before the restore lost it
+    assert log.read(sid, client_cursor).gone is True  # never issued by this log: gone, not silence
+    fresh = log.append_events(sid, [_body(1)], floor=floor)
+    assert fresh.reset is True and fresh.last > floor
+    gone = log.read(sid, client_cursor)
+    assert gone.gone is True and gone.since >= floor  # and where to read on
+    assert _cursors(log.read(sid, gone.since).events) == [fresh.last]
+    assert log.read(sid, gone.since).gone is False
+    # At or above the floor nothing changes.
+    assert log.append_events(sid, [_body(2)], floor=fresh.last).reset is False

@@ -660,3 +660,33 @@ def test_chat_reconnects_to_another_api_mid_answer_without_repeating(streams: St
     answer = messages["data"][-1]["content"]
     assert len(answer.split()) > 400
     assert "".join(printed) == answer + "\n"
+
+
+@pytest.mark.parametrize("streams", ["production"], indirect=True)
+def test_a_lagging_websocket_is_always_told_4000_with_its_cursor(streams: Streams) -> None:
+    """A client that reads nothing while a long turn streams: its writes would block (small buffers,
+    a short send timeout), yet it is closed with the close frame, never dropped mid-frame."""
+    env = {**streams.env, "STEPRUN_STREAM_SLOW_SECONDS": "2", "STEPRUN_STREAM_SEND_TIMEOUT": "1",
+           "STEPRUN_STREAM_SEND_BUFFER": "8192"}
+    _, url = streams.procs.web(env=env)
+    sid = streams.session("flood", url=url)
+    ws = ws_connect(url, sid, streams.key, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    ws.send(json.dumps({"type": "turn", "input": "flood me"}))
+    stall_until_turn_over(streams, url, sid, 0)
+    time.sleep(3)  # well past the send timeout and the slow-consumer limit
+    frames, close = [], None
+    ws.settimeout(30)
+    while close is None:
+        opcode, data = ws.recv_data(control_frame=True)  # an abrupt drop raises here
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            close = (int.from_bytes(data[:2], "big"), json.loads(data[2:]))
+        elif opcode == websocket.ABNF.OPCODE_TEXT:
+            frames.append(json.loads(data))
+    events = [f for f in frames if "cursor" in f]
+    assert close == (4000, {"reason": "slow_consumer", "cursor": events[-1]["cursor"]})
+    turn_id = next(f for f in frames if f.get("type") == "turn.created")["turn"]["id"]
+    again = ws_connect(url, sid, streams.key, after=close[1]["cursor"])
+    rest = ws_frames(again, ended, timeout=60)
+    again.close()
+    assert_increasing(events + rest)
+    assert deltas(events + rest) == streams.turn_done(turn_id)["output"]

@@ -221,7 +221,11 @@ def kill_group(proc: Proc, sig: int = signal.SIGKILL) -> None:
 # --- servers of the test's own ----------------------------------------------------
 
 class OwnRedis:
-    """A redis-server on a free loopback port, without persistence: a restart loses everything."""
+    """A redis-server on a free loopback port, without persistence: a restart loses everything.
+
+    Unless :meth:`snapshot` saved its data first: a later start loads that snapshot, as Redis's
+    default persistence does after a crash (everything written after it is lost).
+    """
 
     def __init__(self, workdir: Path):
         self.port = free_port()
@@ -247,6 +251,18 @@ class OwnRedis:
                     raise
                 time.sleep(0.05)
         client.close()
+
+    def snapshot(self) -> None:
+        """Save the data now (SAVE): the next start comes back with it."""
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        client.save()
+        client.close()
+
+    def forget(self) -> None:
+        """Delete any snapshot: the next start comes back empty."""
+        (self.workdir / "dump.rdb").unlink(missing_ok=True)
 
     def kill(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
