@@ -60,7 +60,7 @@ def describe() -> RouteDocs:
             "200", {"type": "object", "required": ["token", "expires_at"], "properties": {
                 "token": {"type": "string"}, "session_id": {"type": "string"},
                 "expires_at": {"type": "string", "format": "date-time"}, "expires_in": {"type": "integer"}}},
-            params=[SID], errors=("401", "404", "429", "503"))},
+            params=[SID], errors=("400", "401", "404", "429", "503"))},
     })
 
 
