@@ -1,4 +1,4 @@
-"""The console's pages (DESIGN section 12): Turns, Approvals, Queue, Keys, Agents.
+"""The console's pages (DESIGN section 12): Turns, Approvals, Queue, Keys, Agents, Schedules, Webhooks.
 
 Reads run as the signed-in tenant's :class:`~shared.auth.principal.TenantAdmin`
 (row-level security shows that tenant only); a change to a turn runs as the
@@ -26,26 +26,30 @@ from api.console.session import (
 from api.context import runtime
 from api.serialize import ts
 from shared.auth.keys import create_key, identify_key, list_keys
-from shared.auth.principal import SYSTEM
+from shared.auth.principal import SYSTEM, Tenant
 from shared.auth.stream_tokens import mint_stream_token
 from shared.clock import aware, utcnow
 from shared.db import unit_of_work
 from shared.errors import BadInput, NotFound, RateLimited, StepRunError, Unauthorized
 from shared.fleet import latency, retries, samples, workers
 from shared.models import ApiKey, TurnStatus
+from shared.schedules import service as schedules
 from shared.stats import queue_stats
 from shared.turns import admin as tenant_view
 from shared.turns import service as turns
+from shared.webhooks import endpoints as webhooks
 
 bp = Blueprint("console", __name__, url_prefix="/console", template_folder="templates", static_folder="static")
 
-# The navigation, in order: (endpoint, label). Schedules and webhook deliveries join here when they land.
+# The navigation, in order: (endpoint, label).
 NAV = (
     ("console.turns_page", "Turns"),
     ("console.approvals_page", "Approvals"),
     ("console.queue_page", "Queue"),
     ("console.keys_page", "Keys"),
     ("console.agents_page", "Agents"),
+    ("console.schedules_page", "Schedules"),
+    ("console.webhooks_page", "Webhooks"),
 )
 SIGN_IN_PER_MINUTE = 20
 LAST_HOUR = timedelta(hours=1)
@@ -323,3 +327,37 @@ def revoke_key_post(key_id: str) -> BaseResponse:
 def agents_page() -> str:
     return _page("agents.html", agents=[a.describe() for a in runtime().agents])
 
+
+
+# --- schedules ---------------------------------------------------------------------------
+
+@bp.get("/schedules")
+def schedules_page() -> str:
+    session = _session()
+    with unit_of_work(runtime().sessions, session.admin) as db:
+        rows = schedules.tenant_schedules(db, session.admin)
+    return _page("schedules.html", rows=rows)
+
+
+# --- webhooks ----------------------------------------------------------------------------
+
+@bp.get("/webhooks")
+def webhooks_page() -> str:
+    """Endpoints (never their secrets) and the recent deliveries, filterable by status."""
+    session = _session()
+    status = request.args.get("status") or None
+    with unit_of_work(runtime().sessions, session.admin) as db:
+        endpoints = webhooks.tenant_endpoints(db, session.admin)
+        deliveries = webhooks.tenant_deliveries(db, session.admin, status)
+    names = {e.id: e.name for e in endpoints}
+    return _page("webhooks.html", endpoints=endpoints, deliveries=deliveries, names=names, status=status,
+                 statuses=webhooks.DELIVERY_STATUSES, done=request.args.get("done"))
+
+
+@bp.post("/webhooks/<endpoint_id>/deliveries/<delivery_id>/redeliver")
+def redeliver_post(endpoint_id: str, delivery_id: str) -> BaseResponse:
+    """Send a delivery again: shared.webhooks.endpoints.redeliver, as the API's redeliver, tenant-wide."""
+    session, rt = _session(), runtime()
+    with unit_of_work(rt.sessions, Tenant(session.tenant_id)) as db:
+        webhooks.redeliver(db, rt.settings, session.tenant_id, endpoint_id, delivery_id)
+    return redirect(url_for("console.webhooks_page", done=delivery_id), code=303)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.auth.principal import Principal
+from shared.auth.principal import Principal, TenantAdmin
 from shared.clock import utcnow
 from shared.errors import BadInput, Conflict, NotFound, TooLarge
 from shared.models import Schedule, Turn
@@ -157,3 +157,13 @@ def list_runs(db: Session, who: Principal, schedule_id: str, limit: int,
                             | ((Turn.created_at == anchor.created_at) & (Turn.id < anchor.id)))
     rows = db.scalars(query.order_by(Turn.created_at.desc(), Turn.id.desc()).limit(limit + 1))
     return page(rows, limit, lambda row: row.id)
+
+
+def tenant_schedules(db: Session, admin: TenantAdmin, limit: int = 200) -> list[Schedule]:
+    """Every user's schedules of one tenant, newest first: the console's read (migration 0012's policy).
+
+    The query names the tenant as well, so the embedded SQLite file (no row-level security) keeps to it too.
+    """
+    query = (select(Schedule).where(Schedule.tenant_id == admin.tenant_id)
+             .order_by(Schedule.created_at.desc(), Schedule.id.desc()).limit(limit))
+    return list(db.scalars(query))

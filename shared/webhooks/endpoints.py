@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared.auth.principal import TenantAdmin
 from shared.clock import aware, utcnow
 from shared.errors import BadInput, Conflict, NotFound
 from shared.models import WebhookDelivery, WebhookEndpoint
@@ -179,3 +180,24 @@ def redeliver(db: Session, settings: Settings, tenant_id: str, endpoint_id: str,
     row.status, row.next_attempt_at = "pending", now
     row.retry_until = now + timedelta(seconds=settings.webhook_retry_window_seconds)
     return row
+
+
+def tenant_endpoints(db: Session, admin: TenantAdmin) -> list[WebhookEndpoint]:
+    """One tenant's endpoints, oldest first: the console's read (migration 0012's policy).
+
+    Every query here names the tenant as well, so the embedded SQLite file (no row-level security) keeps to it.
+    """
+    return list(db.scalars(select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == admin.tenant_id)
+                           .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id).limit(MAX_ENDPOINTS)))
+
+
+def tenant_deliveries(db: Session, admin: TenantAdmin, status: str | None = None,
+                      limit: int = 100) -> list[WebhookDelivery]:
+    """One tenant's most recent deliveries, across its endpoints, newest first."""
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise BadInput(f"'status' must be one of: {', '.join(DELIVERY_STATUSES)}", field="status")
+    query = select(WebhookDelivery).where(WebhookDelivery.tenant_id == admin.tenant_id)
+    if status:
+        query = query.where(WebhookDelivery.status == status)
+    return list(db.scalars(query.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
+                           .limit(limit)))
