@@ -14,9 +14,11 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,8 @@ def admin_key_cli(env: dict[str, str], tenant: str) -> str:
 def console(settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     env = settings_env(settings)
     env.update(STEPRUN_AGENTS="tests.support.agents_console", STEPRUN_KEY_CACHE_SECONDS="0.5",
-               STEPRUN_QUEUE_SAMPLE_SECONDS="1", STEPRUN_WORKER_BEAT_SECONDS="1")
+               STEPRUN_QUEUE_SAMPLE_SECONDS="1", STEPRUN_WORKER_BEAT_SECONDS="1",
+               STEPRUN_WEBHOOK_ALLOW_PRIVATE="1", STEPRUN_WEBHOOK_POLL_SECONDS="0.5")
     procs = Procs(settings, tmp_path_factory.mktemp("console-logs"))
     try:
         procs.worker(env=env)
@@ -284,3 +287,73 @@ def test_queue_agents_and_phone_width(browser: Browser, console: Console) -> Non
         expect(phone.get_by_role("navigation").get_by_role("link", name="Agents")).to_be_in_viewport()
     phone.goto(f"{console.url}/console/turns")
     shot(phone, console, "turns-phone")
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802  # http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_schedules_and_webhook_deliveries_made_over_the_api(browser: Browser, console: Console) -> None:
+    schedule = console.api("POST", "/v1/schedules", json={
+        "agent": "math", "input": "weekly add 2 and 2", "cron": "0 9 * * 1", "timezone": "Europe/Paris"})
+    assert schedule.status_code == 201, schedule.text
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        service = create_key_cli(console.env, console.tenant)
+        hook_url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/steprun"
+        endpoint = console.api("POST", "/v1/webhook_endpoints", key=service, json={
+            "name": "ops hook", "url": hook_url, "event_types": ["response.completed"]})
+        assert endpoint.status_code in (200, 201), endpoint.text
+        turn = console.start_turn("math", "add 5 and 8")
+        console.wait_status(turn["id"], {"completed"})
+        deadline, delivered = time.monotonic() + 30, []
+        while not delivered:  # the scheduler fans the event out and sends it
+            assert time.monotonic() < deadline, "the delivery was never sent"
+            log = console.api("GET", f"/v1/webhook_endpoints/{endpoint.json()['id']}/deliveries?status=delivered",
+                              key=service)
+            delivered = log.json()["data"]
+            time.sleep(0.3)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    delivery_id = delivered[0]["id"]
+
+    page = new_page(browser)
+    sign_in(page, console, console.admin_key)
+    page.get_by_role("navigation").get_by_role("link", name="Schedules").click()
+    row = page.get_by_role("row").filter(has_text=schedule.json()["id"])
+    expect(row).to_contain_text("0 9 * * 1")
+    expect(row).to_contain_text("Europe/Paris")
+    expect(row).to_contain_text("alice")
+    expect(row.get_by_text("active", exact=True)).to_be_visible()
+    shot(page, console, "schedules")
+
+    page.get_by_role("navigation").get_by_role("link", name="Webhooks").click()
+    expect(page.locator("#endpoints").get_by_role("row").filter(has_text="ops hook")).to_contain_text(hook_url)
+    sent = page.locator("#deliveries").get_by_role("row").filter(has_text=delivery_id)
+    expect(sent).to_contain_text("response.completed")
+    expect(sent.get_by_text("delivered", exact=True)).to_be_visible()
+    expect(sent.locator("td.num").last).to_have_text("200")  # the last status code
+    shot(page, console, "webhooks")
+
+    other = new_page(browser)
+    sign_in(other, console, console.other_admin_key)
+    other.get_by_role("navigation").get_by_role("link", name="Schedules").click()
+    expect(other.get_by_text("No schedules yet.")).to_be_visible()
+    other.get_by_role("navigation").get_by_role("link", name="Webhooks").click()
+    expect(other.get_by_text("No webhook endpoints yet.")).to_be_visible()
+    expect(other.get_by_text(delivery_id)).to_have_count(0)
+
+    phone = new_page(browser, PHONE)
+    sign_in(phone, console, console.admin_key)
+    for path in ("/console/schedules", "/console/webhooks"):
+        phone.goto(f"{console.url}{path}")
+        width = phone.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"] + 1, (path, width)
