@@ -168,8 +168,8 @@ def responses(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
         watch([loader], min(stop_at, time.time() + opts.responses_seconds), label, progress,
               lambda t: f"{int(t.get('done', 0))}/{n} turns  errors={int(t.get('errors', 0))}",
               stop_when=lambda t: t.get("done", 0) + t.get("errors", 0) >= n)
+        cpu, counts = meter.stop(), servers.stop()  # every measured turn ended; the generator is still alive
         r = loader.wait(timeout=max(0.0, stop_at - time.time()) + 15)
-        cpu, counts = meter.stop(), servers.stop()
         done = len(r["latencies"])
         row = dict(path=path, turns=done, completed=r["completed"], seconds=round(r["seconds"], 2),
                    turns_per_s=round(done / r["seconds"], 1) if r["seconds"] else None,
