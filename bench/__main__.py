@@ -35,7 +35,7 @@ QUICK = dict(levels="8,32", tools_levels="16", level_seconds=4.0, warmup=1.0, ov
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="A smaller run (about 90 s); writes no docs.")
+    p.add_argument("--quick", action="store_true", help="A smaller run (about 2 min); writes no docs.")
     p.add_argument("--scenarios", default=",".join(ALL), help="Comma-separated subset of: " + ", ".join(ALL))
     g = p.add_argument_group("the scripted model")
     g.add_argument("--ttft", type=float, default=0.05, help="Model time to first token, seconds.")
