@@ -168,9 +168,13 @@ def responses(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
         watch([loader], min(stop_at, time.time() + opts.responses_seconds), label, progress,
               lambda t: f"{int(t.get('done', 0))}/{n} turns  errors={int(t.get('errors', 0))}",
               stop_when=lambda t: t.get("done", 0) + t.get("errors", 0) >= n)
-        cpu, counts = meter.stop(), servers.stop()  # every measured turn ended; the generator is still alive
+        cpu, counts = meter.stop(), servers.stop()  # every measured turn has ended
         r = loader.wait(timeout=max(0.0, stop_at - time.time()) + 15)
         done = len(r["latencies"])
+        # The generator has usually exited before the meter reads it; it measured its own CPU.
+        meter.used["loaders"] = r["cpu_seconds"]
+        cpu["loaders_cpu_pct"] = round(100 * r["cpu_seconds"] / max(r["seconds"], 1e-9), 1)
+        cpu["other_cpu_pct"] = round(max(0.0, cpu["other_cpu_pct"] - cpu["loaders_cpu_pct"]), 1)
         row = dict(path=path, turns=done, completed=r["completed"], seconds=round(r["seconds"], 2),
                    turns_per_s=round(done / r["seconds"], 1) if r["seconds"] else None,
                    p50=percentile(r["latencies"], 50), p99=percentile(r["latencies"], 99),
@@ -183,6 +187,7 @@ def responses(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
                       f"p50={_ms(row['p50'])}  p99={_ms(row['p99'])}  errors={row['errors']}  CPU per turn: "
                       f"web={row['api_ms_per_turn']} ms  worker={row['workers_ms_per_turn']} ms  "
                       f"postgres={row['postgres_ms_per_turn']} ms  redis={row['redis_ms_per_turn']} ms  "
+                      f"load generator={row['loaders_ms_per_turn']} ms  "
                       f"(machine busy {cpu['machine_busy_pct']}%)")
         out["paths"][path] = row
         time.sleep(1.0)
