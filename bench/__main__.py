@@ -24,17 +24,18 @@ from bench import recovery, report, scenarios
 from bench.runner import Loader, Progress
 from bench.stack import ROOT, Stack, StackConfig
 
-ALL = ("connections", "overhead", "throughput", "fanout", "recovery", "autoscale")
+ALL = ("connections", "overhead", "responses", "throughput", "fanout", "recovery", "autoscale")
 QUICK = dict(levels="8,32", tools_levels="16", level_seconds=4.0, warmup=1.0, overhead_turns=30, overhead_seconds=6.0,
              fanout_sessions=4, fanout_clients=50, fanout_seconds=4.0, connections=1000, connect_seconds=15.0,
              hold_seconds=2.0, conn_loaders=2, recovery_trials=1, lease=3.0,
-             scenarios="connections,overhead,throughput,fanout,recovery")
+             responses_turns=60, responses_concurrency=4, responses_seconds=40.0,
+             scenarios="connections,overhead,responses,throughput,fanout,recovery")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="A smaller run (about 90 s); writes no docs.")
+    p.add_argument("--quick", action="store_true", help="A smaller run (about 2 min); writes no docs.")
     p.add_argument("--scenarios", default=",".join(ALL), help="Comma-separated subset of: " + ", ".join(ALL))
     g = p.add_argument_group("the scripted model")
     g.add_argument("--ttft", type=float, default=0.05, help="Model time to first token, seconds.")
@@ -59,6 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds before each level.")
     g.add_argument("--overhead-turns", type=int, default=200)
     g.add_argument("--overhead-seconds", type=float, default=30.0)
+    g.add_argument("--responses-turns", type=int, default=300,
+                   help="Measured turns per path in the Responses-vs-native scenario.")
+    g.add_argument("--responses-concurrency", type=int, default=8, help="Users at once on each path.")
+    g.add_argument("--responses-seconds", type=float, default=90.0, help="Longest time for each path's turns.")
     g.add_argument("--fanout-sessions", type=int, default=10, help="Sessions streaming at once.")
     g.add_argument("--fanout-clients", type=int, default=50, help="Clients following each session.")
     g.add_argument("--fanout-seconds", type=float, default=15.0)
@@ -182,6 +187,7 @@ def run_scenarios(stack: Stack, opts: argparse.Namespace, progress: Progress, re
 
     run = {"connections": lambda: scenarios.connections(stack, opts, progress),
            "overhead": lambda: scenarios.overhead(stack, opts, progress),
+           "responses": lambda: scenarios.responses(stack, opts, progress),
            "throughput": throughput, "fanout": fanout,
            "recovery": lambda: recovery.recovery(stack, opts, progress),
            "autoscale": lambda: recovery.autoscale(stack, opts, progress)}

@@ -11,7 +11,8 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import json  # noqa: E402 - after monkey patching, as gevent requires
+import http.client as http_client  # noqa: E402 - after monkey patching, as gevent requires
+import json  # noqa: E402
 import random  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -27,6 +28,7 @@ from bench.client import Http, HttpError, create_session, open_stream, start_tur
 
 TERMINAL = {"turn.completed", "turn.failed", "turn.cancelled", "turn.expired", "turn.incomplete",
             "turn.requires_action"}
+RESPONSE_TERMINAL = {"response.completed", "response.failed", "response.incomplete"}
 
 
 # SIGUSR1 from the orchestrator: the scenario has what it needs, stop now (before the job's deadline).
@@ -134,6 +136,133 @@ def overhead(job: dict[str, Any]) -> dict[str, Any]:
     progress.kill()
     stream.close()
     return {"first_delta": first_delta, "post_rtt": post_rtt, "errors": errors[:20], "stream": stream.kind}
+
+
+# --- responses: the same single-step streamed turns, native stream vs POST /v1/responses -----
+
+def _responses_turn(http: Http, conversation: str, agent: str, text: str) -> str:
+    """POST /v1/responses with stream=true; reads the SSE to its end; the terminal event's type."""
+    conn = http._conn
+    if conn is None:
+        conn = http._conn = http_client.HTTPConnection(http.host, http.port, timeout=http.timeout)
+    body = json.dumps({"model": agent, "input": text, "stream": True, "conversation": conversation}).encode()
+    try:
+        conn.request("POST", "/v1/responses", body=body, headers=http.headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise HttpError(response.status, response.read())
+        terminal = ""
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if line.startswith(b"event: ") and not terminal:
+                kind = line[7:].strip().decode()
+                if kind in RESPONSE_TERMINAL:
+                    terminal = kind  # the client has its answer; the rest of the body is the connection's end
+                    response.read()
+                    break
+        if not terminal:
+            raise OSError("the stream ended without response.completed/failed/incomplete")
+        return terminal
+    except (http_client.HTTPException, OSError):
+        http.close()
+        raise
+
+
+def responses(job: dict[str, Any]) -> dict[str, Any]:
+    """``users`` closed-loop users, one session (conversation) each, run ``warmup`` then ``turns`` turns.
+
+    ``path`` "native": the user follows its session's stream (WebSocket, or the long-poll route) and POSTs
+    ``/v1/sessions/{id}/turns``; "responses": it POSTs ``/v1/responses`` with ``stream: true`` and
+    ``conversation`` and reads OpenAI's SSE to ``response.completed``. After the warm-up turns the
+    generator reports ``ready`` and waits for the orchestrator's SIGUSR1 (here the signal to go, so the
+    orchestrator's CPU meter covers exactly the measured turns), or ``stop_at``.
+    """
+    url, keys, agent, path = job["url"], job["keys"], job["agent"], job["path"]
+    stop_at = job["stop_at"]
+    state = {"warm": 0, "done": 0, "completed": 0, "errors": 0, "ready": 0, "inflight": 0}
+    latencies: list[float] = []
+    statuses: set[str] = set()
+    errors: list[str] = []
+    claimed = {"warm": 0, "measured": 0}
+    warmed = gevent.event.Event()
+    stream_kind = ""
+    span = [0.0, 0.0]
+
+    def claim(phase: str, limit: int) -> bool:
+        if claimed[phase] >= limit or time.time() >= stop_at:
+            return False
+        claimed[phase] += 1
+        return True
+
+    def user(i: int) -> None:
+        nonlocal stream_kind
+        key = keys[i % len(keys)]
+        http = Http(url, key)
+        if path == "native":
+            session_id = create_session(http, agent)
+            stream = open_stream(url, key, session_id, after=0, prefer=job["stream"])
+            stream_kind = stream.kind
+            events = stream.events()
+        else:
+            conversation = http.request("POST", "/v1/conversations", {})["id"]
+            stream_kind = "SSE (POST /v1/responses, stream=true)"
+
+        def one() -> str:
+            if path == "native":
+                turn = start_turn(http, session_id, "hello")
+                return next(e["type"] for e in events if e.get("turn_id") == turn["id"] and e["type"] in TERMINAL)
+            return _responses_turn(http, conversation, agent, "hello")
+
+        for phase, limit in (("warm", job["warmup"]), ("measured", job["turns"])):
+            if phase == "measured":
+                warmed.wait(timeout=max(0.0, stop_at - time.time()))
+            while claim(phase, limit):
+                t0 = time.perf_counter()
+                state["inflight"] += 1
+                try:
+                    status = one()
+                except (HttpError, OSError, StopIteration) as exc:
+                    state["errors"] += 1
+                    if len(errors) < 20:
+                        errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                    gevent.sleep(0.2)
+                    continue
+                finally:
+                    state["inflight"] -= 1
+                if phase == "warm":
+                    state["warm"] += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                statuses.add(status)
+                state["done"] += 1
+                state["completed"] += status in ("turn.completed", "response.completed")
+                span[1] = time.time()
+        if path == "native":
+            stream.close()
+        http.close()
+
+    progress = ticker(0.5, lambda: dict(state))
+    pool = gevent.pool.Pool(job["users"])
+    for i in range(job["users"]):
+        pool.spawn(user, i)
+    # Warm: every warm-up turn claimed and none in flight (or the deadline, or every user gave up).
+    while (claimed["warm"] < job["warmup"] or state["inflight"]) and time.time() < stop_at and len(pool):
+        gevent.sleep(0.05)
+    gevent.sleep(0.3)  # the warm-up turns' last events settle
+    state["ready"] = 1
+    emit("progress", dict(state))
+    RELEASE.wait(timeout=max(0.0, stop_at - time.time()))
+    span[0], cpu0 = time.time(), time.process_time()
+    warmed.set()
+    pool.join(timeout=max(0.0, stop_at - time.time()) + 10)
+    cpu_used = time.process_time() - cpu0  # the generator exits right after: it reports its own CPU
+    pool.kill(block=True, timeout=2)
+    progress.kill()
+    return {"path": path, "latencies": latencies, "completed": state["completed"], "statuses": sorted(statuses),
+            "errors": errors, "error_count": state["errors"], "cpu_seconds": cpu_used,
+            "seconds": max(0.0, span[1] - span[0]), "stream": stream_kind}
 
 
 # --- fan-out: many clients on a few busy sessions ----------------------------------
@@ -263,7 +392,8 @@ def connections(job: dict[str, Any]) -> dict[str, Any]:
             "errors": errors}
 
 
-JOBS = {"throughput": throughput, "overhead": overhead, "fanout": fanout, "connections": connections}
+JOBS = {"throughput": throughput, "responses": responses, "overhead": overhead, "fanout": fanout,
+        "connections": connections}
 
 
 def main() -> None:

@@ -85,6 +85,13 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         out.append(["overhead to 1st delta", f"1 client, {o['turns']} turns, {o['stream']}",
                     f"POST alone p50 {_ms(o['post_p50'])}", _ms(o["p50"]), _ms(o["p99"]),
                     "≤ 10 ms p50, ≤ 50 ms p99", _yes(met)])
+    rs = results.get("responses")
+    for path, r in (rs or {}).get("paths", {}).items():
+        name = "Responses stream (SSE)" if path == "responses" else "native stream"
+        note = f", {r['errors']} errors" if r["errors"] else ""
+        out.append([f"{name}, 1-step", f"c={rs['concurrency']}, {r['turns']} turns{note}",
+                    f"{r['turns_per_s']} turns/s; CPU/turn web {r['api_ms_per_turn']} ms, "
+                    f"worker {r['workers_ms_per_turn']} ms", _ms(r["p50"]), _ms(r["p99"]), "", ""])
     f = results.get("fanout")
     if f:
         out.append(["fan-out (1 API process)", f"{f['sessions']} sessions × {f['clients'] // f['sessions']} "
@@ -244,6 +251,16 @@ def details(results: dict[str, Any]) -> list[str]:
                    f"client minus the model's own first token ({o['model_first_token'] * 1000:.0f} ms); "
                    f"p50 {_ms(o['p50'])}, p99 {_ms(o['p99'])}, worst {_ms(o['max'])}; the `POST` alone (202 "
                    f"received) p50 {_ms(o['post_p50'])}.")
+    rs = results.get("responses")
+    if rs and {"native", "responses"} <= set(rs.get("paths", {})):
+        n, r = rs["paths"]["native"], rs["paths"]["responses"]
+        out.append(f"Responses vs native: {rs['concurrency']} users, the same single-step turns, {n['turns']} "
+                   f"native ({n['stream']}) then {r['turns']} through `POST /v1/responses` with `stream: true` "
+                   f"read to `response.completed`; CPU per turn web {n['api_ms_per_turn']} → "
+                   f"{r['api_ms_per_turn']} ms, worker {n['workers_ms_per_turn']} → {r['workers_ms_per_turn']} ms, "
+                   f"Postgres {n['postgres_ms_per_turn']} → {r['postgres_ms_per_turn']} ms, Redis "
+                   f"{n['redis_ms_per_turn']} → {r['redis_ms_per_turn']} ms; Postgres transactions per turn "
+                   f"{n['per_turn'].get('pg_transactions', '-')} → {r['per_turn'].get('pg_transactions', '-')}.")
     f = results.get("fanout")
     if f:
         out.append(f"Fan-out: {f['clients']} WebSocket clients on {f['sessions']} sessions streaming at 2,000 "

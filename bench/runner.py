@@ -151,8 +151,10 @@ class CpuMeter:
         """Percent of one core per group, machine busy percent (of all cores), and the rest ("other")."""
         elapsed = time.monotonic() - self._t0
         out = {}
+        self.used: dict[str, float] = {}  # CPU-seconds per group, unrounded
         for name, pids in self.groups.items():
             used = sum(max(0.0, _cpu(p) - self._c0[name].get(p, 0.0)) for p in pids())
+            self.used[name] = used
             out[f"{name}_cpu_pct"] = round(100 * used / elapsed, 1)
         busy, total = (a - b for a, b in zip(_machine_busy(), self._m0, strict=True))
         cores = os.cpu_count() or 1

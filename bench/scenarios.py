@@ -1,4 +1,4 @@
-"""The load scenarios: throughput, overhead to first delta, fan-out, connections.
+"""The load scenarios: throughput, overhead to first delta, Responses vs native, fan-out, connections.
 
 Each takes the running :class:`~bench.stack.Stack` and the parsed options, runs
 load generators (bench/load.py) in separate processes against the one API
@@ -139,6 +139,66 @@ def overhead(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
     progress.done(f"[overhead] {out['turns']} turns via {out['stream']}: p50={_ms(out['p50'])} "
                   f"p99={_ms(out['p99'])} (POST itself p50={_ms(out['post_p50'])}; model first token "
                   f"{model_first_token * 1000:.0f} ms subtracted)")
+    return out
+
+
+def responses(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
+    """The same N single-step streamed turns through the native path and through POST /v1/responses.
+
+    Native: each user follows its session's stream and POSTs a turn; Responses: each user POSTs
+    ``/v1/responses`` with ``stream: true`` on its own conversation and reads OpenAI's SSE to
+    ``response.completed``. Same agent, same users, same concurrency, one path after the other;
+    the CPU meter covers only the measured turns (the generator warms up, then waits for the go).
+    """
+    c, n = opts.responses_concurrency, opts.responses_turns
+    keys = [k for _, k in stack.users(c)]
+    out: dict[str, Any] = dict(concurrency=c, turns=n, paths={})
+    for path in ("native", "responses"):
+        label = f"responses: {path} c={c}"
+        stop_at = time.time() + opts.responses_seconds + 30
+        loader = Loader(dict(kind="responses", url=stack.url, keys=keys, agent="single", users=c, path=path,
+                             turns=n, warmup=max(10, 2 * c), stop_at=stop_at, stream=opts.stream))
+        watch([loader], stop_at, label, progress, lambda t: f"warming up, {int(t.get('warm', 0))} turns",
+              stop_when=lambda t: bool(t.get("ready")))
+        if not loader.progress.get("ready"):
+            raise RuntimeError(f"[{label}] the load generator did not warm up:\n{loader.stderr[-2000:]}")
+        meter = CpuMeter(process_groups(stack, [loader])).start()
+        servers = ServerCounters(stack).start()
+        loader.release()  # go: the measured turns start now
+        watch([loader], min(stop_at, time.time() + opts.responses_seconds), label, progress,
+              lambda t: f"{int(t.get('done', 0))}/{n} turns  errors={int(t.get('errors', 0))}",
+              stop_when=lambda t: t.get("done", 0) + t.get("errors", 0) >= n)
+        cpu, counts = meter.stop(), servers.stop()  # every measured turn has ended
+        r = loader.wait(timeout=max(0.0, stop_at - time.time()) + 15)
+        done = len(r["latencies"])
+        # The generator has usually exited before the meter reads it; it measured its own CPU.
+        meter.used["loaders"] = r["cpu_seconds"]
+        cpu["loaders_cpu_pct"] = round(100 * r["cpu_seconds"] / max(r["seconds"], 1e-9), 1)
+        cpu["other_cpu_pct"] = round(max(0.0, cpu["other_cpu_pct"] - cpu["loaders_cpu_pct"]), 1)
+        row = dict(path=path, turns=done, completed=r["completed"], seconds=round(r["seconds"], 2),
+                   turns_per_s=round(done / r["seconds"], 1) if r["seconds"] else None,
+                   p50=percentile(r["latencies"], 50), p99=percentile(r["latencies"], 99),
+                   errors=r["error_count"], error_samples=r["errors"][:3], statuses=r["statuses"],
+                   stream=r["stream"],
+                   # CPU-seconds each group used over the measured turns, per turn, in ms.
+                   **{f"{k}_ms_per_turn": round(v / max(done, 1) * 1000, 2) for k, v in meter.used.items()},
+                   per_turn=per(counts, done), **cpu)
+        progress.done(f"[{label}] {done} turns via {row['stream']}: {row['turns_per_s']} turns/s  "
+                      f"p50={_ms(row['p50'])}  p99={_ms(row['p99'])}  errors={row['errors']}  CPU per turn: "
+                      f"web={row['api_ms_per_turn']} ms  worker={row['workers_ms_per_turn']} ms  "
+                      f"postgres={row['postgres_ms_per_turn']} ms  redis={row['redis_ms_per_turn']} ms  "
+                      f"load generator={row['loaders_ms_per_turn']} ms  "
+                      f"(machine busy {cpu['machine_busy_pct']}%)")
+        out["paths"][path] = row
+        time.sleep(1.0)
+    native, compat = out["paths"]["native"], out["paths"]["responses"]
+    out["web_ms_overhead"] = round(compat["api_ms_per_turn"] - native["api_ms_per_turn"], 2)
+    out["worker_ms_overhead"] = round(compat["workers_ms_per_turn"] - native["workers_ms_per_turn"], 2)
+    if native["p50"] is not None and compat["p50"] is not None:
+        out["p50_overhead"] = compat["p50"] - native["p50"]
+    progress.done(f"[responses] Responses over native, per turn: web {out['web_ms_overhead']:+} ms CPU, "
+                  f"worker {out['worker_ms_overhead']:+} ms CPU, p50 to the terminal event "
+                  f"{_ms(out.get('p50_overhead'))}")
     return out
 
 

@@ -95,6 +95,7 @@ class Stack:
         self.prefix = f"steprun-bench-{self.run_id}"
         self.queue = f"steprun-bench-{self.run_id}"
         self.tmp = Path(tempfile.mkdtemp(prefix="steprun-bench-"))
+        self.secret_key = secrets.token_hex(32)  # web processes sign stream tokens with it; one per run
         self.procs: list[Proc] = []
         self.workers: list[Proc] = []
         self.web: Proc | None = None
@@ -188,6 +189,7 @@ class Stack:
             STEPRUN_REDIS_PREFIX=self.prefix,
             STEPRUN_QUEUE=self.queue,
             STEPRUN_AGENTS=self.agents_module,
+            STEPRUN_SECRET_KEY=self.secret_key,
             STEPRUN_LEASE_SECONDS=str(c.lease_seconds),
             STEPRUN_HEARTBEAT_SECONDS=str(max(0.5, c.lease_seconds / 5)),
             STEPRUN_WORKER_CONCURRENCY=str(c.worker_concurrency),
