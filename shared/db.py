@@ -71,6 +71,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
     @event.listens_for(factory, "after_commit")
     def _run(db: Session) -> None:
+        if db.in_nested_transaction():
+            return  # a SAVEPOINT released: the work is not committed until the outer transaction is
         for callback in db.info.pop("after_commit", []):
             try:
                 callback()
@@ -79,6 +81,8 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
     @event.listens_for(factory, "after_rollback")
     def _drop(db: Session) -> None:
+        if db.in_nested_transaction():
+            return  # a SAVEPOINT rolled back: the outer transaction's work may still commit
         db.info.pop("after_commit", None)
 
     return factory
