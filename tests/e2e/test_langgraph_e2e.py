@@ -8,6 +8,7 @@ deployment, whose worker it kills. The clients' versions are pinned in the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 import uuid
 from typing import Any
@@ -193,7 +194,14 @@ def test_rollback_deletes_the_active_run_as_if_it_never_ran(stack: Stack) -> Non
             break
     stream.close()
     assert running_id is not None and client.runs.get(tid, running_id)["status"] == "running"
-    out = client.runs.wait(tid, "echo", input=user("instead"), multitask_strategy="rollback")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # others following the run see it go
+        joined = pool.submit(get_sync_client(url=lg(stack.url), api_key=stack.key).runs.join, tid, running_id)
+        followed = pool.submit(lambda: list(get_sync_client(url=lg(stack.url), api_key=stack.key)
+                                            .runs.join_stream(tid, running_id, stream_mode="values")))
+        time.sleep(0.3)
+        out = client.runs.wait(tid, "echo", input=user("instead"), multitask_strategy="rollback")
+        assert joined.result(timeout=30)["__error__"]["error"] == "rolled_back"
+        assert followed.result(timeout=30)[-1].event == "end"
     assert [m["content"].split(" ")[:3] for m in out["messages"]][2:] == [["instead"], ["You", "said:", "instead"]]
     with pytest.raises(NotFoundError):
         client.runs.get(tid, running_id)
