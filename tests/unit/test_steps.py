@@ -182,10 +182,13 @@ def test_after_commit_work_waits_for_the_outer_transaction(rt: Runtime, who: Pri
         assert ran == []  # released, not committed
         try:
             with db.begin_nested():
+                after_commit(db, lambda: ran.append("rolled back"))  # its savepoint's work is undone
                 raise ValueError
         except ValueError:
             pass
+        with db.begin_nested():
+            after_commit(db, lambda: ran.append("inner"))
         db.commit()
-        assert ran == ["outer"]
+        assert ran == ["outer", "inner"]
     finally:
         db.close()
