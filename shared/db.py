@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from shared.auth.principal import SYSTEM, Scope, TenantAdmin
 from shared.settings import Settings
@@ -71,14 +71,34 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
     @event.listens_for(factory, "after_commit")
     def _run(db: Session) -> None:
+        if db.in_nested_transaction():
+            return  # a SAVEPOINT released: the work is not committed until the outer transaction is
         for callback in db.info.pop("after_commit", []):
             try:
                 callback()
             except Exception:  # noqa: BLE001 - committed state is safe; the scheduler re-sends lost work
                 log.exception("after-commit action failed; the scheduler will recover it")
 
+    @event.listens_for(factory, "after_transaction_create")
+    def _mark(db: Session, transaction: SessionTransaction) -> None:
+        if transaction.nested:  # a SAVEPOINT: remember which callbacks were registered before it
+            db.info.setdefault("savepoints", {})[id(transaction)] = len(db.info.get("after_commit", []))
+
+    @event.listens_for(factory, "after_transaction_end")
+    def _unmark(db: Session, transaction: SessionTransaction) -> None:
+        if transaction.nested:
+            db.info.get("savepoints", {}).pop(id(transaction), None)
+
     @event.listens_for(factory, "after_rollback")
     def _drop(db: Session) -> None:
+        nested = db.get_nested_transaction()
+        if nested is not None:
+            # A SAVEPOINT rolled back: drop only what was registered inside it; the outer
+            # transaction's work may still commit.
+            mark = db.info.get("savepoints", {}).get(id(nested))
+            if mark is not None and "after_commit" in db.info:
+                del db.info["after_commit"][mark:]
+            return
         db.info.pop("after_commit", None)
 
     return factory

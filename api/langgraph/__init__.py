@@ -154,7 +154,8 @@ def _describe() -> RouteDocs:
             params=[tid, rid, last_id, query("stream_mode", {"type": "string"}, "modes, repeated or comma-separated"),
                     query("cancel_on_disconnect", {"type": "boolean"})])},
         f"{PREFIX}/threads/{{thread_id}}/runs/{{run_id}}/cancel": {"post": op(
-            "Cancel a run (idempotent); wait=1 waits for it to stop", "202", OBJ,
+            "Cancel a run (idempotent); wait=1 waits for it to stop; action=rollback deletes it (204)", "202", OBJ,
+            also={"204": "rolled back: the run and what it wrote are deleted"},
             params=[tid, rid, query("wait", {"type": "boolean"}),
                     query("action", {"enum": ["interrupt", "rollback"]})])},
     }, schemas={

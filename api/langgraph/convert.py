@@ -24,9 +24,9 @@ RUN_STATUS = {
     TurnStatus.EXPIRED: "timeout",
     TurnStatus.CANCELLED: "interrupted",
 }
-# LangGraph's multitask_strategy -> steprun's on_busy. A rollback interrupts the active run
-# (its partial output stays in the history; see README).
-ON_BUSY = {"reject": "reject", "enqueue": "enqueue", "interrupt": "interrupt", "rollback": "interrupt"}
+# LangGraph's multitask_strategy -> steprun's on_busy. A rollback first deletes the active run and
+# those waiting (shared.turns.service.rollback_session), so the new run finds the thread idle.
+ON_BUSY = {"reject": "reject", "enqueue": "enqueue", "interrupt": "interrupt", "rollback": "enqueue"}
 # The node names a step's messages are reported under, as in LangGraph's prebuilt ReAct agent.
 AGENT_NODE, TOOLS_NODE = "agent", "tools"
 

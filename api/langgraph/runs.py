@@ -149,7 +149,12 @@ def start_run(thread_id: str | None, *, default_modes: tuple[str, ...] = ("value
         resumed_after = rt.events.head(session.id)  # read before the commit: the resumed run's frames follow it
         turn = turns.resume_turn(db(), rt, who, paused.id, _resume_body(command["resume"]))
     else:
-        turn, _ = turns.create_turn(db(), rt, who, session.id, user_input(body["input"]), ON_BUSY[strategy])
+        text = user_input(body["input"])
+        if strategy == "rollback":
+            # The active run and those waiting behind it are deleted, as if they never ran; the
+            # thread is then idle, so the new run starts at once. One transaction: all or nothing.
+            turns.rollback_session(db(), rt, who, session.id, "rolled back by a new run (multitask_strategy)")
+        turn, _ = turns.create_turn(db(), rt, who, session.id, text, ON_BUSY[strategy])
     started = StartedRun(turn, session, assistant, modes, strategy, on_disconnect == "cancel", resumed_after)
     db().commit()
     return started
@@ -280,6 +285,9 @@ def cancel_run(thread_id: str, run_id: str) -> tuple[Response, int]:
     if action not in ("interrupt", "rollback"):
         raise BadInput("'action' must be interrupt or rollback", field="action")
     session, turn = _own_run(thread_id, run_id)
+    if action == "rollback" and turns.rollback_turn(db(), rt, principal(), turn.id, "rolled back (cancel)"):
+        db().commit()
+        return Response(status=204), 204  # the run is gone, as if it never ran
     turns.cancel_turn(db(), rt, principal(), turn.id)
     db().commit()
     if request.args.get("wait", "0").lower() in ("1", "true"):

@@ -21,6 +21,7 @@ from api.langgraph.frames import AFTER_ALL, Frame, RunTranslator, frame_id
 from api.relay import bound_socket
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
+from shared.errors import NotFound
 from shared.metrics import track_stream
 from shared.models import ACTIVE, TERMINAL, Turn, TurnStatus
 from shared.runtime import Runtime
@@ -111,7 +112,32 @@ def _run_stream(req: StreamRequest, sock: Any) -> Iterator[str]:
     heartbeat = max(0.05, rt.settings.sse_heartbeat_seconds)
     previous_timeout = bound_socket(sock, rt.settings)
     finished = False
-    after, seen_run, quiet_polls = 0, False, 0
+    try:
+        yield from _follow(req, reader, translator, skip, heartbeat)
+        finished = True
+    except _Gone as gone:
+        # Rolled back (deleted) while this stream followed it: end it where it stands.
+        finished = True
+        yield _sse(Frame((gone.after, AFTER_ALL - 1), "end", None))
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(previous_timeout)
+            except OSError:
+                pass
+        if req.cancel_on_disconnect and not finished:
+            _cancel_quietly(req)
+
+
+class _Gone(Exception):
+    def __init__(self, after: int):
+        self.after = after
+
+
+def _follow(req: StreamRequest, reader: DbRunReader, translator: RunTranslator, skip: tuple[int, int],
+            heartbeat: float) -> Iterator[str]:
+    rt = req.rt
+    after, seen_run, quiet_polls, finished = 0, False, 0, False
     next_poll = 0.0  # the first time the stream is caught up, it checks the run at once
     try:
         with rt.events.listen(req.session_id) as ring:
@@ -163,14 +189,8 @@ def _run_stream(req: StreamRequest, sock: Any) -> Iterator[str]:
                     last_write = time.monotonic()
                     continue
                 ring.wait(min(heartbeat - (now - last_write), POLL_SECONDS))
-    finally:
-        if sock is not None:
-            try:
-                sock.settimeout(previous_timeout)
-            except OSError:
-                pass
-        if req.cancel_on_disconnect and not finished:
-            _cancel_quietly(req)
+    except NotFound:
+        raise _Gone(after) from None
 
 
 def _ending_without_events(reader: DbRunReader, translator: RunTranslator, seen_run: bool, after: int,
@@ -226,9 +246,13 @@ def wait_body(rt: Runtime, who: Principal, session_id: str, turn_id: str) -> Ite
     while True:
         checked = time.monotonic()
         cursor = rt.events.head(session_id)  # read before the status, so a change in between still wakes us
-        status = reader.status()
-        if status in TERMINAL or status == TurnStatus.REQUIRES_ACTION:
-            yield json.dumps(reader.final(), separators=(",", ":"))
+        try:
+            status = reader.status()
+            if status in TERMINAL or status == TurnStatus.REQUIRES_ACTION:
+                yield json.dumps(reader.final(), separators=(",", ":"))
+                return
+        except NotFound:  # rolled back (deleted) while we waited
+            yield json.dumps({"__error__": {"error": "rolled_back", "message": f"run {turn_id} was rolled back"}})
             return
         rt.events.wait(session_id, cursor, min(POLL_SECONDS, heartbeat), limit=1)
         # Tokens wake the wait many times a second: look at the run at most 5 times a second.

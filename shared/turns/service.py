@@ -1,4 +1,4 @@
-"""Sessions and turns as a client sees them: create, read, list, cancel, resume.
+"""Sessions and turns as a client sees them: create, read, list, cancel, resume, roll back.
 
 Service functions take the database session first and never commit: the edge
 (an API request, a CLI command) commits once. Work that must wait for the
@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,7 @@ from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
 from shared.errors import BadInput, BudgetExhausted, Conflict, NotFound, RateLimited, TooLarge
 from shared.metrics import BUDGET_REJECTIONS
-from shared.models import ACTIVE, TERMINAL, AgentSession, Message, Turn, TurnStatus
+from shared.models import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, StreamEvent, Turn, TurnStatus
 from shared.paging import page
 from shared.runtime import Runtime
 from shared.turns import budgets, transitions
@@ -279,6 +279,61 @@ def cancel_turn(db: Session, rt: Runtime, who: Principal, turn_id: str) -> Turn:
     if turn.status not in TERMINAL:
         transitions.request_cancel(db, rt, turn, session)
     return turn
+
+
+def rollback_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, reason: str = "rolled back") -> bool:
+    """Cancel a turn and delete it with everything it wrote, as if it never ran (LangGraph's rollback).
+
+    Its messages, checkpoints, kept events, spans and journal go with it; the tokens it
+    spent stay counted against budgets. A finished turn is left as it is (False).
+    """
+    turn = get_turn(db, who, turn_id)
+    if turn.status in TERMINAL:
+        return False
+    session = get_session(db, who, turn.session_id, lock=True)  # session, then turn: the usual lock order
+    db.refresh(turn, with_for_update=True)
+    if turn.status in TERMINAL:
+        return False  # it finished while we waited for the lock
+    _roll_back(db, rt, session, turn, reason)
+    return True
+
+
+def rollback_session(db: Session, rt: Runtime, who: Principal, session_id: str, reason: str) -> list[str]:
+    """Roll back the session's active turn and the turns waiting behind it; the ids rolled back.
+
+    Delayed turns (``scheduled_at``) are kept, as ``on_busy=interrupt`` keeps them.
+    The session is left idle, so a turn created next in this transaction starts at once.
+    """
+    session = get_session(db, who, session_id, lock=True)
+    waiting = db.scalars(select(Turn).where(Turn.session_id == session.id, Turn.status == TurnStatus.QUEUED,
+                                            Turn.scheduled_at.is_(None), Turn.id != session.active_turn_id)
+                         .order_by(Turn.seq).with_for_update()).all()
+    active = None
+    if session.active_turn_id is not None:
+        active = db.scalars(select(Turn).where(Turn.id == session.active_turn_id).with_for_update()).first()
+    # The waiting ones first: ending the active turn would hand the session to one of them.
+    doomed = [*waiting, *([active] if active is not None and active.status not in TERMINAL else [])]
+    for turn in doomed:
+        _roll_back(db, rt, session, turn, reason)
+    return [t.id for t in doomed]
+
+
+def _roll_back(db: Session, rt: Runtime, session: AgentSession, turn: Turn, reason: str) -> None:
+    """End ``turn`` (its session and turn rows locked) and delete what it wrote, then the turn itself."""
+    # Every statement runs as the caller's principal: row-level security scopes these deletes too.
+    # Kept events first: the turn.cancelled that transitions.roll_back writes must stay, since it is
+    # what tells the turn's watchers it is over.
+    db.execute(delete(StreamEvent).where(StreamEvent.session_id == session.id, StreamEvent.turn_id == turn.id)
+               .execution_options(synchronize_session=False))
+    transitions.roll_back(db, rt, turn, session, reason)
+    db.flush()
+    for model in (Message, Checkpoint):
+        db.execute(delete(model).where(model.session_id == session.id, model.turn_id == turn.id)
+                   .execution_options(synchronize_session=False))
+    # Its spans, model and tool call journal go by ON DELETE CASCADE; a running step's
+    # heartbeat, journal writes and fenced commit find no turn row and stop as a zombie.
+    db.delete(turn)
+    db.flush()
 
 
 def resume_turn(db: Session, rt: Runtime, who: Principal, turn_id: str, body: dict[str, Any]) -> Turn:

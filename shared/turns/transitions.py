@@ -10,6 +10,8 @@ queued → in_progress ⇄ requires_action → completed | failed | cancelled | 
 - → a terminal status: :func:`finish`, the only way a turn ends; it hands the session
   to the next queued turn (:func:`activate`).
 - :func:`request_cancel` ends a turn no step is running, or flags the running step.
+- :func:`roll_back` ends a turn at once, running step or not, before it is deleted
+  (:func:`shared.turns.service.rollback_turn`).
 - :func:`release` gives a step's lease back for a fresh attempt (the status stays).
 
 Functions take the database session first and never commit; what must wait for
@@ -92,6 +94,22 @@ def request_cancel(db: Session, rt: Runtime, turn: Turn, session: AgentSession) 
         after_commit(db, lambda: rt.events.request_cancel(turn.id))
         return
     finish(db, rt, turn, session, TurnStatus.CANCELLED)
+
+
+def roll_back(db: Session, rt: Runtime, turn: Turn, session: AgentSession, reason: str) -> None:
+    """End ``turn`` now as ``cancelled``, whether or not a step is running, so that it can be deleted.
+
+    Watchers of the turn see ``turn.cancelled`` (with ``rolled_back``) and stop. A running
+    step cannot commit afterwards: its lease is cleared here and the turn row is deleted in
+    the same transaction, so its heartbeat and its fenced commit find nothing (a zombie);
+    the cancel flag stops it at the next flush.
+    """
+    turn_id = turn.id
+    running = turn.lease_expires_at is not None and aware(turn.lease_expires_at) > utcnow()
+    turn.cancel_requested = True
+    finish(db, rt, turn, session, TurnStatus.CANCELLED, extra={"reason": reason, "rolled_back": True})
+    if running:
+        after_commit(db, lambda: rt.events.request_cancel(turn_id))
 
 
 def advance(db: Session, rt: Runtime, turn: Turn, next_step: int) -> None:

@@ -8,6 +8,8 @@ deployment, whose worker it kills. The clients' versions are pinned in the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +20,7 @@ import requests
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage, convert_to_messages
 from langgraph.pregel.remote import RemoteGraph
 from langgraph_sdk import get_client, get_sync_client
-from langgraph_sdk.errors import AuthenticationError, ConflictError
+from langgraph_sdk.errors import AuthenticationError, ConflictError, NotFoundError
 
 from tests.support.processes import Procs, Stack
 from tests.support.recovery_support import deploy
@@ -149,6 +151,71 @@ def test_multitask_strategies(stack: Stack) -> None:
     assert statuses[first["run_id"]] == statuses[queued["run_id"]] == "interrupted"
     assert statuses[last["run_id"]] == "success" and len(statuses) == 3  # the rejected one never existed
     assert client.threads.get(tid)["status"] == "idle"
+
+
+def test_rollback_deletes_the_active_run_as_if_it_never_ran(stack: Stack) -> None:
+    """multitask_strategy=rollback: the busy run (paused with committed steps, or mid-stream) is gone."""
+    client = get_sync_client(url=lg(stack.url), api_key=stack.key)
+
+    def ids_in_state(tid: str) -> set[str]:
+        return {m["id"].split("-")[0] for m in client.threads.get_state(tid)["values"]["messages"]}
+
+    # A paused run: its first step (the input, the tool call) and its checkpoint are committed.
+    tid = client.threads.create()["thread_id"]
+    before = client.runs.wait(tid, "bank", input=user("add 2 and 3"))
+    paused = client.runs.wait(tid, "bank", input=user("transfer 25 to bob"))
+    assert paused["__interrupt__"] and len(client.threads.get_history(tid)) == 3
+    [old, kept] = client.runs.list(tid)
+    out = client.runs.wait(tid, "bank", input=user("add 4 and 5"), multitask_strategy="rollback")
+    assert [m["content"] for m in out["messages"]] == [m["content"] for m in before["messages"]] + [
+        "add 4 and 5", "", "9", "The result of add is 9."]
+    with pytest.raises(NotFoundError):
+        client.runs.get(tid, old["run_id"])
+    runs = client.runs.list(tid)
+    assert [r["run_id"] for r in runs][1:] == [kept["run_id"]] and runs[0]["status"] == "success"
+    assert old["run_id"] not in ids_in_state(tid)
+    assert len(client.threads.get_history(tid)) == 4  # its checkpoint went with it: two steps per run
+    assert client.threads.get(tid)["status"] == "idle"
+    with pytest.raises(httpx.HTTPStatusError) as caught:  # nothing is paused any more
+        client.runs.wait(tid, "bank", command={"resume": {"approve": True}})
+    assert caught.value.response.status_code == 409
+
+    # A run whose step is streaming when it is rolled back never commits, not even later.
+    tid = client.threads.create()["thread_id"]
+    client.runs.wait(tid, "echo", input=user("hello"))
+    long_input = " ".join(["word"] * 200)  # echoed back at 100 tokens/s: seconds of streaming
+    started = time.monotonic()
+    stream = client.runs.stream(tid, "echo", input=user(long_input), stream_mode="messages-tuple")
+    running_id = None
+    for part in stream:  # leave once its tokens flow (the run goes on: on_disconnect=continue)
+        if part.event == "metadata":
+            running_id = part.data["run_id"]
+        if part.event == "messages" and part.data[0]["content"]:
+            break
+    stream.close()
+    assert running_id is not None and client.runs.get(tid, running_id)["status"] == "running"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # others following the run see it go
+        joined = pool.submit(get_sync_client(url=lg(stack.url), api_key=stack.key).runs.join, tid, running_id)
+        followed = pool.submit(lambda: list(get_sync_client(url=lg(stack.url), api_key=stack.key)
+                                            .runs.join_stream(tid, running_id, stream_mode="values")))
+        time.sleep(0.3)
+        out = client.runs.wait(tid, "echo", input=user("instead"), multitask_strategy="rollback")
+        assert joined.result(timeout=30)["__error__"]["error"] == "rolled_back"
+        assert followed.result(timeout=30)[-1].event == "end"
+    assert [m["content"].split(" ")[:3] for m in out["messages"]][2:] == [["instead"], ["You", "said:", "instead"]]
+    with pytest.raises(NotFoundError):
+        client.runs.get(tid, running_id)
+    # Past the time the rolled-back step would have taken to finish, it has still written nothing.
+    time.sleep(max(0.0, started + 5.0 - time.monotonic()))
+    assert running_id not in ids_in_state(tid) and len(client.runs.list(tid)) == 2
+    assert [len(h["values"]["messages"]) for h in client.threads.get_history(tid)] == [4, 2]
+
+    # cancel(action="rollback") deletes the run it names.
+    run = client.runs.create(tid, "echo", input=user(long_input))
+    client.runs.cancel(tid, run["run_id"], action="rollback")
+    with pytest.raises(NotFoundError):
+        client.runs.get(tid, run["run_id"])
+    assert client.threads.get(tid)["status"] == "idle" and len(client.runs.list(tid)) == 2
 
 
 def test_approval_interrupt_resumed_by_command(stack: Stack) -> None:

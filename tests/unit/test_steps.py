@@ -13,7 +13,7 @@ from shared.engine.claim import claim_turn
 from shared.engine.commit import commit_step
 from shared.engine.outcome import StepResult
 from shared.engine.step import run_step
-from shared.models import Checkpoint, Message, Turn
+from shared.models import AgentSession, Checkpoint, Message, Turn
 from shared.runtime import Runtime
 from shared.turns import service as turns
 
@@ -133,3 +133,62 @@ def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Pri
         assert [m.content for m in turns.list_messages(db, who, session.id, 10, 0)[0]] == ["once"]
         assert turns.get_turn(db, who, turn.id).output == "once"
 
+
+
+def test_a_rolled_back_turn_is_deleted_and_its_running_step_commits_nothing(rt: Runtime, who: Principal) -> None:
+    sid, first = _start_turn(rt, who, "math", "add 1 and 2")
+    assert run_step(rt, first, 0) == "in_progress"  # a committed step: messages and a checkpoint
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        running = claim_turn(db, first, 1, "worker-a", lease_seconds=60)
+        assert running is not None  # step 1 is running, its lease live
+    with unit_of_work(rt.sessions, who) as db:
+        queued, _ = turns.create_turn(db, rt, who, sid, "add 3 and 4")  # waits behind it
+        queued_id = queued.id
+    with unit_of_work(rt.sessions, who) as db:
+        assert turns.rollback_session(db, rt, who, sid, "test") == [queued_id, first]
+        nxt, _ = turns.create_turn(db, rt, who, sid, "add 5 and 6")
+        nxt_id = nxt.id
+    late = StepResult(text="late", status="completed",
+                      new_messages=[{"role": "assistant", "content": "late"}])
+    assert commit_step(rt, running, late, [], StepEvents(rt, running)) == "zombie"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        assert db.get(Turn, first) is None and db.get(Turn, queued_id) is None
+        assert db.scalars(select(Checkpoint).where(Checkpoint.session_id == sid)).all() == []
+        session = db.get(AgentSession, sid)
+        assert session is not None and session.active_turn_id == nxt_id  # the new turn took the session
+    assert _messages(rt, sid) == []
+    assert run_step(rt, nxt_id, 0) == "in_progress" and run_step(rt, nxt_id, 1) == "completed"
+    assert _messages(rt, sid)[0] == ("user", "add 5 and 6")
+
+
+def test_rolling_back_a_finished_turn_leaves_it(rt: Runtime, who: Principal) -> None:
+    sid, tid = _start_turn(rt, who, "echo", "hello")
+    assert run_step(rt, tid, 0) == "completed"
+    with unit_of_work(rt.sessions, who) as db:
+        assert turns.rollback_turn(db, rt, who, tid) is False
+    assert _messages(rt, sid)[0] == ("user", "hello")
+
+
+def test_after_commit_work_waits_for_the_outer_transaction(rt: Runtime, who: Principal) -> None:
+    """A SAVEPOINT released or rolled back neither runs nor drops the transaction's after-commit work."""
+    from shared.db import after_commit
+
+    ran: list[str] = []
+    db = rt.sessions()
+    try:
+        after_commit(db, lambda: ran.append("outer"))
+        with db.begin_nested():
+            db.execute(select(1))
+        assert ran == []  # released, not committed
+        try:
+            with db.begin_nested():
+                after_commit(db, lambda: ran.append("rolled back"))  # its savepoint's work is undone
+                raise ValueError
+        except ValueError:
+            pass
+        with db.begin_nested():
+            after_commit(db, lambda: ran.append("inner"))
+        db.commit()
+        assert ran == ["outer", "inner"]
+    finally:
+        db.close()
