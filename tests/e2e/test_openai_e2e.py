@@ -60,7 +60,8 @@ def test_openai_model_turn_end_to_end(procs: Procs, server: Server) -> None:
 
     events = requests.get(f"{url}/v1/sessions/{sid}/events", headers=h).json()["data"]
     call = next(e for e in events if e["type"] == "tool.call")
-    assert call["data"] == {"id": "call_abc", "name": "add", "arguments": {"a": 40, "b": 2}}
+    # Every event of a step carries its step and attempt (fenced appends, DESIGN section 5).
+    assert call["data"] == {"id": "call_abc", "name": "add", "arguments": {"a": 40, "b": 2}, "step": 0, "attempt": 1}
     deltas = [e["data"]["text"] for e in events if e["type"] == "message.delta"]
     assert "".join(deltas) == "The sum is 42."
     assert turn["usage"]["input_tokens"] >= 30
