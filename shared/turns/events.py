@@ -20,6 +20,7 @@ log must never issue a cursor again.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,11 +110,24 @@ def publish(rt: Runtime, scope: Scope, session_id: str, items: list[Durable]) ->
     for turn_id in closing[1:]:  # several turns ending in one commit (rare): close each fence
         rt.events.append_events(session_id, [], fence=Fence(turn_id, close=True))
     durable = [i for i in ids if i]
-    if durable or done.last:
-        mark_published(rt, scope, session_id, durable, done.last)
-    if done.reset:
-        republish_session(rt, scope, session_id)
+    if durable or done.last or done.reset:
+        # Off the caller's path: this runs after a commit whose connection is still checked out, and a
+        # second checkout per publish starves the pool under concurrency (measured: 24 users at once got
+        # pool timeouts). Best effort: rows left unmarked are re-appended (skipped by id) and marked by
+        # the scheduler's republish sweep.
+        threading.Thread(target=_after_publish, args=(rt, scope, session_id, durable, done.last, done.reset),
+                         name="steprun-mark-published", daemon=True).start()
     return done.last
+
+
+def _after_publish(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int, reset: bool) -> None:
+    try:
+        if ids or cursor:
+            mark_published(rt, scope, session_id, ids, cursor)
+        if reset:
+            republish_session(rt, scope, session_id)
+    except Exception:  # noqa: BLE001 - the republish sweep marks (and if need be re-appends) what is left
+        log.warning("session %s: marking events published failed; the sweep will", session_id, exc_info=True)
 
 
 def mark_published(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int) -> None:
