@@ -88,7 +88,8 @@ def describe() -> RouteDocs:
 def _describe() -> RouteDocs:
     tid, rid, aid = path_param("thread_id"), path_param("run_id"), path_param("assistant_id")
     errs = ("400", "401", "404", "429")
-    sse = {"type": "string"}
+    sse = {"type": "object", "description": "one server-sent event (its event name, data and id)",
+           "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}
     run_errors = ("400", "401", "404", "409", "413", "429")
     last_id = header("Last-Event-ID", "the id of the last frame received: the stream resumes after it")
     create = "RunCreate"

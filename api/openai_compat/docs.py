@@ -19,7 +19,9 @@ def _op(summary: str, schema: dict[str, Any], *, body: str | None = None, params
         body_required: bool = True) -> dict[str, Any]:
     ok: dict[str, Any] = json_response(schema)
     if sse:
-        ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        ok["content"]["text/event-stream"] = {"schema": {
+            "type": "object", "description": "one server-sent event (its event name, data and id)",
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}}
     out: dict[str, Any] = {"summary": summary, "parameters": params or [], "responses": {
         "200": ok, **{code: json_response(ref("OpenAIError"), ERR[code]) for code in errors}}}
     if body:
