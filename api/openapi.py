@@ -78,9 +78,9 @@ def query(name: str, schema: dict[str, Any], description: str = "") -> dict[str,
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-def header(name: str, description: str) -> dict[str, Any]:
+def header(name: str, description: str, *, min_length: int = 1) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False,
-            "schema": {"type": "string", "minLength": 1, "maxLength": 256}, "description": description}
+            "schema": {"type": "string", "minLength": min_length, "maxLength": 256}, "description": description}
 
 
 LIMIT = query("limit", {"type": "integer", "minimum": 1, "maximum": 100})

@@ -91,7 +91,9 @@ def _describe() -> RouteDocs:
     sse = {"type": "object", "description": "one server-sent event (its event name, data and id)",
            "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}
     run_errors = ("400", "401", "404", "409", "413", "429")
-    last_id = header("Last-Event-ID", "the id of the last frame received: the stream resumes after it")
+    # Empty means none, as an EventSource may send it: the stream starts from the run's beginning.
+    last_id = header("Last-Event-ID", "the id of the last frame received: the stream resumes after it (empty: none)",
+                     min_length=0)
     create = "RunCreate"
 
     def stream_op(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:

@@ -61,8 +61,11 @@ def test_banner_command_ctrl_c_cancels_then_quits_and_line_editing(procs: Procs,
     chat.expect_exact("[quit]")
     chat.expect(pexpect.EOF)
     h = dev_key(tmp_path)
-    turns = requests.get(f"{url}/v1/sessions/{sid}/messages?limit=100", headers=h).json()["data"]
-    assert [m["content"] for m in turns if m["role"] == "user"] == ["aXbc", "again"]
+    # The chat quit without waiting: the second turn's cancel commits its step (with the input) shortly after.
+    deadline = time.monotonic() + 15
+    while user_inputs(url, h, sid) != ["aXbc", "again"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert user_inputs(url, h, sid) == ["aXbc", "again"]
     # The first turn was cancelled, not left running when the chat moved on.
     session = requests.get(f"{url}/v1/sessions/{sid}", headers=h).json()
     deadline = time.time() + 20
