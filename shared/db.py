@@ -166,7 +166,9 @@ def set_scope(db: Session, scope: Scope | None, *, service: bool = False) -> Ses
 
 
 class UnsafeLogin(RuntimeError):
-    """The application's login could read or write every principal's rows (superuser, BYPASSRLS, a member)."""
+    """The application's login could get past row-level security: a superuser, BYPASSRLS, a member of a role,
+    or allowed to create objects (which could replace its connection's scope state or shadow what the policies
+    call)."""
 
 
 def open_scope_store(dbapi_conn: Any, record: Any, *, allow_unsafe: bool = False) -> None:
@@ -178,13 +180,16 @@ def open_scope_store(dbapi_conn: Any, record: Any, *, allow_unsafe: bool = False
     cur = dbapi_conn.cursor()
     try:
         cur.execute("SELECT steprun_open(), r.rolname, r.rolsuper, r.rolbypassrls, EXISTS (SELECT 1 FROM "
-                    "pg_auth_members m WHERE m.member = r.oid) FROM pg_roles r WHERE r.rolname = current_user")
-        key, name, superuser, bypass, member = cur.fetchone()
+                    "pg_auth_members m WHERE m.member = r.oid), has_database_privilege(current_database(), 'TEMP') "
+                    "OR EXISTS (SELECT 1 FROM pg_namespace n WHERE has_schema_privilege(n.oid, 'CREATE')) "
+                    "FROM pg_roles r WHERE r.rolname = current_user")
+        key, name, superuser, bypass, member, creates = cur.fetchone()
         dbapi_conn.commit()
     finally:
         cur.close()
-    if (superuser or bypass or member) and not allow_unsafe:
-        what = "a superuser" if superuser else "BYPASSRLS" if bypass else "a member of another role"
+    if (superuser or bypass or member or creates) and not allow_unsafe:
+        what = ("a superuser" if superuser else "BYPASSRLS" if bypass else "a member of another role" if member
+                else "allowed to create objects (TEMPORARY on the database or CREATE on a schema)")
         raise UnsafeLogin(f"the application login {name!r} is {what}: row-level security would not bind it. "
                           "Run `steprun migrate` to create the steprun_app login, or point STEPRUN_APP_DATABASE_URL "
                           "at an ordinary login")
@@ -218,9 +223,9 @@ def install_row_security(factory: sessionmaker[Session], app_engine: Engine | No
         return
 
     @event.listens_for(factory, "after_begin")
-    def _scope(session: Session, _transaction: Any, connection: Any) -> None:
-        if connection.engine is not app_engine:
-            return
+    def _scope(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+        if transaction.nested or connection.engine is not app_engine:
+            return  # a SAVEPOINT keeps its transaction's scope (entering anew inside it would not outlive it)
         info = connection.info
         key = info.get("steprun_scope_key")
         if key is None:

@@ -122,3 +122,15 @@ def _provision(conn: Connection, role: str, password: str | None, *, create: boo
             q(f'REVOKE ALL ON {s}."{table}" FROM {quoted}')
     for function in SCOPE_FUNCTIONS:
         q(f"GRANT EXECUTE ON FUNCTION {s}.{function} TO {quoted}")
+    if conn.execute(text("SELECT has_schema_privilege(:r, current_schema(), 'CREATE')"), {"r": role}).scalar():
+        q(f"REVOKE CREATE ON SCHEMA {s} FROM PUBLIC")  # Postgres before 15 grants it; a non-owner only warns
+        q(f"REVOKE CREATE ON SCHEMA {s} FROM {quoted}")
+    creates = conn.execute(text(
+        "SELECT has_database_privilege(:r, current_database(), 'TEMP'), (SELECT string_agg(nspname, ', ') FROM "
+        "pg_namespace WHERE has_schema_privilege(:r, oid, 'CREATE'))"), {"r": role}).one()
+    if creates[0] or creates[1]:
+        raise SettingsError(
+            f"the application login {role!r} may create objects ("
+            + ("TEMPORARY on the database" if creates[0] else f"CREATE on schema {creates[1]}")
+            + "), with which it could replace its connection's scope: the owner must revoke it "
+            "(REVOKE TEMPORARY ON DATABASE <db> FROM PUBLIC; REVOKE CREATE ON SCHEMA <schema> FROM PUBLIC)")

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal
-from shared.db import rowcount, unit_of_work
+from shared.db import UnsafeLogin, rowcount, unit_of_work
 from shared.engine.step import build_runtime, run_step
 from shared.runtime import Runtime
 from shared.settings import Settings, SettingsError
@@ -161,8 +161,17 @@ def test_injected_statements_on_the_app_connection_reach_no_other_principal(secu
             db, "INSERT INTO knowledge_documents (id, tenant_id, user_id, title, format, scope, text, chunk_count, "
                 "created_at) VALUES ('doc_forged', 't-inj-a', NULL, 'x', 'text', 'tenant', 'x', 0, now())")
         # The scope itself: its state is the owner's, the key is handed out once, a forged entry is refused.
-        assert "permission denied" in _denied(db, "SELECT * FROM pg_temp.steprun_scope_state")
-        assert "permission denied" in _denied(db, "SELECT setval('pg_temp.steprun_scope_seq', 0)")
+        assert "permission denied" in _denied(db, "SELECT * FROM pg_temp.steprun_scope_key")
+        for sequence in ("steprun_scope_seq", "steprun_scope_fp_a", "steprun_scope_fp_b"):
+            assert "permission denied" in _denied(db, f"SELECT setval('pg_temp.{sequence}', 1)")
+        entered = db.execute(text("SELECT current_setting('steprun.scope')")).scalar_one()
+        n = int(entered.split("\x1f")[0])
+        for forged in (f"{n}\x1ft-inj-g\x1feve\x1f\x1f", f"{n}\x1ft-inj-a\x1fbob\x1f\x1f", f"{n - 1}\x1ft-inj-a\x1fbob\x1f\x1f",
+                       f"{n}\x1ft-inj-a\x1falice\x1f\x1fon"):  # another's scope; her own as a service key
+            db.execute(text("SELECT set_config('steprun.scope', :f, true)"), {"f": forged})
+            assert db.execute(text("SELECT steprun_scope('tenant_id'), steprun_scope('service')")).one() == ("", "")
+            assert sees_others() == 0
+        db.execute(text("SELECT set_config('steprun.scope', :f, true)"), {"f": entered})  # her own, as entered
         assert "already opened" in _denied(db, "SELECT steprun_open()")
         assert "not signed" in _denied(db, "SELECT steprun_enter(999999, 't-inj-g\x1feve\x1f\x1f', repeat('0', 64))")
         assert "permission denied" in _denied(db, "CREATE TEMP TABLE steprun_scope_state (x int)")
@@ -210,8 +219,14 @@ def test_a_seen_scope_cannot_be_replayed_even_after_a_rollback(secure_rt: Runtim
 
 def test_unsafe_logins_are_refused_outside_dev(settings: Settings) -> None:
     superuser = settings.replace(app_database_url=settings.database_url)  # the test cluster's login: a superuser
-    with pytest.raises(SettingsError, match="superuser"):
-        build_runtime(superuser)
+    with pytest.raises((SettingsError, UnsafeLogin), match="is a superuser"):
+        # Refused at start; or, if the check could not connect then, at the first connection it makes.
+        rt = build_runtime(superuser)
+        try:
+            with unit_of_work(rt.sessions, Principal("t-unsafe", "u")) as db:
+                db.execute(text("SELECT 1"))
+        finally:
+            rt.close()
     with pytest.raises(SettingsError, match="STEPRUN_DB_ROLE=none"):
         build_runtime(settings.replace(db_role="none"))
     dev = build_runtime(settings.replace(db_role="none"), dev=True)  # steprun dev may, with a warning

@@ -9,16 +9,19 @@ application's connection could change with ``set_config``. From here:
   temporary objects, and cannot read or write ``api_keys``, ``tenants``,
   ``alembic_version`` or the fleet tables.
 - At connect, ``steprun_open()`` (SECURITY DEFINER, once per connection) creates
-  this connection's private state -- a random key, a counter, the scope -- as
-  temporary objects owned by the tables' owner, and hands the key to the
-  application once.
+  this connection's private state -- a random key, the last number entered, the
+  entered scope's fingerprint -- as temporary objects owned by the tables'
+  owner, and hands the key to the application once.
 - Each transaction begins with ``steprun_enter(n, scope, mac)``: the scope, its
-  sequence number ``n`` (strictly greater than the last one accepted on this
-  connection; kept in a sequence, so a ROLLBACK does not bring an old number
-  back) and their HMAC-SHA256 under the connection's key. A forged, altered or
-  replayed scope is refused.
+  number ``n`` (strictly greater than the last one accepted on this connection;
+  kept in a sequence, so a ROLLBACK does not bring an old number back) and
+  their HMAC-SHA256 under the connection's key. A forged, altered or replayed
+  scope is refused; an accepted one is put in a transaction-local setting and
+  its 128-bit fingerprint in two sequences (no row is written: no transaction
+  id, no commit flush).
 - The policies read the scope through ``steprun_scope(field)``, once per
-  statement (an InitPlan), and only if it was entered in this very transaction.
+  statement (an InitPlan): the setting counts only if it is the very token whose
+  fingerprint was entered last, so a ``set_config`` by hand gives no scope.
 - The system path (claim, sweeps, key lookup, migrations) connects as the
   tables' owner, which the policies no longer bind (NO FORCE); the app login can
   never be the system path.
@@ -63,11 +66,15 @@ BEGIN
     ki := ki || set_byte('\x00'::bytea, 0, b # 54);
     ko := ko || set_byte('\x00'::bytea, 0, b # 92);
   END LOOP;
-  CREATE TEMP TABLE steprun_scope_state (ki bytea NOT NULL, ko bytea NOT NULL, at timestamptz,
-    tenant text NOT NULL DEFAULT '', usr text NOT NULL DEFAULT '', admin text NOT NULL DEFAULT '',
-    service text NOT NULL DEFAULT '');
+  CREATE TEMP TABLE steprun_scope_key (ki bytea NOT NULL, ko bytea NOT NULL);
+  INSERT INTO pg_temp.steprun_scope_key VALUES (ki, ko);
+  -- Sequences, not rows: setting them writes no heap tuple (no transaction id, no commit flush) and a
+  -- ROLLBACK does not undo them. seq: the last number entered; fp_a, fp_b: the entered scope's fingerprint.
   CREATE TEMP SEQUENCE steprun_scope_seq MINVALUE 0 START 0;
-  INSERT INTO pg_temp.steprun_scope_state (ki, ko) VALUES (ki, ko);
+  CREATE TEMP SEQUENCE steprun_scope_fp_a MINVALUE -9223372036854775808 START 0;
+  CREATE TEMP SEQUENCE steprun_scope_fp_b MINVALUE -9223372036854775808 START 0;
+  -- Readable (not settable) by the login: steprun_scope() runs as it. Nothing here is secret but the key.
+  GRANT SELECT ON SEQUENCE pg_temp.steprun_scope_seq, pg_temp.steprun_scope_fp_a, pg_temp.steprun_scope_fp_b TO PUBLIC;
   RETURN encode(k, 'hex');
 END $fn$;
 
@@ -75,37 +82,47 @@ CREATE OR REPLACE FUNCTION steprun_enter(n bigint, scope text, mac text) RETURNS
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   st record;
-  parts text[];
+  token text := n::text || chr(31) || scope;
+  h bytea;
 BEGIN
-  SELECT ki, ko INTO st FROM pg_temp.steprun_scope_state;
-  IF NOT FOUND OR mac IS NULL OR n IS NULL OR scope IS NULL
-     OR sha256(st.ko || sha256(st.ki || convert_to(n::text || chr(31) || scope, 'UTF8'))) <> decode(mac, 'hex') THEN
+  SELECT ki, ko INTO st FROM pg_temp.steprun_scope_key;
+  IF NOT FOUND OR mac IS NULL OR n IS NULL OR scope IS NULL OR sha256(sha256(st.ko || sha256(st.ki ||
+      convert_to(token, 'UTF8')))) <> sha256(decode(mac, 'hex')) THEN
     RAISE EXCEPTION 'steprun: the scope is not signed by this connection''s key' USING ERRCODE = '42501';
   END IF;
-  IF n <= (SELECT last_value FROM pg_temp.steprun_scope_seq) THEN
+  IF n <= coalesce(pg_sequence_last_value('pg_temp.steprun_scope_seq'), 0) THEN
     RAISE EXCEPTION 'steprun: the scope was already used on this connection' USING ERRCODE = '42501';
   END IF;
-  PERFORM setval('pg_temp.steprun_scope_seq', n);  -- not undone by a rollback
-  parts := string_to_array(scope, chr(31));
-  IF array_length(parts, 1) IS DISTINCT FROM 4 THEN
+  IF array_length(string_to_array(scope, chr(31)), 1) IS DISTINCT FROM 4 THEN
     RAISE EXCEPTION 'steprun: a scope has four fields' USING ERRCODE = '22023';
   END IF;
-  UPDATE pg_temp.steprun_scope_state SET at = now(), tenant = parts[1], usr = parts[2], admin = parts[3],
-    service = parts[4];
+  h := sha256(convert_to(token, 'UTF8'));
+  PERFORM setval('pg_temp.steprun_scope_seq', n),
+          setval('pg_temp.steprun_scope_fp_a', ('x' || encode(substr(h, 1, 8), 'hex'))::bit(64)::bigint),
+          setval('pg_temp.steprun_scope_fp_b', ('x' || encode(substr(h, 9, 8), 'hex'))::bit(64)::bigint);
+  -- Transaction-local: gone at COMMIT or ROLLBACK. Anyone may set it; only the entered token matches fp_a/fp_b.
+  PERFORM set_config('steprun.scope', token, true);
 END $fn$;
 
+-- What the policies read, once per statement (an InitPlan): a field of the token entered last on this connection
+-- and set in this transaction, or '' (no scope). A token set by hand matches only if it is that very token.
+-- Not SECURITY DEFINER and no SET clause, so it stays cheap (~7 us a call): it reads only what the login may
+-- read (the fingerprint sequences are granted to it at open), and the login can create no object anywhere
+-- (no TEMPORARY, no CREATE on a schema; checked at each connect) to shadow what the body calls.
 CREATE OR REPLACE FUNCTION steprun_scope(field text) RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE AS $fn$
 DECLARE
-  st record;
+  t text := coalesce(current_setting('steprun.scope', true), '');
+  h bytea := sha256(convert_to(t, 'UTF8'));
 BEGIN
-  -- The scope of this transaction only: a row left by an earlier one (its at is not now()) is no scope.
-  SELECT tenant, usr, admin, service INTO st FROM pg_temp.steprun_scope_state WHERE at = now();
-  IF NOT FOUND THEN
-    RETURN '';
+  IF ('x' || encode(substr(h, 1, 8), 'hex'))::bit(64)::bigint
+       = pg_sequence_last_value(to_regclass('pg_temp.steprun_scope_fp_a'))
+     AND ('x' || encode(substr(h, 9, 8), 'hex'))::bit(64)::bigint
+       = pg_sequence_last_value(to_regclass('pg_temp.steprun_scope_fp_b')) THEN
+    RETURN split_part(t, chr(31), CASE field WHEN 'tenant_id' THEN 2 WHEN 'user_id' THEN 3
+                                             WHEN 'admin_tenant_id' THEN 4 WHEN 'service' THEN 5 END);
   END IF;
-  RETURN CASE field WHEN 'tenant_id' THEN st.tenant WHEN 'user_id' THEN st.usr
-                    WHEN 'admin_tenant_id' THEN st.admin WHEN 'service' THEN st.service ELSE '' END;
+  RETURN '';
 END $fn$;
 
 REVOKE ALL ON FUNCTION steprun_open() FROM PUBLIC;
