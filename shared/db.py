@@ -97,7 +97,7 @@ def make_sessionmaker(engine: Engine, system_engine: Engine | None = None) -> se
     others on ``engine``: the system path never shares the application's connections.
     """
     routed = type("RoutedSession", (_RoutedSession,), {"system_engine": system_engine})
-    factory = sessionmaker(engine, class_=routed, expire_on_commit=False)
+    factory: sessionmaker[Session] = sessionmaker(engine, class_=routed, expire_on_commit=False)
 
     @event.listens_for(factory, "after_commit")
     def _run(db: Session) -> None:

@@ -166,8 +166,10 @@ def test_injected_statements_on_the_app_connection_reach_no_other_principal(secu
             assert "permission denied" in _denied(db, f"SELECT setval('pg_temp.{sequence}', 1)")
         entered = db.execute(text("SELECT current_setting('steprun.scope')")).scalar_one()
         n = int(entered.split("\x1f")[0])
-        for forged in (f"{n}\x1ft-inj-g\x1feve\x1f\x1f", f"{n}\x1ft-inj-a\x1fbob\x1f\x1f", f"{n - 1}\x1ft-inj-a\x1fbob\x1f\x1f",
-                       f"{n}\x1ft-inj-a\x1falice\x1f\x1fon"):  # another's scope; her own as a service key
+        forgeries = (f"{n}\x1ft-inj-g\x1feve\x1f\x1f", f"{n}\x1ft-inj-a\x1fbob\x1f\x1f",
+                     f"{n - 1}\x1ft-inj-a\x1fbob\x1f\x1f",
+                     f"{n}\x1ft-inj-a\x1falice\x1f\x1fon")  # another's scope; her own as a service key
+        for forged in forgeries:
             db.execute(text("SELECT set_config('steprun.scope', :f, true)"), {"f": forged})
             assert db.execute(text("SELECT steprun_scope('tenant_id'), steprun_scope('service')")).one() == ("", "")
             assert sees_others() == 0
