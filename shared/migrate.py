@@ -108,6 +108,13 @@ def _provision(conn: Connection, role: str, password: str | None, *, create: boo
     if member_of:
         raise SettingsError(f"the application login {role!r} is a member of {member_of}: it must gain nothing "
                             f"(REVOKE {member_of} FROM {role})")
+    stale = conn.execute(text(
+        "SELECT string_agg(tablename || '.' || policyname, ', ') FROM pg_policies WHERE schemaname = current_schema() "
+        "AND (qual LIKE '%current_setting(''steprun.%' OR with_check LIKE '%current_setting(''steprun.%')")).scalar()
+    if stale:
+        raise SettingsError(f"row-level security policies {stale} read a setting any statement can change "
+                            "(current_setting('steprun.…')): write them with (SELECT steprun_scope('tenant_id')) "
+                            "and the like (migration 0014)")
     schema = conn.execute(text("SELECT current_schema()")).scalar_one()
     s = conn.dialect.identifier_preparer.quote(schema)
     q(f"GRANT USAGE ON SCHEMA {s} TO {quoted}")

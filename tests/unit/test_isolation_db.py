@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 
 import psycopg2
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import UnsafeLogin, rowcount, unit_of_work
 from shared.engine.step import build_runtime, run_step
+from shared.migrate import ensure_app_login
 from shared.runtime import Runtime
 from shared.settings import Settings, SettingsError
 from shared.storage import knowledge
@@ -236,3 +238,19 @@ def test_unsafe_logins_are_refused_outside_dev(settings: Settings) -> None:
         assert dev.app_engine is None
     finally:
         dev.close()
+
+
+def test_migrate_refuses_a_policy_that_reads_a_forgeable_setting(settings: Settings, rt: Runtime) -> None:
+    """A policy written the old way (a later migration, say) would trust set_config: `steprun migrate` says so."""
+    table = f"probe_{secrets.token_hex(4)}"
+    with rt.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (tenant_id text)"))
+        conn.execute(text(f"CREATE POLICY old_style ON {table} "
+                          "USING (tenant_id = current_setting('steprun.tenant_id', true))"))
+    try:
+        with pytest.raises(SettingsError, match=f"{table}.old_style"):
+            ensure_app_login(rt.engine, settings)
+    finally:
+        with rt.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+    ensure_app_login(rt.engine, settings)  # and without it, all is well
