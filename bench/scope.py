@@ -1,21 +1,22 @@
 """`python -m bench.scope`: what the signed row-level-security scope costs, per transaction and per statement.
 
 On a throwaway database of this machine's Postgres (``STEPRUN_TEST_ADMIN_DATABASE_URL``, as the tests), with
-the migrations applied and the application login created, it times, one client, sequentially:
+the migrations applied and the application login created, one client:
 
-- ``enter``: a transaction that enters a principal's scope (``steprun_enter``, the HMAC checked, the counter
-  advanced) and runs ``SELECT 1``: the application's path;
-- ``settings``: the same transaction with the statement it replaced (four ``set_config`` and ``SET ROLE``);
-- ``bare``: ``SELECT 1`` in a transaction with no scope statement at all (the owner's system path);
-- ``policy``: a primary-key read of ``sessions`` under the policies, against the same read as the owner
-  (no policies): what the once-per-statement ``steprun_scope()`` lookups add;
-- ``open``: a new connection of the application login, ``steprun_open()`` included, against one of the owner.
-
-Figures are medians in microseconds over ``--n`` repetitions (loopback TCP).
+- *transaction*: the median of ``--n`` transactions of each kind, interleaved (so load on the machine weighs
+  on all alike): entering a principal's scope (``steprun_enter``: HMAC checked, counter advanced) with
+  ``SELECT 1``; the statement it replaced (four ``set_config`` and ``SET ROLE``) with ``SELECT 1``; ``SELECT 1``
+  alone on the owner's system path; a primary-key read of ``sessions`` under the policies, and as the owner;
+- *server*: the mean cost inside Postgres, ``--n`` calls in one statement or DO block (one round trip):
+  ``steprun_enter``, the old settings, ``steprun_scope()`` (what each policy reads, once per statement),
+  and the primary-key read under the policies against the owner's (no policies);
+- *connect*: a new connection of the application login (``steprun_open()`` included) against the owner's.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import os
 import secrets
 import statistics
@@ -28,6 +29,7 @@ from shared.auth.principal import SYSTEM, Principal
 from shared.db import make_engine, make_sessionmaker, unit_of_work
 from shared.engine.step import build_runtime
 from shared.migrate import upgrade
+from shared.runtime import Runtime
 from shared.settings import Settings
 
 ADMIN_URL = os.environ.get("STEPRUN_TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -45,6 +47,44 @@ def _median_us(n: int, fn: Callable[[], object]) -> float:
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+def _server_side(rt: Runtime, who: Principal, n: int) -> dict[str, float]:
+    """Microseconds per call inside Postgres: ``n`` calls in one statement (or one DO block), one round trip."""
+    out: dict[str, float] = {}
+    raw = rt.app_engine.raw_connection()  # type: ignore[union-attr]
+    try:
+        cur, key = raw.cursor(), raw.info["steprun_scope_key"]
+        first = raw.info["steprun_scope_seq"] + 1
+        scope = f"{who.tenant_id}\x1f{who.user_id}\x1f\x1f"
+        ns = list(range(first, first + n))
+        macs = [hmac.new(key, f"{i}\x1f{scope}".encode(), hashlib.sha256).hexdigest() for i in ns]
+        t0 = time.perf_counter()
+        cur.execute("SELECT count(steprun_enter(u.n, %s, u.m)) FROM unnest(%s::bigint[], %s::text[]) "
+                    "WITH ORDINALITY AS u(n, m, o)", (scope, ns, macs))
+        out["enter"] = (time.perf_counter() - t0) / n * 1e6
+        raw.info["steprun_scope_seq"] = first + n - 1
+        t0 = time.perf_counter()
+        cur.execute("SELECT count(steprun_scope('tenant_id') || g::text) FROM generate_series(1, %s) g", (n,))
+        out["scope"] = (time.perf_counter() - t0) / n * 1e6
+        loop = (f"DO $$ BEGIN FOR i IN 1..{n} LOOP PERFORM agent FROM sessions WHERE id = 'ses_bench'; END LOOP; "
+                "END $$")
+        t0 = time.perf_counter()
+        cur.execute(loop)
+        out["read_app"] = (time.perf_counter() - t0) / n * 1e6
+        t0 = time.perf_counter()
+        cur.execute("SELECT count(set_config('steprun.tenant_id', 't' || g, true) || set_config('steprun.user_id', "
+                    "'u', true) || set_config('steprun.system', '', true) || set_config('steprun.admin_tenant_id', "
+                    "'', true) || set_config('role', 'steprun_app', true)) FROM generate_series(1, %s) g", (n,))
+        out["settings"] = (time.perf_counter() - t0) / n * 1e6
+        raw.rollback()
+    finally:
+        raw.invalidate()
+    with rt.engine.connect() as conn:
+        t0 = time.perf_counter()
+        conn.exec_driver_sql(loop.replace("%", "%%"))
+        out["read_owner"] = (time.perf_counter() - t0) / n * 1e6
+    return out
 
 
 def main() -> None:
@@ -100,14 +140,33 @@ def main() -> None:
             rt.engine.connect().close()
             rt.engine.dispose()
 
+        # Client-side, one transaction each, the variants interleaved so that load on the machine hits all alike.
+        variants = {"enter": enter, "settings": settings_statement, "bare": bare, "policy": policy_read,
+                    "owner": owner_read}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for fn in variants.values():
+            for _ in range(50):
+                fn()
+        for _ in range(args.n):
+            for k, fn in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+        server = _server_side(rt, who, args.n)
         rows = [
-            ("enter (steprun_enter + SELECT 1)", _median_us(args.n, enter)),
-            ("settings (set_config x4 + SET ROLE + SELECT 1)", _median_us(args.n, settings_statement)),
-            ("bare (SELECT 1, owner)", _median_us(args.n, bare)),
-            ("policy read (pk, app login, scoped)", _median_us(args.n, policy_read)),
-            ("owner read (pk, no policies)", _median_us(args.n, owner_read)),
-            ("open (new app connection + steprun_open)", _median_us(max(20, args.n // 50), open_app)),
-            ("open (new owner connection)", _median_us(max(20, args.n // 50), open_owner)),
+            ("transaction: enter + SELECT 1 (app login)", med["enter"]),
+            ("transaction: old set_config x4 + SET ROLE + SELECT 1", med["settings"]),
+            ("transaction: SELECT 1 (owner, no scope statement)", med["bare"]),
+            ("transaction: enter + pk read of sessions (policies)", med["policy"]),
+            ("transaction: pk read of sessions (owner, no policies)", med["owner"]),
+            ("server: steprun_enter, per call", server["enter"]),
+            ("server: old set_config x4 + role, per call", server["settings"]),
+            ("server: steprun_scope(), per call", server["scope"]),
+            ("server: pk read of sessions under the policies", server["read_app"]),
+            ("server: pk read of sessions as the owner", server["read_owner"]),
+            ("connect: new app connection (steprun_open included)", _median_us(max(20, args.n // 100), open_app)),
+            ("connect: new owner connection", _median_us(max(20, args.n // 100), open_owner)),
         ]
         rt.close()
     finally:
@@ -115,7 +174,7 @@ def main() -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
     width = max(len(r[0]) for r in rows)
-    print(f"{'per transaction, one client, median':{width}}  µs")
+    print(f"{'one client; transactions and connects: medians; server: means':{width}}  µs")
     for label, us in rows:
         print(f"{label:{width}}  {us:8.1f}")
 

@@ -13,7 +13,6 @@ import pytest
 from shared.settings import Settings
 from tests.support.processes import BIN, Procs, free_port, settings_env
 
-
 PROCESSES = ("web", "worker", "scheduler")
 
 
