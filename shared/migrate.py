@@ -115,6 +115,13 @@ def _provision(conn: Connection, role: str, password: str | None, *, create: boo
         raise SettingsError(f"row-level security policies {stale} read a setting any statement can change "
                             "(current_setting('steprun.…')): write them with (SELECT steprun_scope('tenant_id')) "
                             "and the like (migration 0014)")
+    forced = conn.execute(text(
+        "SELECT string_agg(relname, ', ') FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+        "AND relforcerowsecurity")).scalar()
+    if forced:
+        raise SettingsError(f"tables {forced} FORCE row-level security, which binds their owner: the system path "
+                            "(DATABASE_URL's login) would see none of their rows (ALTER TABLE … NO FORCE ROW LEVEL "
+                            "SECURITY; migration 0014)")
     schema = conn.execute(text("SELECT current_schema()")).scalar_one()
     s = conn.dialect.identifier_preparer.quote(schema)
     q(f"GRANT USAGE ON SCHEMA {s} TO {quoted}")

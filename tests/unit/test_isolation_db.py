@@ -254,3 +254,18 @@ def test_migrate_refuses_a_policy_that_reads_a_forgeable_setting(settings: Setti
         with rt.engine.begin() as conn:
             conn.execute(text(f"DROP TABLE {table}"))
     ensure_app_login(rt.engine, settings)  # and without it, all is well
+
+
+def test_migrate_refuses_a_table_that_forces_row_security_on_its_owner(settings: Settings, rt: Runtime) -> None:
+    """FORCE would bind the owner, which is the system path now: its sweeps would see none of the rows."""
+    table = f"probe_{secrets.token_hex(4)}"
+    with rt.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (tenant_id text)"))
+        conn.execute(text(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))
+        conn.execute(text(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"))
+    try:
+        with pytest.raises(SettingsError, match=f"tables {table} FORCE"):
+            ensure_app_login(rt.engine, settings)
+    finally:
+        with rt.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))

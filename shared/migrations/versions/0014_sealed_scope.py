@@ -28,6 +28,13 @@ application's connection could change with ``set_config``. From here:
 - Tenant-wide documents are read-only to users: writing one takes a scope entered
   as a service key.
 
+A table added later gets the same words: ENABLE (not FORCE) row level security
+and policies that read ``(SELECT steprun_scope('tenant_id'))``,
+``(SELECT steprun_scope('user_id'))`` (and ``'admin_tenant_id'``, ``'service'``)
+where 0004 read ``current_setting('steprun.…', true)``; there is no system
+setting any more. ``steprun migrate`` refuses a policy that reads a setting and
+a FORCEd table (shared/migrate.py).
+
 Revision ID: 0014
 Revises: 0012
 """
