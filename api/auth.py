@@ -10,9 +10,9 @@ from flask import Flask, current_app, g, request
 from api.context import db, runtime
 from shared.auth.jwt import jwt_enabled, looks_like_jwt, principal_from_jwt
 from shared.auth.keys import identify_key
-from shared.auth.principal import Principal, Tenant
+from shared.auth.principal import SYSTEM, Principal, Tenant
 from shared.auth.stream_tokens import verify_stream_token
-from shared.db import set_scope
+from shared.db import set_scope, unit_of_work
 from shared.errors import BadInput, Forbidden, RateLimited, Unauthorized, Unavailable
 
 USER_ID_RE = re.compile(r"[\w.@:+-]{1,256}")
@@ -35,8 +35,9 @@ def install_auth(app: Flask) -> None:
             enforce_rate_limit(Principal(g.tenant.tenant_id, ""))
             return
         g.principal = stream_token_principal() or authenticate()
-        # Every later transaction of this request sees this principal's rows only.
-        set_scope(db(), g.principal)
+        # Every later transaction of this request sees this principal's rows only (and, through a service
+        # key, may write the tenant's tenant-wide documents).
+        set_scope(db(), g.principal, service=g.get("service_key", False))
         enforce_rate_limit(g.principal)
 
 
@@ -99,8 +100,8 @@ def authenticate(require_user: bool = True) -> Principal:
     cache = runtime().key_cache
     identity = cache.get(token)
     if identity is None:
-        identity = identify_key(db(), token)
-        db().rollback()  # release the connection until the view needs one
+        with unit_of_work(runtime().sessions, SYSTEM) as keys:  # the system path: the app login cannot read keys
+            identity = identify_key(keys, token)
         if identity is None:
             raise Unauthorized("the key is not valid (unknown or revoked)")
         cache.put(token, identity)

@@ -13,7 +13,7 @@ from shared.engine.step import build_runtime
 from shared.logs import configure_logging
 from shared.metrics import serve_metrics
 from shared.runtime import Runtime
-from shared.settings import deployment_settings
+from shared.settings import deployment_settings, or_exit
 
 log = logging.getLogger("steprun.scheduler")
 
@@ -64,7 +64,7 @@ def _run_lane(rt: Runtime, stop: threading.Event, jobs: Sequence[Job[Any]]) -> N
 def main() -> None:
     settings = deployment_settings("scheduler")
     configure_logging(settings)
-    rt = build_runtime(settings)
+    rt = or_exit("scheduler", lambda: build_runtime(settings))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

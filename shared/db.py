@@ -7,6 +7,8 @@ run before its row exists.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -36,8 +38,20 @@ def private_sqlite_file(data_dir: str, path: str) -> None:
             pass
 
 
-def make_engine(settings: Settings) -> Engine:
-    url = settings.sqlalchemy_url
+def make_app_engine(settings: Settings, url: str, *, allow_unsafe: bool = False) -> Engine:
+    """The application login's engine: each new connection opens its scope store (:func:`open_scope_store`)."""
+    engine = make_engine(settings, url)
+
+    @event.listens_for(engine, "connect")
+    def _open(dbapi_conn: Any, record: Any) -> None:
+        open_scope_store(dbapi_conn, record, allow_unsafe=allow_unsafe)
+
+    return engine
+
+
+def make_engine(settings: Settings, url: str | None = None) -> Engine:
+    """The owner's engine (``settings.sqlalchemy_url``), or one on ``url`` with the same pool settings."""
+    url = url or settings.sqlalchemy_url
     if url.startswith("sqlite"):
         private_sqlite_file(settings.data_dir, url.removeprefix("sqlite:///"))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -65,9 +79,25 @@ def make_engine(settings: Settings) -> Engine:
     )
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """Sessions whose committed work runs its :func:`after_commit` callbacks."""
-    factory = sessionmaker(engine, expire_on_commit=False)
+class _RoutedSession(Session):
+    """A session on the application's engine, except a :data:`SYSTEM`-scoped one: the owner's (system) engine."""
+
+    system_engine: Engine | None = None
+
+    def get_bind(self, *args: Any, **kw: Any) -> Any:
+        if self.system_engine is not None and self.info.get("scope") is SYSTEM:
+            return self.system_engine
+        return super().get_bind(*args, **kw)
+
+
+def make_sessionmaker(engine: Engine, system_engine: Engine | None = None) -> sessionmaker[Session]:
+    """Sessions whose committed work runs its :func:`after_commit` callbacks.
+
+    With ``system_engine``, sessions scoped to :data:`SYSTEM` (claim, sweeps, key lookup) run on it, the
+    others on ``engine``: the system path never shares the application's connections.
+    """
+    routed = type("RoutedSession", (_RoutedSession,), {"system_engine": system_engine})
+    factory: sessionmaker[Session] = sessionmaker(engine, class_=routed, expire_on_commit=False)
 
     @event.listens_for(factory, "after_commit")
     def _run(db: Session) -> None:
@@ -124,44 +154,99 @@ def rowcount(result: Result[Any]) -> int:
     return result.rowcount or 0
 
 
-def set_scope(db: Session, scope: Scope | None) -> Session:
-    """Scope ``db`` from its next transaction on (row-level security on Postgres)."""
+def set_scope(db: Session, scope: Scope | None, *, service: bool = False) -> Session:
+    """Scope ``db`` from its next transaction on (row-level security on Postgres).
+
+    ``service``: the principal acts through a service key, which may also write its tenant's tenant-wide
+    rows (knowledge documents); a user's scope reads them only.
+    """
     db.info["scope"] = scope
+    db.info["service"] = service
     return db
 
 
-def install_row_security(factory: sessionmaker[Session], role: str | None) -> None:
-    """At the start of every transaction, drop to ``role`` and set the principal, transaction-locally.
+class UnsafeLogin(RuntimeError):
+    """The application's login could get past row-level security: a superuser, BYPASSRLS, a member of a role,
+    or allowed to create objects (which could replace its connection's scope state or shadow what the policies
+    call)."""
 
-    Transaction-local (``set_config(..., true)``) so a pooled connection never
-    carries one user's scope into the next transaction. ``role`` owns nothing
-    and is not a superuser, so the FORCEd policies apply even when the login
-    role owns the tables or is a superuser.
+
+def open_scope_store(dbapi_conn: Any, record: Any, *, allow_unsafe: bool = False) -> None:
+    """At connect, on the application's login: create this connection's private scope state, keep its key.
+
+    ``steprun_open()`` (migration 0014) runs once per connection and hands the key out once; the same round
+    trip reads what the login may do, and a login row-level security would not bind is refused.
     """
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("SELECT steprun_open(), r.rolname, r.rolsuper, r.rolbypassrls, EXISTS (SELECT 1 FROM "
+                    "pg_auth_members m WHERE m.member = r.oid), has_database_privilege(current_database(), 'TEMP') "
+                    "OR EXISTS (SELECT 1 FROM pg_namespace n WHERE has_schema_privilege(n.oid, 'CREATE')) "
+                    "FROM pg_roles r WHERE r.rolname = current_user")
+        key, name, superuser, bypass, member, creates = cur.fetchone()
+        dbapi_conn.commit()
+    finally:
+        cur.close()
+    if (superuser or bypass or member or creates) and not allow_unsafe:
+        what = ("a superuser" if superuser else "BYPASSRLS" if bypass else "a member of another role" if member
+                else "allowed to create objects (TEMPORARY on the database or CREATE on a schema)")
+        raise UnsafeLogin(f"the application login {name!r} is {what}: row-level security would not bind it. "
+                          "Run `steprun migrate` to create the steprun_app login, or point STEPRUN_APP_DATABASE_URL "
+                          "at an ordinary login")
+    record.info["steprun_scope_key"] = bytes.fromhex(key)
+    record.info["steprun_scope_seq"] = 0
+
+
+def _scope_fields(session: Session) -> tuple[str, str, str, str]:
+    scope = session.info.get("scope")
+    if scope is SYSTEM:
+        return ("", "", "", "")  # the system path is the owner's engine; here it sees nothing
+    admin = scope.tenant_id if isinstance(scope, TenantAdmin) else ""
+    tenant = "" if admin else getattr(scope, "tenant_id", "") or ""
+    user = getattr(scope, "user_id", "") or ""
+    fields = (tenant, user, admin, "on" if session.info.get("service") and tenant else "")
+    if any("\x1f" in f for f in fields):
+        raise ValueError("a tenant or user id may not contain U+001F")
+    return fields
+
+
+def install_row_security(factory: sessionmaker[Session], app_engine: Engine | None) -> None:
+    """At the start of every transaction on ``app_engine``, enter the session's scope, signed.
+
+    The scope (tenant, user, tenant admin, service key) goes to ``steprun_enter`` with a sequence number and
+    their HMAC under the connection's key (:func:`open_scope_store`): a statement on the connection can
+    neither forge nor replay one, and the policies read only the scope entered in the running transaction.
+    One round trip per transaction, as the settings it replaces. Sessions on the owner's (system) engine
+    are not scoped: the policies do not bind the tables' owner.
+    """
+    if app_engine is None or app_engine.dialect.name != "postgresql":
+        return
 
     @event.listens_for(factory, "after_begin")
-    def _scope(session: Session, _transaction: Any, connection: Any) -> None:
-        if connection.dialect.name != "postgresql":
-            return
-        scope = session.info.get("scope")
-        admin = scope.tenant_id if isinstance(scope, TenantAdmin) else ""
-        tenant = "" if admin else getattr(scope, "tenant_id", "") or ""
-        user = getattr(scope, "user_id", "") or ""
-        params = {"t": tenant, "u": user, "s": "on" if scope is SYSTEM else "", "a": admin}
-        sql = ("SELECT set_config('steprun.tenant_id', %(t)s, true), set_config('steprun.user_id', %(u)s, true), "
-               "set_config('steprun.system', %(s)s, true), set_config('steprun.admin_tenant_id', %(a)s, true)")
-        if role:
-            params["r"] = role
-            sql += ", set_config('role', %(r)s, true)"
-        connection.exec_driver_sql(sql, params)
+    def _scope(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+        if transaction.nested or connection.engine is not app_engine:
+            return  # a SAVEPOINT keeps its transaction's scope (entering anew inside it would not outlive it)
+        info = connection.info
+        key = info.get("steprun_scope_key")
+        if key is None:
+            raise UnsafeLogin("this connection has no scope key (steprun_open did not run)")
+        scope = "\x1f".join(_scope_fields(session))
+        n = info["steprun_scope_seq"] = info["steprun_scope_seq"] + 1
+        mac = hmac.new(key, f"{n}\x1f{scope}".encode(), hashlib.sha256).hexdigest()
+        try:
+            connection.exec_driver_sql("SELECT steprun_enter(%(n)s, %(s)s, %(m)s)", {"n": n, "s": scope, "m": mac})
+        except Exception:
+            connection.invalidate()  # a connection whose scope state was tampered with is not used again
+            raise
 
 
 @contextmanager
-def unit_of_work(factory: sessionmaker[Session], scope: Scope | None = None) -> Iterator[Session]:
-    """One transaction: committed if the block succeeds, rolled back otherwise."""
+def unit_of_work(factory: sessionmaker[Session], scope: Scope | None = None, *,
+                 service: bool = False) -> Iterator[Session]:
+    """One transaction: committed if the block succeeds, rolled back otherwise (``service``: see :func:`set_scope`)."""
     db = factory()
     if scope is not None:
-        db.info["scope"] = scope
+        set_scope(db, scope, service=service)
     try:
         yield db
         db.commit()

@@ -9,15 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.agent import AgentRegistry
 from shared.auth.keys import KeyCache
 from shared.auth.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from shared.db import install_row_security, make_engine, make_sessionmaker
+from shared.db import UnsafeLogin, install_row_security, make_app_engine, make_engine, make_sessionmaker
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 from shared.streaming.memory_log import MemoryEventLog
 from shared.streaming.protocol import EventLog
 from shared.streaming.redis_log import RedisEventLog
@@ -33,23 +33,34 @@ def process_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _usable_role(engine: Engine, role: str) -> str | None:
-    """The role to drop to per transaction, if the login role may; warn where RLS is then not enforced."""
-    if not role or role == "none" or engine.dialect.name != "postgresql":
+def _app_engine(settings: Settings, owner: Engine, *, dev: bool) -> Engine | None:
+    """The application login's engine (user data, under row-level security), or None on SQLite.
+
+    Outside ``steprun dev`` (``dev``), a Postgres deployment without one (STEPRUN_DB_ROLE=none), or whose
+    login is a superuser, BYPASSRLS or a member of another role, is refused: its isolation would rest on
+    the application's code alone.
+    """
+    if owner.dialect.name != "postgresql":
         return None
+    url = settings.app_sqlalchemy_url
+    if url is None:
+        if not dev:
+            raise SettingsError(
+                "STEPRUN_DB_ROLE=none runs every request as DATABASE_URL's login, which row-level security does "
+                "not bind: only `steprun dev` may do that. Unset STEPRUN_DB_ROLE (the steprun_app login that "
+                "`steprun migrate` creates) or set STEPRUN_APP_DATABASE_URL")
+        log.warning("STEPRUN_DB_ROLE=none: row-level security is off (steprun dev only)")
+        return None
+    engine = make_app_engine(settings, url, allow_unsafe=dev)
     try:
-        with engine.connect() as conn:
-            member, superuser = conn.execute(text(
-                "SELECT pg_has_role(current_user, oid, 'MEMBER'), (SELECT rolsuper FROM pg_roles "
-                "WHERE rolname = current_user) FROM pg_roles WHERE rolname = :r"), {"r": role}).first() or (
-                False, None)
-    except Exception:  # noqa: BLE001 - the database may not be up yet; use the role as configured
-        return role
-    if member:
-        return role
-    log.warning("role %r does not exist or is not granted to the login role: row-level security %s", role,
-                "is NOT enforced (superuser login)" if superuser else "relies on FORCE for the owner")
-    return None
+        with engine.connect():
+            pass  # opens one connection: the login's check runs now, not at the first request
+    except UnsafeLogin as exc:
+        engine.dispose()
+        raise SettingsError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the database may not be up yet; each connection checks again
+        log.warning("cannot check the application login yet (%s): each new connection will", type(exc).__name__)
+    return engine
 
 
 @dataclass
@@ -63,6 +74,9 @@ class Runtime:
     limiter: RateLimiter = field(init=False)
     key_cache: KeyCache = field(init=False)
     redis: Any = None
+    # The application login's engine, under row-level security; ``engine`` is the owner's (migrations and the
+    # system path). None on SQLite and with STEPRUN_DB_ROLE=none in `steprun dev`.
+    app_engine: Engine | None = None
     # Shutdown, in two stages: ``stopping`` (no new step starts here; deliveries are passed
     # on), then ``draining`` after a grace period (running steps hand themselves back).
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -72,7 +86,7 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings, *, agents: AgentRegistry | None = None,
-               step_runner: StepRunner | None = None) -> Runtime:
+               step_runner: StepRunner | None = None, dev: bool = False) -> Runtime:
         """Build the runtime from settings.
 
         ``step_runner`` runs steps in this process: it is required in the embedded
@@ -80,8 +94,9 @@ class Runtime:
         steps through their task instead.
         """
         engine = make_engine(settings)
-        factory = make_sessionmaker(engine)
-        install_row_security(factory, _usable_role(engine, settings.db_role))
+        app_engine = _app_engine(settings, engine, dev=dev)
+        factory = make_sessionmaker(app_engine or engine, system_engine=engine if app_engine else None)
+        install_row_security(factory, app_engine)
         agents = agents or AgentRegistry.from_module(settings.agents_module)
         if settings.redis_url:
             import redis
@@ -99,14 +114,14 @@ class Runtime:
                 retention_seconds=settings.event_retention_seconds,
                 max_len=settings.event_log_max,
             )
-            rt = cls(settings, engine, factory, events, agents, redis=client)
+            rt = cls(settings, engine, factory, events, agents, redis=client, app_engine=app_engine)
             rt.queue = CeleryQueue(settings)
             rt.limiter = RedisRateLimiter(client, settings.redis_prefix)
         else:
             events = MemoryEventLog(
                 retention_seconds=settings.event_retention_seconds, max_len=settings.event_log_max
             )
-            rt = cls(settings, engine, factory, events, agents)
+            rt = cls(settings, engine, factory, events, agents, app_engine=app_engine)
             if step_runner is None:
                 raise ValueError("the embedded mode (no REDIS_URL) runs steps in-process: pass step_runner")
             runner = step_runner
@@ -120,3 +135,5 @@ class Runtime:
         self.queue.close()
         self.events.close()
         self.engine.dispose()
+        if self.app_engine is not None:
+            self.app_engine.dispose()

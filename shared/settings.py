@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class SettingsError(ValueError):
@@ -328,8 +330,16 @@ class Settings:
     db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10, "SQLAlchemy pool overflow per process.")
     db_role: str = _setting(
         "STEPRUN_DB_ROLE", "steprun_app",
-        "Postgres role every transaction drops to, so row-level security applies (created by migrations); "
-        "`none` to stay the login role.",
+        "The Postgres login user data is read and written as (row-level security binds it): created by "
+        "`steprun migrate` with a password derived from DATABASE_URL's, on the same host and database. DATABASE_URL's "
+        "own login is kept for migrations and the system path (claim, sweeps, key lookup). `none`: one login for "
+        "everything and no row-level security, refused outside `steprun dev`.",
+    )
+    app_database_url: str | None = _setting(
+        "STEPRUN_APP_DATABASE_URL", None,
+        "The application login's URL, where `steprun migrate` may not create roles (Heroku Postgres: a "
+        "`pg:credentials` credential); migrate grants it what it needs. Unset: derived from DATABASE_URL and "
+        "STEPRUN_DB_ROLE.",
     )
 
     # Serving.
@@ -347,15 +357,29 @@ class Settings:
 
     @property
     def sqlalchemy_url(self) -> str:
-        """The URL handed to SQLAlchemy (Heroku's postgres:// scheme normalised)."""
+        """The URL handed to SQLAlchemy (Heroku's postgres:// scheme normalised): the owner's login."""
         if self.database_url is None:
             return "sqlite:///" + os.path.abspath(os.path.join(self.data_dir, "steprun.db"))
-        url = self.database_url
-        if url.startswith("postgres://"):
-            url = "postgresql://" + url[len("postgres://"):]
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg2://" + url[len("postgresql://"):]
-        return url
+        return _driver_url(self.database_url)
+
+    @property
+    def app_sqlalchemy_url(self) -> str | None:
+        """The application login's URL (row-level security binds it), or None where there is none.
+
+        None on SQLite and with ``STEPRUN_DB_ROLE=none``. Otherwise STEPRUN_APP_DATABASE_URL, or
+        DATABASE_URL with its user replaced by ``db_role`` and the password :func:`app_login_password`.
+        """
+        if self.database_url is None or not self.sqlalchemy_url.startswith("postgresql"):
+            return None
+        if self.app_database_url:
+            return _driver_url(self.app_database_url)
+        if self.db_role in ("", "none"):
+            return None
+        from sqlalchemy.engine import make_url
+
+        owner = make_url(self.sqlalchemy_url)
+        return owner.set(username=self.db_role, password=app_login_password(owner.password, self.db_role)) \
+            .render_as_string(hide_password=False)
 
     def check_deployment(self, process: str) -> None:
         """Refuse a half-configured production process (web, worker, scheduler), naming what is missing.
@@ -395,18 +419,49 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+def _driver_url(url: str) -> str:
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def app_login_password(owner_password: str | None, role: str) -> str | None:
+    """The application login's password: derived from the owner's, so a single DATABASE_URL configures both.
+
+    ``steprun migrate`` sets it and every process computes it; a rotated owner password is picked up by the
+    next migrate. None when the owner's URL has no password (trust, peer or certificate authentication).
+    """
+    if not owner_password:
+        return None
+    import hashlib
+    import hmac
+
+    return hmac.new(str(owner_password).encode(), f"steprun application login {role}".encode(),
+                    hashlib.sha256).hexdigest()
+
+
 def deployment_settings(process: str, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings of a production entrypoint; a configuration error is one line on stderr and exit 3."""
+    def _load() -> Settings:
+        settings = Settings.from_env(environ)
+        settings.check_deployment(process)
+        return settings
+
+    return or_exit(process, _load)
+
+
+def or_exit(process: str, build: Callable[[], T]) -> T:
+    """``build()``, or, on a configuration error (an unsafe database login, say), one line on stderr and exit 3."""
     import sys
 
     try:
-        settings = Settings.from_env(environ)
-        settings.check_deployment(process)
+        return build()
     except SettingsError as exc:
         sys.stderr.write(f"steprun {process}: configuration error: {exc}\n")
         sys.stderr.flush()
         raise SystemExit(3) from None
-    return settings
 
 
 def _coerce(name: str, env: str, raw: str, default: Any) -> Any:

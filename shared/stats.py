@@ -77,9 +77,8 @@ def queue_stats(db: Session, window_seconds: float = 60.0) -> QueueStats:
     """The queue-latency figures, read in one short transaction (no locks taken)."""
     if db.get_bind().dialect.name != "postgresql":
         return _queue_stats_portable(db, window_seconds)
-    # Row-level security (migration 0004) hides every turn from a transaction that names no principal;
-    # these are aggregates over all of them, so this reads as the system path, like the scheduler's sweeps.
-    db.execute(text("SELECT set_config('steprun.system', 'on', true)"))
+    # Aggregates over every tenant: ``db`` is the system path's (the owner's login, see shared.db), as the
+    # scheduler's sweeps; on the application's login row-level security would hide every turn.
     q = db.execute(text(QUEUE_SQL)).one()
     d = db.execute(text(START_DELAY_SQL), {"window": window_seconds}).one()
     return QueueStats(float(q.oldest_wait_seconds), int(q.waiting), int(q.running), int(q.expired_leases),

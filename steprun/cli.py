@@ -66,7 +66,7 @@ def migrate() -> None:
 
     settings = _settings()
     engine = make_engine(settings)
-    upgrade(engine)
+    upgrade(engine, settings=settings)
     engine.dispose()
     click.echo(f"database at head ({engine.url.render_as_string(hide_password=True)})")
 
@@ -152,16 +152,12 @@ def stats(window: float, as_json: bool) -> None:
     """Queue latency from Postgres: oldest waiting step, waiting/running counts, start-delay p95."""
     import json
 
-    from shared.auth.principal import SYSTEM
-    from shared.db import install_row_security, make_engine, make_sessionmaker, set_scope
+    from shared.db import make_engine, make_sessionmaker
     from shared.stats import queue_stats
 
     settings = _settings()
-    engine = make_engine(settings)
-    factory = make_sessionmaker(engine)
-    install_row_security(factory, None if settings.db_role == "none" else settings.db_role)
-    with factory() as db:
-        set_scope(db, SYSTEM)  # queue figures span every tenant
+    engine = make_engine(settings)  # the owner's login: queue figures span every tenant (the system path)
+    with make_sessionmaker(engine)() as db:
         figures = queue_stats(db, window).as_dict()
     engine.dispose()
     if as_json:
@@ -282,7 +278,8 @@ def dev(port: int | None) -> None:
     from api.app import create_app
     from scheduler.main import run_forever
     from shared.auth.keys import create_key
-    from shared.db import unit_of_work
+    from shared.auth.principal import SYSTEM
+    from shared.db import make_engine, unit_of_work
     from shared.logs import configure_logging
     from shared.migrate import upgrade
     from shared.turns.recovery import recover_after_restart
@@ -308,14 +305,16 @@ def dev(port: int | None) -> None:
     configure_logging(settings)
     from shared.engine.step import build_runtime
 
-    rt = build_runtime(settings)
-    upgrade(rt.engine)
+    upgrade_engine = make_engine(settings)
+    upgrade(upgrade_engine, settings=settings)  # before the runtime: it connects as the login this creates
+    upgrade_engine.dispose()
+    rt = build_runtime(settings, dev=True)
     key_file = os.path.join(settings.data_dir, "dev-key")
     if os.path.exists(key_file):
         with open(key_file) as f:
             key = f.read().strip()
     else:
-        with unit_of_work(rt.sessions) as db:
+        with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
             _, key = create_key(db, "dev", "dev", "steprun dev")
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -27,7 +28,7 @@ from shared.engine.step import build_runtime
 from shared.fleet import WorkerBeat
 from shared.logs import configure_logging
 from shared.runtime import Runtime
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
 
 log = logging.getLogger("steprun.worker")
 
@@ -65,7 +66,12 @@ class WorkerRuntime:
             if self._runtime is None or self._pid != os.getpid():
                 # A runtime inherited through a fork is dropped, not closed: its sockets are the parent's.
                 configure_logging(self.settings)  # before the build logs anything (Celery's setup comes later)
-                self._runtime = build_runtime(self.settings)
+                try:
+                    self._runtime = build_runtime(self.settings)
+                except SettingsError as exc:  # an unsafe database login: Celery would log a signal's error and go on
+                    sys.stderr.write(f"steprun worker: configuration error: {exc}\n")
+                    sys.stderr.flush()
+                    os._exit(3)
                 self._pid = os.getpid()
                 self._beat = WorkerBeat(self._runtime).start()  # the console's "workers alive"
                 log.info("worker runtime ready (%s)", self._runtime.worker_id)

@@ -22,7 +22,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.wrappers import Response
 
 from api.context import runtime
-from shared.auth.principal import TenantAdmin
+from shared.auth.principal import SYSTEM, TenantAdmin
 from shared.db import unit_of_work
 from shared.errors import StepRunError, Unavailable
 from shared.models import ApiKey
@@ -73,7 +73,7 @@ def current() -> ConsoleSession | None:
 def _live_admin_key(key_id: object, tenant_id: object) -> bool:
     if not isinstance(key_id, str) or not isinstance(tenant_id, str):
         return False
-    with unit_of_work(runtime().sessions) as db:
+    with unit_of_work(runtime().sessions, SYSTEM) as db:  # keys: the system path only
         row = db.get(ApiKey, key_id)
         return bool(row and row.admin and row.revoked_at is None and row.tenant_id == tenant_id)
 

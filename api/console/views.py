@@ -136,7 +136,7 @@ def sign_in_post() -> BaseResponse:
     raw = request.form.get("key", "").strip()
     identity = None
     if raw and len(raw) <= 4096:
-        with unit_of_work(rt.sessions) as db:
+        with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
             identity = identify_key(db, raw)
     if identity is None or not identity.admin:
         response = make_response()
@@ -288,7 +288,7 @@ def keys_page() -> str:
 
 def _keys_page(new_key: str | None, status: int = 200) -> Any:
     session = _session()
-    with unit_of_work(runtime().sessions) as db:
+    with unit_of_work(runtime().sessions, SYSTEM) as db:  # keys: the system path
         rows = list_keys(db, session.tenant_id)
     return _page("keys.html", keys=rows, new_key=new_key, me=session.key_id), status
 
@@ -301,7 +301,7 @@ def create_key_post() -> Any:
         raise BadInput("kind must be user, service or admin", field="kind")
     if kind == "user" and not user:
         raise BadInput("a user key needs the user's id", field="user")
-    with unit_of_work(runtime().sessions) as db:
+    with unit_of_work(runtime().sessions, SYSTEM) as db:  # keys: the system path
         _, raw = create_key(db, session.tenant_id, user if kind == "user" else None, (name or "").strip()[:200] or None,
                             admin=kind == "admin")
     return _keys_page(raw, 201)
@@ -310,7 +310,7 @@ def create_key_post() -> Any:
 @bp.post("/keys/<key_id>/revoke")
 def revoke_key_post(key_id: str) -> BaseResponse:
     session, rt = _session(), runtime()
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         row = db.get(ApiKey, key_id)
         if row is None or row.tenant_id != session.tenant_id:
             raise NotFound(f"no key {key_id!r} in this tenant")

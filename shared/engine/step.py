@@ -271,10 +271,10 @@ def _outcome_unknown(rt: Runtime, claim: Claim, unknown: ToolOutcomeUnknown, sta
     return result
 
 
-def build_runtime(settings: Settings, *, agents: AgentRegistry | None = None) -> Runtime:
+def build_runtime(settings: Settings, *, agents: AgentRegistry | None = None, dev: bool = False) -> Runtime:
     """The runtime for a process's entrypoint, with this engine as its in-process step runner.
 
     Production processes send steps through Celery and never call the runner; the
     embedded mode (no Redis) runs them on its in-process queue.
     """
-    return Runtime.create(settings, agents=agents, step_runner=run_step_in_process)
+    return Runtime.create(settings, agents=agents, step_runner=run_step_in_process, dev=dev)

@@ -11,6 +11,7 @@ import re
 import subprocess
 
 from shared.auth.keys import create_key
+from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
 from shared.runtime import Runtime
 from tests.support.processes import BIN, Procs, settings_env
@@ -25,7 +26,7 @@ def test_fuzz_finds_no_server_error_and_no_schema_violation(procs: Procs, rt: Ru
     env["STEPRUN_MAX_WAIT_SECONDS"] = "5"
     procs.worker(env=env)
     _, url = procs.web(env=env)
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         _, key = create_key(db, "t-fuzz", "u-fuzz")
     out = subprocess.run(
         [str(BIN / "schemathesis"), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {key}",

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from shared.auth.keys import create_key
+from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
 from shared.runtime import Runtime
 from tests.support.processes import Procs, settings_env
@@ -23,7 +24,7 @@ def test_concurrent_sessions_in_one_worker_do_not_bleed(procs: Procs, rt: Runtim
     tenant = f"t-{secrets.token_hex(3)}"
     users = []
     for i in range(USERS):
-        with unit_of_work(rt.sessions) as db:
+        with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
             _, key = create_key(db, tenant if i % 2 else f"{tenant}-{i}", f"user{i}")
         h = {"Authorization": f"Bearer {key}"}
         sid = requests.post(f"{url}/v1/sessions", json={"agent": "recite"}, headers=h).json()["id"]

@@ -20,6 +20,7 @@ import requests
 import websocket
 
 from shared.auth.keys import create_key, revoke_key
+from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -39,12 +40,12 @@ class Deployment:
     def key(self, tenant: str | None = None, user: str | None = "fresh") -> tuple[str, str]:
         """(key id, raw key) of a fresh user (or, with user=None, a service key) of a fresh tenant."""
         tenant = tenant or f"t-{secrets.token_hex(4)}"
-        with unit_of_work(self.rt.sessions) as db:
+        with unit_of_work(self.rt.sessions, SYSTEM) as db:  # keys: the system path
             row, raw = create_key(db, tenant, None if user is None else f"u-{secrets.token_hex(4)}")
             return row.id, raw
 
     def revoke(self, key_id: str) -> None:
-        with unit_of_work(self.rt.sessions) as db:
+        with unit_of_work(self.rt.sessions, SYSTEM) as db:  # keys: the system path
             assert revoke_key(db, key_id)
 
 

@@ -21,7 +21,7 @@ import requests
 import websocket
 
 from shared.auth.keys import create_key
-from shared.auth.principal import Principal
+from shared.auth.principal import SYSTEM, Principal
 from shared.auth.stream_tokens import mint_stream_token
 from shared.db import unit_of_work
 from shared.runtime import Runtime
@@ -379,7 +379,7 @@ def test_hundreds_of_clients_each_get_their_own_session_only(streams: Streams, r
     url, web = streams.urls[0], streams.webs[0]
     keys = []
     for i in range(USERS):
-        with unit_of_work(rt.sessions) as db:
+        with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
             keys.append(create_key(db, f"t-{secrets.token_hex(3)}", f"user{i}")[1])
     sessions = [(keys[i % USERS], streams.session("brief", key=keys[i % USERS]))
                 for i in range(CLIENTS // PER_SESSION)]

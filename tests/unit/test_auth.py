@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from api.app import create_app
 from shared.auth.keys import create_key
+from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
 from shared.engine.step import build_runtime
 from shared.settings import Settings
@@ -77,7 +78,7 @@ def test_bad_jwts_are_401(client, claims: dict, key: str, alg: str, why: str) ->
 def test_service_key_names_the_user(client) -> None:  # noqa: ANN001
     c, rt = client
     tenant = f"t-{secrets.token_hex(3)}"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         _, service = create_key(db, tenant, None)
     assert _sessions(c, service).status_code == 400  # no X-User-Id
     assert _sessions(c, service, **{"X-User-Id": "bad user id!"}).status_code == 400
@@ -87,7 +88,7 @@ def test_service_key_names_the_user(client) -> None:  # noqa: ANN001
     assert len(_sessions(c, service, **{"X-User-Id": "alice"}).get_json()["data"]) == 1
     assert _sessions(c, service, **{"X-User-Id": "bob"}).get_json()["data"] == []
     # A user key of the same tenant is that user only; X-User-Id cannot widen it.
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         _, bob = create_key(db, tenant, "bob")
     assert _sessions(c, bob, **{"X-User-Id": "alice"}).get_json()["data"] == []
 

@@ -99,7 +99,7 @@ def client(rt: Runtime) -> FlaskClient:
 
 
 def _keys(rt: Runtime, tenant: str) -> tuple[str, str]:
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         _, admin = create_key(db, tenant, None, "ops", admin=True)
         _, user = create_key(db, tenant, "alice")
     return admin, user
@@ -159,7 +159,7 @@ def test_forms_without_the_sessions_csrf_token_are_refused(rt: Runtime, client: 
 def test_revoking_the_admin_key_ends_its_session(rt: Runtime, client: FlaskClient) -> None:
     admin, _ = _keys(rt, f"t-{secrets.token_hex(4)}")
     assert _sign_in(client, admin)[0] == 303
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         from shared.auth.keys import hash_key
         from shared.models import ApiKey
 
@@ -180,7 +180,7 @@ def test_another_tenants_turn_and_key_are_not_found(rt: Runtime, client: FlaskCl
     assert _sign_in(client, admin)[0] == 303
     assert their_turn not in client.get("/console/turns").get_data(as_text=True)
     assert client.get(f"/console/turns/{their_turn}").status_code == 404
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         from shared.auth.keys import list_keys
 
         their_key_id = list_keys(db, theirs)[-1].id

@@ -1,15 +1,23 @@
 """Row-level security at the database: a query bug still cannot read or write another user's rows."""
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
+
+import psycopg2
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import DBAPIError, ProgrammingError
+from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal
-from shared.db import unit_of_work
+from shared.db import UnsafeLogin, rowcount, unit_of_work
 from shared.engine.step import build_runtime, run_step
+from shared.migrate import ensure_app_login
 from shared.runtime import Runtime
-from shared.settings import Settings
+from shared.settings import Settings, SettingsError
+from shared.storage import knowledge
 from shared.turns import service as turns
 
 USER_TABLES_SQL = (
@@ -81,6 +89,183 @@ def test_the_scope_does_not_leak_across_pooled_transactions(secure_rt: Runtime) 
     a = Principal("t-rls-p", "alice")
     _populate(secure_rt, a)
     for _ in range(5):  # the pool hands the same connections back
-        assert _raw(secure_rt, a, "SELECT current_setting('steprun.user_id', true)")[0][0] == "alice"
-        assert _raw(secure_rt, None, "SELECT current_setting('steprun.user_id', true)")[0][0] in ("", None)
+        assert _raw(secure_rt, a, "SELECT steprun_scope('user_id')")[0][0] == "alice"
+        assert _raw(secure_rt, None, "SELECT steprun_scope('user_id')")[0][0] == ""
         assert _raw(secure_rt, None, "SELECT current_user")[0][0] == "steprun_app"
+        assert _raw(secure_rt, SYSTEM, "SELECT current_user")[0][0] != "steprun_app"  # the owner's own pool
+
+
+# --- an injected statement on the application's connection ---------------------------------------------
+
+def _denied(db: Session, sql: str, params: dict | None = None) -> str:
+    """Run ``sql`` in a SAVEPOINT; return the database's refusal (the test fails if it is not refused)."""
+    try:
+        with db.begin_nested():
+            db.execute(text(sql), params or {})
+    except DBAPIError as exc:
+        return str(exc.orig).splitlines()[0]
+    raise AssertionError(f"not refused: {sql}")
+
+
+def _tenant_document(rt: Runtime, who: Principal) -> str:
+    with unit_of_work(rt.sessions, who, service=True) as db:  # a service key writes tenant-wide documents
+        row = knowledge.add_document(db, rt.settings, who, {"title": "handbook", "text": "shared", "scope": "tenant"},
+                                     service=True)
+        return row.id
+
+
+def test_injected_statements_on_the_app_connection_reach_no_other_principal(secure_rt: Runtime) -> None:
+    """The red team's statements, on the application's own connection, inside a request's transaction."""
+    alice, bob, globex = (Principal("t-inj-a", "alice"), Principal("t-inj-a", "bob"), Principal("t-inj-g", "eve"))
+    for who in (alice, bob, globex):
+        _populate(secure_rt, who)
+    doc = _tenant_document(secure_rt, alice)
+    owner = _raw(secure_rt, SYSTEM, "SELECT tableowner FROM pg_tables WHERE tablename = 'sessions'")[0][0]
+    others = "SELECT count(*) FROM sessions WHERE user_id <> 'alice' OR tenant_id <> 't-inj-a'"
+    assert _raw(secure_rt, SYSTEM, others)[0][0] >= 2  # the rows are there: the system path sees them
+
+    with unit_of_work(secure_rt.sessions, alice) as db:
+        def sees_others() -> int:
+            return db.execute(text(others)).scalar_one()
+
+        assert db.execute(text("SELECT count(*) FROM sessions")).scalar_one() >= 1  # her own
+        # The old settings: nothing reads them any more.
+        db.execute(text("SELECT set_config('steprun.user_id', 'bob', true)"))
+        assert sees_others() == 0
+        db.execute(text("SELECT set_config('steprun.tenant_id', 't-inj-g', true), "
+                        "set_config('steprun.user_id', 'eve', true)"))
+        assert sees_others() == 0
+        db.execute(text("SELECT set_config('steprun.system', 'on', true)"))
+        assert sees_others() == 0
+        assert db.execute(text("SELECT count(*) FROM turns WHERE tenant_id = 't-inj-g'")).scalar_one() == 0
+        # Set within the very statement that reads (a per-row setting would be read after the change).
+        assert db.execute(text("SELECT count(*) FROM (SELECT set_config('steprun.user_id', 'bob', true) x, s.* "
+                               "FROM sessions s) q WHERE user_id = 'bob'")).scalar_one() == 0
+        # Roles: the login is the app's own, there is nothing to return to and nothing to become.
+        db.execute(text("RESET ROLE"))
+        assert db.execute(text("SELECT current_user, session_user")).one() == ("steprun_app", "steprun_app")
+        assert sees_others() == 0
+        assert "permission denied" in _denied(db, f'SET ROLE "{owner}"')
+        assert "permission denied" in _denied(db, f'SET SESSION AUTHORIZATION "{owner}"')
+        # Credentials, tenancy, the schema: not writable (not even readable).
+        assert "permission denied" in _denied(
+            db, "INSERT INTO api_keys (id, tenant_id, user_id, key_hash, prefix, created_at, admin) "
+                "VALUES ('key_forged', 't-inj-g', NULL, 'x', 'sr_x', now(), false)")
+        assert "permission denied" in _denied(db, "INSERT INTO tenants (id) VALUES ('t-forged')")
+        assert "permission denied" in _denied(db, "SELECT key_hash FROM api_keys")
+        assert "permission denied" in _denied(db, "UPDATE alembic_version SET version_num = '0001'")
+        # Tenant-wide documents: readable, not writable, by a user.
+        assert db.execute(text("SELECT count(*) FROM knowledge_documents WHERE id = :d"), {"d": doc}).scalar_one() == 1
+        assert rowcount(db.execute(text("UPDATE knowledge_documents SET title = 'defaced' WHERE id = :d"),
+                                   {"d": doc})) == 0
+        assert rowcount(db.execute(text("DELETE FROM knowledge_chunks WHERE document_id = :d"), {"d": doc})) == 0
+        assert "row-level security" in _denied(
+            db, "INSERT INTO knowledge_documents (id, tenant_id, user_id, title, format, scope, text, chunk_count, "
+                "created_at) VALUES ('doc_forged', 't-inj-a', NULL, 'x', 'text', 'tenant', 'x', 0, now())")
+        # The scope itself: its state is the owner's, the key is handed out once, a forged entry is refused.
+        assert "permission denied" in _denied(db, "SELECT * FROM pg_temp.steprun_scope_key")
+        for sequence in ("steprun_scope_seq", "steprun_scope_fp_a", "steprun_scope_fp_b"):
+            assert "permission denied" in _denied(db, f"SELECT setval('pg_temp.{sequence}', 1)")
+        entered = db.execute(text("SELECT current_setting('steprun.scope')")).scalar_one()
+        n = int(entered.split("\x1f")[0])
+        forgeries = (f"{n}\x1ft-inj-g\x1feve\x1f\x1f", f"{n}\x1ft-inj-a\x1fbob\x1f\x1f",
+                     f"{n - 1}\x1ft-inj-a\x1fbob\x1f\x1f",
+                     f"{n}\x1ft-inj-a\x1falice\x1f\x1fon")  # another's scope; her own as a service key
+        for forged in forgeries:
+            db.execute(text("SELECT set_config('steprun.scope', :f, true)"), {"f": forged})
+            assert db.execute(text("SELECT steprun_scope('tenant_id'), steprun_scope('service')")).one() == ("", "")
+            assert sees_others() == 0
+        db.execute(text("SELECT set_config('steprun.scope', :f, true)"), {"f": entered})  # her own, as entered
+        assert "already opened" in _denied(db, "SELECT steprun_open()")
+        assert "not signed" in _denied(db, "SELECT steprun_enter(999999, 't-inj-g\x1feve\x1f\x1f', repeat('0', 64))")
+        assert "permission denied" in _denied(db, "CREATE TEMP TABLE steprun_scope_state (x int)")
+        assert sees_others() == 0
+    assert _raw(secure_rt, SYSTEM, f"SELECT title FROM knowledge_documents WHERE id = '{doc}'") == [("handbook",)]
+    assert _raw(secure_rt, SYSTEM, "SELECT count(*) FROM api_keys WHERE id = 'key_forged'") == [(0,)]
+
+
+def test_a_seen_scope_cannot_be_replayed_even_after_a_rollback(secure_rt: Runtime) -> None:
+    """Another connection's ``steprun_enter`` call is visible in pg_stat_activity; replaying it gets nothing."""
+    bob = Principal("t-replay", "bob")
+    _populate(secure_rt, bob)
+    raw = secure_rt.app_engine.raw_connection()  # type: ignore[union-attr]
+    try:
+        key, cur = raw.info["steprun_scope_key"], raw.cursor()
+
+        def enter(n: int, scope: str) -> None:
+            mac = hmac.new(key, f"{n}\x1f{scope}".encode(), hashlib.sha256).hexdigest()
+            cur.execute("SELECT steprun_enter(%s, %s, %s)", (n, scope, mac))
+
+        n = raw.info["steprun_scope_seq"] + 1
+        enter(n, "t-replay\x1fbob\x1f\x1f")  # bob's request: what an observer of pg_stat_activity captures
+        cur.execute("SELECT count(*) FROM sessions")
+        assert cur.fetchone()[0] >= 1
+        raw.rollback()  # his transaction ends without a commit
+        enter(n + 1, "\x1f\x1f\x1f")  # the attacker's own request lands on this connection
+        cur.execute("ROLLBACK")  # ... which rolls back, begins anew and replays bob's entry
+        for statement in ("BEGIN", "SELECT count(*) FROM sessions"):
+            cur.execute(statement)
+        assert cur.fetchone()[0] == 0  # a new transaction starts with no scope
+        with pytest.raises(psycopg2.Error, match="already used"):
+            enter(n, "t-replay\x1fbob\x1f\x1f")
+        raw.rollback()
+        cur.execute("DISCARD TEMP")  # drop the state, to open it anew with a key of one's own
+        raw.commit()
+        with pytest.raises(psycopg2.Error, match="already opened"):
+            cur.execute("SELECT steprun_open()")
+        raw.rollback()
+        with pytest.raises(psycopg2.Error):  # and with its state gone, the connection enters nothing
+            enter(n + 2, "t-replay\x1fbob\x1f\x1f")
+        raw.rollback()
+    finally:
+        raw.invalidate()  # not back into the pool: its state is gone
+
+
+def test_unsafe_logins_are_refused_outside_dev(settings: Settings) -> None:
+    superuser = settings.replace(app_database_url=settings.database_url)  # the test cluster's login: a superuser
+    with pytest.raises((SettingsError, UnsafeLogin), match="is a superuser"):
+        # Refused at start; or, if the check could not connect then, at the first connection it makes.
+        rt = build_runtime(superuser)
+        try:
+            with unit_of_work(rt.sessions, Principal("t-unsafe", "u")) as db:
+                db.execute(text("SELECT 1"))
+        finally:
+            rt.close()
+    with pytest.raises(SettingsError, match="STEPRUN_DB_ROLE=none"):
+        build_runtime(settings.replace(db_role="none"))
+    dev = build_runtime(settings.replace(db_role="none"), dev=True)  # steprun dev may, with a warning
+    try:
+        assert dev.app_engine is None
+    finally:
+        dev.close()
+
+
+def test_migrate_refuses_a_policy_that_reads_a_forgeable_setting(settings: Settings, rt: Runtime) -> None:
+    """A policy written the old way (a later migration, say) would trust set_config: `steprun migrate` says so."""
+    table = f"probe_{secrets.token_hex(4)}"
+    with rt.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (tenant_id text)"))
+        conn.execute(text(f"CREATE POLICY old_style ON {table} "
+                          "USING (tenant_id = current_setting('steprun.tenant_id', true))"))
+    try:
+        with pytest.raises(SettingsError, match=f"{table}.old_style"):
+            ensure_app_login(rt.engine, settings)
+    finally:
+        with rt.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+    ensure_app_login(rt.engine, settings)  # and without it, all is well
+
+
+def test_migrate_refuses_a_table_that_forces_row_security_on_its_owner(settings: Settings, rt: Runtime) -> None:
+    """FORCE would bind the owner, which is the system path now: its sweeps would see none of the rows."""
+    table = f"probe_{secrets.token_hex(4)}"
+    with rt.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (tenant_id text)"))
+        conn.execute(text(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))
+        conn.execute(text(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"))
+    try:
+        with pytest.raises(SettingsError, match=f"tables {table} FORCE"):
+            ensure_app_login(rt.engine, settings)
+    finally:
+        with rt.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))

@@ -6,6 +6,8 @@ import secrets
 from sqlalchemy import text
 
 from api.app import create_app
+from shared.auth.principal import SYSTEM
+from shared.db import set_scope
 from shared.runtime import Runtime
 from shared.stats import queue_stats
 
@@ -35,10 +37,13 @@ def _delete(rt: Runtime, sid: str) -> None:
 def test_queue_stats_sees_every_tenants_waiting_step(rt: Runtime) -> None:
     sid, _ = _waiting_turn(rt, 600)
     try:
-        # Through the runtime's own sessions: row-level security on, no principal named.
+        # Through the runtime's own sessions, on the system path (the owner's login, every tenant).
         with rt.sessions() as db:
-            stats = queue_stats(db)
+            stats = queue_stats(set_scope(db, SYSTEM))
         assert stats.waiting >= 1 and stats.oldest_wait_seconds >= 600
+        # The application's login, unscoped, sees no tenant's turn (it can no longer declare itself the system).
+        with rt.sessions() as db:
+            assert queue_stats(db).waiting == 0
     finally:
         _delete(rt, sid)
 

@@ -136,7 +136,7 @@ def test_knowledge_search_ranks_scopes_and_deletes(store: Runtime) -> None:
         with pytest.raises(Forbidden):
             knowledge.add_document(db, store.settings, alice, {"title": "x", "text": "y", "scope": "tenant"},
                                    service=False)
-    with unit_of_work(store.sessions, bob) as db:
+    with unit_of_work(store.sessions, bob, service=True) as db:  # a service key
         handbook = knowledge.add_document(db, store.settings, bob, {
             "title": "Staff handbook", "text": "Holidays: every employee gets 25 days of paid leave.",
             "scope": "tenant"}, service=True)
@@ -196,7 +196,7 @@ def test_erase_user_removes_every_row_of_the_user_and_nothing_else(store: Runtim
             turns.create_turn(db, store, who, session.id, "hello")
             memory.put_item(db, store.settings, who, "facts", "k", {"text": "a fact"})
             knowledge.add_document(db, store.settings, who, {"title": "Mine", "text": "my notes"}, service=False)
-    with unit_of_work(store.sessions, gone) as db:
+    with unit_of_work(store.sessions, gone, service=True) as db:  # a service key
         shared_doc = knowledge.add_document(db, store.settings, gone, {"title": "Team", "text": "team notes",
                                                                        "scope": "tenant"}, service=True)
     with unit_of_work(store.sessions, gone) as db:
@@ -299,7 +299,7 @@ def test_row_security_shares_tenant_documents_only(settings: Settings) -> None:
     tenant = f"t-{secrets.token_hex(4)}"
     alice, bob, stranger = _principal(tenant), _principal(tenant), _principal()
     try:
-        with unit_of_work(secure.sessions, alice) as db:
+        with unit_of_work(secure.sessions, alice, service=True) as db:  # a service key
             own = knowledge.add_document(db, settings, alice, {"title": "Mine", "text": "alice notes"},
                                          service=False)
             team = knowledge.add_document(db, settings, alice, {"title": "Team", "text": "team notes",

@@ -141,7 +141,7 @@ def test_malformed_urls_are_refused(url: object) -> None:
 def test_endpoint_routes_take_a_service_key_and_refuse_private_urls(rt: Runtime) -> None:
     app = create_app(rt.settings, runtime=rt)
     tenant = f"t-{secrets.token_hex(4)}"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # keys: the system path
         _, service = create_key(db, tenant, None, "svc")
         _, user = create_key(db, tenant, "alice", "user")
     client = app.test_client()
