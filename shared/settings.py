@@ -68,7 +68,8 @@ class Settings:
     )
     key_cache_seconds: float = _setting(
         "STEPRUN_KEY_CACHE_SECONDS", 30.0,
-        "How long a process trusts a verified API key before checking it again (a revoked key works that long).",
+        "How long a process trusts a verified API key before checking it again (a revoked key works that long); "
+        "open WebSocket/SSE streams recheck their key and token within it and close 4401.",
     )
     rate_limit_per_minute: int = _setting(
         "STEPRUN_RATE_LIMIT_PER_MINUTE", 600, "Requests one principal may make per minute (0: no limit)."
@@ -242,8 +243,9 @@ class Settings:
     )
     secret_key: str | None = _setting(
         "STEPRUN_SECRET_KEY", None,
-        "Signs short-lived stream tokens (HMAC); give every web process the same value. Unset: `steprun dev` "
-        "makes one in its data dir; a production web process answers 503 on /stream-token.",
+        "Signs short-lived stream tokens (HMAC): 32+ random bytes, the same on every web process. Unset: "
+        "`steprun dev` makes one in its data dir; a production process refuses to start without it (web) or "
+        "with a placeholder or shorter one.",
     )
     stream_token_ttl: float = _setting(
         "STEPRUN_STREAM_TOKEN_TTL", 300.0, "Seconds a stream token (for browser WebSocket/SSE) stays valid."

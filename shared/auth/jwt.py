@@ -24,7 +24,7 @@ from shared.errors import BadInput, Unauthorized
 from shared.settings import Settings, parse_jwt_issuers
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# Clock difference tolerated between the issuer and us, seconds.
+# Clock difference tolerated between the issuer and us (for `iat`, `nbf` and the lifetime cap), seconds.
 LEEWAY_SECONDS = 30.0
 
 
@@ -94,7 +94,7 @@ def _check_times(settings: Settings, claims: dict[str, Any]) -> float:
     now = time.time()
     exp, iat, nbf = _number(claims, "exp"), _number(claims, "iat"), _number(claims, "nbf")
     assert exp is not None  # required by decode
-    if exp <= now - LEEWAY_SECONDS:
+    if exp <= now:  # no leeway here: a token is never honoured past its own exp
         raise Unauthorized("the JWT has expired")
     cap = settings.jwt_max_lifetime
     if exp - now > cap + LEEWAY_SECONDS:
