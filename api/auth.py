@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, request
 
 from api.context import db, runtime
-from shared.auth.jwt import jwt_enabled, looks_like_jwt, principal_from_jwt
+from shared.auth.jwt import jwt_enabled, looks_like_jwt, verify_jwt
 from shared.auth.keys import identify_key
 from shared.auth.principal import SYSTEM, Principal, Tenant
 from shared.auth.stream_tokens import verify_stream_token
 from shared.db import set_scope, unit_of_work
 from shared.errors import BadInput, Forbidden, RateLimited, Unauthorized, Unavailable
+from shared.runtime import Runtime
 
 USER_ID_RE = re.compile(r"[\w.@:+-]{1,256}")
 STREAM_TOKEN_MARK = "accepts_stream_token"
@@ -21,6 +24,32 @@ TENANT_WIDE_MARK = "tenant_wide"
 View = TypeVar("View", bound=Callable[..., Any])
 # /langgraph: LangGraph's API (DESIGN 10.2), whose clients send the key as x-api-key.
 AUTHENTICATED_PREFIXES = ("/v1/", "/langgraph/")
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What authenticated a request, so a stream it opens can be rechecked while it lasts."""
+
+    kind: str  # "key", "jwt" or "stream_token"
+    # The API key whose authority it is (a key, or the key a stream token was minted with).
+    key_id: str | None = None
+    # Unix time it stops being valid (a JWT's or a stream token's exp); None: while the key lives.
+    expires_at: float | None = None
+    # False for a read-only stream token: its socket may not create, cancel or resume turns.
+    write: bool = True
+
+    def problem(self, rt: Runtime, now: float | None = None) -> tuple[str, str] | None:
+        """None while it is still valid; else (reason, message) for the 4401 close or the SSE error event."""
+        if self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at:
+            what = "stream token" if self.kind == "stream_token" else "token" if self.kind == "jwt" else "key"
+            return "token_expired", f"the {what} that opened this stream has expired; reconnect with a new one"
+        if self.key_id is not None and not rt.live_keys.is_live(rt.sessions, self.key_id):
+            return "key_revoked", "the key that opened this stream was revoked"
+        return None
+
+
+def credential() -> Credential:
+    return g.get("credential") or Credential("key")
 
 
 def install_auth(app: Flask) -> None:
@@ -68,10 +97,16 @@ def stream_token_principal() -> Principal | None:
     view = current_app.view_functions.get(request.endpoint or "")
     if token is None or "Authorization" in request.headers or not getattr(view, STREAM_TOKEN_MARK, False):
         return None
-    secret = runtime().settings.secret_key
+    rt = runtime()
+    secret = rt.settings.secret_key
     if not secret:
         raise Unavailable("stream tokens are disabled: STEPRUN_SECRET_KEY is not set")
-    return verify_stream_token(secret, token, (request.view_args or {}).get("session_id", ""))
+    grant = verify_stream_token(secret, token, (request.view_args or {}).get("session_id", ""))
+    # A token carries its key's authority, no more and no longer: it dies with the key.
+    if grant.key_id is not None and not rt.live_keys.is_live(rt.sessions, grant.key_id):
+        raise Unauthorized("the key this stream token was minted with has been revoked")
+    g.credential = Credential("stream_token", grant.key_id, grant.expires_at, grant.write)
+    return grant.principal
 
 
 def enforce_rate_limit(who: Principal) -> None:
@@ -96,7 +131,9 @@ def authenticate(require_user: bool = True) -> Principal:
         raise Unauthorized("the bearer token is too long")
     settings = runtime().settings
     if jwt_enabled(settings) and looks_like_jwt(token):
-        return principal_from_jwt(settings, token)
+        verified = verify_jwt(settings, token)
+        g.credential = Credential("jwt", None, verified.expires_at)
+        return verified.principal
     cache = runtime().key_cache
     identity = cache.get(token)
     if identity is None:
@@ -107,6 +144,7 @@ def authenticate(require_user: bool = True) -> Principal:
         cache.put(token, identity)
     if identity.admin:
         raise Unauthorized("an admin key signs in to /console; it does not call the API (use a user or service key)")
+    g.credential = Credential("key", identity.key_id)
     if identity.user_id is not None:
         return Principal(identity.tenant_id, identity.user_id)
     g.service_key = True  # acts for the tenant: may also write tenant-wide data (knowledge)

@@ -230,8 +230,51 @@ def sse_frame(frame: Frame) -> str:
     return f"id: {frame.cursor}\nevent: {frame.type}\ndata: {frame.text}\n\n"
 
 
+# Answers None while a stream's credential is valid, else (reason, message): see api.auth.Credential.
+CredentialCheck = Callable[[], "tuple[str, str] | None"]
+
+
+def recheck_seconds(settings: Settings) -> float:
+    """How often an open stream rechecks its credential: half the key-cache window (answers about a key
+    are cached the other half), so a revoked key's streams end within STEPRUN_KEY_CACHE_SECONDS."""
+    return max(0.5, settings.key_cache_seconds / 2) if settings.key_cache_seconds > 0 else 1.0
+
+
+class CredentialWatch:
+    """When a stream's credential is due for a recheck, and the check itself (never fatal on its own)."""
+
+    def __init__(self, check: CredentialCheck | None, settings: Settings, expires_at: float | None = None):
+        self.check, self.period, self.expires_at = check, recheck_seconds(settings), expires_at
+        self.due = time.monotonic() + self.period
+
+    def problem(self) -> tuple[str, str] | None:
+        """(reason, message) once the credential stopped being valid; checks only when due."""
+        if self.check is None:
+            return None
+        now = time.monotonic()
+        expired = self.expires_at is not None and time.time() >= self.expires_at
+        if now < self.due and not expired:
+            return None
+        self.due = now + self.period
+        try:
+            return self.check()
+        except Exception:  # noqa: BLE001 - the database is away: keep streaming, ask again next period
+            log.warning("stream: the credential recheck failed; retrying in %.1f s", self.period, exc_info=True)
+            return None
+
+    def wait_bound(self, longest: float) -> float:
+        """How long the stream may sleep before its next check is due."""
+        if self.check is None:
+            return longest
+        until = self.due - time.monotonic()
+        if self.expires_at is not None:
+            until = min(until, self.expires_at - time.time())
+        return max(0.05, min(longest, until))
+
+
 def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any,
-               recover: Callable[[int], str] | None = None) -> Iterator[str]:
+               recover: Callable[[int], str] | None = None, check: CredentialCheck | None = None,
+               expires_at: float | None = None) -> Iterator[str]:
     """The body of an SSE response: events after ``after``, then live, with heartbeats.
 
     Each ``yield`` returns only once the server has written the chunk, so the
@@ -240,13 +283,18 @@ def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings
     until it ends: its own end, an error, or the server closing it when the
     client went away (a failed write; a heartbeat finds out within
     STEPRUN_SSE_HEARTBEAT_SECONDS).
+
+    ``check`` is the credential's recheck (every :func:`recheck_seconds`, and at ``expires_at``): once
+    it reports a problem the stream ends with ``event: error`` (code ``unauthorized``, its reason and
+    the cursor to resume from with a new credential).
     """
     with track_stream("sse"):  # open for exactly as long as this body runs, whichever way it ends
-        yield from _sse_body(events, session_id, after, settings, sock, recover)
+        yield from _sse_body(events, session_id, after, settings, sock, recover,
+                             CredentialWatch(check, settings, expires_at))
 
 
 def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any,
-              recover: Callable[[int], str] | None) -> Iterator[str]:
+              recover: Callable[[int], str] | None, watch: CredentialWatch) -> Iterator[str]:
     follower = LogFollower(events, session_id, after, settings, recover)
     heartbeat = max(0.05, settings.sse_heartbeat_seconds)
     previous_timeout = bound_socket(sock, settings)
@@ -257,6 +305,12 @@ def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings,
             last_write = time.monotonic()
             while True:
                 ring.clear()
+                problem = watch.problem()
+                if problem is not None:
+                    error = {"code": "unauthorized", "reason": problem[0], "message": problem[1],
+                             "cursor": follower.position}
+                    yield f"event: error\ndata: {json.dumps({'error': error})}\n\n"
+                    return
                 try:
                     frames = follower.next_frames()
                 except SlowConsumer as exc:
@@ -276,7 +330,7 @@ def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings,
                     yield ": heartbeat\n\n"
                     last_write = time.monotonic()
                     continue
-                ring.wait(min(heartbeat - idle, POLL_SECONDS))
+                ring.wait(watch.wait_bound(min(heartbeat - idle, POLL_SECONDS)))
     finally:
         if sock is not None:
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,8 @@ from flask import Blueprint, Flask, Response, g, request
 from flask_sock import Sock
 from simple_websocket import Server
 
-from api.auth import accepts_stream_token, enforce_rate_limit
-from api.context import db, int_arg, principal, runtime
+from api.auth import Credential, accepts_stream_token, credential, enforce_rate_limit
+from api.context import db, int_arg, json_body, principal, runtime
 from api.input_gate import ascii_int
 from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
 from api.relay import recover_gone, sse_stream
@@ -38,30 +39,44 @@ bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
 sock = Sock()
 # The transports counted in steprun_active_streams (api/relay.py for SSE, api/websocket.py).
 STREAM_TRANSPORTS = ("sse", "ws")
+# What a stream token may allow: read (the default) streams only; write also sends turn requests over WS.
+SCOPES = ("read", "write")
 
 
 def describe() -> RouteDocs:
     token = query("token", {"type": "string"},
                   "a stream token (POST .../stream-token), in place of the Authorization header")
     ws = op("WebSocket: the session's events as JSON text frames (after ?after=, else from now); the client sends "
-            "turn, cancel, resume, subscribe and ping frames. Closes 4000 {reason: slow_consumer, cursor} when "
-            "the client lags, 4410 when its cursor is too old.", "101", OBJ,
-            params=[SID, AFTER_INT, token], errors=("400", "401", "404", "429", "503"))
+            "turn, cancel, resume, subscribe and ping frames (turn, cancel and resume need a key, a JWT or a "
+            "write stream token). Closes 4000 {reason: slow_consumer, cursor} when the client lags, 4410 when "
+            "its cursor is too old, 4401 {reason: token_expired|key_revoked, cursor} when its credential ends.",
+            "101", OBJ, params=[SID, AFTER_INT, token], errors=("400", "401", "404", "429", "503"))
     ws["responses"]["101"] = {"description": "Switching Protocols (WebSocket)"}
+    mint = _mint_docs()
     return RouteDocs({
         "/v1/sessions/{session_id}/events/stream": {"get": op(
             "The session's events as Server-Sent Events (id: cursor, event: type, data: the event); "
-            "Last-Event-ID or ?after= resumes, else from now; a comment line as heartbeat", "200",
+            "Last-Event-ID or ?after= resumes, else from now; a comment line as heartbeat; ends with an "
+            "`error` event (code unauthorized) when its credential expires or its key is revoked", "200",
             {"type": "string"}, content_type="text/event-stream", errors=("400", "401", "404", "410", "429", "503"),
             params=[SID, AFTER_INT, header("Last-Event-ID", "resume after this cursor"), token])},
         "/v1/sessions/{session_id}/ws": {"get": ws},
-        "/v1/sessions/{session_id}/stream-token": {"post": op(
-            "A short-lived token for this session's WebSocket and SSE streams (browsers cannot set headers)",
-            "200", {"type": "object", "required": ["token", "expires_at"], "properties": {
-                "token": {"type": "string"}, "session_id": {"type": "string"},
-                "expires_at": {"type": "string", "format": "date-time"}, "expires_in": {"type": "integer"}}},
-            params=[SID], errors=("400", "401", "404", "429", "503"))},
-    })
+        "/v1/sessions/{session_id}/stream-token": {"post": mint},
+    }, schemas={"StreamTokenRequest": {"type": "object", "properties": {"scope": {
+        "type": "string", "enum": list(SCOPES),
+        "description": "read (default): the socket streams only; write: it may also send turn, cancel and "
+                       "resume frames"}}}})
+
+
+def _mint_docs() -> dict[str, Any]:
+    mint = op("A short-lived token for this session's WebSocket and SSE streams (browsers cannot set headers)",
+              "200", {"type": "object", "required": ["token", "expires_at"], "properties": {
+                  "token": {"type": "string"}, "session_id": {"type": "string"},
+                  "scope": {"type": "string", "enum": list(SCOPES)},
+                  "expires_at": {"type": "string", "format": "date-time"}, "expires_in": {"type": "integer"}}},
+              body="StreamTokenRequest", params=[SID], errors=("400", "401", "404", "429", "503"))
+    mint["requestBody"]["required"] = False  # no body (or {}) mints a read-only token
+    return mint
 
 
 def install(app: Flask) -> None:
@@ -109,8 +124,10 @@ def stream_events(session_id: str) -> Response:
     if after and rt.events.read(session_id, after, 1).gone:
         raise Gone(recover_gone(rt, who, session_id, after))
     raw_socket = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    cred = credential()
     body = _until_restart(sse_stream(_RestartableLog(rt.events), session_id, after, rt.settings, raw_socket,
-                                     lambda cursor: recover_gone(rt, who, session_id, cursor)), after)
+                                     lambda cursor: recover_gone(rt, who, session_id, cursor),
+                                     lambda: cred.problem(rt), cred.expires_at), after)
     return Response(body, mimetype="text/event-stream", headers={
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
@@ -131,21 +148,31 @@ def _check_websocket() -> None:
 @accepts_stream_token
 def stream_ws(ws: Server, session_id: str) -> None:
     """The session's events over a WebSocket, and turn requests from the client."""
-    WebSocketStream(ws, runtime(), principal(), session_id, g.stream_after, enforce_rate_limit).run()
+    WebSocketStream(ws, runtime(), principal(), session_id, g.stream_after, enforce_rate_limit,
+                    credential()).run()
 
 
 @bp.post("/<session_id>/stream-token")
 def create_stream_token(session_id: str) -> dict[str, Any]:
     """A short-lived token a browser passes as ?token= to the WebSocket and SSE routes."""
     rt = runtime()
+    scope = json_body().get("scope", "read")
+    if scope not in SCOPES:
+        raise BadInput("'scope' must be read (the default: the socket only streams) or write (it may also "
+                       "send turn, cancel and resume frames)", field="scope")
     turns.get_session(db(), principal(), session_id)
     if not rt.settings.secret_key:
         raise Unavailable("stream tokens are disabled: set STEPRUN_SECRET_KEY (the same value on every "
                           "web process) to enable them")
-    token, expires = mint_stream_token(rt.settings.secret_key, principal(), session_id, rt.settings.stream_token_ttl)
-    return {"token": token, "session_id": session_id,
+    minted_with: Credential = credential()
+    ttl = rt.settings.stream_token_ttl
+    if minted_with.expires_at is not None:  # a JWT's token lives no longer than the JWT
+        ttl = max(0.0, min(ttl, minted_with.expires_at - time.time()))
+    token, expires = mint_stream_token(rt.settings.secret_key, principal(), session_id, ttl,
+                                       key_id=minted_with.key_id, write=scope == "write")
+    return {"token": token, "session_id": session_id, "scope": scope,
             "expires_at": ts(datetime.fromtimestamp(expires, timezone.utc)),
-            "expires_in": int(rt.settings.stream_token_ttl)}
+            "expires_in": int(ttl)}
 
 
 # --- closing streams when the web process shuts down (api/gunicorn_conf.py, on SIGTERM) ------------------

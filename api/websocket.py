@@ -14,6 +14,13 @@ Client frames (JSON text):
 ``{"type":"ping"}`` -> ``{"type":"pong"}``. A bad frame gets ``{"type":"error","error":{...}}``
 and the socket stays open. Any frame may carry a ``ref`` that its reply echoes.
 Replies have no ``cursor``; events always do.
+
+A socket opened with a read-only stream token (the default scope) answers
+``turn``, ``cancel`` and ``resume`` with an error frame (code ``forbidden``) and
+does nothing. Every socket rechecks its credential (api.relay.recheck_seconds,
+and at its expiry): a token that expired or a key that was revoked gets an
+error frame (code ``unauthorized``) and the close 4401 ``{"reason":
+"token_expired" | "key_revoked", "cursor": C}``.
 """
 from __future__ import annotations
 
@@ -34,9 +41,11 @@ from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 
+from api.auth import Credential
 from api.input_gate import parse_json
 from api.relay import (
     POLL_SECONDS,
+    CredentialWatch,
     CursorGone,
     Frame,
     LogFollower,
@@ -48,7 +57,7 @@ from api.relay import (
 from api.serialize import turn_json
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
-from shared.errors import BadInput, NotFound, StepRunError, TooLarge, Unavailable
+from shared.errors import BadInput, Forbidden, NotFound, StepRunError, TooLarge, Unavailable
 from shared.metrics import track_stream
 from shared.runtime import Runtime
 from shared.streaming.protocol import MAX_CURSOR
@@ -59,12 +68,16 @@ log = logging.getLogger(__name__)
 # Close codes (the 4000 range is the application's). The reason is JSON carrying the cursor to resume from.
 CLOSE_SLOW = 4000
 CLOSE_UNAVAILABLE = 4003
+# The credential that opened the socket expired or its key was revoked: reconnect with a new one.
+CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_GONE = 4410
 # The web process is shutting down (SIGTERM): reconnect, to another process, after the cursor in the reason.
 CLOSE_RESTART = 1012
 REPLY_QUEUE = 64
 FRAME_TYPES = ("turn", "cancel", "resume", "subscribe", "ping")
+# Frames that change a turn: refused on a socket opened with a read-only stream token.
+WRITE_FRAMES = ("turn", "cancel", "resume")
 
 
 # Every WebSocket this process serves, so a shutdown can close them all with a code (api/gunicorn_conf.py).
@@ -123,8 +136,11 @@ class WebSocketStream:
     """Serves one accepted WebSocket until either side closes it."""
 
     def __init__(self, ws: Any, rt: Runtime, who: Principal, session_id: str, after: int,
-                 rate_limit: Callable[[Principal], None]):
+                 rate_limit: Callable[[Principal], None], credential: Credential | None = None):
         self.ws, self.rt, self.who, self.session_id = ws, rt, who, session_id
+        self.credential = credential or Credential("key")
+        cred = self.credential
+        self.watch = CredentialWatch(lambda: cred.problem(rt), rt.settings, cred.expires_at)
         self.settings = rt.settings
         self.follower = LogFollower(rt.events, session_id, after, rt.settings,
                                     lambda cursor: recover_gone(rt, who, session_id, cursor))
@@ -195,6 +211,9 @@ class WebSocketStream:
                 self._post("reply", {"type": "pong"}, ref)
                 return
             self.rate_limit(self.who)
+            if kind in WRITE_FRAMES and not self.credential.write:
+                raise Forbidden(f"this socket was opened with a read-only stream token: {kind!r} is refused; "
+                                "mint one with {\"scope\": \"write\"}, or connect with the key")
             if kind == "subscribe":
                 after = frame.get("after")
                 if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_CURSOR:
@@ -274,11 +293,17 @@ class WebSocketStream:
                     code, reason = self.close_with
                     self._close(code, reason, self.follower.position)
                     return
+                problem = self.watch.problem()
+                if problem is not None:
+                    self._send_json({"type": "error", "error": {"code": "unauthorized", "reason": problem[0],
+                                                                "message": problem[1]}})
+                    self._close(CLOSE_UNAUTHORIZED, problem[0], self.follower.position)
+                    return
                 frames = self.follower.next_frames()
                 for frame in frames:
                     self._send_event(frame)
                 if not frames and not sent:
-                    self.ring.wait(POLL_SECONDS)
+                    self.ring.wait(self.watch.wait_bound(POLL_SECONDS))
         except CursorGone as exc:
             self._send_json({"type": "error", "error": {"code": exc.reason, "message": exc.message}})
             self._close(CLOSE_GONE, exc.reason, exc.cursor)

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.agent import AgentRegistry
-from shared.auth.keys import KeyCache
+from shared.auth.keys import KeyCache, LiveKeys
 from shared.auth.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from shared.db import UnsafeLogin, install_row_security, make_app_engine, make_engine, make_sessionmaker
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
@@ -73,6 +73,7 @@ class Runtime:
     queue: TaskQueue = field(init=False)
     limiter: RateLimiter = field(init=False)
     key_cache: KeyCache = field(init=False)
+    live_keys: LiveKeys = field(init=False)
     redis: Any = None
     # The application login's engine, under row-level security; ``engine`` is the owner's (migrations and the
     # system path). None on SQLite and with STEPRUN_DB_ROLE=none in `steprun dev`.
@@ -129,6 +130,8 @@ class Runtime:
                                       workers=min(settings.worker_concurrency, 32))
             rt.limiter = MemoryRateLimiter()
         rt.key_cache = KeyCache(settings.key_cache_seconds)
+        # Half the window: a socket rechecking at that period closes within the window of a revoke.
+        rt.live_keys = LiveKeys(settings.key_cache_seconds / 2)
         return rt
 
     def close(self) -> None:

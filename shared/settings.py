@@ -53,9 +53,25 @@ class Settings:
         "STEPRUN_JWT_PUBLIC_KEY", None, "RS256 public key (PEM text) for end-user JWTs (optional)."
     )
     jwt_audience: str | None = _setting("STEPRUN_JWT_AUDIENCE", None, "Required `aud` claim of JWTs, if set.")
+    jwt_tenant: str | None = _setting(
+        "STEPRUN_JWT_TENANT", None,
+        "The one tenant STEPRUN_JWT_SECRET / STEPRUN_JWT_PUBLIC_KEY speak for: a token whose `tid` differs is "
+        "401. Required outside `steprun dev` when either is set.",
+    )
+    jwt_issuers: str | None = _setting(
+        "STEPRUN_JWT_ISSUERS", None,
+        "JSON object binding JWT issuers to tenants: `{\"<iss>\": {\"tenant\": T, \"secret\": S | "
+        "\"public_key\": PEM, \"audience\"?: A}}`. A token whose `iss` is listed is verified with that key "
+        "only and must carry `tid` T.",
+    )
+    jwt_max_lifetime: float = _setting(
+        "STEPRUN_JWT_MAX_LIFETIME", 3600.0,
+        "Longest lifetime a JWT may claim, seconds: `exp` further than this from now (or from `iat`) is 401.",
+    )
     key_cache_seconds: float = _setting(
         "STEPRUN_KEY_CACHE_SECONDS", 30.0,
-        "How long a process trusts a verified API key before checking it again (a revoked key works that long).",
+        "How long a process trusts a verified API key before checking it again (a revoked key works that long); "
+        "open WebSocket/SSE streams recheck their key and token within it and close 4401.",
     )
     rate_limit_per_minute: int = _setting(
         "STEPRUN_RATE_LIMIT_PER_MINUTE", 600, "Requests one principal may make per minute (0: no limit)."
@@ -229,8 +245,9 @@ class Settings:
     )
     secret_key: str | None = _setting(
         "STEPRUN_SECRET_KEY", None,
-        "Signs short-lived stream tokens (HMAC); give every web process the same value. Unset: `steprun dev` "
-        "makes one in its data dir; a production web process answers 503 on /stream-token.",
+        "Signs short-lived stream tokens (HMAC): 32+ random bytes, the same on every web process. Unset: "
+        "`steprun dev` makes one in its data dir; a production process refuses to start without it (web) or "
+        "with a placeholder or shorter one.",
     )
     stream_token_ttl: float = _setting(
         "STEPRUN_STREAM_TOKEN_TTL", 300.0, "Seconds a stream token (for browser WebSocket/SSE) stays valid."
@@ -350,6 +367,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.tool_outcome_unknown not in ("pause", "fail"):
             raise SettingsError(f"STEPRUN_TOOL_OUTCOME_UNKNOWN={self.tool_outcome_unknown!r}: expected pause or fail")
+        parse_jwt_issuers(self.jwt_issuers)  # a bad mapping stops every process at start, not a request later
+        if self.jwt_max_lifetime <= 0:
+            raise SettingsError(f"STEPRUN_JWT_MAX_LIFETIME={self.jwt_max_lifetime!r}: expected seconds above 0")
 
     @property
     def embedded(self) -> bool:
@@ -401,7 +421,19 @@ class Settings:
         if process == "web" and not self.secret_key:
             raise SettingsError(
                 "STEPRUN_SECRET_KEY is not set: the web process signs stream tokens with it; give every web "
-                "process the same long random value (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+                f"process the same long random value (e.g. {MAKE_SECRET})")
+        if self.secret_key:
+            _check_secret("STEPRUN_SECRET_KEY", self.secret_key)
+        if self.jwt_secret:
+            _check_secret("STEPRUN_JWT_SECRET", self.jwt_secret)
+        for issuer, bound in parse_jwt_issuers(self.jwt_issuers).items():
+            if bound.secret:
+                _check_secret(f"the secret of JWT issuer {issuer!r} (STEPRUN_JWT_ISSUERS)", bound.secret)
+        if (self.jwt_secret or self.jwt_public_key) and not self.jwt_tenant:
+            raise SettingsError(
+                "STEPRUN_JWT_SECRET / STEPRUN_JWT_PUBLIC_KEY is set but STEPRUN_JWT_TENANT is not: a JWT key must "
+                "speak for one tenant, or any token it signs could name any tenant in `tid`. Set "
+                "STEPRUN_JWT_TENANT to that tenant, or bind each issuer to its tenant in STEPRUN_JWT_ISSUERS")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -440,6 +472,65 @@ def app_login_password(owner_password: str | None, role: str) -> str | None:
 
     return hmac.new(str(owner_password).encode(), f"steprun application login {role}".encode(),
                     hashlib.sha256).hexdigest()
+# How an operator makes a secret: printed by every refusal.
+MAKE_SECRET = "`python -c 'import secrets; print(secrets.token_hex(32))'`"
+MIN_SECRET_BYTES = 32
+# Values shipped in this repository's examples (infra/, docs): never a real secret.
+_PLACEHOLDER_MARKS = ("change-me", "changeme", "change_me", "replace-me", "placeholder", "your-secret")
+
+
+def _check_secret(name: str, value: str) -> None:
+    """Refuse a placeholder or a short secret outside `steprun dev`, saying how to make one."""
+    lowered = value.lower()
+    if any(mark in lowered for mark in _PLACEHOLDER_MARKS):
+        raise SettingsError(f"{name} is a placeholder value from an example; set a long random value "
+                            f"(e.g. {MAKE_SECRET})")
+    if len(value.encode()) < MIN_SECRET_BYTES:
+        raise SettingsError(f"{name} is {len(value.encode())} bytes long; it must be at least {MIN_SECRET_BYTES} "
+                            f"bytes of random (e.g. {MAKE_SECRET})")
+
+
+@dataclass(frozen=True)
+class JwtIssuer:
+    """One entry of STEPRUN_JWT_ISSUERS: the tenant an issuer speaks for and the key its tokens are signed with."""
+
+    tenant: str
+    secret: str | None = None
+    public_key: str | None = None
+    audience: str | None = None
+
+
+def parse_jwt_issuers(raw: str | None) -> dict[str, JwtIssuer]:
+    """STEPRUN_JWT_ISSUERS as {iss: JwtIssuer}; SettingsError naming what is wrong."""
+    if not raw:
+        return {}
+    import json
+
+    where = "STEPRUN_JWT_ISSUERS"
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{where} is not JSON ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise SettingsError(f"{where} must be a JSON object {{\"<iss>\": {{\"tenant\": ..., \"secret\" or "
+                            "\"public_key\": ...}}}}")
+    issuers: dict[str, JwtIssuer] = {}
+    for iss, entry in data.items():
+        if not iss or not isinstance(entry, dict):
+            raise SettingsError(f"{where}[{iss!r}] must be an object with 'tenant' and 'secret' or 'public_key'")
+        unknown = set(entry) - {"tenant", "secret", "public_key", "audience"}
+        if unknown:
+            raise SettingsError(f"{where}[{iss!r}]: unknown field(s) {', '.join(sorted(unknown))}")
+        tenant, secret, public_key = entry.get("tenant"), entry.get("secret"), entry.get("public_key")
+        audience = entry.get("audience")
+        if not isinstance(tenant, str) or not tenant:
+            raise SettingsError(f"{where}[{iss!r}].tenant must name the tenant this issuer speaks for")
+        if (secret is None) == (public_key is None):
+            raise SettingsError(f"{where}[{iss!r}] needs exactly one of 'secret' (HS256) and 'public_key' (RS256)")
+        if not all(v is None or (isinstance(v, str) and v) for v in (secret, public_key, audience)):
+            raise SettingsError(f"{where}[{iss!r}]: 'secret', 'public_key' and 'audience' must be non-empty strings")
+        issuers[iss] = JwtIssuer(tenant, secret, public_key, audience)
+    return issuers
 
 
 def deployment_settings(process: str, environ: Mapping[str, str] | None = None) -> Settings:

@@ -59,7 +59,7 @@ def settings(database_url: str) -> Settings:
         sweep_interval=0.5,
         db_role="steprun_app",  # row-level security on, as in production
         # As an operator sets it in production: every web process shares it (stream tokens).
-        secret_key=f"test-secret-{RUN_ID}",
+        secret_key=f"test-secret-{RUN_ID}-{secrets.token_hex(16)}",  # long: production refuses short ones
     )
 
 

@@ -221,7 +221,9 @@ def turn_stream_token(turn_id: str) -> Response:
     with unit_of_work(rt.sessions, session.admin) as db:
         row = tenant_view.get_turn(db, session.admin, turn_id)
     secret = rt.settings.secret_key or ""
-    token, _ = mint_stream_token(secret, row.principal, row.turn.session_id, rt.settings.stream_token_ttl)
+    # Read-only, and carrying the admin key's id: revoking that key ends the page's stream too.
+    token, _ = mint_stream_token(secret, row.principal, row.turn.session_id, rt.settings.stream_token_ttl,
+                                 key_id=session.key_id)
     return jsonify({"token": token, "session_id": row.turn.session_id,
                     "url": f"/v1/sessions/{row.turn.session_id}/events/stream"})
 
@@ -318,6 +320,7 @@ def revoke_key_post(key_id: str) -> BaseResponse:
             row.revoked_at = utcnow()
         digest = row.key_hash
     rt.key_cache.forget(digest)  # this process refuses it now; others within STEPRUN_KEY_CACHE_SECONDS
+    rt.live_keys.forget(key_id)  # and the stream tokens it minted, and this process's sockets at their recheck
     return redirect(url_for("console.keys_page"), code=303)
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared.models import ApiKey, Tenant
 
@@ -83,6 +83,43 @@ class KeyCache:
         """Drop a key (by its stored hash) at once: a revoke in this process takes effect here immediately."""
         with self._lock:
             self._entries.pop(key_hash, None)
+
+
+class LiveKeys:
+    """Which key ids are live (not revoked), per process: what a stream token or an open socket rechecks.
+
+    Each answer is trusted ``ttl`` seconds, so the many sockets of one key cost one lookup per window;
+    the sockets recheck at the same period, so a revoked key's sockets close within twice ``ttl``.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000):
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: dict[str, tuple[float, bool]] = {}
+        self._lock = threading.Lock()
+
+    def is_live(self, sessions: sessionmaker[Session], key_id: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(key_id)
+            if hit is not None and hit[0] >= now:
+                return hit[1]
+        with sessions() as db:
+            live = key_is_live(db, key_id)
+        if self.ttl > 0:
+            with self._lock:
+                if len(self._entries) >= self.max_entries:
+                    self._entries.pop(next(iter(self._entries)))
+                self._entries[key_id] = (now + self.ttl, live)
+        return live
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            self._entries.pop(key_id, None)
+
+
+def key_is_live(db: Session, key_id: str) -> bool:
+    """Whether ``key_id`` names a key that is not revoked."""
+    return db.execute(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))).first() is not None
 
 
 def identify_key(db: Session, raw: str) -> KeyIdentity | None:

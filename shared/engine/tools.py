@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from shared.agent import Agent, ToolContext
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim, StepInput
-from shared.engine.journal import StepJournal, finish_tool_call, start_tool_call
-from shared.engine.outcome import ChatMessage, tool_message
+from shared.engine.journal import StepJournal, fenced, finish_tool_call, start_tool_call
+from shared.engine.outcome import ChatMessage, StepInterrupted, StopReason, tool_message
 from shared.metrics import TOOL_JOURNAL
 from shared.storage.context import tool_storage
 
@@ -108,7 +111,7 @@ def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], 
         ctx = ToolContext(
             tenant_id=step.tenant_id, user_id=step.user_id, session_id=step.session_id,
             turn_id=claim.turn_id, idempotency_key=key,
-            **tool_storage(events.rt, claim.principal),
+            **tool_storage(events.rt, claim.principal, _fence_for(claim)),
         )
         value = tool.invoke(call["arguments"], ctx)
         output = value if isinstance(value, str) else json.dumps(value, default=str)
@@ -128,6 +131,15 @@ def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], 
                                "duration_ms": round((time.monotonic() - started) * 1000, 2)})
     events.check()
     return tool_message(call["id"], call["name"], output)
+
+
+def _fence_for(claim: Claim) -> Callable[[Session], None]:
+    """A tool's memory write goes through only while its turn is still this attempt's: a write after the
+    user's data was erased (the turn row is gone) or after the lease moved on raises, writing nothing."""
+    def fence(db: Session) -> None:
+        if not fenced(db, claim):
+            raise StepInterrupted(StopReason.LEASE_LOST)
+    return fence
 
 
 def record_tool_result(events: StepEvents, claim: Claim, step: int, call_id: str, output: str, error: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -199,13 +200,23 @@ class MemoryStore:
     Tools run outside the step's commit (a tool's effect is not rolled back by
     a failed step), so a tool that writes should use a deterministic key, as
     ``remember`` does, to make a retried attempt harmless.
+
+    ``fence`` runs first in every writing transaction: the step engine passes
+    one that locks the call's turn and raises if the turn is no longer the
+    step's (lease lost, or erased with the user's data), so nothing is written.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings, who: Principal):
-        self._sessions, self._settings, self._who = sessions, settings, who
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, who: Principal,
+                 fence: Callable[[Session], None] | None = None):
+        self._sessions, self._settings, self._who, self._fence = sessions, settings, who, fence
+
+    def _writing(self, db: Session) -> None:
+        if self._fence is not None:
+            self._fence(db)
 
     def put(self, namespace: str, key: str, value: Any, ttl_seconds: int | None = None) -> None:
         with unit_of_work(self._sessions, self._who) as db:
+            self._writing(db)
             put_item(db, self._settings, self._who, namespace, key, value, ttl_seconds)
 
     def get(self, namespace: str, key: str) -> Any:
@@ -218,6 +229,7 @@ class MemoryStore:
 
     def delete(self, namespace: str, key: str) -> bool:
         with unit_of_work(self._sessions, self._who) as db:
+            self._writing(db)
             try:
                 delete_item(db, self._who, namespace, key)
                 return True

@@ -30,6 +30,7 @@ from shared.models import (
     WebhookEvent,
 )
 from shared.runtime import Runtime
+from shared.streaming.protocol import Fence
 from shared.turns.service import get_session, get_turn
 
 
@@ -84,12 +85,26 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
     Rows are deleted table by table, children first, rather than left to the
     cascade, so the report counts them and nothing of the user's can survive
     in a row whose session is not theirs.
+
+    The erasure is final: work already running writes nothing back. Every write
+    a step makes outside its commit (the tool journal, the model-call record, a
+    tool's ``ctx.memory``) first takes a share lock on its turn row and checks
+    that the turn is still its own (``shared.engine.journal.fenced``); the step's
+    commit does the same with the session and turn. Locking every one of the
+    user's turn rows here, before anything is deleted, makes the two exclusive:
+    a write already holding its turn finishes first (and is deleted below, each
+    DELETE seeing what committed before it), one that comes later finds its turn
+    gone and is refused. After the commit, each running turn is cancelled and its
+    event-log fence closed, so a step still streaming appends nothing to the
+    deleted logs.
     """
     report = ErasureReport()
     session_ids = list(db.scalars(select(AgentSession.id).where(
         AgentSession.tenant_id == who.tenant_id, AgentSession.user_id == who.user_id).with_for_update()))
-    running = list(db.scalars(select(Turn.id).where(
-        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status.in_(ACTIVE))))
+    # Sessions first, then turns: the lock order of the step's commit and of the API's cancel.
+    turns = db.execute(select(Turn.id, Turn.session_id, Turn.status).where(
+        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id).with_for_update()).all()
+    running = [(t.id, t.session_id) for t in turns if t.status in ACTIVE]
 
     def drop(model: Any, where: tuple[Any, ...] | None = None) -> int:
         clauses = where if where is not None else (model.tenant_id == who.tenant_id, model.user_id == who.user_id)
@@ -111,10 +126,11 @@ def erase_user(db: Session, rt: Runtime, who: Principal) -> ErasureReport:
     db.expire_all()  # bulk deletes bypass the identity map: nothing stale may be flushed back
 
     def clean_redis() -> None:
-        # A step still running sees its session gone at commit and writes nothing;
-        # the cancel flag just stops it sooner.
-        for turn_id in running:
+        # A step still running finds its turn gone at its next write and at its commit, and writes
+        # nothing; the cancel flag stops it sooner, and the closed fence refuses its deltas.
+        for turn_id, session_id in running:
             rt.events.request_cancel(turn_id)
+            rt.events.append_events(session_id, [], fence=Fence(turn_id, close=True))
         for session_id in session_ids:
             rt.events.delete(session_id)
 

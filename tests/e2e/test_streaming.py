@@ -448,7 +448,9 @@ def test_stream_token_opens_its_own_session_only(streams: Streams) -> None:
     secret = streams.env["STEPRUN_SECRET_KEY"] if streams.mode == "production" else (
         Path(streams.env["STEPRUN_DATA_DIR"]) / "secret-key").read_text().strip()
     sid, other_sid = streams.session("echo", key=key), streams.session("echo", key=key)
-    minted = requests.post(f"{url}/v1/sessions/{sid}/stream-token", headers=streams.headers(key))
+    # A write token: this browser also starts turns over the socket (a read token only streams).
+    minted = requests.post(f"{url}/v1/sessions/{sid}/stream-token", headers=streams.headers(key),
+                           json={"scope": "write"})
     assert minted.status_code == 200, minted.text
     token = minted.json()["token"]
     assert minted.json()["expires_in"] == 300 and minted.json()["expires_at"].endswith("Z")
