@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.auth.principal import SYSTEM
+from shared.db import unit_of_work
 from shared.models import ApiKey, Tenant
 
 KEY_PREFIX = "sr_"
@@ -103,7 +105,7 @@ class LiveKeys:
             hit = self._entries.get(key_id)
             if hit is not None and hit[0] >= now:
                 return hit[1]
-        with sessions() as db:
+        with unit_of_work(sessions, SYSTEM) as db:  # the system path: the app login cannot read keys
             live = key_is_live(db, key_id)
         if self.ttl > 0:
             with self._lock:

@@ -51,12 +51,12 @@ class Deployment:
     def key(self, tenant: str | None = None) -> tuple[str, str, Principal]:
         """(key id, raw key, principal) of a fresh user of ``tenant`` (default: a fresh tenant)."""
         who = Principal(tenant or f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}")
-        with unit_of_work(self.rt.sessions) as db:
+        with unit_of_work(self.rt.sessions, SYSTEM) as db:
             row, raw = create_key(db, who.tenant_id, who.user_id)
             return row.id, raw, who
 
     def revoke(self, key_id: str) -> None:
-        with unit_of_work(self.rt.sessions) as db:
+        with unit_of_work(self.rt.sessions, SYSTEM) as db:
             assert revoke_key(db, key_id)
 
     @property
