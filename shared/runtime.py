@@ -21,6 +21,7 @@ from shared.settings import Settings
 from shared.streaming.memory_log import MemoryEventLog
 from shared.streaming.protocol import EventLog
 from shared.streaming.redis_log import RedisEventLog
+from shared.streaming.slots import MemoryStreamSlots, RedisStreamSlots, StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class Runtime:
     queue: TaskQueue = field(init=False)
     limiter: RateLimiter = field(init=False)
     key_cache: KeyCache = field(init=False)
+    # Open streams per user and tenant (shared/streaming/slots.py), across API processes.
+    stream_slots: StreamSlots = field(init=False)
     redis: Any = None
     # Shutdown, in two stages: ``stopping`` (no new step starts here; deliveries are passed
     # on), then ``draining`` after a grace period (running steps hand themselves back).
@@ -102,6 +105,7 @@ class Runtime:
             rt = cls(settings, engine, factory, events, agents, redis=client)
             rt.queue = CeleryQueue(settings)
             rt.limiter = RedisRateLimiter(client, settings.redis_prefix)
+            rt.stream_slots = RedisStreamSlots(client, settings.redis_prefix, settings.stream_slot_seconds)
         else:
             events = MemoryEventLog(
                 retention_seconds=settings.event_retention_seconds, max_len=settings.event_log_max
@@ -113,6 +117,7 @@ class Runtime:
             rt.queue = InProcessQueue(lambda turn_id, step: runner(rt, turn_id, step),
                                       workers=min(settings.worker_concurrency, 32))
             rt.limiter = MemoryRateLimiter()
+            rt.stream_slots = MemoryStreamSlots()
         rt.key_cache = KeyCache(settings.key_cache_seconds)
         return rt
 
