@@ -59,8 +59,9 @@ class RequestHeadTimeout(gevent.Timeout):
         if not self.pending:
             return
         self.reading = True
-        self.timer.stop()
-        self.timer.close()
+        idle: Any = getattr(self, "timer")  # noqa: B009 - gevent's attribute, untyped
+        idle.stop()
+        idle.close()
         self.timer = get_hub().loop.timer(self.head, ref=True, priority=-1)
         self.timer.start(self._on_expiration, self._target, self, update=True)
 

@@ -316,7 +316,7 @@ def _slow_post(url: str, path: str, headers: str, length: int, seconds: float) -
                 break
             answer += data
             continue
-        except socket.timeout:
+        except TimeoutError:
             pass
         except OSError:
             closed = time.monotonic() - started

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from shared.agent import Agent
 from shared.demo_agents import AGENTS as DEMO_AGENTS
 from shared.demo_agents import add
-from shared.agent import Agent
 from shared.llm.base import ChatMessage, ToolCallRequest
 from shared.llm.scripted import Reply, ScriptedModel
 
