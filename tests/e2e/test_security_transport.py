@@ -340,6 +340,8 @@ def test_a_slow_authenticated_body_gets_a_408_and_the_connection_is_closed(d: De
     assert closed is not None and closed <= BODY_TIMEOUT + 2, closed
     listed = requests.get(f"{d.url}/v1/sessions", headers=_h(key), timeout=10).json()["data"]
     assert listed == []  # nothing written
+    print(f"\na body trickled 4 bytes at a time got 408 and was closed after {closed:.1f} s "
+          f"(STEPRUN_BODY_TIMEOUT={BODY_TIMEOUT})")
 
 
 def test_a_slow_body_the_app_never_reads_is_not_drained_forever(d: Deployment) -> None:
@@ -448,6 +450,8 @@ def test_every_frame_counts_against_the_frame_rate_and_a_flood_is_closed(d: Depl
     assert int.from_bytes(data[:2], "big") == 1008, data
     assert json.loads(data[2:])["reason"] == "frame_rate"
     assert answers <= 2 * FRAMES_PER_SECOND + 5, answers  # the burst, not the whole flood
+    print(f"\na flood of {len(flood)} frames was answered {answers} times, then closed 1008 "
+          f"(STEPRUN_WS_FRAMES_PER_SECOND={FRAMES_PER_SECOND})")
     # Another socket of the same user is unaffected.
     _serving(_ws(d, d.url, sid, key))
 
@@ -474,3 +478,4 @@ def test_tool_names_the_model_invents_do_not_become_metric_series(d: Deployment)
     labels = _tool_labels(d.worker_metrics)
     assert labels >= {"add", "unregistered"}, labels
     assert not [name for name in labels if name.startswith("made_up_")], labels
+    print(f"\n31 tool calls, 30 of them to invented names: tool label values {sorted(labels)}")
