@@ -220,6 +220,30 @@ def test_a_tenant_cannot_hold_more_than_its_streams_across_users(d: Deployment) 
     assert "tenant" in r.json()["error"]["message"]
 
 
+def test_the_compatible_surfaces_take_a_slot_before_they_create_anything(d: Deployment) -> None:
+    key = d.key()
+    sid = _session(d.url, key)
+    for _ in range(PER_USER):
+        _serving(_ws(d, d.url, sid, key))
+    before = requests.get(f"{d.url}/v1/sessions", headers=_h(key), timeout=10).json()["data"]
+    for path, body in [
+        ("/langgraph/runs/stream", {"assistant_id": "echo", "input": {"messages": [{"role": "user", "content": "hi"}]}}),
+        ("/langgraph/runs/wait", {"assistant_id": "echo", "input": {"messages": [{"role": "user", "content": "hi"}]}}),
+        ("/v1/responses", {"model": "echo", "input": "hi", "stream": True}),
+        ("/v1/responses", {"model": "echo", "input": "hi"}),
+    ]:
+        r = requests.post(d.url + path, json=body, headers=_h(key), timeout=10)
+        assert r.status_code == 429, (path, r.status_code, r.text[:300])
+        # Each surface in its own error shape (LangGraph: {"detail"}, OpenAI: {"error"}), with Retry-After.
+        assert "open streams" in r.text and int(r.headers["Retry-After"]) >= 1, (path, r.text)
+    after = requests.get(f"{d.url}/v1/sessions", headers=_h(key), timeout=10).json()["data"]
+    assert after == before  # no thread, run, conversation or response was created
+    # In the background, an OpenAI response waits for nothing: no slot needed.
+    r = requests.post(f"{d.url}/v1/responses", json={"model": "echo", "input": "hi", "background": True},
+                      headers=_h(key), timeout=10)
+    assert r.status_code == 200, r.text
+
+
 def test_a_killed_web_process_does_not_keep_its_slots(d: Deployment) -> None:
     key = d.key()
     sid = _session(d.url, key)
