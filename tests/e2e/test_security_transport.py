@@ -226,9 +226,10 @@ def test_the_compatible_surfaces_take_a_slot_before_they_create_anything(d: Depl
     for _ in range(PER_USER):
         _serving(_ws(d, d.url, sid, key))
     before = requests.get(f"{d.url}/v1/sessions", headers=_h(key), timeout=10).json()["data"]
+    run = {"assistant_id": "echo", "input": {"messages": [{"role": "user", "content": "hi"}]}}
     for path, body in [
-        ("/langgraph/runs/stream", {"assistant_id": "echo", "input": {"messages": [{"role": "user", "content": "hi"}]}}),
-        ("/langgraph/runs/wait", {"assistant_id": "echo", "input": {"messages": [{"role": "user", "content": "hi"}]}}),
+        ("/langgraph/runs/stream", run),
+        ("/langgraph/runs/wait", run),
         ("/v1/responses", {"model": "echo", "input": "hi", "stream": True}),
         ("/v1/responses", {"model": "echo", "input": "hi"}),
     ]:
