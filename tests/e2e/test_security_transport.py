@@ -66,7 +66,9 @@ def deployment(settings: Settings, rt: Runtime, tmp_path_factory: pytest.TempPat
                STEPRUN_MAX_STREAMS_PER_USER=str(PER_USER), STEPRUN_MAX_STREAMS_PER_TENANT=str(PER_TENANT),
                STEPRUN_STREAM_SLOT_SECONDS=str(SLOT_SECONDS), STEPRUN_HEADER_TIMEOUT=str(HEADER_TIMEOUT),
                STEPRUN_BODY_TIMEOUT=str(BODY_TIMEOUT), STEPRUN_WS_FRAMES_PER_SECOND=str(FRAMES_PER_SECOND),
-               STEPRUN_SSE_HEARTBEAT_SECONDS="0.5")
+               STEPRUN_SSE_HEARTBEAT_SECONDS="0.5",
+               # Up to four processes at once here; Postgres' 100 connections are shared with other suites.
+               STEPRUN_DB_POOL_SIZE="3", STEPRUN_DB_MAX_OVERFLOW="3")
     metrics_port = free_port()
     try:
         procs.worker(env={**env, "STEPRUN_WORKER_METRICS_PORT": str(metrics_port),
