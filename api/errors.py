@@ -9,7 +9,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from shared.db import database_unavailable
-from shared.errors import StepRunError
+from shared.errors import RequestTimeout, StepRunError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
+        # werkzeug reports a failed body read as a 400 (ClientDisconnected); one past STEPRUN_BODY_TIMEOUT
+        # (api/gunicorn_worker.py) is the client's slowness, said as such.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, RequestTimeout):
+            return _domain(cause)
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "invalid_request"}.get(
             exc.code or 500, "http_error")
         message = exc.description or exc.name

@@ -2,12 +2,15 @@
 import os
 from typing import Any
 
-worker_class = "gevent"
+# gunicorn's gevent worker, with a deadline on each request's head and body (STEPRUN_HEADER_TIMEOUT,
+# STEPRUN_BODY_TIMEOUT): see api/gunicorn_worker.py.
+worker_class = "api.gunicorn_worker.SteprunGeventWorker"
 # Each open WebSocket/SSE stream holds one "connection"; the default 1000 caps streams per process.
 worker_connections = int(os.environ.get("STEPRUN_WORKER_CONNECTIONS", "5000"))
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-# Longer than a load balancer's idle timeout, so the balancer closes first.
+# Longer than a load balancer's idle timeout, so the balancer closes first. It bounds only the wait for a
+# request's first byte; the rest of its head must follow within STEPRUN_HEADER_TIMEOUT.
 keepalive = 95
 # gunicorn's largest request line (default 4094): long search queries and cursors then reach
 # the app, which answers a JSON 400 naming the field instead of gunicorn's HTML 414.

@@ -21,14 +21,17 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from shared.auth.principal import Scope
+from shared.auth.principal import Principal, Scope
+from shared.errors import TooManyStreams
 from shared.metrics import track_stream
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.streaming.protocol import EventLog
+from shared.streaming.slots import Slot, SlotLimits
 from shared.turns.events import republish_session
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,35 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 5.0
 # A stream whose log cannot be read (Redis down) for this long is ended so the client retries elsewhere.
 UNAVAILABLE_SECONDS = 10.0
+# Retry-After of a stream refused because its user or tenant holds all its stream slots.
+STREAM_RETRY_SECONDS = 5.0
+
+
+def take_stream_slot(rt: Runtime, who: Principal) -> Slot:
+    """One of ``who``'s stream slots (and of its tenant), for a response that stays open; release it when done.
+
+    Raises TooManyStreams (429, ``too_many_streams``) when the user already holds
+    STEPRUN_MAX_STREAMS_PER_USER open streams or the tenant STEPRUN_MAX_STREAMS_PER_TENANT.
+    """
+    limits = SlotLimits(rt.settings.max_streams_per_user, rt.settings.max_streams_per_tenant)
+    got = rt.stream_slots.acquire(who.tenant_id, who.user_id, limits)
+    if isinstance(got, str):
+        limit, setting = ((limits.per_user, "STEPRUN_MAX_STREAMS_PER_USER") if got == "user"
+                          else (limits.per_tenant, "STEPRUN_MAX_STREAMS_PER_TENANT"))
+        raise TooManyStreams(f"this {got} already holds {limit} open streams (WebSockets, SSE streams and ?wait= "
+                             f"requests, {setting}); close one, or retry later", retry_after=STREAM_RETRY_SECONDS)
+    return got
+
+
+@contextmanager
+def waiting_slot(rt: Runtime, who: Principal) -> Iterator[None]:
+    """A long-poll (``?wait=``) holds a connection like a stream: a slot, and ``poll`` in steprun_active_streams."""
+    slot = take_stream_slot(rt, who)
+    try:
+        with track_stream("poll"):
+            yield
+    finally:
+        slot.release()
 
 
 class StreamEnded(Exception):

@@ -7,7 +7,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.context import db, float_arg, int_arg, json_body, principal, runtime
 from api.openapi import AFTER_INT, LIMIT, OBJ, SID, WAIT, RouteDocs, header, op, page, query, ref
-from api.relay import recover_gone
+from api.relay import recover_gone, waiting_slot
 from api.serialize import message_json, session_json, turn_json
 from shared.errors import Gone
 from shared.streaming.protocol import MAX_CURSOR
@@ -113,7 +113,11 @@ def list_events(session_id: str) -> Response:
     wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
     turns.get_session(db(), principal(), session_id)
     db().close()  # never hold a connection while waiting
-    batch = rt.events.wait(session_id, after, wait, limit) if wait else rt.events.read(session_id, after, limit)
+    if wait:
+        with waiting_slot(rt, principal()):  # a wait holds a connection: one of the caller's stream slots
+            batch = rt.events.wait(session_id, after, wait, limit)
+    else:
+        batch = rt.events.read(session_id, after, limit)
     if batch.gone:
         raise Gone(recover_gone(rt, principal(), session_id, after))
     # Events are stored as JSON text: spliced, never decoded and re-encoded.

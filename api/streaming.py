@@ -26,19 +26,19 @@ from api.auth import Credential, accepts_stream_token, credential, enforce_rate_
 from api.context import db, int_arg, json_body, principal, runtime
 from api.input_gate import ascii_int
 from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
-from api.relay import recover_gone, sse_stream
+from api.relay import recover_gone, sse_stream, take_stream_slot
 from api.serialize import ts
-from api.websocket import WebSocketStream, close_all_for_restart
+from api.websocket import WebSocketStream, close_all_for_restart, refuse
 from shared.auth.stream_tokens import mint_stream_token
-from shared.errors import BadInput, Gone, Unavailable
+from shared.errors import BadInput, Gone, TooManyStreams, Unavailable
 from shared.metrics import ACTIVE_STREAMS
 from shared.streaming.protocol import MAX_CURSOR, EventLog, Ring
 from shared.turns import service as turns
 
 bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
 sock = Sock()
-# The transports counted in steprun_active_streams (api/relay.py for SSE, api/websocket.py).
-STREAM_TRANSPORTS = ("sse", "ws")
+# The transports counted in steprun_active_streams (api/relay.py for SSE and ?wait= long-polls, api/websocket.py).
+STREAM_TRANSPORTS = ("sse", "ws", "poll")
 # What a stream token may allow: read (the default) streams only; write also sends turn requests over WS.
 SCOPES = ("read", "write")
 
@@ -49,7 +49,9 @@ def describe() -> RouteDocs:
     ws = op("WebSocket: the session's events as JSON text frames (after ?after=, else from now); the client sends "
             "turn, cancel, resume, subscribe and ping frames (turn, cancel and resume need a key, a JWT or a "
             "write stream token). Closes 4000 {reason: slow_consumer, cursor} when the client lags, 4410 when "
-            "its cursor is too old, 4401 {reason: token_expired|key_revoked, cursor} when its credential ends.",
+            "its cursor is too old, 4401 {reason: token_expired|key_revoked, cursor} when its credential ends, "
+            "4429 {reason: too_many_streams, retry_after} when the user or tenant holds all its streams, 1008 "
+            "{reason: frame_rate} when the client sends frames faster than allowed.",
             "101", OBJ, params=[SID, AFTER_INT, token], errors=("400", "401", "404", "429", "503"))
     ws["responses"]["101"] = {"description": "Switching Protocols (WebSocket)"}
     mint = _mint_docs()
@@ -125,13 +127,16 @@ def stream_events(session_id: str) -> Response:
         raise Gone(recover_gone(rt, who, session_id, after))
     raw_socket = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
     cred = credential()
+    slot = take_stream_slot(rt, who)  # 429 too_many_streams when the user or tenant holds all of theirs
     body = _until_restart(sse_stream(_RestartableLog(rt.events), session_id, after, rt.settings, raw_socket,
                                      lambda cursor: recover_gone(rt, who, session_id, cursor),
                                      lambda: cred.problem(rt), cred.expires_at), after)
-    return Response(body, mimetype="text/event-stream", headers={
+    response = Response(body, mimetype="text/event-stream", headers={
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
     })
+    response.call_on_close(slot.release)  # however the body ends, or if it never starts
+    return response
 
 
 @bp.before_request
@@ -142,14 +147,25 @@ def _check_websocket() -> None:
         session_id = (request.view_args or {})["session_id"]
         _own_session(session_id)
         g.stream_after = _start_cursor(session_id, header=False)
+        # No permessage-deflate: simple-websocket cannot bound how far a compressed frame inflates (a 1 KB
+        # frame became a 1 MB message), so the offer is dropped and every frame is as large as it is on the wire.
+        request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
 
 
 @sock.route("/<session_id>/ws", bp=bp)
 @accepts_stream_token
 def stream_ws(ws: Server, session_id: str) -> None:
     """The session's events over a WebSocket, and turn requests from the client."""
-    WebSocketStream(ws, runtime(), principal(), session_id, g.stream_after, enforce_rate_limit,
-                    credential()).run()
+    rt = runtime()
+    try:
+        slot = take_stream_slot(rt, principal())
+    except TooManyStreams as exc:  # the handshake is done: told in an error frame and the close reason (4429)
+        refuse(ws, exc, g.stream_after)
+        return
+    try:
+        WebSocketStream(ws, rt, principal(), session_id, g.stream_after, enforce_rate_limit, credential()).run()
+    finally:
+        slot.release()
 
 
 @bp.post("/<session_id>/stream-token")

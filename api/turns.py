@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
+from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
 from api.context import db, float_arg, json_body, principal, runtime
 from api.openapi import TID, WAIT, RouteDocs, op, ref
+from api.relay import waiting_slot
 from api.serialize import turn_json
 from shared.models import ACTIVE
+from shared.runtime import Runtime
 from shared.turns import service as turns
 
 bp = Blueprint("turns", __name__, url_prefix="/v1/turns")
@@ -39,6 +43,14 @@ def get_turn(turn_id: str) -> Response:
     wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
     turn = turns.get_turn(db(), principal(), turn_id)
     deadline = time.monotonic() + wait
+    # A wait holds a connection like a stream does: one of the caller's stream slots (429 when all are taken).
+    with waiting_slot(rt, principal()) if wait and _running(turn.status) else nullcontext():
+        turn = _wait_for(rt, turn_id, turn, deadline)
+    return jsonify(turn_json(turn))
+
+
+def _wait_for(rt: Runtime, turn_id: str, turn: Any, deadline: float) -> Any:
+    """The turn once it is no longer running, or as it is at ``deadline``."""
     while _running(turn.status) and time.monotonic() < deadline:
         # Every status change publishes an event: read the log's head *before*
         # re-reading the turn, so a change in between still wakes the wait.
@@ -50,7 +62,7 @@ def get_turn(turn_id: str) -> Response:
         db().close()
         rt.events.wait(turn.session_id, cursor, max(0.0, min(deadline - time.monotonic(), 5.0)), limit=1)
         turn = turns.get_turn(db(), principal(), turn_id)
-    return jsonify(turn_json(turn))
+    return turn
 
 
 def _running(status: str) -> bool:

@@ -21,6 +21,13 @@ does nothing. Every socket rechecks its credential (api.relay.recheck_seconds,
 and at its expiry): a token that expired or a key that was revoked gets an
 error frame (code ``unauthorized``) and the close 4401 ``{"reason":
 "token_expired" | "key_revoked", "cursor": C}``.
+
+Every frame the client sends counts against the socket's frame budget
+(STEPRUN_WS_FRAMES_PER_SECOND, bursts of twice that), pings, malformed and
+oversized frames included; a client over it is closed with 1008
+``{"reason":"frame_rate","cursor":C}``. Frames are never compressed
+(permessage-deflate is not offered, api/streaming.py), so a frame is as large as
+it was on the wire and at most ``4 * STEPRUN_MAX_BODY_BYTES``.
 """
 from __future__ import annotations
 
@@ -72,6 +79,10 @@ CLOSE_UNAVAILABLE = 4003
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_GONE = 4410
+# The user or tenant holds all its stream slots (STEPRUN_MAX_STREAMS_PER_*): retry after ``retry_after`` seconds.
+CLOSE_TOO_MANY_STREAMS = 4429
+# Policy violation: the client sent frames faster than STEPRUN_WS_FRAMES_PER_SECOND.
+CLOSE_FRAME_RATE = 1008
 # The web process is shutting down (SIGTERM): reconnect, to another process, after the cursor in the reason.
 CLOSE_RESTART = 1012
 REPLY_QUEUE = 64
@@ -91,6 +102,41 @@ def close_all_for_restart() -> int:
         if stream.ring is not None:
             stream._end(CLOSE_RESTART, "server_restart")
     return len(streams)
+
+
+def refuse(ws: Any, exc: StepRunError, cursor: int) -> None:
+    """Turn away an accepted WebSocket that may not stream (4429): an error frame, then the close with the reason."""
+    error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    reason: dict[str, Any] = {"reason": exc.code, "cursor": cursor}
+    if exc.retry_after is not None:
+        error["retry_after"] = reason["retry_after"] = exc.retry_after
+    try:
+        ws.send(json.dumps({"type": "error", "error": error}, separators=(",", ":")))
+        ws.close(reason=CLOSE_TOO_MANY_STREAMS, message=json.dumps(reason, separators=(",", ":")))
+    except (OSError, ConnectionClosed):
+        pass
+
+
+class FrameBudget:
+    """A token bucket of client frames: ``rate`` a second, bursts of up to twice that (rate 0: unlimited)."""
+
+    def __init__(self, rate: float):
+        self.rate = max(0.0, rate)
+        self.capacity = 2 * self.rate
+        self.tokens = self.capacity
+        self.at = time.monotonic()
+
+    def take(self) -> bool:
+        """Count one frame; False once the client is over its budget."""
+        if not self.rate:
+            return True
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 def unsent_bytes(sock: Any) -> int | None:
@@ -176,6 +222,8 @@ class WebSocketStream:
 
     def _read_loop(self) -> None:
         limit = self.settings.max_body_bytes
+        budget = FrameBudget(self.settings.ws_frames_per_second)
+        over = False
         while not self.closing:
             try:
                 message = self.ws.receive(timeout=POLL_SECONDS * 5)
@@ -185,6 +233,14 @@ class WebSocketStream:
                 if not self.ws.connected:
                     return
                 continue
+            # Counted before anything else is done with it: pings, malformed and oversized frames alike.
+            if over or not budget.take():
+                if not over:
+                    over = True
+                    log.warning("websocket of session %s: over %s frames/s, closing", self.session_id,
+                                self.settings.ws_frames_per_second)
+                    self._end(CLOSE_FRAME_RATE, "frame_rate")
+                continue  # dropped unread until the writer has closed the socket
             size = len(message.encode() if isinstance(message, str) else message)
             if size > limit:
                 self._post_error(TooLarge(f"a frame may hold at most {limit} bytes (this one: {size})"), None)

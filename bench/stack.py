@@ -196,6 +196,10 @@ class Stack:
             PYTHONPATH=os.pathsep.join([str(self.tmp), str(ROOT)]),
             PYTHONUNBUFFERED="1",
             BENCH_WHATIF=c.whatif,
+            # A benchmark measures what a process can carry: fan-out follows one user's session with 50
+            # clients, past the per-user stream cap a deployment keeps (STEPRUN_MAX_STREAMS_PER_*).
+            STEPRUN_MAX_STREAMS_PER_USER="0",
+            STEPRUN_MAX_STREAMS_PER_TENANT="0",
         )
         env.update(c.extra_env)
         if c.db_pool is not None:

@@ -37,6 +37,13 @@ class Gone(StepRunError):
     status, code = 410, "cursor_expired"
 
 
+class RequestTimeout(StepRunError, TimeoutError):
+    """The client did not send the request (its body) in time (STEPRUN_BODY_TIMEOUT). A TimeoutError too, so
+    that gunicorn, draining a body the app never read, treats it as a timed-out read and closes the connection."""
+
+    status, code = 408, "request_timeout"
+
+
 class TooLarge(StepRunError):
     status, code = 413, "too_large"
 
@@ -49,6 +56,12 @@ class BudgetExhausted(RateLimited):
     """A token budget of the user or the tenant is spent until its period resets (``retry_after``)."""
 
     code = "budget_exceeded"
+
+
+class TooManyStreams(RateLimited):
+    """The user or the tenant already holds as many open streams as it may (``retry_after``: try again then)."""
+
+    code = "too_many_streams"
 
 
 class Unavailable(StepRunError):

@@ -20,7 +20,7 @@ The gauge of open streams uses ``livesum`` so a dead process's streams vanish.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -61,8 +61,11 @@ TIME_TO_FIRST_TOKEN = Histogram("steprun_model_time_to_first_token_seconds",
                                 "Request to first streamed token (calls that streamed text).",
                                 ["model"], buckets=LATENCY_BUCKETS)
 MODEL_TOKENS = Counter("steprun_model_tokens_total", "Tokens in and out of models.", ["model", "direction"])
-TOOL_DURATION = Histogram("steprun_tool_call_duration_seconds", "One tool call.", ["tool", "outcome"],
-                          buckets=LATENCY_BUCKETS)
+TOOL_DURATION = Histogram("steprun_tool_call_duration_seconds",
+                          "One tool call, by tool (a name no served agent registers: \"unregistered\") and outcome.",
+                          ["tool", "outcome"], buckets=LATENCY_BUCKETS)
+# The ``tool`` label of a call whose name the model made up: one series for all of them, however many names.
+UNREGISTERED_TOOL = "unregistered"
 QUEUE_LATENCY = Histogram("steprun_queue_latency_seconds", "A step's wait from enqueue to a worker's claim.",
                           buckets=LATENCY_BUCKETS)
 STEP_RETRIES = Counter("steprun_step_retries_total",
@@ -78,6 +81,14 @@ BUDGET_REJECTIONS = Counter("steprun_budget_rejections_total",
                             "Turns refused at creation (429) because a token budget was spent.")
 LEASE_EXPIRIES = Counter("steprun_lease_expiries_total",
                          "Running steps whose lease expired (worker presumed dead), found by the scheduler.")
+
+
+def tool_label(name: str, registered: Collection[str]) -> str:
+    """The ``tool`` label of a call: its name if an agent registers it, else ``"unregistered"``.
+
+    Tool names come from the model; labelled as they are, every invented name would be a new series.
+    """
+    return name if name in registered else UNREGISTERED_TOOL
 
 
 def stream_opened(transport: str) -> None:

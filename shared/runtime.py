@@ -21,6 +21,7 @@ from shared.settings import Settings, SettingsError
 from shared.streaming.memory_log import MemoryEventLog
 from shared.streaming.protocol import EventLog
 from shared.streaming.redis_log import RedisEventLog
+from shared.streaming.slots import MemoryStreamSlots, RedisStreamSlots, StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Runtime:
     limiter: RateLimiter = field(init=False)
     key_cache: KeyCache = field(init=False)
     live_keys: LiveKeys = field(init=False)
+    # Open streams per user and tenant (shared/streaming/slots.py), across API processes.
+    stream_slots: StreamSlots = field(init=False)
     redis: Any = None
     # The application login's engine, under row-level security; ``engine`` is the owner's (migrations and the
     # system path). None on SQLite and with STEPRUN_DB_ROLE=none in `steprun dev`.
@@ -118,6 +121,7 @@ class Runtime:
             rt = cls(settings, engine, factory, events, agents, redis=client, app_engine=app_engine)
             rt.queue = CeleryQueue(settings)
             rt.limiter = RedisRateLimiter(client, settings.redis_prefix)
+            rt.stream_slots = RedisStreamSlots(client, settings.redis_prefix, settings.stream_slot_seconds)
         else:
             events = MemoryEventLog(
                 retention_seconds=settings.event_retention_seconds, max_len=settings.event_log_max
@@ -129,6 +133,7 @@ class Runtime:
             rt.queue = InProcessQueue(lambda turn_id, step: runner(rt, turn_id, step),
                                       workers=min(settings.worker_concurrency, 32))
             rt.limiter = MemoryRateLimiter()
+            rt.stream_slots = MemoryStreamSlots()
         rt.key_cache = KeyCache(settings.key_cache_seconds)
         # Half the window: a socket rechecking at that period closes within the window of a revoke.
         rt.live_keys = LiveKeys(settings.key_cache_seconds / 2)

@@ -232,6 +232,36 @@ class Settings:
     max_input_chars: int = _setting("STEPRUN_MAX_INPUT_CHARS", 100_000, "Largest turn input, in characters.")
     max_metadata_bytes: int = _setting("STEPRUN_MAX_METADATA_BYTES", 16_384, "Largest session metadata, JSON-encoded.")
     max_wait_seconds: float = _setting("STEPRUN_MAX_WAIT_SECONDS", 60.0, "Longest ?wait= a client may ask for.")
+    max_streams_per_user: int = _setting(
+        "STEPRUN_MAX_STREAMS_PER_USER", 20,
+        "Streams one user may hold open at once across every API process: WebSockets, SSE streams and "
+        "`?wait=` long-polls. One more is refused (429, or WebSocket close 4429). 0: no limit.",
+    )
+    max_streams_per_tenant: int = _setting(
+        "STEPRUN_MAX_STREAMS_PER_TENANT", 10_000,
+        "Streams all users of one tenant may hold open at once (the same count, per tenant). 0: no limit.",
+    )
+    stream_slot_seconds: float = _setting(
+        "STEPRUN_STREAM_SLOT_SECONDS", 30.0,
+        "Lease of one counted stream in Redis, renewed while its process lives: the streams of a killed "
+        "process stop counting this long after it died.",
+    )
+    header_timeout: float = _setting(
+        "STEPRUN_HEADER_TIMEOUT", 10.0,
+        "Longest a client may take to send a request's line and headers, from its first byte (gunicorn web "
+        "process); past it the connection is closed. An idle keep-alive connection waits up to gunicorn's "
+        "keepalive (95 s) before that first byte. 0: only keepalive bounds it.",
+    )
+    body_timeout: float = _setting(
+        "STEPRUN_BODY_TIMEOUT", 30.0,
+        "Longest a client may take to send a request's body, from the end of its headers (gunicorn web "
+        "process); past it the request is answered 408 and the connection closed. 0: no limit.",
+    )
+    ws_frames_per_second: float = _setting(
+        "STEPRUN_WS_FRAMES_PER_SECOND", 20.0,
+        "Frames one WebSocket client may send per second, in bursts of up to twice that; every frame counts "
+        "(pings, malformed and oversized ones too). Past it the socket is closed with 1008. 0: no limit.",
+    )
 
     # Streaming and retention.
     event_retention_seconds: int = _setting(

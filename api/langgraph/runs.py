@@ -7,6 +7,7 @@ steprun turn resumes after ``requires_action``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from api.langgraph.common import (
 from api.langgraph.convert import ON_BUSY, RUN_STATUS, run_json
 from api.langgraph.frames import AFTER_ALL, JOIN_DEFAULT, STREAM_MODES, parse_position
 from api.langgraph.stream import StreamRequest, run_stream, wait_body
+from api.relay import take_stream_slot
 from shared.errors import BadInput, Conflict, NotFound
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.turns import service as turns
@@ -183,6 +185,21 @@ def _sse_response(req: StreamRequest, headers: dict[str, str]) -> Response:
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
 
+def _holding_slot(respond: Callable[[], Response]) -> Response:
+    """``respond()`` (a stream or a waiting body) holding one of the caller's stream slots until it is closed.
+
+    The slot is taken first: a caller holding all of theirs gets 429 too_many_streams and no run is created.
+    """
+    slot = take_stream_slot(runtime(), principal())
+    try:
+        response = respond()
+    except BaseException:
+        slot.release()
+        raise
+    response.call_on_close(slot.release)
+    return response
+
+
 def _wait_response(run: StartedRun) -> Response:
     body = wait_body(runtime(), principal(), run.session.id, run.turn.id)
     return Response(body, mimetype="application/json", headers=_locations(run, "join"))
@@ -206,22 +223,22 @@ def create_stateless_run() -> Response:
 
 @bp.post("/threads/<lg_id:thread_id>/runs/stream")
 def stream_run(thread_id: str) -> Response:
-    return _stream_response(start_run(thread_id))
+    return _holding_slot(lambda: _stream_response(start_run(thread_id)))
 
 
 @bp.post("/runs/stream")
 def stream_stateless_run() -> Response:
-    return _stream_response(start_run(None))
+    return _holding_slot(lambda: _stream_response(start_run(None)))
 
 
 @bp.post("/threads/<lg_id:thread_id>/runs/wait")
 def wait_run(thread_id: str) -> Response:
-    return _wait_response(start_run(thread_id))
+    return _holding_slot(lambda: _wait_response(start_run(thread_id)))
 
 
 @bp.post("/runs/wait")
 def wait_stateless_run() -> Response:
-    return _wait_response(start_run(None))
+    return _holding_slot(lambda: _wait_response(start_run(None)))
 
 
 def _own_run(thread_id: str, run_id: str) -> tuple[AgentSession, Turn]:
@@ -258,7 +275,8 @@ def get_run(thread_id: str, run_id: str) -> Response:
 def join_run(thread_id: str, run_id: str) -> Response:
     session, turn = _own_run(thread_id, run_id)
     db().close()  # the body waits: hold no connection
-    return Response(wait_body(runtime(), principal(), session.id, turn.id), mimetype="application/json")
+    return _holding_slot(lambda: Response(wait_body(runtime(), principal(), session.id, turn.id),
+                                          mimetype="application/json"))
 
 
 @bp.get("/threads/<lg_id:thread_id>/runs/<run_id:run_id>/stream")
@@ -275,7 +293,7 @@ def join_run_stream(thread_id: str, run_id: str) -> Response:
     req = StreamRequest(runtime(), principal(), session.id, turn.id, session.agent, modes,
                         skip=skip, cancel_on_disconnect=cancel)
     db().close()
-    return _sse_response(req, {})
+    return _holding_slot(lambda: _sse_response(req, {}))
 
 
 @bp.post("/threads/<lg_id:thread_id>/runs/<run_id:run_id>/cancel")

@@ -14,6 +14,7 @@ from api.openai_compat.inputs import Input, parse_input
 from api.openai_compat.listing import list_json
 from api.openai_compat.objects import input_items
 from api.openai_compat.store import conversation, load
+from api.relay import take_stream_slot
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
 from shared.errors import BadInput, Conflict, NotFound
@@ -55,17 +56,27 @@ def create_response() -> Response:
                                    field="model")
     streaming, background = _flag(body, "stream"), _flag(body, "background")
     parsed = parse_input(body.get("input"))
-    session = _session_for(db(), rt, who, body, model, parsed)
-    head = rt.events.head(session.id)  # every event of the new response comes after this cursor
-    ref = _start(db(), rt, who, session, parsed)
-    session_id = session.id
-    db().commit()
-    if streaming:
-        return _sse(stream.response_events(rt, who, ref, session_id, after=head))
-    if background:
-        return jsonify(_background(load(db(), rt, who, ref).json()))
-    db().close()
-    return jsonify(wait_for_end(rt, who, ref, session_id, SYNC_WAIT_SECONDS))
+    # A stream, or a create that waits for its answer, holds a connection: one of the caller's stream slots,
+    # taken before anything is written (429 too_many_streams, and no response is created).
+    slot = take_stream_slot(rt, who) if streaming or not background else None
+    try:
+        session = _session_for(db(), rt, who, body, model, parsed)
+        head = rt.events.head(session.id)  # every event of the new response comes after this cursor
+        ref = _start(db(), rt, who, session, parsed)
+        session_id = session.id
+        db().commit()
+        if streaming:
+            response = _sse(stream.response_events(rt, who, ref, session_id, after=head))
+            response.call_on_close(slot.release)  # type: ignore[union-attr]
+            slot = None  # the response gives it back when it ends
+            return response
+        if background:
+            return jsonify(_background(load(db(), rt, who, ref).json()))
+        db().close()
+        return jsonify(wait_for_end(rt, who, ref, session_id, SYNC_WAIT_SECONDS))
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 def _background(body: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +175,10 @@ def get_response(response_id: str) -> Response:
         else -1
     session_id = loaded.session.id
     db().close()  # a stream holds no connection
-    return _sse(stream.response_events(rt, who, ref, session_id, starting_after=starting_after))
+    slot = take_stream_slot(rt, who)  # 429 too_many_streams when the user or tenant holds all of theirs
+    response = _sse(stream.response_events(rt, who, ref, session_id, starting_after=starting_after))
+    response.call_on_close(slot.release)
+    return response
 
 
 @bp.post("/<response_id>/cancel")

@@ -137,6 +137,7 @@ class StepTrace:
         metrics.STEP_DURATION.labels(outcome=outcome).observe(step_ms / 1000)
         if queued_ms is not None:
             metrics.QUEUE_LATENCY.observe(queued_ms / 1000)
+        registered = {t.name for agent in self.rt.agents for t in agent.tools}
         for row in rows:
             if row.kind == "model" and not row.attributes.get("replayed"):
                 metrics.MODEL_LATENCY.labels(model=row.name).observe(row.duration_ms / 1000)
@@ -147,6 +148,7 @@ class StepTrace:
                     metrics.MODEL_TOKENS.labels(model=row.name, direction=direction).inc(
                         row.attributes.get(f"{direction}_tokens") or 0)
             elif row.kind == "tool":
-                metrics.TOOL_DURATION.labels(tool=row.name, outcome=row.status).observe(row.duration_ms / 1000)
+                tool = metrics.tool_label(row.name, registered)
+                metrics.TOOL_DURATION.labels(tool=tool, outcome=row.status).observe(row.duration_ms / 1000)
         if self.rt.settings.otel_endpoint:
             export_spans(self.rt.settings, rows)

@@ -83,7 +83,7 @@ class Web:
 
     def wait_streams(self, sse: float, ws: float, timeout: float = 15) -> None:
         """Until the gauge reads ``sse`` and ``ws``; fails with what it read last."""
-        expected = {"sse": sse, "ws": ws}
+        expected = {"sse": sse, "ws": ws, "poll": 0}
         deadline = time.monotonic() + timeout
         while (seen := self.streams()) != expected:
             assert time.monotonic() < deadline, f"{GAUGE}: {seen}, expected {expected}"
@@ -108,7 +108,7 @@ def closing_all(sse: list[SSE], ws: list[websocket.WebSocket]) -> Iterator[None]
 
 def test_open_streams_are_counted_per_transport_and_uncounted_when_closed(web: Web) -> None:
     sid = web.session()
-    assert web.streams() == {"sse": 0, "ws": 0}  # both series exist before any stream
+    assert web.streams() == {"sse": 0, "ws": 0, "poll": 0}  # every series exists before any stream
     sse = [web.open_sse(sid), web.open_sse(sid)]
     ws = [web.open_ws(sid)]
     with closing_all(sse, ws):
