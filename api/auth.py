@@ -43,7 +43,7 @@ class Credential:
         if self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at:
             what = "stream token" if self.kind == "stream_token" else "token" if self.kind == "jwt" else "key"
             return "token_expired", f"the {what} that opened this stream has expired; reconnect with a new one"
-        if self.key_id is not None and not rt.live_keys.is_live(rt.sessions, self.key_id):
+        if self.key_id is not None and not rt.live_keys.is_live(lambda: unit_of_work(rt.sessions, SYSTEM), self.key_id):
             return "key_revoked", "the key that opened this stream was revoked"
         return None
 
@@ -103,7 +103,7 @@ def stream_token_principal() -> Principal | None:
         raise Unavailable("stream tokens are disabled: STEPRUN_SECRET_KEY is not set")
     grant = verify_stream_token(secret, token, (request.view_args or {}).get("session_id", ""))
     # A token carries its key's authority, no more and no longer: it dies with the key.
-    if grant.key_id is not None and not rt.live_keys.is_live(rt.sessions, grant.key_id):
+    if grant.key_id is not None and not rt.live_keys.is_live(lambda: unit_of_work(rt.sessions, SYSTEM), grant.key_id):
         raise Unauthorized("the key this stream token was minted with has been revoked")
     g.credential = Credential("stream_token", grant.key_id, grant.expires_at, grant.write)
     return grant.principal

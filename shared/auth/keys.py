@@ -5,13 +5,13 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from shared.auth.principal import SYSTEM
-from shared.db import unit_of_work
 from shared.models import ApiKey, Tenant
 
 KEY_PREFIX = "sr_"
@@ -99,13 +99,14 @@ class LiveKeys:
         self._entries: dict[str, tuple[float, bool]] = {}
         self._lock = threading.Lock()
 
-    def is_live(self, sessions: sessionmaker[Session], key_id: str) -> bool:
+    def is_live(self, system: Callable[[], AbstractContextManager[Session]], key_id: str) -> bool:
+        """``system``: opens a transaction on the system path (the application login cannot read keys)."""
         now = time.monotonic()
         with self._lock:
             hit = self._entries.get(key_id)
             if hit is not None and hit[0] >= now:
                 return hit[1]
-        with unit_of_work(sessions, SYSTEM) as db:  # the system path: the app login cannot read keys
+        with system() as db:
             live = key_is_live(db, key_id)
         if self.ttl > 0:
             with self._lock:
