@@ -30,6 +30,7 @@ import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.auth.keys import create_key
+from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -52,7 +53,7 @@ class Deployment:
 
     def key(self, tenant: str | None = None, user: bool = True) -> str:
         """The raw key of a fresh user (or, with user=False, a service key) of ``tenant`` (default: a fresh one)."""
-        with unit_of_work(self.rt.sessions) as db:
+        with unit_of_work(self.rt.sessions, SYSTEM) as db:
             _, raw = create_key(db, tenant or f"t-{secrets.token_hex(4)}",
                                 f"u-{secrets.token_hex(4)}" if user else None)
             return raw
