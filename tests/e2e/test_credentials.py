@@ -280,7 +280,9 @@ def test_a_websocket_closes_4401_when_its_key_is_revoked(deployment: Deployment)
                                        "message": "the key that opened this stream was revoked"}
     # Rechecked every half window, answers trusted half a window: closed within the window (1 s here),
     # plus scheduling on a loaded machine; the old code never closed them at all.
-    assert time.monotonic() - revoked_at < KEY_CACHE_SECONDS + 4
+    took = time.monotonic() - revoked_at
+    print(f"revoke -> both sockets closed 4401: {took:.2f} s (STEPRUN_KEY_CACHE_SECONDS={KEY_CACHE_SECONDS:g})")
+    assert took < KEY_CACHE_SECONDS + 4
 
 
 def test_an_sse_stream_ends_when_its_key_is_revoked(deployment: Deployment) -> None:
