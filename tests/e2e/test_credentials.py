@@ -278,8 +278,11 @@ def test_a_websocket_closes_4401_when_its_key_is_revoked(deployment: Deployment)
         assert code == 4401 and reason == {"reason": "key_revoked", "cursor": reason["cursor"]}, (code, reason)
         assert frames[-1]["error"] == {"code": "unauthorized", "reason": "key_revoked",
                                        "message": "the key that opened this stream was revoked"}
-    # Rechecked every half window, answers trusted half a window: closed within the window (and scheduling).
-    assert time.monotonic() - revoked_at < KEY_CACHE_SECONDS + 1.5
+    # Rechecked every half window, answers trusted half a window: closed within the window (1 s here),
+    # plus scheduling on a loaded machine; the old code never closed them at all.
+    took = time.monotonic() - revoked_at
+    print(f"revoke -> both sockets closed 4401: {took:.2f} s (STEPRUN_KEY_CACHE_SECONDS={KEY_CACHE_SECONDS:g})")
+    assert took < KEY_CACHE_SECONDS + 4
 
 
 def test_an_sse_stream_ends_when_its_key_is_revoked(deployment: Deployment) -> None:
@@ -290,7 +293,7 @@ def test_an_sse_stream_ends_when_its_key_is_revoked(deployment: Deployment) -> N
     threading.Timer(1.0, deployment.revoke, args=(key_id,)).start()
     error, took = _sse_error(deployment, sid, timeout=15, headers=_h(key))
     assert error["code"] == "unauthorized" and error["reason"] == "key_revoked" and "cursor" in error, error
-    assert took < 1.0 + KEY_CACHE_SECONDS + 1.5
+    assert took < 1.0 + KEY_CACHE_SECONDS + 4
 
 
 def test_streams_close_when_their_token_expires(deployment: Deployment) -> None:
@@ -301,7 +304,7 @@ def test_streams_close_when_their_token_expires(deployment: Deployment) -> None:
     (code, reason), frames = _close_of(ws, timeout=10)
     assert code == 4401 and reason["reason"] == "token_expired", (code, reason)
     assert frames[-1]["error"]["code"] == "unauthorized"
-    assert time.time() - expires < 1.5  # at its expiry, not at the next poll
+    assert time.time() - expires < 3  # at its expiry, not at the next 5 s poll of the log
 
     short, _ = mint_stream_token(deployment.secret, who, sid, ttl=2, key_id=key_id)
     error, took = _sse_error(deployment, sid, timeout=10, params={"token": short})
