@@ -31,6 +31,7 @@ from shared.db import after_commit
 from shared.metrics import TURNS_FINISHED
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
+from shared.turns import fairshare
 from shared.turns.events import Durable, record
 from shared.webhooks.outbox import record_turn_event
 
@@ -48,6 +49,8 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
     """End a turn (status is terminal), publish it, and hand the session to the next queued turn."""
     if status not in TERMINAL:
         raise ValueError(f"finish() takes a terminal status, not {status!r}")
+    if turn.status == TurnStatus.IN_PROGRESS:
+        fairshare.slot_freed(db, rt, turn.tenant_id, turn.user_id)
     turn.status = status
     turn.finished_at = utcnow()
     turn.lease_owner = None
@@ -125,6 +128,7 @@ def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: 
     expires = now + timedelta(seconds=rt.settings.action_timeout_seconds)
     pending = {**pending, "expires_at": expires.isoformat().replace("+00:00", "Z")}
     # The scheduler expires the pause at action_expires_at (shared/turns/housekeeping.py).
+    fairshare.slot_freed(db, rt, turn.tenant_id, turn.user_id)  # a paused turn holds no worker slot
     turn.status, turn.pending, turn.paused_at, turn.action_expires_at = (
         TurnStatus.REQUIRES_ACTION, pending, now, expires)
     publish_after_commit(db, rt, session, [("turn.requires_action", turn.id, {

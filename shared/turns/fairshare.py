@@ -1,0 +1,166 @@
+"""Fair share of the workers: a cap on the turns one user, and one tenant, run at once.
+
+A turn starts running at its first claim (``queued`` → ``in_progress``). If its
+user (``STEPRUN_MAX_RUNNING_TURNS_PER_USER``) or tenant
+(``STEPRUN_MAX_RUNNING_TURNS_PER_TENANT``) already runs that many turns, the
+worker does not claim it but *defers* it (:func:`admit`): the turn stays its
+session's active turn, ``queued``, with no task in flight (``enqueued_at`` NULL).
+No attempt is spent, no worker waits, no sweep re-sends it.
+
+When a running turn stops running (it ends or pauses), :func:`slot_freed` sends
+the oldest deferred turns of its user (or tenant) that now fit again, after the
+commit; the scheduler's sweep (:func:`wake_deferred`) does the same for a slot
+freed any other way (a session deleted mid-turn). The worker's claim re-checks
+the caps, so a turn woken once too often is only deferred again.
+
+The running count is of ``in_progress`` turns: a turn between two steps still
+holds its slot, a paused turn (``requires_action``) holds none, and its resume is
+not held back (so a user may briefly run more than the cap). On Postgres the
+count and the decision are serialised per user (per tenant, when the tenant cap
+is on) by a transaction-scoped advisory lock, which the wake-up takes too; on
+SQLite (one process) they are best effort.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from functools import partial
+
+from sqlalchemy import func, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from shared.auth.principal import SYSTEM
+from shared.clock import utcnow
+from shared.db import after_commit, unit_of_work
+from shared.models import AgentSession, Turn, TurnStatus
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+# The most deferred turns one sweep round looks at.
+SWEEP_BATCH = 200
+
+
+def caps_on(settings: Settings) -> bool:
+    return settings.max_running_turns_per_user > 0 or settings.max_running_turns_per_tenant > 0
+
+
+def _active_turn() -> object:
+    return select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
+
+
+def _deferred() -> list[object]:
+    """A deferred turn: its session's active turn, queued, not leased, and no task sent (enqueued_at NULL)."""
+    return [Turn.status == TurnStatus.QUEUED, Turn.enqueued_at.is_(None), Turn.lease_expires_at.is_(None),
+            Turn.id == _active_turn()]
+
+
+def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str) -> None:
+    """Serialise the count and the decision per tenant (tenant cap on) or per user (Postgres only)."""
+    if db.get_bind().dialect.name != "postgresql":
+        return
+    name = f"steprun:running:{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
+        f"steprun:running:{tenant_id}:{user_id}"
+    db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(name.encode()) - 2**31})
+
+
+def running(db: Session, tenant_id: str, user_id: str) -> tuple[int, int]:
+    """(the user's, the tenant's) running turns, in one statement. Needs a scope that sees the tenant (SYSTEM)."""
+    row = db.execute(
+        select(func.count().filter(Turn.user_id == user_id), func.count())
+        .where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def over_cap(settings: Settings, user_running: int, tenant_running: int) -> str | None:
+    """Which cap a new turn would pass, as a phrase for the log; None if it fits."""
+    user_cap, tenant_cap = settings.max_running_turns_per_user, settings.max_running_turns_per_tenant
+    if user_cap > 0 and user_running >= user_cap:
+        return f"its user runs {user_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_USER={user_cap})"
+    if tenant_cap > 0 and tenant_running >= tenant_cap:
+        return f"its tenant runs {tenant_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_TENANT={tenant_cap})"
+    return None
+
+
+def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
+    """Before the claim (``db`` in the SYSTEM scope): False if the turn must wait for a slot, now deferred.
+
+    Only a turn's first claim is checked (step 0, still ``queued``); a running turn's later steps,
+    and a retried attempt, keep the slot it has.
+    """
+    if step != 0 or not caps_on(settings):
+        return True
+    row = db.execute(select(Turn.tenant_id, Turn.user_id, Turn.status).where(Turn.id == turn_id)).first()
+    if row is None or row.status != TurnStatus.QUEUED:
+        return True  # the claim decides (nothing to claim, or already running)
+    _lock(db, settings, row.tenant_id, row.user_id)
+    why = over_cap(settings, *running(db, row.tenant_id, row.user_id))
+    if why is None:
+        return True
+    now = utcnow()
+    db.execute(update(Turn)
+               .where(Turn.id == turn_id, Turn.status == TurnStatus.QUEUED, Turn.step_count == 0,
+                      or_(Turn.lease_expires_at.is_(None), Turn.lease_expires_at < now), Turn.id == _active_turn())
+               .values(enqueued_at=None, lease_owner=None, lease_expires_at=None)
+               .execution_options(synchronize_session=False))
+    log.info("turn %s: deferred, %s; it starts when a slot frees", turn_id, why)
+    return False
+
+
+def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
+    """A turn of (tenant, user) stopped running in this transaction: wake who may run now, after commit."""
+    if caps_on(rt.settings):
+        after_commit(db, partial(wake, rt, tenant_id, user_id))
+
+
+def wake(rt: Runtime, tenant_id: str, user_id: str) -> int:
+    """Send the oldest deferred turns of the user (of the tenant, with the tenant cap) that fit; how many."""
+    settings = rt.settings
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        _lock(db, settings, tenant_id, user_id)
+        query = select(Turn.id, Turn.user_id).where(*_deferred(), Turn.tenant_id == tenant_id)
+        if settings.max_running_turns_per_tenant <= 0:
+            query = query.where(Turn.user_id == user_id)
+        candidates = db.execute(query.order_by(Turn.created_at, Turn.id).limit(SWEEP_BATCH)).all()
+        if not candidates:
+            return 0
+        per_user = Counter(dict(db.execute(
+            select(Turn.user_id, func.count()).where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id,
+                                                     Turn.user_id.in_({c.user_id for c in candidates}))
+            .group_by(Turn.user_id)).all()))
+        tenant_running = db.scalar(select(func.count()).where(
+            Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)) or 0
+        chosen: list[str] = []
+        for turn_id, owner in candidates:
+            if over_cap(settings, per_user[owner], tenant_running) is None:
+                chosen.append(turn_id)
+                per_user[owner] += 1
+                tenant_running += 1
+        if not chosen:
+            return 0
+        woken = db.execute(update(Turn).where(Turn.id.in_(chosen), *_deferred()).values(enqueued_at=utcnow())
+                           .returning(Turn.id).execution_options(synchronize_session=False)).scalars().all()
+        for turn_id in woken:
+            log.info("turn %s: a slot freed; sent", turn_id)
+            after_commit(db, partial(rt.queue.enqueue_step, turn_id, 0))
+        return len(woken)
+
+
+def wake_deferred(rt: Runtime) -> int:
+    """The sweep's safety net: wake deferred turns wherever a slot is free (a slot freed without :func:`wake`)."""
+    if not caps_on(rt.settings):
+        return 0
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        owners = db.execute(select(Turn.tenant_id, Turn.user_id).where(*_deferred()).distinct()
+                            .limit(SWEEP_BATCH)).all()
+    tenant_wide = rt.settings.max_running_turns_per_tenant > 0
+    seen: set[tuple[str, str]] = set()
+    woken = 0
+    for tenant_id, user_id in owners:
+        group = (tenant_id, "" if tenant_wide else user_id)
+        if group not in seen:
+            seen.add(group)
+            woken += wake(rt, tenant_id, user_id)
+    return woken
