@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, request
@@ -23,21 +24,62 @@ View = TypeVar("View", bound=Callable[..., Any])
 AUTHENTICATED_PREFIXES = ("/v1/", "/langgraph/")
 
 
+# What a client address may look like in X-Forwarded-For (it names a rate-limit bucket).
+ADDRESS_RE = re.compile(r"[0-9A-Fa-f.:\[\]]{1,64}")
+
+
 def install_auth(app: Flask) -> None:
     @app.before_request
     def _authenticate() -> None:
         if not request.path.startswith(AUTHENTICATED_PREFIXES):
             return
         view = current_app.view_functions.get(request.endpoint or "")
+        with auth_failures_counted():
+            if getattr(view, TENANT_WIDE_MARK, False):
+                g.tenant = authenticate_tenant()
+            else:
+                g.principal = stream_token_principal() or authenticate()
         if getattr(view, TENANT_WIDE_MARK, False):
-            g.tenant = authenticate_tenant()
             set_scope(db(), g.tenant)
             enforce_rate_limit(Principal(g.tenant.tenant_id, ""))
             return
-        g.principal = stream_token_principal() or authenticate()
         # Every later transaction of this request sees this principal's rows only.
         set_scope(db(), g.principal)
         enforce_rate_limit(g.principal)
+
+
+def client_address() -> str:
+    """The client's address: the socket's peer, or with STEPRUN_TRUSTED_PROXIES=n the n-th X-Forwarded-For
+    entry from the right (each trusted proxy appends the address it saw; entries left of those are the client's
+    own claims and are ignored, as werkzeug's ProxyFix does)."""
+    peer = request.remote_addr or ""
+    trusted = runtime().settings.trusted_proxies
+    if trusted <= 0:
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+    if len(hops) < trusted or not ADDRESS_RE.fullmatch(hops[-trusted]):
+        return peer
+    return hops[-trusted]
+
+
+@contextmanager
+def auth_failures_counted() -> Iterator[None]:
+    """Refuse (429) an address past its budget of failed authentications, before any key lookup; count each 401."""
+    rt = runtime()
+    limit = rt.settings.auth_failures_per_ip
+    if limit <= 0:
+        yield
+        return
+    bucket = f"authfail:{client_address()}"
+    retry_after = rt.limiter.peek(bucket, limit)
+    if retry_after is not None:
+        raise RateLimited(f"more than {limit} failed authentications a minute from this address "
+                          "(STEPRUN_AUTH_FAILURES_PER_IP); wait before trying again", retry_after=retry_after)
+    try:
+        yield
+    except Unauthorized:
+        rt.limiter.hit(bucket, limit)
+        raise
 
 
 def accepts_stream_token(view: View) -> View:
@@ -74,13 +116,30 @@ def stream_token_principal() -> Principal | None:
 
 
 def enforce_rate_limit(who: Principal) -> None:
+    """Count one request against its user's, its key's and its tenant's budgets (one round trip); 429 past any.
+
+    A service key names its user in X-User-Id: the key's and the tenant's buckets hold however many
+    users it names.
+    """
     rt = runtime()
-    limit = rt.settings.rate_limit_per_minute
-    if limit <= 0:
+    settings = rt.settings
+    buckets: list[tuple[str, int, str]] = []
+    if settings.rate_limit_per_minute > 0:
+        buckets.append((f"u:{who.tenant_id}:{who.user_id}", settings.rate_limit_per_minute,
+                        "requests a minute for this user (STEPRUN_RATE_LIMIT_PER_MINUTE)"))
+    key_id = g.get("key_id")
+    if key_id and settings.rate_limit_per_key > 0:
+        buckets.append((f"k:{key_id}", settings.rate_limit_per_key,
+                        "requests a minute with this key (STEPRUN_RATE_LIMIT_PER_KEY)"))
+    if settings.rate_limit_per_tenant > 0:
+        buckets.append((f"t:{who.tenant_id}", settings.rate_limit_per_tenant,
+                        "requests a minute for this tenant (STEPRUN_RATE_LIMIT_PER_TENANT)"))
+    if not buckets:
         return
-    retry_after = rt.limiter.hit(f"{who.tenant_id}:{who.user_id}", limit)
-    if retry_after is not None:
-        raise RateLimited(f"more than {limit} requests a minute; slow down", retry_after=retry_after)
+    over = rt.limiter.hit_all([(name, limit) for name, limit, _ in buckets])
+    if over is not None:
+        _, limit, what = buckets[over[0]]
+        raise RateLimited(f"more than {limit} {what}; slow down", retry_after=over[1])
 
 
 def authenticate(require_user: bool = True) -> Principal:
@@ -104,6 +163,7 @@ def authenticate(require_user: bool = True) -> Principal:
         if identity is None:
             raise Unauthorized("the key is not valid (unknown or revoked)")
         cache.put(token, identity)
+    g.key_id = identity.key_id
     if identity.admin:
         raise Unauthorized("an admin key signs in to /console; it does not call the API (use a user or service key)")
     if identity.user_id is not None:

@@ -73,7 +73,7 @@ class Settings:
         "Turns all users of one tenant may have waiting (queued) at once (0: no limit).",
     )
     auth_failures_per_ip: int = _setting(
-        "STEPRUN_AUTH_FAILURES_PER_IP", 30,
+        "STEPRUN_AUTH_FAILURES_PER_IP", 60,
         "Failed authentications (401) one client address may make per minute; past it every request from it "
         "gets 429 before any key lookup (0: no limit).",
     )
