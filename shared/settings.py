@@ -66,7 +66,8 @@ class Settings:
         "Requests one API key (or JWT issuer) may make per minute, whatever X-User-Id it sends (0: no limit).",
     )
     rate_limit_per_tenant: int = _setting(
-        "STEPRUN_RATE_LIMIT_PER_TENANT", 6000, "Requests all keys and users of one tenant may make per minute (0: no limit)."
+        "STEPRUN_RATE_LIMIT_PER_TENANT", 6000,
+        "Requests all keys and users of one tenant may make per minute (0: no limit).",
     )
     max_queued_turns_per_tenant: int = _setting(
         "STEPRUN_MAX_QUEUED_TURNS_PER_TENANT", 200,

@@ -26,8 +26,9 @@ import logging
 import zlib
 from collections import Counter
 from functools import partial
+from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -46,11 +47,11 @@ def caps_on(settings: Settings) -> bool:
     return settings.max_running_turns_per_user > 0 or settings.max_running_turns_per_tenant > 0
 
 
-def _active_turn() -> object:
+def _active_turn() -> ScalarSelect[Any]:
     return select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
 
 
-def _deferred() -> list[object]:
+def _deferred() -> list[ColumnElement[bool]]:
     """A deferred turn: its session's active turn, queued, not leased, and no task sent (enqueued_at NULL)."""
     return [Turn.status == TurnStatus.QUEUED, Turn.enqueued_at.is_(None), Turn.lease_expires_at.is_(None),
             Turn.id == _active_turn()]

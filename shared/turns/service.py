@@ -26,6 +26,7 @@ from shared.metrics import BUDGET_REJECTIONS
 from shared.models import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, StreamEvent, Turn, TurnStatus
 from shared.paging import page
 from shared.runtime import Runtime
+from shared.storage import quotas
 from shared.turns import budgets, transitions
 
 ON_BUSY = ("enqueue", "reject", "interrupt")
@@ -146,6 +147,8 @@ def create_turn(
             return _same_request(existing, session_id, user_input), False
 
     check_budget(rt, who)
+    input_bytes = len(user_input.encode())
+    check_tenant_limits(rt, who, input_bytes)
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
     waiting = db.scalars(select(func.count()).select_from(Turn).where(
@@ -158,6 +161,7 @@ def create_turn(
         raise Conflict(f"session {session_id} is busy with turn {session.active_turn_id}; "
                        "retry later or send on_busy=enqueue|interrupt")
     session.turn_count += 1
+    session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
     turn = Turn(
         session_id=session.id,
         tenant_id=who.tenant_id,
@@ -246,6 +250,28 @@ def check_budget(rt: Runtime, who: Principal) -> None:
             raise BudgetExhausted(over.message, retry_after=max(1.0, wait)) from None
 
 
+def check_tenant_limits(rt: Runtime, who: Principal, input_bytes: int) -> None:
+    """The new turn's limits that add up other users' rows: the tenant's queued turns, the history quotas.
+
+    One statement on the system path, and none at all when those limits are off.
+    """
+    settings = rt.settings
+    parts = quotas.history_columns(settings, who)
+    if settings.max_queued_turns_per_tenant > 0:
+        parts.append(select(func.count()).select_from(Turn)
+                     .where(Turn.tenant_id == who.tenant_id, Turn.status == TurnStatus.QUEUED)
+                     .scalar_subquery().label("tenant_queued"))
+    if not parts:
+        return
+    with unit_of_work(rt.sessions, SYSTEM) as sysdb:
+        used = {key: int(value) for key, value in sysdb.execute(select(*parts)).one()._mapping.items()}
+    cap = settings.max_queued_turns_per_tenant
+    if "tenant_queued" in used and used["tenant_queued"] >= cap:
+        raise RateLimited(f"{used['tenant_queued']} turns of your tenant are already waiting; the limit is {cap} "
+                          "(STEPRUN_MAX_QUEUED_TURNS_PER_TENANT)", retry_after=5)
+    quotas.check_history(settings, used, input_bytes)
+
+
 def _turn_by_idempotency_key(db: Session, who: Principal, key: str) -> Turn | None:
     return db.scalars(
         select(Turn).where(Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id,
@@ -326,6 +352,7 @@ def _roll_back(db: Session, rt: Runtime, session: AgentSession, turn: Turn, reas
     db.execute(delete(StreamEvent).where(StreamEvent.session_id == session.id, StreamEvent.turn_id == turn.id)
                .execution_options(synchronize_session=False))
     transitions.roll_back(db, rt, turn, session, reason)
+    session.input_bytes = max(0, (session.input_bytes or 0) - len(turn.input.encode()))
     db.flush()
     for model in (Message, Checkpoint):
         db.execute(delete(model).where(model.session_id == session.id, model.turn_id == turn.id)

@@ -1,0 +1,40 @@
+"""storage quotas: each session's turn input bytes, and an index for queued-turn counts
+
+``sessions.input_bytes`` is the UTF-8 size of every kept turn input of the
+session, added to as each turn is created (under the session row lock the turn
+takes anyway) and gone with the session: a user's history quota
+(``STEPRUN_QUOTA_USER_HISTORY_BYTES``) sums it over the user's sessions instead
+of the user's turns. Existing sessions are back-filled from their turns.
+
+``ix_turns_queued_owner`` (partial, queued turns only) keeps the per-user and
+per-tenant queued-turn counts of each new turn to the few queued rows.
+
+Revision ID: 0015
+Revises: 0012
+"""
+from typing import Sequence, Union
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0015"
+down_revision: Union[str, Sequence[str], None] = "0012"
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    postgres = op.get_bind().dialect.name == "postgresql"
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(sa.Column("input_bytes", sa.BigInteger(), nullable=False, server_default="0"))
+    size = "octet_length(input)" if postgres else "length(CAST(input AS BLOB))"
+    op.execute(f"UPDATE sessions SET input_bytes = COALESCE((SELECT SUM({size}) FROM turns "
+               "WHERE turns.session_id = sessions.id), 0)")
+    op.create_index("ix_turns_queued_owner", "turns", ["tenant_id", "user_id"],
+                    postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
+
+
+def downgrade() -> None:
+    op.drop_index("ix_turns_queued_owner", table_name="turns")
+    with op.batch_alter_table("sessions") as batch:
+        batch.drop_column("input_bytes")
