@@ -70,7 +70,7 @@ class Settings:
         "Requests all keys and users of one tenant may make per minute (0: no limit).",
     )
     max_queued_turns_per_tenant: int = _setting(
-        "STEPRUN_MAX_QUEUED_TURNS_PER_TENANT", 200,
+        "STEPRUN_MAX_QUEUED_TURNS_PER_TENANT", 1000,
         "Turns all users of one tenant may have waiting (queued) at once (0: no limit).",
     )
     auth_failures_per_ip: int = _setting(

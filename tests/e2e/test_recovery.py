@@ -35,7 +35,7 @@ from tests.support.recovery_support import (
     streamed_text,
 )
 
-NO_RATE_LIMIT = {"STEPRUN_RATE_LIMIT_PER_MINUTE": "0"}
+NO_RATE_LIMIT = {"STEPRUN_RATE_LIMIT_PER_MINUTE": "0", "STEPRUN_RATE_LIMIT_PER_KEY": "0"}
 
 
 @pytest.fixture(scope="module")
