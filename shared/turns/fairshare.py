@@ -7,11 +7,14 @@ worker does not claim it but *defers* it (:func:`admit`): the turn stays its
 session's active turn, ``queued``, with no task in flight (``enqueued_at`` NULL).
 No attempt is spent, no worker waits, no sweep re-sends it.
 
-When a running turn stops running (it ends or pauses), :func:`slot_freed` sends
-the oldest deferred turns of its user (or tenant) that now fit again, after the
-commit; the scheduler's sweep (:func:`wake_deferred`) does the same for a slot
-freed any other way (a session deleted mid-turn). The worker's claim re-checks
-the caps, so a turn woken once too often is only deferred again.
+When a running turn stops running (it ends or pauses), :func:`slot_freed` marks
+the oldest deferred turns of its user that now fit as sent, in that same
+transaction, and sends them once it commits (with the tenant cap on, a thread
+does it on the system path right after the commit, since other users' turns are
+out of the transaction's scope); the scheduler's sweep (:func:`wake_deferred`)
+does the same for a slot freed any other way (a session deleted mid-turn). The
+worker's claim re-checks the caps, so a turn woken once too often is only
+deferred again.
 
 The running count is of ``in_progress`` turns: a turn between two steps still
 holds its slot, a paused turn (``requires_action``) holds none, and its resume is
@@ -23,6 +26,7 @@ SQLite (one process) they are best effort.
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections import Counter
 from functools import partial
@@ -93,9 +97,10 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     """
     if step != 0 or not caps_on(settings):
         return True
-    row = db.execute(select(Turn.tenant_id, Turn.user_id, Turn.status).where(Turn.id == turn_id)).first()
+    row = db.execute(select(Turn.tenant_id, Turn.user_id, Turn.status)
+                     .where(Turn.id == turn_id, Turn.id == _active_turn())).first()
     if row is None or row.status != TurnStatus.QUEUED:
-        return True  # the claim decides (nothing to claim, or already running)
+        return True  # the claim decides (not the session's turn: nothing to claim; or already running)
     _lock(db, settings, row.tenant_id, row.user_id)
     why = over_cap(settings, *running(db, row.tenant_id, row.user_id))
     if why is None:
@@ -111,42 +116,66 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
 
 
 def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
-    """A turn of (tenant, user) stopped running in this transaction: wake who may run now, after commit."""
-    if caps_on(rt.settings):
-        after_commit(db, partial(wake, rt, tenant_id, user_id))
+    """A turn of (tenant, user) stopped running in this transaction (its new status is set): wake who may run.
+
+    With only the user cap, in this transaction (it sees the user's own rows whatever its scope): one
+    lock and one UPDATE, the tasks sent after the commit. With the tenant cap, the tenant's other users'
+    turns are out of this scope's sight: a thread wakes them on the system path once this commits,
+    holding no connection of this transaction while it waits for its own.
+    """
+    if not caps_on(rt.settings):
+        return
+    if rt.settings.max_running_turns_per_tenant > 0:
+        after_commit(db, lambda: threading.Thread(target=_wake_quietly, args=(rt, tenant_id, user_id),
+                                                  name="steprun-fairshare-wake", daemon=True).start())
+        return
+    _wake_in(db, rt, tenant_id, user_id)
+
+
+def _wake_quietly(rt: Runtime, tenant_id: str, user_id: str) -> None:
+    try:
+        wake(rt, tenant_id, user_id)
+    except Exception:  # noqa: BLE001 - the sweep wakes what this could not
+        log.warning("waking the deferred turns of tenant %s failed; the sweep will", tenant_id, exc_info=True)
 
 
 def wake(rt: Runtime, tenant_id: str, user_id: str) -> int:
     """Send the oldest deferred turns of the user (of the tenant, with the tenant cap) that fit; how many."""
-    settings = rt.settings
     with unit_of_work(rt.sessions, SYSTEM) as db:
-        _lock(db, settings, tenant_id, user_id)
-        query = select(Turn.id, Turn.user_id).where(*_deferred(), Turn.tenant_id == tenant_id)
-        if settings.max_running_turns_per_tenant <= 0:
-            query = query.where(Turn.user_id == user_id)
-        candidates = db.execute(query.order_by(Turn.created_at, Turn.id).limit(SWEEP_BATCH)).all()
-        if not candidates:
-            return 0
-        per_user = Counter(dict(db.execute(
-            select(Turn.user_id, func.count()).where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id,
-                                                     Turn.user_id.in_({c.user_id for c in candidates}))
-            .group_by(Turn.user_id)).all()))
-        tenant_running = db.scalar(select(func.count()).where(
-            Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)) or 0
-        chosen: list[str] = []
-        for turn_id, owner in candidates:
-            if over_cap(settings, per_user[owner], tenant_running) is None:
-                chosen.append(turn_id)
-                per_user[owner] += 1
-                tenant_running += 1
-        if not chosen:
-            return 0
-        woken = db.execute(update(Turn).where(Turn.id.in_(chosen), *_deferred()).values(enqueued_at=utcnow())
-                           .returning(Turn.id).execution_options(synchronize_session=False)).scalars().all()
-        for turn_id in woken:
-            log.info("turn %s: a slot freed; sent", turn_id)
-            after_commit(db, partial(rt.queue.enqueue_step, turn_id, 0))
-        return len(woken)
+        return _wake_in(db, rt, tenant_id, user_id)
+
+
+def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> int:
+    settings = rt.settings
+    _lock(db, settings, tenant_id, user_id)
+    query = select(Turn.id, Turn.user_id).where(*_deferred(), Turn.tenant_id == tenant_id)
+    tenant_wide = settings.max_running_turns_per_tenant > 0
+    if not tenant_wide:
+        query = query.where(Turn.user_id == user_id)
+    candidates = db.execute(query.order_by(Turn.created_at, Turn.id).limit(SWEEP_BATCH)).all()
+    if not candidates:
+        return 0
+    owners = {c.user_id for c in candidates}
+    per_user = Counter({owner: int(n) for owner, n in db.execute(
+        select(Turn.user_id, func.count()).where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id,
+                                                 Turn.user_id.in_(owners))
+        .group_by(Turn.user_id)).all()})
+    tenant_running = (db.scalar(select(func.count()).where(
+        Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)) or 0) if tenant_wide else 0
+    chosen: list[str] = []
+    for turn_id, owner in candidates:
+        if over_cap(settings, per_user[owner], tenant_running) is None:
+            chosen.append(turn_id)
+            per_user[owner] += 1
+            tenant_running += 1
+    if not chosen:
+        return 0
+    woken = db.execute(update(Turn).where(Turn.id.in_(chosen), *_deferred()).values(enqueued_at=utcnow())
+                       .returning(Turn.id).execution_options(synchronize_session=False)).scalars().all()
+    for turn_id in woken:
+        log.info("turn %s: a slot freed; sent", turn_id)
+        after_commit(db, partial(rt.queue.enqueue_step, turn_id, 0))
+    return len(woken)
 
 
 def wake_deferred(rt: Runtime) -> int:

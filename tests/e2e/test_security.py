@@ -21,9 +21,11 @@ import websocket
 
 from shared.auth.keys import create_key, revoke_key
 from shared.db import unit_of_work
+from shared.engine.step import build_runtime
 from shared.runtime import Runtime
 from shared.settings import Settings
 from tests.support.processes import Procs, settings_env
+from tests.support.recovery_support import drop_database, fresh_database, own_settings
 
 JWT_SECRET = "j" * 48
 JWT_TENANT = "t-jwt-acme"
@@ -225,21 +227,25 @@ def test_bad_websocket_frames_get_an_error_frame_and_the_socket_stays(deployment
 
 
 @pytest.fixture(scope="module")
-def fair(settings: Settings, rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """A deployment of its own (queue and Redis prefix): one worker with 6 slots, a user may run 2 turns,
-    small per-key and storage limits."""
-    own = settings.replace(queue_name=f"{settings.queue_name}-fair", redis_prefix=f"{settings.redis_prefix}-fair")
+def fair(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A deployment of its own (database, queue, Redis prefix: no other scheduler re-sends its turns):
+    one worker with 6 slots, a user may run 2 turns, small per-key and storage limits."""
+    url = fresh_database()
+    own = own_settings(settings, url)
     procs = Procs(own, tmp_path_factory.mktemp("fair"))
     env = _env(own, STEPRUN_AGENTS="tests.support.agents_slow_and_storage", STEPRUN_MAX_RUNNING_TURNS_PER_USER="2",
                STEPRUN_RATE_LIMIT_PER_KEY="25", STEPRUN_QUOTA_USER_MEMORY_ITEMS="1",
                STEPRUN_QUOTA_USER_DOCUMENTS="2", STEPRUN_QUOTA_USER_HISTORY_BYTES="4000")
+    own_rt = build_runtime(own)
     try:
         procs.worker(concurrency=6, env=env)
         procs.scheduler(env=env)
-        _, url = procs.web(env=env)
-        yield Deployment(url, env, procs, rt)
+        _, web_url = procs.web(env=env)
+        yield Deployment(web_url, env, procs, own_rt)
     finally:
         procs.stop_all()
+        own_rt.close()
+        drop_database(url)
 
 
 def _turns(d: Deployment, ids: list[str]) -> dict[str, Any]:
