@@ -63,7 +63,7 @@ class Settings:
     )
     rate_limit_per_key: int = _setting(
         "STEPRUN_RATE_LIMIT_PER_KEY", 3000,
-        "Requests one API key (or JWT issuer) may make per minute, whatever X-User-Id it sends (0: no limit).",
+        "Requests one API key may make per minute, whatever X-User-Id it sends (0: no limit).",
     )
     rate_limit_per_tenant: int = _setting(
         "STEPRUN_RATE_LIMIT_PER_TENANT", 6000,

@@ -22,6 +22,7 @@ from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
 from shared.db import unit_of_work
 from shared.errors import QuotaExceeded
+from shared.metrics import QUOTA_REFUSALS
 from shared.models import AgentSession, KnowledgeDocument, MemoryItem
 from shared.settings import Settings
 
@@ -34,6 +35,7 @@ def byte_length(db: Session, column: Any) -> ColumnElement[int]:
 
 
 def _refuse(what: str, setting: str, used: int, adding: int, limit: int, field: str) -> QuotaExceeded:
+    QUOTA_REFUSALS.labels(quota=setting.removeprefix("STEPRUN_QUOTA_").lower()).inc()
     return QuotaExceeded(f"quota exceeded: {what} ({setting}={limit}; {used} used, this adds {adding}); "
                          "delete some to make room", field=field)
 

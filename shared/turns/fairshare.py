@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
+from shared.metrics import TURNS_DEFERRED
 from shared.models import AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -79,13 +80,13 @@ def running(db: Session, tenant_id: str, user_id: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def over_cap(settings: Settings, user_running: int, tenant_running: int) -> str | None:
-    """Which cap a new turn would pass, as a phrase for the log; None if it fits."""
+def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tuple[str, str] | None:
+    """Which cap a new turn would pass ("user" or "tenant") and a phrase for the log; None if it fits."""
     user_cap, tenant_cap = settings.max_running_turns_per_user, settings.max_running_turns_per_tenant
     if user_cap > 0 and user_running >= user_cap:
-        return f"its user runs {user_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_USER={user_cap})"
+        return "user", f"its user runs {user_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_USER={user_cap})"
     if tenant_cap > 0 and tenant_running >= tenant_cap:
-        return f"its tenant runs {tenant_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_TENANT={tenant_cap})"
+        return "tenant", f"its tenant runs {tenant_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_TENANT={tenant_cap})"
     return None
 
 
@@ -102,9 +103,10 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     if row is None or row.status != TurnStatus.QUEUED:
         return True  # the claim decides (not the session's turn: nothing to claim; or already running)
     _lock(db, settings, row.tenant_id, row.user_id)
-    why = over_cap(settings, *running(db, row.tenant_id, row.user_id))
-    if why is None:
+    over = over_cap(settings, *running(db, row.tenant_id, row.user_id))
+    if over is None:
         return True
+    cap, why = over
     now = utcnow()
     db.execute(update(Turn)
                .where(Turn.id == turn_id, Turn.status == TurnStatus.QUEUED, Turn.step_count == 0,
@@ -112,6 +114,7 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
                .values(enqueued_at=None, lease_owner=None, lease_expires_at=None)
                .execution_options(synchronize_session=False))
     log.info("turn %s: deferred, %s; it starts when a slot frees", turn_id, why)
+    after_commit(db, lambda: TURNS_DEFERRED.labels(cap=cap).inc())
     return False
 
 

@@ -25,8 +25,7 @@ depends_on: Union[str, Sequence[str], None] = None
 
 def upgrade() -> None:
     postgres = op.get_bind().dialect.name == "postgresql"
-    with op.batch_alter_table("sessions") as batch:
-        batch.add_column(sa.Column("input_bytes", sa.BigInteger(), nullable=False, server_default="0"))
+    op.add_column("sessions", sa.Column("input_bytes", sa.BigInteger(), nullable=False, server_default="0"))
     size = "octet_length(input)" if postgres else "length(CAST(input AS BLOB))"
     op.execute(f"UPDATE sessions SET input_bytes = COALESCE((SELECT SUM({size}) FROM turns "
                "WHERE turns.session_id = sessions.id), 0)")
