@@ -149,3 +149,16 @@ def test_the_tenant_queued_cap_holds_however_many_user_ids_a_service_key_names(a
     error = codes[3].get_json()["error"]
     assert error["code"] == "rate_limited" and "STEPRUN_MAX_QUEUED_TURNS_PER_TENANT" in error["message"]
     assert int(codes[3].headers["Retry-After"]) >= 1
+
+
+def test_a_repeated_idempotency_key_gets_its_turn_back_over_the_limits(app_with: Any) -> None:
+    c, rt = app_with(max_queued_turns_per_tenant=1, max_queued_turns=20)
+    tenant = f"t-{secrets.token_hex(3)}"
+    (key,) = _keys(rt, tenant, "alice")
+    sid = c.post("/v1/sessions", json={"agent": "echo"}, headers=_h(key)).get_json()["id"]
+    h = _h(key, **{"Idempotency-Key": "once"})
+    first = c.post(f"/v1/sessions/{sid}/turns", json={"input": "hi"}, headers=h)
+    assert first.status_code == 202
+    assert c.post(f"/v1/sessions/{sid}/turns", json={"input": "more"}, headers=_h(key)).status_code == 429
+    again = c.post(f"/v1/sessions/{sid}/turns", json={"input": "hi"}, headers=h)  # the client's retry
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
