@@ -70,9 +70,10 @@ class Turn(Base):
         Index("ix_turns_scheduled", "scheduled_at", postgresql_where=text("status = 'queued'"),
               sqlite_where=text("status = 'queued'")),
         Index("ix_turns_schedule", "schedule_id", "created_at"),
-        # The queued-turn caps of a new turn count these few rows (per user, per tenant).
-        Index("ix_turns_queued_owner", "tenant_id", "user_id", postgresql_where=text("status = 'queued'"),
-              sqlite_where=text("status = 'queued'")),
+        # The queued- and running-turn caps count these few rows (per user, per tenant).
+        Index("ix_turns_active_owner", "tenant_id", "user_id", "status",
+              postgresql_where=text("status IN ('queued', 'in_progress')"),
+              sqlite_where=text("status IN ('queued', 'in_progress')")),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("turn"))

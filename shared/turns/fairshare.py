@@ -71,12 +71,17 @@ def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str) -> None
     db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(name.encode()) - 2**31})
 
 
-def running(db: Session, tenant_id: str, user_id: str) -> tuple[int, int]:
-    """(the user's, the tenant's) running turns, in one statement. Needs a scope that sees the tenant (SYSTEM)."""
-    row = db.execute(
-        select(func.count().filter(Turn.user_id == user_id), func.count())
-        .where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)
-    ).one()
+def running(db: Session, settings: Settings, tenant_id: str, user_id: str) -> tuple[int, int]:
+    """(the user's, the tenant's) running turns, in one statement; the tenant's only with its cap on (0 else).
+
+    The tenant's count needs a scope that sees the tenant (the claim's SYSTEM)."""
+    query = select(func.count().filter(Turn.user_id == user_id), func.count()).where(
+        Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)
+    if settings.max_running_turns_per_tenant <= 0:
+        query = query.where(Turn.user_id == user_id)
+        row = db.execute(query).one()
+        return int(row[0]), 0
+    row = db.execute(query).one()
     return int(row[0]), int(row[1])
 
 
@@ -103,7 +108,7 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     if row is None or row.status != TurnStatus.QUEUED:
         return True  # the claim decides (not the session's turn: nothing to claim; or already running)
     _lock(db, settings, row.tenant_id, row.user_id)
-    over = over_cap(settings, *running(db, row.tenant_id, row.user_id))
+    over = over_cap(settings, *running(db, settings, row.tenant_id, row.user_id))
     if over is None:
         return True
     cap, why = over
