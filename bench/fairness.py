@@ -4,7 +4,7 @@ The red-team's case: one user starts ``--hog-turns`` long turns (``--hog-seconds
 of ``--concurrency`` worker slots, then another user of the same tenant starts one short turn. For
 each ``STEPRUN_MAX_RUNNING_TURNS_PER_USER`` in ``--caps`` (0: no cap, the old behaviour) it starts
 the Procfile topology afresh and prints the short turn's time from POST to completed, and how many
-of the hog's turns were running meanwhile. The hog's turns are cancelled once the short one is done.
+of the hog's turns were running when it was sent. The hog's turns are cancelled once the short one is done.
 """
 from __future__ import annotations
 
@@ -35,14 +35,14 @@ def measure(cap: int, hog_turns: int, hog_seconds: float, concurrency: int) -> d
 
         hogs = [start(hog, "stream", f"long {i}") for i in range(hog_turns)]
         time.sleep(1.0)  # the hog's turns are claimed (or deferred)
+        h = {"Authorization": f"Bearer {hog}"}
+        running = sum(requests.get(f"{stack.url}/v1/turns/{t}", headers=h, timeout=10).json()["status"]
+                      == "in_progress" for t in hogs)
         t0 = time.monotonic()
         quick = start(other, "single", "quick")
         done = requests.get(f"{stack.url}/v1/turns/{quick}?wait=60", headers={"Authorization": f"Bearer {other}"},
                             timeout=70).json()
         waited = time.monotonic() - t0
-        h = {"Authorization": f"Bearer {hog}"}
-        running = sum(requests.get(f"{stack.url}/v1/turns/{t}", headers=h, timeout=10).json()["status"]
-                      == "in_progress" for t in hogs)
         for t in hogs:
             requests.post(f"{stack.url}/v1/turns/{t}/cancel", headers=h, timeout=10)
         return {"cap": cap, "quick_seconds": waited, "quick_status_ok": float(done["status"] == "completed"),
@@ -61,7 +61,7 @@ def main() -> int:
     rows = [measure(int(c), args.hog_turns, args.hog_seconds, args.concurrency) for c in args.caps.split(",")]
     print(f"\none user's {args.hog_turns} turns of {args.hog_seconds:g} s on {args.concurrency} worker slots, "
           "then another user's short turn:")
-    print(f"{'cap per user':>14} {'short turn, POST to completed':>32} {'hog turns running':>18}")
+    print(f"{'cap per user':>14} {'short turn, POST to completed':>32} {'hog turns running':>18}")  # at its POST
     for r in rows:
         cap = "none" if not r["cap"] else str(int(r["cap"]))
         ok = "" if r["quick_status_ok"] else " (not completed)"
