@@ -62,24 +62,44 @@ def client_address() -> str:
     return hops[-trusted]
 
 
+def _too_many_failures(limit: int, retry_after: float) -> RateLimited:
+    return RateLimited(f"more than {limit} failed authentications a minute from this address "
+                       "(STEPRUN_AUTH_FAILURES_PER_IP); wait before trying again", retry_after=retry_after)
+
+
 @contextmanager
 def auth_failures_counted() -> Iterator[None]:
-    """Refuse (429) an address past its budget of failed authentications, before any key lookup; count each 401."""
+    """Count each 401 against the client address's budget (STEPRUN_AUTH_FAILURES_PER_IP); past it, 429.
+
+    An address past its budget is refused everything, its good keys too, and never costs a key lookup:
+    a key that needs one (not in the key cache) is checked first (:func:`refuse_blocked_address`); a
+    cached key, a JWT or a stream token is checked with the request's rate-limit counting, in the same
+    round trip to Redis (:func:`enforce_rate_limit`); a failure past the budget is a 429, not a 401.
+    """
     rt = runtime()
     limit = rt.settings.auth_failures_per_ip
     if limit <= 0:
         yield
         return
     bucket = f"authfail:{client_address()}"
-    retry_after = rt.limiter.peek(bucket, limit)
-    if retry_after is not None:
-        raise RateLimited(f"more than {limit} failed authentications a minute from this address "
-                          "(STEPRUN_AUTH_FAILURES_PER_IP); wait before trying again", retry_after=retry_after)
+    g.auth_failures = (bucket, limit)  # to check, once, before a key lookup or with the rate limits
     try:
         yield
     except Unauthorized:
-        rt.limiter.hit(bucket, limit)
+        g.pop("auth_failures", None)
+        retry_after = rt.limiter.hit(bucket, limit)
+        if retry_after is not None:
+            raise _too_many_failures(limit, retry_after) from None
         raise
+
+
+def refuse_blocked_address() -> None:
+    """Before a key lookup: 429 if the client address is past its budget of failed authentications."""
+    budget = g.pop("auth_failures", None)
+    if budget is not None:
+        retry_after = runtime().limiter.peek(*budget)
+        if retry_after is not None:
+            raise _too_many_failures(budget[1], retry_after)
 
 
 def accepts_stream_token(view: View) -> View:
@@ -123,6 +143,7 @@ def enforce_rate_limit(who: Principal) -> None:
     """
     rt = runtime()
     settings = rt.settings
+    blocked = g.pop("auth_failures", None)  # not checked yet (no key lookup): checked in this round trip
     buckets: list[tuple[str, int, str]] = []
     if settings.rate_limit_per_minute > 0:
         buckets.append((f"u:{who.tenant_id}:{who.user_id}", settings.rate_limit_per_minute,
@@ -134,9 +155,12 @@ def enforce_rate_limit(who: Principal) -> None:
     if settings.rate_limit_per_tenant > 0:
         buckets.append((f"t:{who.tenant_id}", settings.rate_limit_per_tenant,
                         "requests a minute for this tenant (STEPRUN_RATE_LIMIT_PER_TENANT)"))
-    if not buckets:
+    if not buckets and blocked is None:
         return
-    over = rt.limiter.hit_all([(name, limit) for name, limit, _ in buckets])
+    over = rt.limiter.hit_all([(name, limit) for name, limit, _ in buckets], watch=[blocked] if blocked else [])
+    if over is not None and over[0] >= len(buckets):
+        assert blocked is not None
+        raise _too_many_failures(blocked[1], over[1])
     if over is not None:
         _, limit, what = buckets[over[0]]
         raise RateLimited(f"more than {limit} {what}; slow down", retry_after=over[1])
@@ -158,6 +182,7 @@ def authenticate(require_user: bool = True) -> Principal:
     cache = runtime().key_cache
     identity = cache.get(token)
     if identity is None:
+        refuse_blocked_address()  # an address past its failures costs no lookup
         identity = identify_key(db(), token)
         db().rollback()  # release the connection until the view needs one
         if identity is None:

@@ -17,8 +17,11 @@ class RateLimiter(Protocol):
         """Count one request; None if allowed, else the seconds until the window resets."""
         ...
 
-    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60) -> tuple[int, float] | None:
-        """Count one request in every (key, limit) bucket; the first bucket over its limit and the wait, or None."""
+    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
+                watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
+        """Count one request in every (key, limit) bucket and read the ``watch`` buckets (as :meth:`peek`),
+        in one round trip; the first over its limit (a ``watch`` bucket's index follows the counted ones)
+        and the wait, or None."""
         ...
 
     def peek(self, key: str, limit: int, window: int = 60) -> float | None:
@@ -41,17 +44,24 @@ class RedisRateLimiter:
         over = self.hit_all([(key, limit)], window)
         return None if over is None else over[1]
 
-    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60) -> tuple[int, float] | None:
+    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
+                watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for key, _ in buckets:
             name = self._bucket(key, now, window)
             pipe.incr(name)
             pipe.expire(name, window + 5)
-        counts = pipe.execute()[::2]
-        for i, ((_, limit), count) in enumerate(zip(buckets, counts, strict=True)):
+        for key, _ in watch:
+            pipe.get(self._bucket(key, now, window))
+        replies = pipe.execute()
+        counted = replies[:2 * len(buckets):2]
+        for i, ((_, limit), count) in enumerate(zip(buckets, counted, strict=True)):
             if count > limit:
                 return i, _reset(now, window)
+        for j, ((_, limit), seen) in enumerate(zip(watch, replies[2 * len(buckets):], strict=True)):
+            if int(seen or 0) >= limit:
+                return len(buckets) + j, _reset(now, window)
         return None
 
     def peek(self, key: str, limit: int, window: int = 60) -> float | None:
@@ -69,7 +79,8 @@ class MemoryRateLimiter:
         over = self.hit_all([(key, limit)], window)
         return None if over is None else over[1]
 
-    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60) -> tuple[int, float] | None:
+    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
+                watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
         now = time.time()
         current = int(now // window)
         over: tuple[int, float] | None = None
@@ -82,6 +93,9 @@ class MemoryRateLimiter:
                 self._counts[(key, current)] = count
                 if count > limit and over is None:
                     over = (i, _reset(now, window))
+            for j, (key, limit) in enumerate(watch):
+                if over is None and self._counts.get((key, current), 0) >= limit:
+                    over = (len(buckets) + j, _reset(now, window))
         return over
 
     def peek(self, key: str, limit: int, window: int = 60) -> float | None:

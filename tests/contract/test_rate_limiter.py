@@ -108,6 +108,18 @@ def test_hit_all_counts_every_bucket_and_names_the_first_over(limiter: RateLimit
     assert over is not None and over[0] == 1
 
 
+def test_hit_all_reads_the_watched_buckets_without_counting_them(limiter: RateLimiter) -> None:
+    _inside_one_window(HOUR, 10)
+    user, failures = _key(), _key()
+    assert limiter.hit_all([(user, 10)], HOUR, watch=[(failures, 2)]) is None
+    limiter.hit(failures, 2, HOUR)
+    assert limiter.hit_all([(user, 10)], HOUR, watch=[(failures, 2)]) is None
+    limiter.hit(failures, 2, HOUR)
+    over = limiter.hit_all([(user, 10)], HOUR, watch=[(failures, 2)])
+    assert over is not None and over[0] == 1 and 0 < over[1] <= HOUR  # the watched bucket, after the counted
+    assert limiter.peek(failures, 3, HOUR) is None  # watching counted nothing: still 2
+
+
 def test_peek_reads_without_counting(limiter: RateLimiter) -> None:
     _inside_one_window(HOUR, 10)
     key = _key()

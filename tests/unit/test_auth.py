@@ -107,7 +107,7 @@ def test_rate_limit_answers_429_with_retry_after(client) -> None:  # noqa: ANN00
 
 
 def _window_start() -> None:
-    if time.time() % 60 > 55:  # stay inside one counting window
+    if time.time() % 60 > 40:  # stay inside one counting window (under load a test may take seconds)
         time.sleep(60 - time.time() % 60 + 0.1)
 
 
@@ -158,15 +158,19 @@ def test_failed_authentications_are_budgeted_per_address_before_any_key_lookup(l
     c, rt = limited(auth_failures_per_ip=3)
     with unit_of_work(rt.sessions) as db:
         _, good = create_key(db, f"t-{secrets.token_hex(3)}", "u")
+        _, fresh = create_key(db, f"t-{secrets.token_hex(3)}", "u")
     _window_start()
+    assert _sessions(c, good).status_code == 200  # now in the key cache
     bad = [_sessions(c, f"sk_bad{i}").status_code for i in range(3)]
     assert bad == [401] * 3
     refused = _sessions(c, "sk_bad-again")
     assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.get_json()["error"]["code"] == "rate_limited"
     assert "STEPRUN_AUTH_FAILURES_PER_IP" in refused.get_json()["error"]["message"]
-    # Refused before the key is looked up: even a good key from this address waits out the window.
+    # Refused before the key is looked up: even a good key from this address waits out the window,
+    # cached (checked with the rate limits) or not (checked before the lookup).
     assert _sessions(c, good).status_code == 429
+    assert _sessions(c, fresh).status_code == 429
     # Another address is not held back.
     assert c.get("/v1/sessions", headers={"Authorization": f"Bearer {good}"},
                  environ_base={"REMOTE_ADDR": "10.9.8.7"}).status_code == 200
@@ -177,11 +181,13 @@ def test_x_forwarded_for_counts_only_behind_a_configured_proxy(limited) -> None:
         return c.get("/v1/sessions", headers={"Authorization": "Bearer sk_nope", "X-Forwarded-For": xff},
                      environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code
 
+    untrusted, _ = limited(auth_failures_per_ip=2, trusted_proxies=0)
+    behind_proxy, _ = limited(auth_failures_per_ip=2, trusted_proxies=1)
     _window_start()
     # No trusted proxy: a client forging X-Forwarded-For is still counted at its own address.
-    c, _ = limited(auth_failures_per_ip=2, trusted_proxies=0)
+    c = untrusted
     assert [fail(c, f"192.0.2.{i}") for i in range(3)] == [401, 401, 429]
     # One trusted proxy (10.0.0.1): the address it appended is the client; what the client claimed is not.
-    c, _ = limited(auth_failures_per_ip=2, trusted_proxies=1)
+    c = behind_proxy
     assert [fail(c, f"6.6.6.{i}, 198.51.100.7") for i in range(3)] == [401, 401, 429]
     assert fail(c, "198.51.100.8") == 401  # another client behind the same proxy
