@@ -1,6 +1,7 @@
 """Bearer-key authentication for every /v1 route."""
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from shared.auth.stream_tokens import verify_stream_token
 from shared.db import set_scope
 from shared.errors import BadInput, Forbidden, RateLimited, Unauthorized, Unavailable
 
+log = logging.getLogger(__name__)
 USER_ID_RE = re.compile(r"[\w.@:+-]{1,256}")
 STREAM_TOKEN_MARK = "accepts_stream_token"
 TENANT_WIDE_MARK = "tenant_wide"
@@ -87,17 +89,28 @@ def auth_failures_counted() -> Iterator[None]:
         yield
     except Unauthorized:
         g.pop("auth_failures", None)
-        retry_after = rt.limiter.hit(bucket, limit)
+        retry_after = _fail_open(lambda: rt.limiter.hit(bucket, limit))
         if retry_after is not None:
             raise _too_many_failures(limit, retry_after) from None
         raise
+
+
+def _fail_open(check: Callable[[], float | None]) -> float | None:
+    """A failed-authentication check; None (let it through) if Redis cannot answer."""
+    import redis
+
+    try:
+        return check()
+    except (redis.ConnectionError, redis.TimeoutError):
+        log.warning("failed-authentication budget not checked: the event store is unavailable")
+        return None
 
 
 def refuse_blocked_address() -> None:
     """Before a key lookup: 429 if the client address is past its budget of failed authentications."""
     budget = g.pop("auth_failures", None)
     if budget is not None:
-        retry_after = runtime().limiter.peek(*budget)
+        retry_after = _fail_open(lambda: runtime().limiter.peek(*budget))
         if retry_after is not None:
             raise _too_many_failures(budget[1], retry_after)
 
@@ -155,7 +168,13 @@ def enforce_rate_limit(who: Principal) -> None:
     if settings.rate_limit_per_tenant > 0:
         buckets.append((f"t:{who.tenant_id}", settings.rate_limit_per_tenant,
                         "requests a minute for this tenant (STEPRUN_RATE_LIMIT_PER_TENANT)"))
-    if not buckets and blocked is None:
+    if not buckets:
+        # The rate limits are off: the address check alone, which, like every check of failed
+        # authentications, lets the request through when Redis is away (no limit makes Redis a dependency).
+        if blocked is not None:
+            retry_after = _fail_open(lambda: rt.limiter.peek(*blocked))
+            if retry_after is not None:
+                raise _too_many_failures(blocked[1], retry_after)
         return
     over = rt.limiter.hit_all([(name, limit) for name, limit, _ in buckets], watch=[blocked] if blocked else [])
     if over is not None and over[0] >= len(buckets):
