@@ -8,6 +8,11 @@ writes nothing. Deleting (documents, memory items, sessions) frees room at once.
 Concurrent writes of one user are checked independently, so a quota may be passed
 by the writes in flight at the moment it fills (each no larger than its own
 size limit). A limit of 0 turns that quota off; with all of them off nothing runs.
+
+Cost: the document and memory checks count the owner's rows (a tenant's: every
+row of the tenant, an index scan for memory items), so they grow with what is
+stored, up to the quota; they run on writes only. The history quota sums
+``sessions.input_bytes`` (kept as turns are created) over the user's sessions.
 """
 from __future__ import annotations
 
