@@ -83,8 +83,9 @@ def document_json(row: KnowledgeDocument, *, with_text: bool = False) -> dict[st
 
 @bp.post("")
 def add_document() -> tuple[Response, int]:
-    row = knowledge.add_document(db(), runtime().settings, principal(), json_body(),
-                                 service=g.get("service_key", False))
+    rt = runtime()
+    row = knowledge.add_document(db(), rt.settings, principal(), json_body(),
+                                 service=g.get("service_key", False), quota=rt.sessions)
     db().commit()
     return jsonify(document_json(row)), 201
 

@@ -10,7 +10,7 @@ from api.openapi import AFTER_PAGE, LIMIT, OBJ, SEARCH_Q, TS, RouteDocs, op, pag
 from api.serialize import ts
 from shared.errors import BadInput
 from shared.models import MemoryItem
-from shared.storage import memory
+from shared.storage import memory, quotas
 from shared.streaming.protocol import MAX_CURSOR
 
 bp = Blueprint("memory", __name__, url_prefix="/v1/memory")
@@ -61,7 +61,10 @@ def put_item(namespace: str, key: str) -> tuple[Response, int]:
     body = json_body()
     if "value" not in body:
         raise BadInput("'value' is required (any JSON)", field="value")
-    row, created = memory.put_item(db(), runtime().settings, principal(), namespace, key, body["value"],
+    memory.check_address(namespace, key)
+    rt = runtime()
+    quotas.check_memory_item(rt.sessions, rt.settings, principal(), namespace, key)
+    row, created = memory.put_item(db(), rt.settings, principal(), namespace, key, body["value"],
                                    body.get("ttl_seconds"))
     db().commit()
     return jsonify(memory_json(row)), (201 if created else 200)

@@ -127,7 +127,8 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int) -
     config = StackConfig(workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
                          agent_options=dict(ttft=0.02, tps=60, words=60, stream_words=1500, stream_tps=300.0),
                          # Every client shares one key: its polling must not be what the soak measures.
-                         extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0"})
+                         extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0", "STEPRUN_RATE_LIMIT_PER_KEY": "0",
+                                    "STEPRUN_MAX_RUNNING_TURNS_PER_USER": "0"})
     stack = Stack(config)
     stack.start()
     turns: list[Turn] = []

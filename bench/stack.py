@@ -200,6 +200,10 @@ class Stack:
             # clients, past the per-user stream cap a deployment keeps (STEPRUN_MAX_STREAMS_PER_*).
             STEPRUN_MAX_STREAMS_PER_USER="0",
             STEPRUN_MAX_STREAMS_PER_TENANT="0",
+            # All the bench's users are one tenant: its limits stay checked (their cost is measured) but
+            # are set past any load the bench makes, so they never shape the figures.
+            STEPRUN_RATE_LIMIT_PER_TENANT="100000000",
+            STEPRUN_MAX_QUEUED_TURNS_PER_TENANT="100000000",
         )
         env.update(c.extra_env)
         if c.db_pool is not None:

@@ -48,6 +48,12 @@ class TooLarge(StepRunError):
     status, code = 413, "too_large"
 
 
+class QuotaExceeded(TooLarge):
+    """A storage quota of the user or the tenant is full: the write would pass it (deleting frees room)."""
+
+    code = "quota_exceeded"
+
+
 class RateLimited(StepRunError):
     status, code = 429, "rate_limited"
 

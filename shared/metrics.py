@@ -79,6 +79,11 @@ MODEL_REPLAYS = Counter("steprun_model_responses_replayed_total",
 BUDGET_STOPS = Counter("steprun_budget_stops_total", "Turns ended incomplete by a budget, by budget.", ["budget"])
 BUDGET_REJECTIONS = Counter("steprun_budget_rejections_total",
                             "Turns refused at creation (429) because a token budget was spent.")
+TURNS_DEFERRED = Counter("steprun_turns_deferred_total",
+                         "First claims deferred because the turn's user or tenant ran its cap of turns, by cap.",
+                         ["cap"])
+QUOTA_REFUSALS = Counter("steprun_quota_refusals_total", "Writes refused (413) by a storage quota, by quota.",
+                         ["quota"])
 LEASE_EXPIRIES = Counter("steprun_lease_expiries_total",
                          "Running steps whose lease expired (worker presumed dead), found by the scheduler.")
 

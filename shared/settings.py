@@ -79,6 +79,38 @@ class Settings:
     max_queued_turns: int = _setting(
         "STEPRUN_MAX_QUEUED_TURNS", 20, "Turns one principal may have waiting (queued) at once."
     )
+    rate_limit_per_key: int = _setting(
+        "STEPRUN_RATE_LIMIT_PER_KEY", 3000,
+        "Requests one API key may make per minute, whatever X-User-Id it sends (0: no limit).",
+    )
+    rate_limit_per_tenant: int = _setting(
+        "STEPRUN_RATE_LIMIT_PER_TENANT", 6000,
+        "Requests all keys and users of one tenant may make per minute (0: no limit).",
+    )
+    max_queued_turns_per_tenant: int = _setting(
+        "STEPRUN_MAX_QUEUED_TURNS_PER_TENANT", 1000,
+        "Turns all users of one tenant may have waiting (queued) at once (0: no limit).",
+    )
+    auth_failures_per_ip: int = _setting(
+        "STEPRUN_AUTH_FAILURES_PER_IP", 60,
+        "Failed authentications (401) one client address may make per minute; past it every request from it "
+        "gets 429 before any key lookup (0: no limit).",
+    )
+    trusted_proxies: int = _setting(
+        "STEPRUN_TRUSTED_PROXIES", 0,
+        "Proxies in front of the web process that append to X-Forwarded-For: the client address is the entry "
+        "this many from the right. 0: X-Forwarded-For is ignored (the socket's peer is the client).",
+    )
+    max_running_turns_per_user: int = _setting(
+        "STEPRUN_MAX_RUNNING_TURNS_PER_USER", 4,
+        "Turns one user may have running (in_progress) at once; more wait queued, in order, without holding "
+        "a worker (0: no limit).",
+    )
+    max_running_turns_per_tenant: int = _setting(
+        "STEPRUN_MAX_RUNNING_TURNS_PER_TENANT", 0,
+        "Turns all users of one tenant may have running at once; set it to a share of the fleet's worker slots "
+        "(0: no limit).",
+    )
     redis_max_connections: int = _setting(
         "STEPRUN_REDIS_MAX_CONNECTIONS", 50, "Redis connections per process (callers queue for one when all are busy)."
     )
@@ -321,6 +353,36 @@ class Settings:
     )
     max_document_chars: int = _setting(
         "STEPRUN_MAX_DOCUMENT_CHARS", 500_000, "Largest knowledge document, in characters."
+    )
+    quota_user_documents: int = _setting(
+        "STEPRUN_QUOTA_USER_DOCUMENTS", 1000, "Knowledge documents one user may keep (0: no limit)."
+    )
+    quota_tenant_documents: int = _setting(
+        "STEPRUN_QUOTA_TENANT_DOCUMENTS", 100_000,
+        "Knowledge documents one tenant may keep, its users' and tenant-wide ones together (0: no limit).",
+    )
+    quota_user_document_bytes: int = _setting(
+        "STEPRUN_QUOTA_USER_DOCUMENT_BYTES", 50_000_000,
+        "Bytes of knowledge document text (UTF-8) one user may keep (0: no limit).",
+    )
+    quota_tenant_document_bytes: int = _setting(
+        "STEPRUN_QUOTA_TENANT_DOCUMENT_BYTES", 1_000_000_000,
+        "Bytes of knowledge document text one tenant may keep (0: no limit).",
+    )
+    quota_user_memory_items: int = _setting(
+        "STEPRUN_QUOTA_USER_MEMORY_ITEMS", 10_000, "Memory items one user may keep (0: no limit)."
+    )
+    quota_tenant_memory_items: int = _setting(
+        "STEPRUN_QUOTA_TENANT_MEMORY_ITEMS", 1_000_000, "Memory items all users of one tenant may keep (0: no limit)."
+    )
+    quota_user_history_bytes: int = _setting(
+        "STEPRUN_QUOTA_USER_HISTORY_BYTES", 50_000_000,
+        "Bytes of turn input (UTF-8) one user's kept sessions may hold; deleting sessions frees it (0: no limit).",
+    )
+    quota_tenant_history_bytes: int = _setting(
+        "STEPRUN_QUOTA_TENANT_HISTORY_BYTES", 0,
+        "Bytes of turn input all users of one tenant may hold (0: no limit). Checked by summing the tenant's "
+        "turns at each new turn: set it where a tenant's history is bounded.",
     )
     knowledge_chunk_chars: int = _setting(
         "STEPRUN_KNOWLEDGE_CHUNK_CHARS", 1200,

@@ -1,8 +1,14 @@
-"""Per-principal rate limits: a fixed one-minute window counted in Redis (or in memory, embedded)."""
+"""Rate limits: fixed one-minute windows counted in Redis (or in memory, embedded).
+
+A request is counted in several buckets at once (its user, its key, its tenant:
+``api/auth.py``) with one round trip; a client address's failed authentications
+have their own bucket, read before any key lookup.
+"""
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
@@ -11,19 +17,57 @@ class RateLimiter(Protocol):
         """Count one request; None if allowed, else the seconds until the window resets."""
         ...
 
+    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
+                watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
+        """Count one request in every (key, limit) bucket and read the ``watch`` buckets (as :meth:`peek`),
+        in one round trip; the first over its limit (a ``watch`` bucket's index follows the counted ones)
+        and the wait, or None."""
+        ...
+
+    def peek(self, key: str, limit: int, window: int = 60) -> float | None:
+        """Like :meth:`hit` without counting: the wait if the bucket is already over its limit, else None."""
+        ...
+
+
+def _reset(now: float, window: int) -> float:
+    return window - (now % window)
+
 
 class RedisRateLimiter:
     def __init__(self, client: Any, prefix: str):
         self.redis, self.prefix = client, prefix
 
+    def _bucket(self, key: str, now: float, window: int) -> str:
+        return f"{self.prefix}:rl:{key}:{int(now // window)}"
+
     def hit(self, key: str, limit: int, window: int = 60) -> float | None:
+        over = self.hit_all([(key, limit)], window)
+        return None if over is None else over[1]
+
+    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
+                watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
         now = time.time()
-        bucket = f"{self.prefix}:rl:{key}:{int(now // window)}"
         pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(bucket)
-        pipe.expire(bucket, window + 5)
-        count, _ = pipe.execute()
-        return None if count <= limit else window - (now % window)
+        for key, _ in buckets:
+            name = self._bucket(key, now, window)
+            pipe.incr(name)
+            pipe.expire(name, window + 5)
+        for key, _ in watch:
+            pipe.get(self._bucket(key, now, window))
+        replies = pipe.execute()
+        counted = replies[:2 * len(buckets):2]
+        for i, ((_, limit), count) in enumerate(zip(buckets, counted, strict=True)):
+            if count > limit:
+                return i, _reset(now, window)
+        for j, ((_, limit), seen) in enumerate(zip(watch, replies[2 * len(buckets):], strict=True)):
+            if int(seen or 0) >= limit:
+                return len(buckets) + j, _reset(now, window)
+        return None
+
+    def peek(self, key: str, limit: int, window: int = 60) -> float | None:
+        now = time.time()
+        count = int(self.redis.get(self._bucket(key, now, window)) or 0)
+        return None if count < limit else _reset(now, window)
 
 
 class MemoryRateLimiter:
@@ -32,12 +76,30 @@ class MemoryRateLimiter:
         self._lock = threading.Lock()
 
     def hit(self, key: str, limit: int, window: int = 60) -> float | None:
+        over = self.hit_all([(key, limit)], window)
+        return None if over is None else over[1]
+
+    def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
+                watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
         now = time.time()
         current = int(now // window)
+        over: tuple[int, float] | None = None
         with self._lock:
             # Old windows are dropped as they pass, so memory stays bounded by active principals.
             for stale in [k for k in self._counts if k[1] < current]:
                 del self._counts[stale]
-            count = self._counts.get((key, current), 0) + 1
-            self._counts[(key, current)] = count
-        return None if count <= limit else window - (now % window)
+            for i, (key, limit) in enumerate(buckets):
+                count = self._counts.get((key, current), 0) + 1
+                self._counts[(key, current)] = count
+                if count > limit and over is None:
+                    over = (i, _reset(now, window))
+            for j, (key, limit) in enumerate(watch):
+                if over is None and self._counts.get((key, current), 0) >= limit:
+                    over = (len(buckets) + j, _reset(now, window))
+        return over
+
+    def peek(self, key: str, limit: int, window: int = 60) -> float | None:
+        now = time.time()
+        with self._lock:
+            count = self._counts.get((key, int(now // window)), 0)
+        return None if count < limit else _reset(now, window)

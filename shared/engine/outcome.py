@@ -46,6 +46,7 @@ class StepOutcome(StrValueEnum):
     PASSED_ON = "passed on"      # the worker is stopping: the step was re-enqueued unclaimed
     HANDED_BACK = "handed back"  # the worker drained mid-step: the step was released and re-enqueued
     RELEASED = "released"        # a transient model error: released for a fresh attempt
+    DEFERRED = "deferred"        # its user or tenant runs its cap of turns: waits, unclaimed, for a slot
 
 
 class StepInterrupted(BaseException):

@@ -52,6 +52,7 @@ from shared.metrics import BUDGET_STOPS, MODEL_REPLAYS, TOOL_JOURNAL
 from shared.models import TurnStatus
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.turns import fairshare
 from shared.turns.budgets import BudgetExceeded
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
     # The claim looks a turn up by id alone: the one cross-tenant read of a step.
     claimed_at = time.monotonic()  # the lease runs from (no earlier than) here
     with unit_of_work(rt.sessions, SYSTEM) as db:
+        if not fairshare.admit(db, rt.settings, turn_id, step):
+            return StepOutcome.DEFERRED  # its user or tenant is at its running cap: sent again when a slot frees
         claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
     if claim is None:
         return StepOutcome.SKIPPED

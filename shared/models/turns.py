@@ -53,6 +53,8 @@ class AgentSession(Base):
     # The highest event cursor the session's log is known to have issued: an event log found
     # below it (Redis restored from an older snapshot) starts a new era above it (shared/streaming).
     event_cursor: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # UTF-8 bytes of every turn input kept in the session: what its user's history quota counts.
+    input_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -68,6 +70,10 @@ class Turn(Base):
         Index("ix_turns_scheduled", "scheduled_at", postgresql_where=text("status = 'queued'"),
               sqlite_where=text("status = 'queued'")),
         Index("ix_turns_schedule", "schedule_id", "created_at"),
+        # The queued- and running-turn caps count these few rows (per user, per tenant).
+        Index("ix_turns_active_owner", "tenant_id", "user_id", "status",
+              postgresql_where=text("status IN ('queued', 'in_progress')"),
+              sqlite_where=text("status IN ('queued', 'in_progress')")),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("turn"))

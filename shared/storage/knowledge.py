@@ -22,7 +22,7 @@ from shared.errors import BadInput, Forbidden, NotFound, TooLarge
 from shared.models import KnowledgeChunk, KnowledgeDocument
 from shared.paging import page
 from shared.settings import Settings
-from shared.storage import textsearch
+from shared.storage import quotas, textsearch
 from shared.storage.embeddings import cosine, load_embedder
 
 FORMATS = ("text", "markdown")
@@ -126,8 +126,12 @@ def _split_long(paragraph: str, budget: int) -> list[str]:
 # --- documents ---------------------------------------------------------------
 
 def add_document(db: Session, settings: Settings, who: Principal, body: dict[str, Any],
-                 *, service: bool) -> KnowledgeDocument:
-    """Validate, chunk (and embed, if configured) and store a document."""
+                 *, service: bool, quota: sessionmaker[Session] | None = None) -> KnowledgeDocument:
+    """Validate, chunk (and embed, if configured) and store a document.
+
+    With ``quota`` (the sessions the system-path check runs on), the document must fit the user's and
+    the tenant's document quotas (:mod:`shared.storage.quotas`), checked before anything is written.
+    """
     title, content = body.get("title"), body.get("text")
     fmt, scope = body.get("format", "text"), body.get("scope", "user")
     if not isinstance(title, str) or not title.strip():
@@ -148,6 +152,8 @@ def add_document(db: Session, settings: Settings, who: Principal, body: dict[str
     if scope == "tenant" and not service:
         raise Forbidden("only a service key may write tenant-wide documents", field="scope")
     owner = None if scope == "tenant" else who.user_id
+    if quota is not None:
+        quotas.check_document(quota, settings, who, len(content.encode()), tenant_wide=scope == "tenant")
     pieces = chunk_text(content, fmt, settings.knowledge_chunk_chars)
     embedder = load_embedder(settings.embedder)
     vectors: list[list[float] | None] = list(embedder.embed(pieces)) if embedder else [None] * len(pieces)

@@ -27,7 +27,7 @@ from shared.errors import BadInput, NotFound, TooLarge
 from shared.models import MemoryItem
 from shared.paging import page
 from shared.settings import Settings
-from shared.storage import textsearch
+from shared.storage import quotas, textsearch
 
 NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_KEY_CHARS = 256
@@ -215,6 +215,9 @@ class MemoryStore:
             self._fence(db)
 
     def put(self, namespace: str, key: str, value: Any, ttl_seconds: int | None = None) -> None:
+        check_address(namespace, key)
+        # A full quota is an error the tool reports (the model is told), not a failed step.
+        quotas.check_memory_item(self._sessions, self._settings, self._who, namespace, key)
         with unit_of_work(self._sessions, self._who) as db:
             self._writing(db)
             put_item(db, self._settings, self._who, namespace, key, value, ttl_seconds)

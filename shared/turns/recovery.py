@@ -20,6 +20,7 @@ from shared.db import after_commit, unit_of_work
 from shared.models import AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
 from shared.turns.events import republish_unpublished
+from shared.turns.fairshare import wake_deferred
 from shared.turns.housekeeping import expire_paused_turns
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ class SweepReport:
     expired_actions: int = 0
     # Durable events published by the sweep because their commit could not (shared/turns/events.py).
     republished_events: int = 0
+    # Turns waiting for a running slot (shared/turns/fairshare.py) sent because one is free.
+    deferred_woken: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.expired_leases or self.lost_tasks or self.expired_actions or self.republished_events)
+        return bool(self.expired_leases or self.lost_tasks or self.expired_actions or self.republished_events
+                    or self.deferred_woken)
 
 
 def _resend(rt: Runtime, conditions: list[Any], values: dict[str, Any], why: str) -> int:
@@ -94,7 +98,7 @@ def recover_lost_tasks(rt: Runtime) -> int:
 def sweep(rt: Runtime) -> SweepReport:
     """One round of recovery: dead workers' steps, lost tasks, pauses past their deadline, unpublished events."""
     report = SweepReport(expired_leases=recover_expired_leases(rt), lost_tasks=recover_lost_tasks(rt),
-                         expired_actions=expire_paused_turns(rt))
+                         expired_actions=expire_paused_turns(rt), deferred_woken=wake_deferred(rt))
     try:
         report.republished_events = republish_unpublished(rt)
     except Exception:  # noqa: BLE001 - the event log is away: the next round tries again

@@ -21,11 +21,21 @@ from sqlalchemy.orm import Session
 from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
-from shared.errors import BadInput, BudgetExhausted, Conflict, NotFound, RateLimited, TooLarge
+from shared.errors import (
+    BadInput,
+    BudgetExhausted,
+    Conflict,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    StepRunError,
+    TooLarge,
+)
 from shared.metrics import BUDGET_REJECTIONS
 from shared.models import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, StreamEvent, Turn, TurnStatus
 from shared.paging import page
 from shared.runtime import Runtime
+from shared.storage import quotas
 from shared.turns import budgets, transitions
 
 ON_BUSY = ("enqueue", "reject", "interrupt")
@@ -140,12 +150,17 @@ def create_turn(
     if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
         raise BadInput("Idempotency-Key must be 1 to 256 characters", field="Idempotency-Key")
 
+    input_bytes = len(user_input.encode())
+    # The limits that add up other users' rows, on the system path, before this transaction takes its
+    # connection (so a request never holds one connection while it waits for a second). A repeated
+    # Idempotency-Key still gets its turn back, whatever the limits say now.
+    refused = admission_refusal(rt, who, input_bytes)
     if idempotency_key:
         existing = _turn_by_idempotency_key(db, who, idempotency_key)
         if existing is not None:
             return _same_request(existing, session_id, user_input), False
-
-    check_budget(rt, who)
+    if refused is not None:
+        raise refused
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
     waiting = db.scalars(select(func.count()).select_from(Turn).where(
@@ -158,6 +173,7 @@ def create_turn(
         raise Conflict(f"session {session_id} is busy with turn {session.active_turn_id}; "
                        "retry later or send on_busy=enqueue|interrupt")
     session.turn_count += 1
+    session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
     turn = Turn(
         session_id=session.id,
         tenant_id=who.tenant_id,
@@ -232,18 +248,38 @@ def delay_until(after_seconds: Any, at: Any) -> datetime | None:
     return when if when > now else None
 
 
-def check_budget(rt: Runtime, who: Principal) -> None:
-    """429 with the reset time if a token budget of the user or their tenant is spent."""
-    if not budgets.token_limits(rt.settings):
-        return
-    # The system scope: the tenant's total adds up every user's counters.
+def admission_refusal(rt: Runtime, who: Principal, input_bytes: int) -> StepRunError | None:
+    """Why a new turn of ``who`` may not be created now (a spent token budget, the tenant's queued turns,
+    a history quota), or None: one transaction on the system path (the tenant's totals add up every
+    user's rows), and none at all when those limits are off."""
+    settings = rt.settings
+    parts = quotas.history_columns(settings, who)
+    if settings.max_queued_turns_per_tenant > 0:
+        parts.append(select(func.count()).select_from(Turn)
+                     .where(Turn.tenant_id == who.tenant_id, Turn.status == TurnStatus.QUEUED)
+                     .scalar_subquery().label("tenant_queued"))
+    spending = bool(budgets.token_limits(settings))
+    if not parts and not spending:
+        return None
     with unit_of_work(rt.sessions, SYSTEM) as sysdb:
-        try:
-            budgets.check_tokens_spent(sysdb, rt.settings, who)
-        except budgets.BudgetExceeded as over:
-            BUDGET_REJECTIONS.inc()
-            wait = (over.resets_at - utcnow()).total_seconds() if over.resets_at else 60.0
-            raise BudgetExhausted(over.message, retry_after=max(1.0, wait)) from None
+        if spending:
+            try:
+                budgets.check_tokens_spent(sysdb, settings, who)
+            except budgets.BudgetExceeded as over:
+                BUDGET_REJECTIONS.inc()
+                wait = (over.resets_at - utcnow()).total_seconds() if over.resets_at else 60.0
+                return BudgetExhausted(over.message, retry_after=max(1.0, wait))
+        used = ({key: int(value) for key, value in sysdb.execute(select(*parts)).one()._mapping.items()}
+                if parts else {})
+    cap = settings.max_queued_turns_per_tenant
+    if "tenant_queued" in used and used["tenant_queued"] >= cap:
+        return RateLimited(f"{used['tenant_queued']} turns of your tenant are already waiting; the limit is {cap} "
+                           "(STEPRUN_MAX_QUEUED_TURNS_PER_TENANT)", retry_after=5)
+    try:
+        quotas.check_history(settings, used, input_bytes)
+    except QuotaExceeded as full:
+        return full
+    return None
 
 
 def _turn_by_idempotency_key(db: Session, who: Principal, key: str) -> Turn | None:
@@ -326,6 +362,7 @@ def _roll_back(db: Session, rt: Runtime, session: AgentSession, turn: Turn, reas
     db.execute(delete(StreamEvent).where(StreamEvent.session_id == session.id, StreamEvent.turn_id == turn.id)
                .execution_options(synchronize_session=False))
     transitions.roll_back(db, rt, turn, session, reason)
+    session.input_bytes = max(0, (session.input_bytes or 0) - len(turn.input.encode()))
     db.flush()
     for model in (Message, Checkpoint):
         db.execute(delete(model).where(model.session_id == session.id, model.turn_id == turn.id)

@@ -31,6 +31,7 @@ from shared.db import after_commit
 from shared.metrics import TURNS_FINISHED
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.runtime import Runtime
+from shared.turns import fairshare
 from shared.turns.events import Durable, record
 from shared.webhooks.outbox import record_turn_event
 
@@ -48,6 +49,7 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
     """End a turn (status is terminal), publish it, and hand the session to the next queued turn."""
     if status not in TERMINAL:
         raise ValueError(f"finish() takes a terminal status, not {status!r}")
+    was_running = turn.status == TurnStatus.IN_PROGRESS
     turn.status = status
     turn.finished_at = utcnow()
     turn.lease_owner = None
@@ -61,6 +63,8 @@ def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: 
     publish_after_commit(db, rt, session, [(f"turn.{status}", turn.id, data)])
     record_turn_event(db, turn, status)  # the webhook outbox: in this transaction, so never lost nor invented
     after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
+    if was_running:  # its worker slot is free: the oldest turn deferred for it may start
+        fairshare.slot_freed(db, rt, turn.tenant_id, turn.user_id)
     if session.active_turn_id == turn.id:
         session.active_turn_id = None
         activate_next(db, rt, session, exclude=turn.id)
@@ -127,6 +131,7 @@ def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: 
     # The scheduler expires the pause at action_expires_at (shared/turns/housekeeping.py).
     turn.status, turn.pending, turn.paused_at, turn.action_expires_at = (
         TurnStatus.REQUIRES_ACTION, pending, now, expires)
+    fairshare.slot_freed(db, rt, turn.tenant_id, turn.user_id)  # a paused turn holds no worker slot
     publish_after_commit(db, rt, session, [("turn.requires_action", turn.id, {
         "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
     record_turn_event(db, turn, TurnStatus.REQUIRES_ACTION)

@@ -91,3 +91,41 @@ def test_concurrent_hits_are_all_counted(limiter: RateLimiter) -> None:
         t.join()
     assert len(results) == 200
     assert sum(r is None for r in results) == 100  # exactly the limit, none lost or double-counted
+
+
+def test_hit_all_counts_every_bucket_and_names_the_first_over(limiter: RateLimiter) -> None:
+    _inside_one_window(HOUR, 10)
+    user, key, tenant = _key(), _key(), _key()
+    # Several users behind one key: the user buckets change, the key's and the tenant's fill.
+    assert limiter.hit_all([(user + "1", 10), (key, 3), (tenant, 5)], HOUR) is None
+    assert limiter.hit_all([(user + "2", 10), (key, 3), (tenant, 5)], HOUR) is None
+    assert limiter.hit_all([(user + "3", 10), (key, 3), (tenant, 5)], HOUR) is None
+    over = limiter.hit_all([(user + "4", 10), (key, 3), (tenant, 5)], HOUR)
+    assert over is not None and over[0] == 1 and 0 < over[1] <= HOUR  # the key's bucket (index 1)
+    # The refused request was counted in the tenant's bucket too: 4 of 5 used.
+    assert limiter.hit_all([(_key(), 10), (tenant, 5)], HOUR) is None
+    over = limiter.hit_all([(_key(), 10), (tenant, 5)], HOUR)
+    assert over is not None and over[0] == 1
+
+
+def test_hit_all_reads_the_watched_buckets_without_counting_them(limiter: RateLimiter) -> None:
+    _inside_one_window(HOUR, 10)
+    user, failures = _key(), _key()
+    assert limiter.hit_all([(user, 10)], HOUR, watch=[(failures, 2)]) is None
+    limiter.hit(failures, 2, HOUR)
+    assert limiter.hit_all([(user, 10)], HOUR, watch=[(failures, 2)]) is None
+    limiter.hit(failures, 2, HOUR)
+    over = limiter.hit_all([(user, 10)], HOUR, watch=[(failures, 2)])
+    assert over is not None and over[0] == 1 and 0 < over[1] <= HOUR  # the watched bucket, after the counted
+    assert limiter.peek(failures, 3, HOUR) is None  # watching counted nothing: still 2
+
+
+def test_peek_reads_without_counting(limiter: RateLimiter) -> None:
+    _inside_one_window(HOUR, 10)
+    key = _key()
+    assert [limiter.peek(key, 2, HOUR) for _ in range(5)] == [None] * 5  # nothing counted
+    limiter.hit(key, 2, HOUR)
+    assert limiter.peek(key, 2, HOUR) is None
+    limiter.hit(key, 2, HOUR)
+    waited = limiter.peek(key, 2, HOUR)  # the limit reached: the next hit would be refused
+    assert waited is not None and 0 < waited <= HOUR

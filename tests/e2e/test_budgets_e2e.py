@@ -25,7 +25,9 @@ def spenders(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> It
     procs = Procs(own, tmp_path_factory.mktemp("budgets"))
     try:
         d = deploy(procs, own, worker=False, STEPRUN_AGENTS="tests.support.agents_journal",
-                   STEPRUN_RATE_LIMIT_PER_MINUTE="0", STEPRUN_BUDGET_USER_TOKENS_PER_DAY=str(BUDGET))
+                   STEPRUN_RATE_LIMIT_PER_MINUTE="0", STEPRUN_RATE_LIMIT_PER_KEY="0",
+                   STEPRUN_MAX_RUNNING_TURNS_PER_USER="0",  # all 8 turns spend at once
+                   STEPRUN_BUDGET_USER_TOKENS_PER_DAY=str(BUDGET))
         d.worker()
         d.worker()
         yield d

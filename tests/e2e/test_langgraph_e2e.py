@@ -296,7 +296,7 @@ def test_remote_graph(stack: Stack) -> None:
 
 
 def test_a_worker_sigkilled_mid_run_the_client_gets_the_exact_answer(procs: Procs) -> None:
-    d = deploy(procs, procs.settings, STEPRUN_RATE_LIMIT_PER_MINUTE="0")
+    d = deploy(procs, procs.settings, STEPRUN_RATE_LIMIT_PER_MINUTE="0", STEPRUN_RATE_LIMIT_PER_KEY="0")
     client = get_sync_client(url=lg(d.url), api_key=d.key)
     tid = client.threads.create()["thread_id"]
     parts, killed = [], False

@@ -22,7 +22,8 @@ from openai import OpenAI
 from shared.settings import Settings
 from tests.support.processes import BIN, ROOT, Proc, Procs, create_key_cli, free_port, settings_env, wait_http
 
-AGENTS = {"STEPRUN_AGENTS": "tests.support.agents_responses", "STEPRUN_RATE_LIMIT_PER_MINUTE": "0"}
+AGENTS = {"STEPRUN_AGENTS": "tests.support.agents_responses", "STEPRUN_RATE_LIMIT_PER_MINUTE": "0",
+          "STEPRUN_RATE_LIMIT_PER_KEY": "0"}
 
 
 @dataclass

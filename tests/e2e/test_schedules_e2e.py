@@ -27,7 +27,7 @@ from tests.support.recovery_support import (
 )
 
 ENV = {"STEPRUN_SCHEDULE_MIN_SECONDS": "1", "STEPRUN_SCHEDULE_POLL_SECONDS": "0.2",
-       "STEPRUN_RATE_LIMIT_PER_MINUTE": "0"}
+       "STEPRUN_RATE_LIMIT_PER_MINUTE": "0", "STEPRUN_RATE_LIMIT_PER_KEY": "0"}
 
 
 @pytest.fixture(scope="module")

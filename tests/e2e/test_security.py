@@ -22,9 +22,11 @@ import websocket
 from shared.auth.keys import create_key, revoke_key
 from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
+from shared.engine.step import build_runtime
 from shared.runtime import Runtime
 from shared.settings import Settings
 from tests.support.processes import Procs, settings_env
+from tests.support.recovery_support import drop_database, fresh_database, own_settings
 
 JWT_SECRET = "j" * 48
 JWT_TENANT = "t-jwt-acme"
@@ -220,3 +222,128 @@ def test_bad_websocket_frames_get_an_error_frame_and_the_socket_stays(deployment
         ws.close()
     turns = requests.get(f"{deployment.url}/v1/sessions/{sid}/messages", headers=_h(key), timeout=10).json()
     assert turns["data"] == []
+
+
+# --- 2. one user, or nobody, could starve everyone ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fair(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A deployment of its own (database, queue, Redis prefix: no other scheduler re-sends its turns):
+    one worker with 6 slots, a user may run 2 turns, small per-key and storage limits."""
+    url = fresh_database()
+    own = own_settings(settings, url)
+    procs = Procs(own, tmp_path_factory.mktemp("fair"))
+    env = _env(own, STEPRUN_AGENTS="tests.support.agents_slow_and_storage", STEPRUN_MAX_RUNNING_TURNS_PER_USER="2",
+               STEPRUN_RATE_LIMIT_PER_KEY="25", STEPRUN_QUOTA_USER_MEMORY_ITEMS="1",
+               STEPRUN_QUOTA_USER_DOCUMENTS="2", STEPRUN_QUOTA_USER_HISTORY_BYTES="4000")
+    own_rt = build_runtime(own)
+    try:
+        procs.worker(concurrency=6, env=env)
+        procs.scheduler(env=env)
+        _, web_url = procs.web(env=env)
+        yield Deployment(web_url, env, procs, own_rt)
+    finally:
+        procs.stop_all()
+        own_rt.close()
+        drop_database(url)
+
+
+def _turns(d: Deployment, ids: list[str]) -> dict[str, Any]:
+    from shared.auth.principal import SYSTEM
+    from shared.models import Turn
+
+    with unit_of_work(d.rt.sessions, SYSTEM) as db:
+        return {t.id: (t.status, t.attempt, t.started_at, t.finished_at)
+                for t in db.query(Turn).filter(Turn.id.in_(ids)).all()}
+
+
+def _post_turn(d: Deployment, key: str, agent: str, text: str, **headers: str) -> requests.Response:
+    r = requests.post(f"{d.url}/v1/sessions", json={"agent": agent}, headers=_h(key, **headers), timeout=10)
+    assert r.status_code == 201, r.text
+    return requests.post(f"{d.url}/v1/sessions/{r.json()['id']}/turns", json={"input": text},
+                         headers=_h(key, **headers), timeout=10)
+
+
+def test_one_users_long_turns_do_not_hold_every_worker_slot(fair: Deployment) -> None:
+    _, hog = fair.key()
+    _, other = fair.key()
+    hog_turns = [_post_turn(fair, hog, "slow", f"long {i}").json()["id"] for i in range(6)]
+    quick = _post_turn(fair, other, "math", "add 2 and 40").json()["id"]  # sent after all six
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        rows = _turns(fair, [*hog_turns, quick])
+        if all(status == "completed" for status, *_ in rows.values()):
+            break
+        time.sleep(0.3)
+    assert all(status == "completed" for status, *_ in rows.values()), rows
+    hog_rows = [rows[t] for t in hog_turns]
+    # The other user's turn started before any of the hog's ended: it did not wait for a slot.
+    assert rows[quick][2] < min(finished for *_, finished in hog_rows)
+    # The hog never ran more than its 2 at once; the rest waited without spending an attempt.
+    for _, _, started, _ in hog_rows:
+        assert sum(1 for *_, s, f in hog_rows if s <= started < f) <= 2
+    assert [attempt for _, attempt, _, _ in hog_rows] == [1] * 6
+
+
+def test_rotating_x_user_id_does_not_escape_the_keys_budget(fair: Deployment) -> None:
+    _, service = fair.key(user=None)
+    codes = []
+    for i in range(30):
+        r = requests.get(f"{fair.url}/v1/sessions", headers=_h(service, **{"X-User-Id": f"rotated-{i}"}), timeout=10)
+        codes.append(r.status_code)
+        if r.status_code == 429:
+            refused = r
+    assert codes.count(200) == 25 and codes[25:] == [429] * 5, codes
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limited" and "STEPRUN_RATE_LIMIT_PER_KEY" in error["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+def test_failed_authentications_from_one_address_are_cut_off_before_any_key_lookup(
+        settings: Settings, rt: Runtime, tmp_path_factory: pytest.TempPathFactory) -> None:
+    own = settings.replace(redis_prefix=f"{settings.redis_prefix}-authfail-{secrets.token_hex(3)}")
+    procs = Procs(own, tmp_path_factory.mktemp("authfail"))
+    try:
+        _, url = procs.web(env=_env(own, STEPRUN_AUTH_FAILURES_PER_IP="5"))
+        d = Deployment(url, {}, procs, rt)
+        _, good = d.key()
+        if time.time() % 60 > 50:  # one counting window
+            time.sleep(60 - time.time() % 60 + 0.2)
+        codes = [requests.get(f"{url}/v1/sessions", headers=_h(f"sr_guess{i}"), timeout=10).status_code
+                 for i in range(7)]
+        assert codes == [401] * 5 + [429] * 2
+        blocked = requests.get(f"{url}/v1/sessions", headers=_h(good), timeout=10)
+        assert blocked.status_code == 429 and 1 <= int(blocked.headers["Retry-After"]) <= 60
+        assert "STEPRUN_AUTH_FAILURES_PER_IP" in blocked.json()["error"]["message"]
+        # A forged X-Forwarded-For changes nothing without a trusted proxy.
+        assert requests.get(f"{url}/v1/sessions", headers=_h(good, **{"X-Forwarded-For": "203.0.113.9"}),
+                            timeout=10).status_code == 429
+    finally:
+        procs.stop_all()
+
+
+def test_storage_quotas_refuse_uploads_inputs_and_tool_writes_past_them(fair: Deployment) -> None:
+    _, key = fair.key()
+    docs = [requests.post(f"{fair.url}/v1/knowledge", json={"title": f"d{i}", "text": "x" * 10_000},
+                          headers=_h(key), timeout=10) for i in range(3)]
+    assert [r.status_code for r in docs] == [201, 201, 413]
+    error = docs[2].json()["error"]
+    assert error["code"] == "quota_exceeded" and "STEPRUN_QUOTA_USER_DOCUMENTS=2" in error["message"]
+    assert len(requests.get(f"{fair.url}/v1/knowledge", headers=_h(key), timeout=10).json()["data"]) == 2
+
+    # A tool writing memory past the quota: its result is the error, and the turn completes.
+    first = _post_turn(fair, key, "assistant", "remember my favourite colour is teal").json()["id"]
+    second = _post_turn(fair, key, "assistant", "remember my dog is called Rex").json()["id"]
+    done = {t: requests.get(f"{fair.url}/v1/turns/{t}?wait=30", headers=_h(key), timeout=40).json()
+            for t in (first, second)}
+    assert done[first]["status"] == "completed" and "Remembered" in done[first]["output"], done[first]
+    assert done[second]["status"] == "completed", done[second]
+    assert "QuotaExceeded" in done[second]["output"] and "STEPRUN_QUOTA_USER_MEMORY_ITEMS=1" in done[second]["output"]
+    items = requests.get(f"{fair.url}/v1/memory", headers=_h(key), timeout=10).json()["data"]
+    assert [i["value"]["text"] for i in items] == ["my favourite colour is teal"]
+
+    # Turn input: the user's sessions keep at most 4000 bytes of it (the two turns above hold some).
+    big = _post_turn(fair, key, "echo", "y" * 3990)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "quota_exceeded", big.text
+    assert "STEPRUN_QUOTA_USER_HISTORY_BYTES=4000" in big.json()["error"]["message"]

@@ -35,7 +35,8 @@ from tests.support.recovery_support import (
     own_settings,
 )
 
-NO_RATE_LIMIT = {"STEPRUN_RATE_LIMIT_PER_MINUTE": "0"}
+NO_RATE_LIMIT = {"STEPRUN_RATE_LIMIT_PER_MINUTE": "0", "STEPRUN_RATE_LIMIT_PER_KEY": "0",
+                 "STEPRUN_RATE_LIMIT_PER_TENANT": "0"}
 READ_ON = re.compile(r"after=(\d+)")
 
 

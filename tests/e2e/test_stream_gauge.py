@@ -48,7 +48,7 @@ class Web:
     def __init__(self, procs: Procs, settings: Settings):
         # A short heartbeat: an SSE stream finds out its client is gone at its next write.
         env = {**settings_env(settings), "STEPRUN_SSE_HEARTBEAT_SECONDS": "0.2",
-               "STEPRUN_RATE_LIMIT_PER_MINUTE": "0"}
+               "STEPRUN_RATE_LIMIT_PER_MINUTE": "0", "STEPRUN_RATE_LIMIT_PER_KEY": "0"}
         _, self.url = procs.web(env=env)
         self.key = create_key_cli(env, f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}")
         self.headers = {"Authorization": f"Bearer {self.key}"}

@@ -55,7 +55,9 @@ def chaos(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Itera
     procs = Procs(own, tmp_path_factory.mktemp("chaos"))
     try:
         d = deploy(procs, own, worker=False, STEPRUN_AGENTS="tests.support.agents_journal",
-                   STEPRUN_RATE_LIMIT_PER_MINUTE="0", STEPRUN_MAX_ATTEMPTS="40", STEPRUN_MAX_QUEUED_TURNS="100",
+                   STEPRUN_RATE_LIMIT_PER_MINUTE="0", STEPRUN_RATE_LIMIT_PER_KEY="0", STEPRUN_MAX_ATTEMPTS="40",
+                   STEPRUN_MAX_QUEUED_TURNS="100",
+                   STEPRUN_MAX_RUNNING_TURNS_PER_USER="0",
                    CHAOS_DATABASE_URL=url, CHAOS_KILL_AFTER_EFFECT="0.22", CHAOS_KILL_AFTER_RECORD="0.15",
                    CHAOS_KILL_AFTER_MODEL="0.1", CHAOS_MAX_KILLS_PER_CALL="2")
         yield d, engine

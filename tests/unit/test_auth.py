@@ -105,3 +105,90 @@ def test_rate_limit_answers_429_with_retry_after(client) -> None:  # noqa: ANN00
     assert 1 <= int(r.headers["Retry-After"]) <= 60 and r.get_json()["error"]["code"] == "rate_limited"
     # Another principal is unaffected.
     assert _sessions(c, _token({"tid": "t-rl", "sub": "someone-else"})).status_code == 200
+
+
+def _window_start() -> None:
+    if time.time() % 60 > 40:  # stay inside one counting window (under load a test may take seconds)
+        time.sleep(60 - time.time() % 60 + 0.1)
+
+
+@pytest.fixture
+def limited(settings: Settings):  # noqa: ANN201
+    made = []
+
+    def make(**limits: int):  # noqa: ANN202
+        configured = settings.replace(redis_prefix=f"{settings.redis_prefix}-rl-{secrets.token_hex(3)}", **limits)
+        rt = build_runtime(configured)
+        made.append(rt)
+        return create_app(configured, runtime=rt).test_client(), rt
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def test_rotating_x_user_id_on_a_service_key_does_not_escape_the_key_budget(limited) -> None:  # noqa: ANN001
+    c, rt = limited(rate_limit_per_minute=5, rate_limit_per_key=8, rate_limit_per_tenant=0)
+    tenant = f"t-{secrets.token_hex(3)}"
+    with unit_of_work(rt.sessions) as db:
+        _, service = create_key(db, tenant, None)
+        _, other_key = create_key(db, tenant, None)
+    _window_start()
+    codes = [_sessions(c, service, **{"X-User-Id": f"u{i}"}).status_code for i in range(10)]
+    assert codes == [200] * 8 + [429] * 2  # every user fresh: only the key's bucket stops it
+    r = _sessions(c, service, **{"X-User-Id": "yet-another"})
+    body = r.get_json()["error"]
+    assert r.status_code == 429 and body["code"] == "rate_limited" and "STEPRUN_RATE_LIMIT_PER_KEY" in body["message"]
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert _sessions(c, other_key, **{"X-User-Id": "u0"}).status_code == 200  # another key has its own budget
+
+
+def test_the_tenant_budget_holds_across_keys(limited) -> None:  # noqa: ANN001
+    c, rt = limited(rate_limit_per_minute=0, rate_limit_per_key=0, rate_limit_per_tenant=6)
+    tenant = f"t-{secrets.token_hex(3)}"
+    with unit_of_work(rt.sessions) as db:
+        keys = [create_key(db, tenant, f"u{i}")[1] for i in range(4)]
+        _, elsewhere = create_key(db, f"t-{secrets.token_hex(3)}", "u0")
+    _window_start()
+    codes = [_sessions(c, keys[i % 4]).status_code for i in range(8)]
+    assert codes == [200] * 6 + [429] * 2
+    assert "STEPRUN_RATE_LIMIT_PER_TENANT" in _sessions(c, keys[0]).get_json()["error"]["message"]
+    assert _sessions(c, elsewhere).status_code == 200
+
+
+def test_failed_authentications_are_budgeted_per_address_before_any_key_lookup(limited) -> None:  # noqa: ANN001
+    c, rt = limited(auth_failures_per_ip=3)
+    with unit_of_work(rt.sessions) as db:
+        _, good = create_key(db, f"t-{secrets.token_hex(3)}", "u")
+        _, fresh = create_key(db, f"t-{secrets.token_hex(3)}", "u")
+    _window_start()
+    assert _sessions(c, good).status_code == 200  # now in the key cache
+    bad = [_sessions(c, f"sk_bad{i}").status_code for i in range(3)]
+    assert bad == [401] * 3
+    refused = _sessions(c, "sk_bad-again")
+    assert refused.status_code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert "STEPRUN_AUTH_FAILURES_PER_IP" in refused.get_json()["error"]["message"]
+    # Refused before the key is looked up: even a good key from this address waits out the window,
+    # cached (checked with the rate limits) or not (checked before the lookup).
+    assert _sessions(c, good).status_code == 429
+    assert _sessions(c, fresh).status_code == 429
+    # Another address is not held back.
+    assert c.get("/v1/sessions", headers={"Authorization": f"Bearer {good}"},
+                 environ_base={"REMOTE_ADDR": "10.9.8.7"}).status_code == 200
+
+
+def test_x_forwarded_for_counts_only_behind_a_configured_proxy(limited) -> None:  # noqa: ANN001
+    def fail(c, xff: str) -> int:  # noqa: ANN001
+        return c.get("/v1/sessions", headers={"Authorization": "Bearer sk_nope", "X-Forwarded-For": xff},
+                     environ_base={"REMOTE_ADDR": "10.0.0.1"}).status_code
+
+    untrusted, _ = limited(auth_failures_per_ip=2, trusted_proxies=0)
+    behind_proxy, _ = limited(auth_failures_per_ip=2, trusted_proxies=1)
+    _window_start()
+    # No trusted proxy: a client forging X-Forwarded-For is still counted at its own address.
+    c = untrusted
+    assert [fail(c, f"192.0.2.{i}") for i in range(3)] == [401, 401, 429]
+    # One trusted proxy (10.0.0.1): the address it appended is the client; what the client claimed is not.
+    c = behind_proxy
+    assert [fail(c, f"6.6.6.{i}, 198.51.100.7") for i in range(3)] == [401, 401, 429]
+    assert fail(c, "198.51.100.8") == 401  # another client behind the same proxy

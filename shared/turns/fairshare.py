@@ -1,0 +1,204 @@
+"""Fair share of the workers: a cap on the turns one user, and one tenant, run at once.
+
+A turn starts running at its first claim (``queued`` → ``in_progress``). If its
+user (``STEPRUN_MAX_RUNNING_TURNS_PER_USER``) or tenant
+(``STEPRUN_MAX_RUNNING_TURNS_PER_TENANT``) already runs that many turns, the
+worker does not claim it but *defers* it (:func:`admit`): the turn stays its
+session's active turn, ``queued``, with no task in flight (``enqueued_at`` NULL).
+No attempt is spent, no worker waits, no sweep re-sends it.
+
+When a running turn stops running (it ends or pauses), :func:`slot_freed` marks
+the oldest deferred turns of its user that now fit as sent, in that same
+transaction, and sends them once it commits (with the tenant cap on, a thread
+does it on the system path right after the commit, since other users' turns are
+out of the transaction's scope); the scheduler's sweep (:func:`wake_deferred`)
+does the same for a slot freed any other way (a session deleted mid-turn). The
+worker's claim re-checks the caps, so a turn woken once too often is only
+deferred again.
+
+The running count is of ``in_progress`` turns: a turn between two steps still
+holds its slot, a paused turn (``requires_action``) holds none, and its resume is
+not held back (so a user may briefly run more than the cap). On Postgres the
+count and the decision are serialised per user (per tenant, when the tenant cap
+is on) by a transaction-scoped advisory lock, which the wake-up takes too; on
+SQLite (one process) they are best effort.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections import Counter
+from functools import partial
+from typing import Any
+
+from sqlalchemy import ColumnElement, ScalarSelect, func, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from shared.auth.principal import SYSTEM
+from shared.clock import utcnow
+from shared.db import after_commit, unit_of_work
+from shared.metrics import TURNS_DEFERRED
+from shared.models import AgentSession, Turn, TurnStatus
+from shared.runtime import Runtime
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+# The most deferred turns one sweep round looks at.
+SWEEP_BATCH = 200
+
+
+def caps_on(settings: Settings) -> bool:
+    return settings.max_running_turns_per_user > 0 or settings.max_running_turns_per_tenant > 0
+
+
+def _active_turn() -> ScalarSelect[Any]:
+    return select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
+
+
+def _deferred() -> list[ColumnElement[bool]]:
+    """A deferred turn: its session's active turn, queued, not leased, and no task sent (enqueued_at NULL)."""
+    return [Turn.status == TurnStatus.QUEUED, Turn.enqueued_at.is_(None), Turn.lease_expires_at.is_(None),
+            Turn.id == _active_turn()]
+
+
+def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str) -> None:
+    """Serialise the count and the decision per tenant (tenant cap on) or per user (Postgres only)."""
+    if db.get_bind().dialect.name != "postgresql":
+        return
+    name = f"steprun:running:{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
+        f"steprun:running:{tenant_id}:{user_id}"
+    db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(name.encode()) - 2**31})
+
+
+def running(db: Session, settings: Settings, tenant_id: str, user_id: str) -> tuple[int, int]:
+    """(the user's, the tenant's) running turns, in one statement; the tenant's only with its cap on (0 else).
+
+    The tenant's count needs a scope that sees the tenant (the claim's SYSTEM)."""
+    query = select(func.count().filter(Turn.user_id == user_id), func.count()).where(
+        Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)
+    if settings.max_running_turns_per_tenant <= 0:
+        query = query.where(Turn.user_id == user_id)
+        row = db.execute(query).one()
+        return int(row[0]), 0
+    row = db.execute(query).one()
+    return int(row[0]), int(row[1])
+
+
+def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tuple[str, str] | None:
+    """Which cap a new turn would pass ("user" or "tenant") and a phrase for the log; None if it fits."""
+    user_cap, tenant_cap = settings.max_running_turns_per_user, settings.max_running_turns_per_tenant
+    if user_cap > 0 and user_running >= user_cap:
+        return "user", f"its user runs {user_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_USER={user_cap})"
+    if tenant_cap > 0 and tenant_running >= tenant_cap:
+        return "tenant", f"its tenant runs {tenant_running} turns (STEPRUN_MAX_RUNNING_TURNS_PER_TENANT={tenant_cap})"
+    return None
+
+
+def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
+    """Before the claim (``db`` in the SYSTEM scope): False if the turn must wait for a slot, now deferred.
+
+    Only a turn's first claim is checked (step 0, still ``queued``); a running turn's later steps,
+    and a retried attempt, keep the slot it has.
+    """
+    if step != 0 or not caps_on(settings):
+        return True
+    row = db.execute(select(Turn.tenant_id, Turn.user_id, Turn.status)
+                     .where(Turn.id == turn_id, Turn.id == _active_turn())).first()
+    if row is None or row.status != TurnStatus.QUEUED:
+        return True  # the claim decides (not the session's turn: nothing to claim; or already running)
+    _lock(db, settings, row.tenant_id, row.user_id)
+    over = over_cap(settings, *running(db, settings, row.tenant_id, row.user_id))
+    if over is None:
+        return True
+    cap, why = over
+    now = utcnow()
+    db.execute(update(Turn)
+               .where(Turn.id == turn_id, Turn.status == TurnStatus.QUEUED, Turn.step_count == 0,
+                      or_(Turn.lease_expires_at.is_(None), Turn.lease_expires_at < now), Turn.id == _active_turn())
+               .values(enqueued_at=None, lease_owner=None, lease_expires_at=None)
+               .execution_options(synchronize_session=False))
+    log.info("turn %s: deferred, %s; it starts when a slot frees", turn_id, why)
+    after_commit(db, lambda: TURNS_DEFERRED.labels(cap=cap).inc())
+    return False
+
+
+def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
+    """A turn of (tenant, user) stopped running in this transaction (its new status is set): wake who may run.
+
+    With only the user cap, in this transaction (it sees the user's own rows whatever its scope): one
+    lock and one UPDATE, the tasks sent after the commit. With the tenant cap, the tenant's other users'
+    turns are out of this scope's sight: a thread wakes them on the system path once this commits,
+    holding no connection of this transaction while it waits for its own.
+    """
+    if not caps_on(rt.settings):
+        return
+    if rt.settings.max_running_turns_per_tenant > 0:
+        after_commit(db, lambda: threading.Thread(target=_wake_quietly, args=(rt, tenant_id, user_id),
+                                                  name="steprun-fairshare-wake", daemon=True).start())
+        return
+    _wake_in(db, rt, tenant_id, user_id)
+
+
+def _wake_quietly(rt: Runtime, tenant_id: str, user_id: str) -> None:
+    try:
+        wake(rt, tenant_id, user_id)
+    except Exception:  # noqa: BLE001 - the sweep wakes what this could not
+        log.warning("waking the deferred turns of tenant %s failed; the sweep will", tenant_id, exc_info=True)
+
+
+def wake(rt: Runtime, tenant_id: str, user_id: str) -> int:
+    """Send the oldest deferred turns of the user (of the tenant, with the tenant cap) that fit; how many."""
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        return _wake_in(db, rt, tenant_id, user_id)
+
+
+def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> int:
+    settings = rt.settings
+    _lock(db, settings, tenant_id, user_id)
+    query = select(Turn.id, Turn.user_id).where(*_deferred(), Turn.tenant_id == tenant_id)
+    tenant_wide = settings.max_running_turns_per_tenant > 0
+    if not tenant_wide:
+        query = query.where(Turn.user_id == user_id)
+    candidates = db.execute(query.order_by(Turn.created_at, Turn.id).limit(SWEEP_BATCH)).all()
+    if not candidates:
+        return 0
+    owners = {c.user_id for c in candidates}
+    per_user = Counter({owner: int(n) for owner, n in db.execute(
+        select(Turn.user_id, func.count()).where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id,
+                                                 Turn.user_id.in_(owners))
+        .group_by(Turn.user_id)).all()})
+    tenant_running = (db.scalar(select(func.count()).where(
+        Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)) or 0) if tenant_wide else 0
+    chosen: list[str] = []
+    for turn_id, owner in candidates:
+        if over_cap(settings, per_user[owner], tenant_running) is None:
+            chosen.append(turn_id)
+            per_user[owner] += 1
+            tenant_running += 1
+    if not chosen:
+        return 0
+    woken = db.execute(update(Turn).where(Turn.id.in_(chosen), *_deferred()).values(enqueued_at=utcnow())
+                       .returning(Turn.id).execution_options(synchronize_session=False)).scalars().all()
+    for turn_id in woken:
+        log.info("turn %s: a slot freed; sent", turn_id)
+        after_commit(db, partial(rt.queue.enqueue_step, turn_id, 0))
+    return len(woken)
+
+
+def wake_deferred(rt: Runtime) -> int:
+    """The sweep's safety net: wake deferred turns wherever a slot is free (a slot freed without :func:`wake`)."""
+    if not caps_on(rt.settings):
+        return 0
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        owners = db.execute(select(Turn.tenant_id, Turn.user_id).where(*_deferred()).distinct()
+                            .limit(SWEEP_BATCH)).all()
+    tenant_wide = rt.settings.max_running_turns_per_tenant > 0
+    seen: set[tuple[str, str]] = set()
+    woken = 0
+    for tenant_id, user_id in owners:
+        group = (tenant_id, "" if tenant_wide else user_id)
+        if group not in seen:
+            seen.add(group)
+            woken += wake(rt, tenant_id, user_id)
+    return woken

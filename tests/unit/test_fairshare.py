@@ -1,0 +1,141 @@
+"""Fair share: a user (or tenant) at its running cap has its next turns deferred, unclaimed, then woken in order."""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shared.auth.principal import SYSTEM, Principal
+from shared.db import unit_of_work
+from shared.engine.step import build_runtime, run_step
+from shared.models import Turn
+from shared.runtime import Runtime
+from shared.settings import Settings
+from shared.turns import service as turns
+from shared.turns.recovery import sweep
+
+
+class RecordingQueue:
+    """Stands in for the broker: the test runs each sent step itself."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+
+    def enqueue_step(self, turn_id: str, step: int) -> None:
+        self.sent.append((turn_id, step))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def capped(settings: Settings) -> Iterator[Any]:
+    made: list[Runtime] = []
+
+    def make(**caps: Any) -> tuple[Runtime, RecordingQueue]:
+        rt = build_runtime(settings.replace(**caps))
+        made.append(rt)
+        rt.queue.close()
+        rt.queue = RecordingQueue()
+        return rt, rt.queue
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def _start(rt: Runtime, who: Principal, agent: str = "math", text: str = "add 2 and 40") -> tuple[str, str]:
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, agent, None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, text)
+        return session.id, turn.id
+
+
+def _turn(rt: Runtime, turn_id: str) -> Turn:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        turn = db.get(Turn, turn_id)
+        assert turn is not None
+        return turn
+
+
+def test_a_user_at_the_cap_waits_without_an_attempt_and_starts_when_a_slot_frees(capped: Any) -> None:
+    rt, queue = capped(max_running_turns_per_user=2)
+    tenant = f"t-{secrets.token_hex(4)}"
+    hog, other = Principal(tenant, "hog"), Principal(tenant, f"u-{secrets.token_hex(4)}")
+    hog_turns = [_start(rt, hog)[1] for _ in range(4)]
+    assert run_step(rt, hog_turns[0], 0) == "in_progress"
+    assert run_step(rt, hog_turns[1], 0) == "in_progress"
+    for _ in range(3):  # a redelivered task is deferred again, never claimed, never an attempt
+        assert run_step(rt, hog_turns[2], 0) == "deferred"
+    assert run_step(rt, hog_turns[3], 0) == "deferred"
+    deferred = _turn(rt, hog_turns[2])
+    assert (deferred.status, deferred.attempt, deferred.enqueued_at) == ("queued", 0, None)
+    # Nobody else waits for the hog: another user of the tenant runs at once.
+    assert run_step(rt, _start(rt, other)[1], 0) == "in_progress"
+    # Nothing is re-sent while the hog stays at its cap (no busy loop), not even by the sweep.
+    queue.sent.clear()
+    sweep(rt)  # (it may re-send other tests' leftover turns: only the hog's matter here)
+    assert [s for s in queue.sent if s[0] in hog_turns] == []
+    # The hog's first turn ends: its oldest deferred turn is sent (and only that one), and runs.
+    assert run_step(rt, hog_turns[0], 1) == "completed"
+    assert queue.sent == [(hog_turns[2], 0)]
+    assert run_step(rt, hog_turns[2], 0) == "in_progress"
+    assert run_step(rt, hog_turns[3], 0) == "deferred"
+    assert run_step(rt, hog_turns[2], 1) == "completed"
+    assert queue.sent[-1] == (hog_turns[3], 0)
+    assert run_step(rt, hog_turns[3], 0) == "in_progress"
+    assert _turn(rt, hog_turns[3]).attempt == 1
+
+
+def test_the_tenant_cap_defers_every_user_of_the_tenant_and_wakes_the_oldest(capped: Any) -> None:
+    rt, queue = capped(max_running_turns_per_user=0, max_running_turns_per_tenant=2)
+    tenant = f"t-{secrets.token_hex(4)}"
+    a, b, c = (Principal(tenant, f"u{i}") for i in range(3))
+    first, second = _start(rt, a)[1], _start(rt, b)[1]
+    third, fourth = _start(rt, c)[1], _start(rt, a)[1]
+    elsewhere = _start(rt, Principal(f"t-{secrets.token_hex(4)}", "u0"))[1]
+    assert run_step(rt, first, 0) == "in_progress"
+    assert run_step(rt, second, 0) == "in_progress"
+    assert run_step(rt, third, 0) == "deferred"
+    assert run_step(rt, fourth, 0) == "deferred"
+    assert run_step(rt, elsewhere, 0) == "in_progress"  # another tenant is not held back
+    queue.sent.clear()
+    assert run_step(rt, second, 1) == "completed"  # b's turn frees the slot: c's (older) turn takes it
+    deadline = time.monotonic() + 10  # woken on the system path by a thread, right after the commit
+    while not queue.sent and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert queue.sent == [(third, 0)]
+
+
+def test_a_slot_freed_without_a_finish_is_found_by_the_sweep(capped: Any) -> None:
+    rt, queue = capped(max_running_turns_per_user=1)
+    who = Principal(f"t-{secrets.token_hex(4)}", "u")
+    (running_session, running), (_, waiting) = _start(rt, who), _start(rt, who)
+    assert run_step(rt, running, 0) == "in_progress"
+    assert run_step(rt, waiting, 0) == "deferred"
+    with unit_of_work(rt.sessions, who) as db:  # the running turn's session deleted mid-turn
+        turns.delete_session(db, rt, who, running_session)
+    queue.sent.clear()
+    report = sweep(rt)
+    assert report.deferred_woken >= 1 and (waiting, 0) in queue.sent
+    assert run_step(rt, waiting, 0) == "in_progress"
+
+
+def test_a_pause_frees_the_slot(capped: Any) -> None:
+    rt, queue = capped(max_running_turns_per_user=1)
+    who = Principal(f"t-{secrets.token_hex(4)}", "u")
+    paused = _start(rt, who, "bank", "transfer 25 to bob")[1]
+    waiting = _start(rt, who)[1]
+    assert run_step(rt, paused, 0) == "requires_action"
+    assert run_step(rt, waiting, 0) == "in_progress"  # the paused turn holds no slot
+    third = _start(rt, who)[1]
+    assert run_step(rt, third, 0) == "deferred"
+
+
+def test_no_cap_no_deferral(capped: Any) -> None:
+    rt, _ = capped(max_running_turns_per_user=0, max_running_turns_per_tenant=0)
+    who = Principal(f"t-{secrets.token_hex(4)}", "u")
+    assert all(run_step(rt, _start(rt, who)[1], 0) == "in_progress" for _ in range(6))
