@@ -129,7 +129,7 @@ def limited(settings: Settings):  # noqa: ANN201
 def test_rotating_x_user_id_on_a_service_key_does_not_escape_the_key_budget(limited) -> None:  # noqa: ANN001
     c, rt = limited(rate_limit_per_minute=5, rate_limit_per_key=8, rate_limit_per_tenant=0)
     tenant = f"t-{secrets.token_hex(3)}"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         _, service = create_key(db, tenant, None)
         _, other_key = create_key(db, tenant, None)
     _window_start()
@@ -145,7 +145,7 @@ def test_rotating_x_user_id_on_a_service_key_does_not_escape_the_key_budget(limi
 def test_the_tenant_budget_holds_across_keys(limited) -> None:  # noqa: ANN001
     c, rt = limited(rate_limit_per_minute=0, rate_limit_per_key=0, rate_limit_per_tenant=6)
     tenant = f"t-{secrets.token_hex(3)}"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         keys = [create_key(db, tenant, f"u{i}")[1] for i in range(4)]
         _, elsewhere = create_key(db, f"t-{secrets.token_hex(3)}", "u0")
     _window_start()
@@ -157,7 +157,7 @@ def test_the_tenant_budget_holds_across_keys(limited) -> None:  # noqa: ANN001
 
 def test_failed_authentications_are_budgeted_per_address_before_any_key_lookup(limited) -> None:  # noqa: ANN001
     c, rt = limited(auth_failures_per_ip=3)
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         _, good = create_key(db, f"t-{secrets.token_hex(3)}", "u")
         _, fresh = create_key(db, f"t-{secrets.token_hex(3)}", "u")
     _window_start()

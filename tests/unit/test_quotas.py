@@ -40,7 +40,7 @@ def app_with(settings: Settings) -> Iterator[Any]:
 
 
 def _keys(rt: Runtime, tenant: str, *users: str) -> list[str]:
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         return [create_key(db, tenant, user)[1] for user in users]
 
 
@@ -138,7 +138,7 @@ def test_a_rolled_back_turn_gives_its_input_bytes_back(app_with: Any) -> None:
 def test_the_tenant_queued_cap_holds_however_many_user_ids_a_service_key_names(app_with: Any) -> None:
     c, rt = app_with(max_queued_turns_per_tenant=3, max_queued_turns=20)
     tenant = f"t-{secrets.token_hex(3)}"
-    with unit_of_work(rt.sessions) as db:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
         _, service = create_key(db, tenant, None)
     codes = []
     for i in range(5):

@@ -11,7 +11,7 @@ per-user and per-tenant counts of queued turns (each new turn) and of running
 turns (each turn's first claim, shared/turns/fairshare.py) to those few rows.
 
 Revision ID: 0015
-Revises: 0012
+Revises: 0014
 """
 from typing import Sequence, Union
 
