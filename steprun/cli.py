@@ -277,6 +277,7 @@ def dev(port: int | None) -> None:
 
     from api.app import create_app
     from scheduler.main import run_forever
+    from shared.agent import AgentRegistry
     from shared.auth.keys import create_key
     from shared.auth.principal import SYSTEM
     from shared.db import make_engine, unit_of_work
@@ -305,10 +306,11 @@ def dev(port: int | None) -> None:
     configure_logging(settings)
     from shared.engine.step import build_runtime
 
+    agents = AgentRegistry.from_module(settings.agents_module)  # a broken agents module: one line, before anything
     upgrade_engine = make_engine(settings)
     upgrade(upgrade_engine, settings=settings)  # before the runtime: it connects as the login this creates
     upgrade_engine.dispose()
-    rt = build_runtime(settings, dev=True)
+    rt = build_runtime(settings, agents=agents, dev=True)
     key_file = os.path.join(settings.data_dir, "dev-key")
     if os.path.exists(key_file):
         with open(key_file) as f:
