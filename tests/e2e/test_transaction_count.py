@@ -1,0 +1,93 @@
+"""What a turn costs in Postgres transactions, through the real path: a count, so it cannot creep up.
+
+The web process and the worker each reach Postgres through their own counting
+relay (tests/support/pg_counter.py). A client POSTs a turn and long-polls
+``GET /v1/turns/{id}?wait=`` until it ends (the polling shape); the count is
+every transaction either process ran for it, including work done after the
+response (events marked published), taken once both have gone quiet. No
+scheduler runs: its sweeps are per interval, not per turn. The lease is long
+enough that no heartbeat falls inside a turn (heartbeats are per second of a
+running step, not per turn).
+
+Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
+the step's commit, one read at the end); a tool turn (a tool call, then the
+answer) in 9.
+"""
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.settings import Settings
+from tests.support.pg_counter import PgCounter
+from tests.support.processes import Procs, create_key_cli, settings_env
+
+SINGLE_STEP_TARGET = 5
+TOOL_TURN_TARGET = 9
+
+
+@dataclass
+class Counted:
+    url: str
+    headers: dict[str, str]
+    web: PgCounter
+    worker: PgCounter
+
+
+@pytest.fixture(scope="module")
+def counted(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Counted]:
+    env = {**settings_env(settings), "STEPRUN_AGENTS": "tests.support.agents_slow",
+           "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20"}
+    web_pg, worker_pg = PgCounter(env["DATABASE_URL"]), PgCounter(env["DATABASE_URL"])
+    procs = Procs(settings, tmp_path_factory.mktemp("txcount"))
+    try:
+        procs.worker(env={**env, "DATABASE_URL": worker_pg.url})
+        _, url = procs.web(env={**env, "DATABASE_URL": web_pg.url})
+        key = create_key_cli(env, f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}", cwd=Path.cwd())
+        yield Counted(url, {"Authorization": f"Bearer {key}"}, web_pg, worker_pg)
+    finally:
+        procs.stop_all()
+        web_pg.close()
+        worker_pg.close()
+
+
+def _turn_transactions(c: Counted, session_id: str, text: str) -> tuple[int, int, str]:
+    """(web transactions, worker transactions, final status) of one polled turn."""
+    web0, _ = c.web.settle()
+    worker0, _ = c.worker.settle()
+    r = requests.post(f"{c.url}/v1/sessions/{session_id}/turns", json={"input": text}, headers=c.headers,
+                      timeout=30)
+    assert r.status_code == 202, r.text
+    turn = r.json()
+    for _ in range(10):
+        turn = requests.get(f"{c.url}/v1/turns/{turn['id']}?wait=30", headers=c.headers, timeout=60).json()
+        if turn["status"] not in ("queued", "in_progress"):
+            break
+    web1, _ = c.web.settle()
+    worker1, _ = c.worker.settle()
+    return web1 - web0, worker1 - worker0, turn["status"]
+
+
+def _session(c: Counted) -> str:
+    r = requests.post(f"{c.url}/v1/sessions", json={"agent": "math"}, headers=c.headers, timeout=30)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.mark.parametrize(("text", "target"), [("hello there", SINGLE_STEP_TARGET),
+                                              ("please add 2 and 3", TOOL_TURN_TARGET)],
+                         ids=["single-step", "tool-turn"])
+def test_turn_transactions_within_target(counted: Counted, text: str, target: int) -> None:
+    session_id = _session(counted)
+    _turn_transactions(counted, session_id, "warm up")  # a process's first turn loads its caches
+    for _ in range(2):  # a later turn of the same session costs the same
+        web, worker, status = _turn_transactions(counted, session_id, text)
+        assert status == "completed"
+        assert web + worker <= target, (f"{web} web + {worker} worker transactions (target {target}):\n"
+                                        f"web:\n{counted.web.since(len(counted.web.log) - web)}\n"
+                                        f"worker:\n{counted.worker.since(len(counted.worker.log) - worker)}")
