@@ -42,7 +42,8 @@ class Counted:
 @pytest.fixture(scope="module")
 def counted(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Counted]:
     env = {**settings_env(settings), "STEPRUN_AGENTS": "tests.support.agents_slow",
-           "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20"}
+           "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20",
+           "STEPRUN_WORKER_BEAT_SECONDS": "600"}
     web_pg, worker_pg = PgCounter(env["DATABASE_URL"]), PgCounter(env["DATABASE_URL"])
     procs = Procs(settings, tmp_path_factory.mktemp("txcount"))
     try:
@@ -91,3 +92,21 @@ def test_turn_transactions_within_target(counted: Counted, text: str, target: in
         assert web + worker <= target, (f"{web} web + {worker} worker transactions (target {target}):\n"
                                         f"web:\n{counted.web.since(len(counted.web.log) - web)}\n"
                                         f"worker:\n{counted.worker.since(len(counted.worker.log) - worker)}")
+
+
+def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Counted) -> None:
+    """A GET ?wait= on a turn streaming for 1.5 s wakes on its status events, not on each of its deltas."""
+    r = requests.post(f"{counted.url}/v1/sessions", json={"agent": "slow"}, headers=counted.headers, timeout=30)
+    session_id = r.json()["id"]
+    _turn_transactions(counted, session_id, "warm up")
+    web0, _ = counted.web.settle()
+    r = requests.post(f"{counted.url}/v1/sessions/{session_id}/turns", json={"input": "go"},
+                      headers=counted.headers, timeout=30)
+    turn_id = r.json()["id"]
+    web_posted, _ = counted.web.settle(quiet=0.3)
+    turn = requests.get(f"{counted.url}/v1/turns/{turn_id}?wait=30", headers=counted.headers, timeout=60).json()
+    assert turn["status"] == "completed" and len(turn["output"].split()) >= 150
+    web1, _ = counted.web.settle()
+    # The read when the GET arrives and the one after the turn's end: not one per delta flush.
+    assert web1 - web_posted <= 2, counted.web.since(web_posted)
+    assert web_posted - web0 == 1  # the POST
