@@ -10,8 +10,6 @@ from shared.settings import Settings
 from tests.support.pg_counter import PgCounter
 
 
-
-
 def test_connection_in_steady_use_is_not_pinged(settings: Settings) -> None:
     relay = PgCounter(settings.database_url or "")  # counts what reaches the server
     engine = make_engine(Settings(database_url=relay.url, db_pool_size=1, db_max_overflow=0,
