@@ -11,7 +11,7 @@ running step, not per turn).
 
 Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
 the step's commit, one read at the end); a tool turn (a tool call, then the
-answer) in 9. Not reached yet: this pins what is (8 and 15, from 34 and 58), so
+answer) in 9. Not reached yet: this pins what is (8 and 15, from 32 and 66), so
 it cannot creep back up. What is left, per step: the model call's journal
 (its start, with the budget check, and its recorded response: two transactions),
 each tool call's start and result (two), and marking the step's durable events
