@@ -6,8 +6,9 @@ relay (tests/support/pg_counter.py). A client POSTs a turn and long-polls
 every transaction either process ran for it, including work done after the
 response (events marked published), taken once both have gone quiet. No
 scheduler runs: its sweeps are per interval, not per turn. The lease is long
-enough that no heartbeat falls inside a turn (heartbeats are per second of a
-running step, not per turn).
+enough that no heartbeat falls inside a turn, the worker's own beat and the API's
+key cache (a key read every 30 s) are set long, as all three are per second,
+not per turn.
 
 Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
 the step's commit, one read at the end); a tool turn (a tool call, then the
@@ -50,7 +51,7 @@ class Counted:
 def counted(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Counted]:
     env = {**settings_env(settings), "STEPRUN_AGENTS": "tests.support.agents_slow",
            "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20",
-           "STEPRUN_WORKER_BEAT_SECONDS": "600"}
+           "STEPRUN_WORKER_BEAT_SECONDS": "600", "STEPRUN_KEY_CACHE_SECONDS": "600"}
     web_pg, worker_pg = PgCounter(env["DATABASE_URL"]), PgCounter(env["DATABASE_URL"])
     procs = Procs(settings, tmp_path_factory.mktemp("txcount"))
     try:
@@ -116,4 +117,4 @@ def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Cou
     web1, _ = counted.web.settle()
     # The read when the GET arrives and the one after the turn's end: not one per delta flush.
     assert web1 - web_posted <= 2, counted.web.since(web_posted)
-    assert web_posted - web0 == 1  # the POST
+    assert web_posted - web0 == 1, counted.web.since(web0)  # the POST
