@@ -230,8 +230,8 @@ class _RestartableLog:
         self._events = events
 
     @contextmanager
-    def listen(self, session_id: str) -> Iterator[Ring]:
-        with self._events.listen(session_id) as ring:
+    def listen(self, session_id: str, durable: bool = False) -> Iterator[Ring]:
+        with self._events.listen(session_id, durable=durable) as ring:
             proxy = _RestartRing(ring)
             _SSE_RINGS.add(proxy)
             try:

@@ -13,6 +13,7 @@ from api.relay import waiting_slot
 from api.serialize import turn_json
 from shared.models import ACTIVE
 from shared.runtime import Runtime
+from shared.turns import events as turn_events
 from shared.turns import service as turns
 
 bp = Blueprint("turns", __name__, url_prefix="/v1/turns")
@@ -52,16 +53,24 @@ def get_turn(turn_id: str) -> Response:
 def _wait_for(rt: Runtime, turn_id: str, turn: Any, deadline: float) -> Any:
     """The turn once it is no longer running, or as it is at ``deadline``."""
     while _running(turn.status) and time.monotonic() < deadline:
-        # Every status change publishes an event: read the log's head *before*
-        # re-reading the turn, so a change in between still wakes the wait.
-        cursor = rt.events.head(turn.session_id)
         db().close()  # hold no connection while waiting
-        turn = turns.get_turn(db(), principal(), turn_id)
-        if not _running(turn.status):
-            break
-        db().close()
-        rt.events.wait(turn.session_id, cursor, max(0.0, min(deadline - time.monotonic(), 5.0)), limit=1)
-        turn = turns.get_turn(db(), principal(), turn_id)
+        session_id = turn.session_id
+
+        def still_running() -> bool:
+            running = _running(turns.get_turn(db(), principal(), turn_id).status)
+            db().close()
+            return running
+
+        # Wakes on the session's status events only (not its deltas); reads the log's tail, not the turn.
+        turn_events.wait_turn_status(rt.events, session_id, turn_id, deadline - time.monotonic(), still_running)
+        turn = turns.get_turn(db(), principal(), turn_id)  # the one read after the turn's end
+        if _running(turn.status) and time.monotonic() < deadline:
+            # The log showed an end the row does not (yet): a resumed turn's old pause, or a publish
+            # ahead of its read. Wait for the next status event rather than looking again at once.
+            db().close()
+            with rt.events.listen(session_id, durable=True) as ring:
+                ring.wait(max(0.0, min(deadline - time.monotonic(), 1.0)))
+            turn = turns.get_turn(db(), principal(), turn_id)
     return turn
 
 

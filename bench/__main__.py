@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -24,12 +25,13 @@ from bench import recovery, report, scenarios
 from bench.runner import Loader, Progress
 from bench.stack import ROOT, Stack, StackConfig
 
-ALL = ("connections", "overhead", "responses", "throughput", "fanout", "recovery", "autoscale")
-QUICK = dict(levels="8,32", tools_levels="16", level_seconds=4.0, warmup=1.0, overhead_turns=30, overhead_seconds=6.0,
+ALL = ("cost", "connections", "overhead", "responses", "throughput", "fanout", "recovery", "autoscale")
+QUICK = dict(cost_seconds=5.0,
+             levels="8,32", tools_levels="16", level_seconds=4.0, warmup=1.0, overhead_turns=30, overhead_seconds=6.0,
              fanout_sessions=4, fanout_clients=50, fanout_seconds=4.0, connections=1000, connect_seconds=15.0,
              hold_seconds=2.0, conn_loaders=2, recovery_trials=1, lease=3.0,
              responses_turns=60, responses_concurrency=4, responses_seconds=40.0,
-             scenarios="connections,overhead,responses,throughput,fanout,recovery")
+             scenarios="cost,connections,overhead,responses,throughput,fanout,recovery")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,7 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--whatif", default="", metavar="FIXES",
                    help="Patch proposed fixes into the served processes (bench/whatif.py): a comma-separated "
                         "subset of redis-pool=N, auth-cache, no-preping. Empty: the code as it is.")
+    g.add_argument("--shared-redis", action="store_true",
+                   help="Use --redis-url as it is instead of a private redis-server for the run (then Redis "
+                        "command counts include whatever else uses that server).")
     g = p.add_argument_group("durations and sizes")
+    g.add_argument("--cost-users", type=int, default=16, help="Users at once in the cost-per-turn scenario.")
+    g.add_argument("--cost-seconds", type=float, default=10.0, help="Measured seconds per cost shape.")
     g.add_argument("--levels", default="1,8,32,64,128", help="Throughput concurrency levels.")
     g.add_argument("--tools-levels", default="1,8,32,64", help="Levels for the three-step turns.")
     g.add_argument("--level-seconds", type=float, default=10.0, help="Measured seconds per level.")
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     config = StackConfig(admin_url=opts.admin_url, redis_url=opts.redis_url, workers=opts.workers,
                          worker_concurrency=opts.worker_concurrency, lease_seconds=opts.lease,
                          web_connections=max(6000, opts.connections + 1000),
-                         whatif=opts.whatif,
+                         whatif=opts.whatif, own_redis=not opts.shared_redis and bool(shutil.which("redis-server")),
                          agent_options=dict(ttft=opts.ttft, tps=opts.tps, words=opts.words,
                                             stream_tps=2000.0, stream_words=fanout_words))
     results: dict[str, Any] = {"started": time.time(), "machine": report.machine(), "command": command,
@@ -185,7 +192,8 @@ def run_scenarios(stack: Stack, opts: argparse.Namespace, progress: Progress, re
         results.setdefault("profiles", []).extend(prof.summaries())
         return out
 
-    run = {"connections": lambda: scenarios.connections(stack, opts, progress),
+    run = {"cost": lambda: scenarios.cost(stack, opts, progress),
+           "connections": lambda: scenarios.connections(stack, opts, progress),
            "overhead": lambda: scenarios.overhead(stack, opts, progress),
            "responses": lambda: scenarios.responses(stack, opts, progress),
            "throughput": throughput, "fanout": fanout,

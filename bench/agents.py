@@ -7,7 +7,9 @@ served processes read no benchmark-specific environment:
 - ``single``: one step; streams ``words`` words at ``tps`` after ``ttft``;
 - ``tools``: three steps; calls ``add``, then ``multiply``, then answers;
 - ``stream``: one long step for the fan-out scenario (many words, fast);
-- ``slow``: one long step at a modest rate, to be killed mid-stream (recovery).
+- ``slow``: one long step at a modest rate, to be killed mid-stream (recovery);
+- ``echo``: one step that echoes the input at once (no model time: the runtime's own cost per turn);
+- ``echo_tool``: two steps at once: calls ``add`` with the input's numbers, then answers with its result.
 """
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ def make_agents(*, ttft: float, tps: float, words: int, stream_words: int = 20_0
               tools=[add, multiply], max_steps=8),
         Agent(name="stream", description="One long, fast stream (fan-out).",
               model=ScriptedModel(ttft=0.0, tps=stream_tps, words=stream_words)),
+        Agent(name="echo", description="One step, no model time: echoes the input.", model=ScriptedModel()),
+        Agent(name="echo_tool", description="Two steps, no model time: add(), then the answer.",
+              model=ScriptedModel(), tools=[add]),
         Agent(name="slow", description="One long, slow stream (killed mid-step by the recovery scenario).",
               model=ScriptedModel(ttft=0.0, tps=slow_tps, words=int(slow_tps * 120))),
     ]

@@ -12,6 +12,10 @@ from typing import Any
 
 PACKAGES = ("gunicorn", "gevent", "greenlet", "flask", "flask-sock", "simple-websocket", "celery", "kombu",
             "redis", "sqlalchemy", "psycopg2-binary", "websocket-client")
+# Per turn (issue 15): CPU-ms summed over web and worker, Postgres transactions, Redis commands.
+COST_TARGETS = {"1-step": dict(cpu_ms=13.0, pg_transactions=5, redis_calls=25),
+                "tool": dict(cpu_ms=30.0, pg_transactions=9, redis_calls=None)}
+COST_RATE = dict(turns_per_s=100.0, p50=0.150)  # single-step turns at 16 users, full Procfile topology
 TARGETS = dict(turns_per_s=150.0, overhead_p50=0.010, overhead_p99=0.050, deltas_per_s=50_000,
                connections=5000, kib_per_connection=50.0)
 
@@ -65,8 +69,38 @@ def _yes(ok: bool | None) -> str:
     return "-" if ok is None else ("**yes**" if ok else "**no**")
 
 
+def cost_checks(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(what, measured, met) for each target a cost row is held to."""
+    t = COST_TARGETS[r["kind"]]
+    pt = r.get("per_turn") or {}
+    cpu = round(r.get("api_ms_per_turn", 0) + r.get("workers_ms_per_turn", 0), 1)
+    checks = [(f"web+worker ≤ {t['cpu_ms']:g} CPU-ms", f"{cpu:g} CPU-ms", cpu <= t["cpu_ms"]),
+              (f"≤ {t['pg_transactions']} Postgres transactions", f"{pt.get('pg_transactions', '-')} transactions",
+               pt.get("pg_transactions", 1e9) <= t["pg_transactions"])]
+    if t["redis_calls"] is not None:
+        checks.append((f"≤ {t['redis_calls']} Redis commands", f"{pt.get('redis_calls', '-')} Redis commands",
+                       pt.get("redis_calls", 1e9) <= t["redis_calls"]))
+    if r["kind"] == "1-step":
+        checks.append((f"≥ {COST_RATE['turns_per_s']:g} turns/s", f"{r['turns_per_s']} turns/s",
+                       r["turns_per_s"] >= COST_RATE["turns_per_s"]))
+        checks.append((f"p50 < {COST_RATE['p50'] * 1000:g} ms", f"p50 {_ms(r['p50'])}",
+                       r["p50"] is not None and r["p50"] < COST_RATE["p50"]))
+    return checks
+
+
 def rows(results: dict[str, Any]) -> list[list[str]]:
     out: list[list[str]] = []
+    for r in results.get("cost") or []:
+        checks = cost_checks(r)
+        note = f" ({r['errors']} errors)" if r["errors"] else ""
+        out.append([f"cost per turn, {r['kind']}", f"c={r['concurrency']}, {r['shape']}",
+                    f"{r['turns_per_s']} turns/s{note}; CPU-ms web {r['api_ms_per_turn']}, worker "
+                    f"{r['workers_ms_per_turn']}, Postgres {r['postgres_ms_per_turn']}; "
+                    f"{(r.get('per_turn') or {}).get('pg_transactions', '-')} xact, "
+                    f"{(r.get('per_turn') or {}).get('redis_calls', '-')} Redis cmds",
+                    _ms(r["p50"]), _ms(r["p99"]),
+                    "; ".join(what for what, _, _ in checks),
+                    " ".join(("yes" if ok else "NO") for _, _, ok in checks)])
     tp = results.get("throughput") or []
     for agent in ("single", "tools"):
         levels = [r for r in tp if r["agent"] == agent]

@@ -43,8 +43,9 @@ def process_groups(stack: Stack, loaders: list[Loader]) -> dict[str, Any]:
 class QueueSampler:
     """Samples shared.stats.queue_stats twice a second; keeps the worst oldest-wait seen."""
 
-    def __init__(self, stack: Stack):
+    def __init__(self, stack: Stack, enabled: bool = True):
         self.stack = stack
+        self.enabled = enabled
         self.max_oldest = 0.0
         self.max_waiting = 0
         self.p95: float | None = None
@@ -52,12 +53,14 @@ class QueueSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> QueueSampler:
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self.enabled:
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         from sqlalchemy.orm import Session
@@ -76,28 +79,38 @@ class QueueSampler:
                 self.p95 = s.start_delay_p95_seconds
 
 
-def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: list[int]) -> list[dict[str, Any]]:
-    """Closed loop: ``c`` users, each on its own session, start a turn as soon as the last one ended."""
+def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: list[int],
+               observe: str | None = None, sample_queue: bool = True,
+               seconds: float | None = None) -> list[dict[str, Any]]:
+    """Closed loop: ``c`` users, each on its own session, start a turn as soon as the last one ended.
+
+    ``observe``: "stream" (each user follows its session's stream and waits there for the turn's end)
+    or "turn" (the polling shape: POST the turn, then long-poll ``GET /v1/turns/{id}?wait=``);
+    default ``opts.observe``. ``sample_queue``: read the queue's latency twice a second (a few
+    transactions of its own, left out where transactions per turn are the figure).
+    """
+    observe = observe or opts.observe
+    seconds = seconds or opts.level_seconds
     rows = []
     for c in levels:
         setup = 2.0 + c * 0.02
         start_at = time.time() + setup
         measure_from = start_at + opts.warmup
-        stop_at = measure_from + opts.level_seconds
+        stop_at = measure_from + seconds
         keys = [k for _, k in stack.users(c)]
         jobs, first = [], 0
         for n in split(c, opts.loaders):
             jobs.append(dict(kind="throughput", url=stack.url, keys=keys[first:first + n], agent=agent, users=n,
-                             start_at=start_at, measure_from=measure_from, stop_at=stop_at, observe=opts.observe,
+                             start_at=start_at, measure_from=measure_from, stop_at=stop_at, observe=observe,
                              stream=opts.stream, drain=20.0))
             first += n
         loaders = [Loader(j) for j in jobs]
         meter = CpuMeter(process_groups(stack, loaders))
-        label = f"throughput {agent} c={c}"
+        label = f"throughput {agent} c={c}" + ("" if observe == "stream" else " (polling)")
         watch(loaders, measure_from, label, progress, lambda t: f"warming up, {int(t.get('done', 0))} turns")
         meter.start()
         servers = ServerCounters(stack).start()
-        with QueueSampler(stack) as queue:
+        with QueueSampler(stack, enabled=sample_queue) as queue:
             done0 = time.time()
             watch(loaders, stop_at, label, progress,
                   lambda t: f"{int(t.get('done', 0))} turns  errors={int(t.get('errors', 0))}")
@@ -106,21 +119,47 @@ def throughput(stack: Stack, opts: Any, progress: Progress, agent: str, levels: 
         results = [ld.wait(timeout=max(0.0, stop_at - time.time()) + 40) for ld in loaders]
         latencies = [x for r in results for x in r["latencies"]]
         completed = sum(r["completed"] for r in results)
-        row = dict(agent=agent, concurrency=c, seconds=opts.level_seconds, completed=completed,
-                   turns_per_s=round(completed / opts.level_seconds, 1), p50=percentile(latencies, 50),
+        row = dict(agent=agent, concurrency=c, seconds=seconds, completed=completed,
+                   turns_per_s=round(completed / seconds, 1), p50=percentile(latencies, 50),
                    p99=percentile(latencies, 99), errors=sum(r["error_count"] for r in results),
                    error_samples=[e for r in results for e in r["errors"]][:3],
                    statuses=sorted({s for r in results for s in r["statuses"]}),
                    stream=results[0]["stream"], queue_oldest_max=round(queue.max_oldest, 3),
                    # CPU per completed turn, per process type: what scales with more processes.
-                   **{f"{k[:-8]}_ms_per_turn": round(v / 100 / max(completed / opts.level_seconds, 1e-9) * 1000, 1)
-                      for k, v in cpu.items() if k.endswith("_cpu_pct") and k != "other_cpu_pct"},
-                   queue_start_p95=queue.p95, per_turn=per(counts, completed), **cpu)
+                   **{f"{k}_ms_per_turn": round(v / max(completed, 1) * 1000, 1) for k, v in meter.used.items()},
+                   queue_start_p95=queue.p95, per_turn=per(counts, completed), observe=observe, **cpu)
         progress.done(f"[{label}] {row['turns_per_s']} turns/s  p50={_ms(row['p50'])}  p99={_ms(row['p99'])}  "
                       f"errors={row['errors']}  cpu: {_cpu(cpu)}  queue-oldest-max={row['queue_oldest_max']}s"
                       f"  (measured {time.time() - done0:.0f}s)")
         rows.append(row)
         time.sleep(1.0)
+    return rows
+
+
+COST_AGENTS = (("echo", "1-step"), ("echo_tool", "tool"))
+COST_SHAPES = (("stream", "websocket"), ("turn", "polling"))
+
+
+def cost(stack: Stack, opts: Any, progress: Progress) -> list[dict[str, Any]]:
+    """What one turn costs: the echo agents (no model time) at ``cost_users`` users, on both client shapes.
+
+    The WebSocket shape (each user follows its session's stream) and the polling shape (POST the
+    turn, long-poll ``GET /v1/turns/{id}?wait=``); a single-step turn and a tool turn (a tool call,
+    then the answer) on each. Per turn: CPU-ms per process type, Postgres transactions (the run's
+    database), Redis commands. bench/report.py checks them against the targets.
+    """
+    rows = []
+    for observe, shape in COST_SHAPES:
+        for agent, kind in COST_AGENTS:
+            for row in throughput(stack, opts, progress, agent, [opts.cost_users], observe=observe,
+                                  sample_queue=False, seconds=opts.cost_seconds):
+                row.update(shape=shape, kind=kind)
+                pt = row["per_turn"]
+                progress.done(f"[cost {kind} {shape}] per turn: web {row['api_ms_per_turn']} + worker "
+                              f"{row['workers_ms_per_turn']} CPU-ms (Postgres {row['postgres_ms_per_turn']}, "
+                              f"Redis {row['redis_ms_per_turn']}); {pt.get('pg_transactions')} transactions, "
+                              f"{pt.get('redis_calls')} Redis commands {pt.get('redis_commands')}")
+                rows.append(row)
     return rows
 
 

@@ -50,6 +50,8 @@ class StackConfig:
     whatif: str = ""
     # More STEPRUN_* settings for every served process (e.g. the soak turns the rate limit off).
     extra_env: dict = field(default_factory=dict)
+    # Start a private redis-server for the run (exact Redis command counts: nothing else uses it).
+    own_redis: bool = False
 
 
 class Proc:
@@ -112,6 +114,8 @@ class Stack:
         from shared.migrate import upgrade
         from shared.settings import Settings
 
+        if self.config.own_redis:
+            self._start_redis()
         admin = create_engine(self.config.admin_url.replace("postgresql://", "postgresql+psycopg2://"),
                               isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -132,6 +136,26 @@ class Stack:
         self.procs.append(Proc("scheduler", [sys.executable, "-m", "scheduler"], self.env(), self.tmp))
         self.start_web()
         return self
+
+    def _start_redis(self) -> None:
+        """A redis-server of the run's own (no persistence), so INFO commandstats counts this run alone."""
+        import redis
+
+        port = free_port()
+        proc = Proc("redis", [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                              "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.tmp)],
+                    dict(os.environ), self.tmp)
+        self.procs.append(proc)
+        self.config.redis_url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                redis.Redis.from_url(self.config.redis_url).ping()
+                return
+            except redis.RedisError:
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start:\n{proc.log()[-2000:]}") from None
+                time.sleep(0.1)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

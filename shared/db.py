@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -66,17 +67,50 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         # Fail fast instead of queueing forever when the pool is exhausted.
         pool_timeout=5,
-        pool_pre_ping=True,
         pool_recycle=1800,
         # A failed statement's error (and its log line) must not carry user content: no parameters in it.
         hide_parameters=True,
     )
+    ping_idle_connections(engine, settings.db_ping_idle_seconds)
+    return engine
+
+
+def ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
+    """Ping a pooled connection before use only if it sat idle longer than ``idle_seconds``.
+
+    ``pool_pre_ping`` pings at every checkout: a round trip, and a transaction of its own
+    for Postgres, before every unit of work (half the transactions of a turn). A connection
+    in steady use is known alive; one that died anyway (the server restarted) fails its
+    statement, which invalidates the whole pool (SQLAlchemy's disconnect handling), and the
+    API answers 503 / the worker retries its commit. An idle one may have been cut (server
+    restart, idle timeouts): it is pinged, and replaced if dead.
+    """
+    from sqlalchemy import exc as sa_exc
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since <= idle_seconds and idle_seconds > 0:
+            return  # new (just connected), or in steady use
+        try:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("SELECT 1")
+            finally:
+                cur.close()
+            dbapi_conn.rollback()
+        except Exception as exc:  # noqa: BLE001 - any failure here means this connection is unusable
+            raise sa_exc.DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
 class _RoutedSession(Session):

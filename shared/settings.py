@@ -437,6 +437,10 @@ class Settings:
     # Database pool (per process).
     db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "SQLAlchemy pool size per process.")
     db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10, "SQLAlchemy pool overflow per process.")
+    db_ping_idle_seconds: float = _setting(
+        "STEPRUN_DB_PING_IDLE_SECONDS", 10.0,
+        "A pooled connection idle longer than this is pinged (SELECT 1) before use; one in steady use is not "
+        "(a dead one fails its statement and the pool reconnects). 0: ping at every checkout.")
     db_role: str = _setting(
         "STEPRUN_DB_ROLE", "steprun_app",
         "The Postgres login user data is read and written as (row-level security binds it): created by "

@@ -16,7 +16,7 @@ import time
 from sqlalchemy import func, select, update
 
 from shared.clock import utcnow
-from shared.db import database_unavailable, rowcount, unit_of_work
+from shared.db import database_unavailable, unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
 from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_model
@@ -58,17 +58,19 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
         # Session first, then turn: the same lock order as the API's cancel and create paths.
         session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
                              .with_for_update()).first()
-        fenced = db.execute(
+        # The fenced update returns the turn's row: no second read of it.
+        turn = db.scalars(
             update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt, Turn.step_count == claim.step)
             .values(step_count=claim.step + 1, step_attempt=0, lease_owner=None, lease_expires_at=None,
                     retry_reason=None)
-            .execution_options(synchronize_session=False)
-        )
-        turn = db.get(Turn, claim.turn_id) if rowcount(fenced) else None
+            .returning(Turn), execution_options={"populate_existing": True}
+        ).first()
         if session is None or turn is None:
             return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
         events.trace.write(db, turn, result)  # the spans commit (or not) with the step
-        number = (db.scalar(select(func.max(Checkpoint.number)).where(Checkpoint.session_id == session.id)) or 0) + 1
+        # The next number is computed by the INSERT itself (the session row is locked: no race).
+        number = (select(func.coalesce(func.max(Checkpoint.number), 0) + 1)
+                  .where(Checkpoint.session_id == session.id).scalar_subquery())
         clean = [for_model(m) for m in result.new_messages]
         db.add(Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, number=number,
                           turn_id=turn.id, step=claim.step, state={"messages": state + clean}))

@@ -110,6 +110,10 @@ def _lease_lost() -> StepInterrupted:
 def load_journal(rt: Runtime, claim: Claim, steps: tuple[int, ...]) -> StepJournal:
     """The recorded response of this step and the journaled tool calls of ``steps``."""
     journal = StepJournal()
+    if set(steps) == {claim.step} and claim.step_attempt == 1:
+        # The first claim of this step (step_attempt counts them; only the commit that advances the
+        # step resets it) and no paused step to resume: no attempt can have recorded anything yet.
+        return journal
     with unit_of_work(rt.sessions, claim.principal) as db:
         row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step,
                                                  ModelCall.status == "recorded")).first()

@@ -75,14 +75,15 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         return StepOutcome.PASSED_ON
     # The claim looks a turn up by id alone: the one cross-tenant read of a step.
     claimed_at = time.monotonic()  # the lease runs from (no earlier than) here
+    # The claim and the step's input in one transaction (one round of BEGIN/COMMIT): the input is
+    # read by the ids the claim returned, so the system scope reads nothing the turn's owner cannot.
     with unit_of_work(rt.sessions, SYSTEM) as db:
         if not fairshare.admit(db, rt.settings, turn_id, step):
             return StepOutcome.DEFERRED  # its user or tenant is at its running cap: sent again when a slot frees
         claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
+        loaded = load_step_input(db, claim, rt.settings.turn_time_limit) if claim is not None else None
     if claim is None:
         return StepOutcome.SKIPPED
-    with unit_of_work(rt.sessions, claim.principal) as db:
-        loaded = load_step_input(db, claim, rt.settings.turn_time_limit)
     # The connection is back in the pool before the model is called.
     if loaded is None:
         return StepOutcome.ZOMBIE  # deleted under us: nothing to commit to

@@ -98,6 +98,9 @@ class MemoryEventLog:
                 self._cond.notify_all()
                 for ring in self._rings.get(session_id, ()):
                     ring.set()
+                if any(ids or ()):
+                    for ring in self._rings.get(session_id + ":d", ()):
+                        ring.set()
             return Appended(last, cancel_turn_id in self._cancels, reset)
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
@@ -125,20 +128,25 @@ class MemoryEventLog:
                     return batch
                 self._cond.wait(min(remaining, 1.0))
 
-    @contextmanager
-    def listen(self, session_id: str) -> Iterator[Ring]:
-        ring = Ring()
+    def tail(self, session_id: str, count: int) -> list[str]:
         with self._cond:
-            self._rings[session_id].add(ring)
+            return [b for _, b in reversed(self._live(session_id)[-count:])] if count > 0 else []
+
+    @contextmanager
+    def listen(self, session_id: str, durable: bool = False) -> Iterator[Ring]:
+        ring = Ring()
+        key = session_id + ":d" if durable else session_id
+        with self._cond:
+            self._rings[key].add(ring)
         try:
             yield ring
         finally:
             with self._cond:
-                rings = self._rings.get(session_id)
+                rings = self._rings.get(key)
                 if rings is not None:
                     rings.discard(ring)
                     if not rings:
-                        del self._rings[session_id]
+                        del self._rings[key]
 
     def delete(self, session_id: str) -> None:
         with self._cond:

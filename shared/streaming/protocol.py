@@ -117,8 +117,15 @@ class EventLog(Protocol):
         """Like read, but waits up to ``timeout`` seconds for something after ``after``."""
         ...
 
-    def listen(self, session_id: str) -> AbstractContextManager[Ring]:
+    def tail(self, session_id: str, count: int) -> list[str]:
+        """The last ``count`` event bodies of the session's log (without cursors), newest first."""
+        ...
+
+    def listen(self, session_id: str, durable: bool = False) -> AbstractContextManager[Ring]:
         """A wake-up flag, set when the session may have new events, for as long as the block runs.
+
+        ``durable``: set only by appends that add a durable event (:data:`DURABLE_TYPES`: step and
+        turn status changes, tool calls), not by deltas: for waiters on a status.
 
         A doorbell, not a delivery: it may ring spuriously or (during a Redis
         reconnect) late, so a listener clears it, re-reads the log after its

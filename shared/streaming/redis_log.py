@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 # KEYS: stream, counter, cancel flag ('' for none), fence ('' for none), ids held, era start.
 # ARGV: channel, maxlen, ttl, attempt, close, floor, then (id, body) pairs ('' id: not deduplicated).
 # Returns {last cursor (0 if nothing added; -1 refused by the fence), cancel flag, era reset}.
+# Rings the session's channel for every append, and its ``:d`` channel for those adding a durable event.
 # One round trip appends a whole batch, atomically: a refused batch adds nothing.
 _APPEND_LUA = """
 local attempt = tonumber(ARGV[4])
@@ -41,17 +43,21 @@ if current == false or tonumber(current) < floor then
   reset = 1
 end
 local c = 0
+local durable = false
 for i = 7, #ARGV, 2 do
   local id = ARGV[i]
   if id == '' or redis.call('HSETNX', KEYS[5], id, 1) == 1 then
     c = redis.call('INCR', KEYS[2])
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], string.format('%.0f-0', c), 'e', ARGV[i + 1])
+    if id ~= '' then durable = true end
   end
 end
 for i = 1, 6 do
   if i ~= 3 and i ~= 4 and KEYS[i] ~= '' then redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 end
 if c ~= 0 then redis.call('PUBLISH', ARGV[1], string.format('%.0f', c)) end
+-- The durable doorbell: rung only by appends with a durable event (status changes, not deltas).
+if durable then redis.call('PUBLISH', ARGV[1] .. ':d', string.format('%.0f', c)) end
 local cancel = 0
 if KEYS[3] ~= '' then cancel = redis.call('EXISTS', KEYS[3]) end
 return {string.format('%.0f', c), cancel, reset}
@@ -137,8 +143,13 @@ class RedisEventLog:
                 ring.wait(min(remaining, 1.0))
                 ring.clear()
 
-    def listen(self, session_id: str) -> _Listening:
-        return self.doorbell().listen(self._keys(session_id)[2])
+    def tail(self, session_id: str, count: int) -> list[str]:
+        stream, _, _ = self._keys(session_id)
+        return [fields[b"e"].decode() for _, fields in self.redis.xrevrange(stream, count=count)]
+
+    def listen(self, session_id: str, durable: bool = False) -> _Listening:
+        channel = self._keys(session_id)[2]
+        return self.doorbell().listen(channel + ":d" if durable else channel)
 
     def doorbell(self) -> Doorbell:
         with self._doorbell_lock:
@@ -193,6 +204,10 @@ class Doorbell:
         self._lock = threading.Lock()
         self._changes: list[tuple[str, str]] = []
         self._closed = False
+        # This doorbell's own channel: a message on it wakes the listener thread to subscribe at once
+        # (it would otherwise see a new subscription only when its read times out).
+        self._control = f"steprun-doorbell:{uuid.uuid4().hex}"
+        self._armed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="steprun-doorbell", daemon=True)
         self._thread.start()
 
@@ -205,6 +220,11 @@ class Doorbell:
             self._waiters[channel].add(ring)
             if first:
                 self._changes.append(("sub", channel))
+        if first and self._armed.is_set():
+            try:
+                self.redis.publish(self._control, "")
+            except Exception:  # noqa: BLE001 - the listener subscribes on its next read timeout anyway
+                pass
 
     def _remove(self, channel: str, ring: Ring) -> None:
         with self._lock:
@@ -229,6 +249,8 @@ class Doorbell:
                 with self._lock:
                     # After a reconnect, subscribe everything anyone still waits on.
                     self._changes = [("sub", ch) for ch in self._waiters]
+                pubsub.subscribe(self._control)
+                self._armed.set()
                 while not self._closed:
                     with self._lock:
                         changes, self._changes = self._changes, []
@@ -237,11 +259,14 @@ class Doorbell:
                     if not pubsub.subscribed:
                         time.sleep(0.02)
                         continue
-                    message = pubsub.get_message(timeout=0.05)
+                    message = pubsub.get_message(timeout=0.25)
                     if message and message["type"] in ("message", "subscribe"):
                         channel = message["channel"]
-                        self._wake(channel.decode() if isinstance(channel, bytes) else channel)
+                        name = channel.decode() if isinstance(channel, bytes) else channel
+                        if name != self._control:  # the control channel only wakes this loop
+                            self._wake(name)
             except Exception:  # noqa: BLE001 - a lost connection: back off, reconnect, re-subscribe
+                self._armed.clear()
                 if not self._closed:
                     log.warning("event doorbell: pub/sub connection failed; reconnecting", exc_info=True)
                 time.sleep(0.5)

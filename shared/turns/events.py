@@ -14,15 +14,17 @@ at most once, so any of these may publish them again without a duplicate:
   restored from an older snapshot) gets the session's recent durable events again, so
   a client told 410 can read them from the cursor the 410 names.
 
-Each successful publish also raises ``sessions.event_cursor``: the floor below which a
-log must never issue a cursor again.
+Each successful publish of durable events also raises ``sessions.event_cursor``: the floor
+below which a log must never issue a cursor again (a step's commit raises it past every cursor
+the step saw, its deltas and the turn's non-durable events included).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,7 +37,7 @@ from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
 from shared.models import AgentSession, StreamEvent, new_id
 from shared.runtime import Runtime
-from shared.streaming.protocol import DURABLE_TYPES, Fence, encode_event
+from shared.streaming.protocol import DURABLE_TYPES, EventLog, Fence, encode_event
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +112,84 @@ def publish(rt: Runtime, scope: Scope, session_id: str, items: list[Durable]) ->
     for turn_id in closing[1:]:  # several turns ending in one commit (rare): close each fence
         rt.events.append_events(session_id, [], fence=Fence(turn_id, close=True))
     durable = [i for i in ids if i]
-    if durable or done.last or done.reset:
+    # Only durable events need marking. An append of non-durable events alone (turn.queued) leaves
+    # the cursor floor to the session's next commit, which raises it past every cursor its step saw,
+    # as it does for the step's own deltas: no transaction of its own for it.
+    if done.reset:
+        threading.Thread(target=_after_reset, args=(rt, scope, session_id, durable, done.last),
+                         name="steprun-republish", daemon=True).start()
+    elif durable:
         # Off the caller's path: this runs after a commit whose connection is still checked out, and a
         # second checkout per publish starves the pool under concurrency (measured: 24 users at once got
-        # pool timeouts). Best effort: rows left unmarked are re-appended (skipped by id) and marked by
-        # the scheduler's republish sweep.
-        threading.Thread(target=_after_publish, args=(rt, scope, session_id, durable, done.last, done.reset),
-                         name="steprun-mark-published", daemon=True).start()
+        # pool timeouts). Batched: one transaction marks what every commit of this process published in
+        # the last few milliseconds. Best effort: rows left unmarked are re-appended (skipped by id) and
+        # marked by the scheduler's republish sweep.
+        _marker(rt).add(session_id, durable, done.last)
     return done.last
 
 
-def _after_publish(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int, reset: bool) -> None:
+def _after_reset(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int) -> None:
     try:
         if ids or cursor:
             mark_published(rt, scope, session_id, ids, cursor)
-        if reset:
-            republish_session(rt, scope, session_id)
+        republish_session(rt, scope, session_id)
     except Exception:  # noqa: BLE001 - the republish sweep marks (and if need be re-appends) what is left
         log.warning("session %s: marking events published failed; the sweep will", session_id, exc_info=True)
+
+
+# How long the marker gathers published events before marking them, in one transaction for all.
+MARK_BATCH_SECONDS = 0.05
+_markers: dict[int, _PublishedMarker] = {}
+_markers_lock = threading.Lock()
+
+
+def _marker(rt: Runtime) -> _PublishedMarker:
+    with _markers_lock:
+        marker = _markers.get(id(rt.sessions))
+        if marker is None:
+            marker = _markers[id(rt.sessions)] = _PublishedMarker(rt)
+        return marker
+
+
+class _PublishedMarker:
+    """One thread per process marks published events (and raises cursor floors) in batches."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self._lock = threading.Lock()
+        self._ids: list[str] = []
+        self._cursors: dict[str, int] = {}
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="steprun-mark-published", daemon=True).start()
+
+    def add(self, session_id: str, ids: list[str], cursor: int) -> None:
+        with self._lock:
+            self._ids.extend(ids)
+            if cursor > self._cursors.get(session_id, 0):
+                self._cursors[session_id] = cursor
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(MARK_BATCH_SECONDS)  # gather what the other commits publish meanwhile
+            with self._lock:
+                self._wake.clear()
+                ids, cursors = self._ids, self._cursors
+                self._ids, self._cursors = [], {}
+            try:
+                # The system scope: the batch spans the sessions (and tenants) this process served.
+                with unit_of_work(self.rt.sessions, SYSTEM) as db:
+                    if ids:
+                        db.execute(update(StreamEvent)
+                                   .where(StreamEvent.id.in_(ids), StreamEvent.published_at.is_(None))
+                                   .values(published_at=utcnow()).execution_options(synchronize_session=False))
+                    for session_id, cursor in sorted(cursors.items()):  # one lock order for every marker
+                        db.execute(update(AgentSession).where(AgentSession.id == session_id,
+                                                              AgentSession.event_cursor < cursor)
+                                   .values(event_cursor=cursor).execution_options(synchronize_session=False))
+            except Exception:  # noqa: BLE001 - the republish sweep marks (and if need be re-appends) what is left
+                log.warning("marking %d events published failed; the sweep will", len(ids), exc_info=True)
 
 
 def mark_published(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int) -> None:
@@ -197,6 +259,54 @@ def republish_unpublished(rt: Runtime) -> int:
             log.warning("session %s: durable events still unpublished", session_id, exc_info=True)
             break
     return published
+
+
+# Events that end a wait on a turn's status: its end, or a pause for the user.
+STATUS_EVENTS = TERMINAL_EVENTS | {"turn.requires_action"}
+# How far back from the log's head a waiter looks for the turn's latest event.
+TAIL_SCAN = 64
+
+
+def turn_state_in_log(events: EventLog, session_id: str, turn_id: str) -> str | None:
+    """What the session's log says of ``turn_id``: "ended" (its newest event ends or pauses it),
+    "running" (its newest event does not), or None (none of the last :data:`TAIL_SCAN` events is its).
+
+    A turn's terminal event is the last it ever appends (it closes the turn's fence), and a
+    session runs one turn at a time, so the newest event of the turn tells where it is.
+    """
+    mark = f'"turn_id":"{turn_id}"'
+    for body in events.tail(session_id, TAIL_SCAN):
+        head = body[:200]
+        if mark not in head:
+            continue
+        kind = head[9:head.find('"', 9)] if head.startswith('{"type":"') else ""
+        return "ended" if kind in STATUS_EVENTS else "running"
+    return None
+
+
+def wait_turn_status(events: EventLog, session_id: str, turn_id: str, timeout: float,
+                     still_running: Callable[[], bool]) -> None:
+    """Return once ``turn_id`` ended or paused, or after ``timeout`` seconds: the long-poll's wait.
+
+    One subscription for the whole wait, to the session's durable doorbell (rung by status
+    changes, not by deltas); each ring looks at the log's tail only. ``still_running`` (a read
+    of the turn) is asked only when the tail cannot tell (the turn's events are not among the
+    last ones: it is queued behind a long turn, or its log expired), or once the tail says the
+    turn ended, to confirm it (the caller reads the turn at the end anyway, so that read is it).
+    """
+    deadline = time.monotonic() + timeout
+    with events.listen(session_id, durable=True) as ring:
+        # Subscribed before the first look: a change after it rings; one before it is in the tail.
+        while True:
+            state = turn_state_in_log(events, session_id, turn_id)
+            if state == "ended" or (state is None and not still_running()):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            # A doorbell lost in a reconnect: look again now and then anyway.
+            ring.wait(min(remaining, 1.0 if state == "running" else 5.0))
+            ring.clear()
 
 
 def _by_turn(items: list[Durable]) -> list[list[Durable]]:

@@ -184,16 +184,20 @@ def create_turn(
         idempotency_key=idempotency_key,
         scheduled_at=scheduled_at,
     )
-    try:
-        with db.begin_nested():
-            db.add(turn)
-            db.flush()
-    except IntegrityError:
-        # A concurrent request with the same Idempotency-Key won the race.
-        existing = _turn_by_idempotency_key(db, who, idempotency_key or "")
-        if existing is None:
-            raise
-        return _same_request(existing, session_id, user_input), False
+    if not idempotency_key:  # nothing to race on: no savepoint (two round trips) to fall back to
+        db.add(turn)
+        db.flush()
+    else:
+        try:
+            with db.begin_nested():
+                db.add(turn)
+                db.flush()
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won the race.
+            existing = _turn_by_idempotency_key(db, who, idempotency_key)
+            if existing is None:
+                raise
+            return _same_request(existing, session_id, user_input), False
     queued_event: dict[str, Any] = {"input": user_input}
     if scheduled_at is not None:
         queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")

@@ -291,6 +291,37 @@ def test_listen_rings_on_an_append_to_its_session_only(log: EventLog) -> None:
     assert ring.wait(0.4) is False  # the block is over: no longer listening
 
 
+def test_the_durable_doorbell_rings_on_status_events_not_on_deltas(log: EventLog) -> None:
+    sid = _session()
+    with log.listen(sid, durable=True) as status, log.listen(sid) as every:
+        _settled(status)
+        _settled(every)
+        log.append(sid, [_body(i) for i in range(5)])  # deltas: no id
+        assert every.wait(2.0) is True
+        assert status.wait(0.4) is False  # a status waiter sleeps through the stream
+        done = encode_event("turn.completed", "turn_1", {"output": "x"})
+        log.append_events(sid, [_body(5), done], ids=["", "ev_done"])
+        assert status.wait(2.0) is True
+        status.clear()
+        log.append_events(sid, [done], ids=["ev_done"])  # already held: nothing added, no ring
+        assert status.wait(0.4) is False
+
+
+def test_tail_is_the_newest_bodies_first(log: EventLog) -> None:
+    from shared.turns.events import turn_state_in_log
+
+    sid = _session()
+    assert log.tail(sid, 5) == []
+    bodies = [_body(i) for i in range(4)]
+    log.append(sid, bodies)
+    assert log.tail(sid, 2) == [bodies[3], bodies[2]]
+    assert turn_state_in_log(log, sid, "turn_1") == "running"
+    assert turn_state_in_log(log, sid, "turn_2") is None  # none of its events in the tail
+    log.append(sid, [encode_event("turn.completed", "turn_1", {}), _body(9, "turn_2")])
+    assert turn_state_in_log(log, sid, "turn_1") == "ended"
+    assert turn_state_in_log(log, sid, "turn_2") == "running"
+
+
 # --- cancel --------------------------------------------------------------------------------
 
 def test_cancel_requests_are_per_turn_and_reported_by_append(log: EventLog) -> None:
