@@ -12,14 +12,17 @@ longest silence a client saw while its turn ran. Exits non-zero if any turn was 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import re
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
+from sqlalchemy import text
 
 from bench.stack import Stack, StackConfig
 from shared.settings import Settings
@@ -132,6 +135,7 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int) -
     stack.start()
     turns: list[Turn] = []
     kill_times: list[float] = []
+    killed: list[Killed] = []
     try:
         env_note = stack.env()
         print(f"soak: {kills} kills every {interval}s, {in_flight} turns in flight, {workers} workers; lease "
@@ -152,8 +156,10 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int) -
         time.sleep(1.0)
         for k in range(kills):
             victim = rng.choice(stack.workers)
+            running = in_flight_steps(stack, victim.pid)
             kill_times.append(time.time())
             stack.kill_worker(victim)
+            killed.extend(Killed(kill_times[-1], *row) for row in running)
             stack.start_worker()
             end = time.monotonic() + interval
             while time.monotonic() < end:
@@ -163,18 +169,88 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int) -
                 print(f"  {k + 1} kills, {len(turns)} turns started", flush=True)
         for t in turns:
             t.join(240)
-        return report(stack, turns, kill_times)
+        return report(stack, turns, kill_times, killed)
     finally:
         stack.stop()
 
 
-def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
+class Killed:
+    """A step that was running (held its lease) in a worker when that worker was SIGKILLed."""
+
+    def __init__(self, at: float, turn_id: str, step: int, attempt: int):
+        self.at, self.turn_id, self.step, self.attempt = at, turn_id, step, attempt
+
+
+def in_flight_steps(stack: Stack, pid: int) -> list[tuple[str, int, int]]:
+    """(turn id, step, step attempt) of every step whose lease the worker ``pid`` holds now."""
+    with stack.engine().connect() as conn:
+        conn.execute(text("SELECT set_config('steprun.system', 'on', false)"))
+        rows = conn.execute(text("SELECT id, step_count, step_attempt FROM turns WHERE lease_owner LIKE :owner "
+                                 "AND lease_expires_at > now()"), {"owner": f"%:{pid}"}).all()
+    return [(r.id, int(r.step_count), int(r.step_attempt)) for r in rows]
+
+
+def resumes(turns: list[Turn], killed: list[Killed]) -> tuple[list[tuple[float, Killed]], list[Killed]]:
+    """Each killed step's kill-to-resume (kill to the next attempt's ``step.retrying``), and the ones never resumed.
+
+    A step that committed anyway (its commit landed just before the kill) is left out of both.
+    """
+    by_id = {t.turn["id"]: t for t in turns}
+    out: list[tuple[float, Killed]] = []
+    never: list[Killed] = []
+    for k in killed:
+        t = by_id.get(k.turn_id)
+        if t is None:
+            continue
+        mine = [e for e in t.events if e["data"].get("step") == k.step]
+        if any(e["type"] == "step.completed" and e["data"].get("attempt") == k.attempt for e in mine):
+            continue
+        retry = next((e for e in mine if e["type"] == "step.retrying" and e["data"].get("attempt", 0) > k.attempt),
+                     None)
+        if retry is None:
+            never.append(k)
+        else:
+            out.append((retry["ts"] - k.at, k))
+    return out, never
+
+
+def history(t: Turn, kill_times: list[float]) -> str:
+    """A turn's attempts, as a client saw them, with the kills in between (seconds from the turn's first event)."""
+    if not t.events:
+        return "no events"
+    t0 = t.events[0]["ts"]
+    marks = [(e["ts"], f"{e['type']}(s{e['data'].get('step')} a{e['data'].get('attempt')})") for e in t.events
+             if e["type"] in ("step.started", "step.retrying", "step.completed") or e["type"].startswith("turn.")]
+    marks += [(k, "KILL") for k in kill_times if t0 - 1 <= k <= t.events[-1]["ts"]]
+    return " ".join(f"{ts - t0:.1f}:{what}" for ts, what in sorted(marks))
+
+
+def duplicates(stack: Stack) -> dict[str, int]:
+    """What a turn must hold once and holds more than once: checkpoints and messages per step, tool results."""
+    queries = {
+        "checkpoints": "SELECT count(*) FROM (SELECT 1 FROM checkpoints GROUP BY turn_id, step "
+                       "HAVING count(*) > 1) d",
+        "assistant messages": "SELECT count(*) FROM (SELECT 1 FROM messages WHERE role = 'assistant' "
+                              "GROUP BY turn_id, step HAVING count(*) > 1) d",
+        "tool messages": "SELECT count(*) FROM (SELECT 1 FROM messages WHERE role = 'tool' "
+                         "GROUP BY turn_id, tool_call_id HAVING count(*) > 1) d",
+    }
+    with stack.engine().connect() as conn:
+        conn.execute(text("SELECT set_config('steprun.system', 'on', false)"))
+        return {name: int(conn.execute(text(sql)).scalar() or 0) for name, sql in queries.items()}
+
+
+def tool_reruns(stack: Stack) -> int:
+    with stack.engine().connect() as conn:
+        return int(conn.execute(text("SELECT coalesce(sum(runs - 1), 0) FROM tool_calls")).scalar() or 0)
+
+
+def report(stack: Stack, turns: list[Turn], kill_times: list[float], killed: list[Killed]) -> int:
     http = requests.Session()
     http.headers["Authorization"] = f"Bearer {stack.key}"
     completed = exact = events_exact = 0
     statuses: dict[str, int] = {}
     reasons: list[str] = []
-    resumes: list[float] = []
     gaps: list[float] = []
     for t in turns:
         final = http.get(f"{stack.url}/v1/turns/{t.turn['id']}", timeout=30).json()
@@ -185,15 +261,6 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
         exact += final["status"] == "completed" and t.view.text == final["output"]
         events_exact += t.view.done and t.view.stale == 0 and t.in_order and t.view.text == final["output"]
         gaps.append(t.longest_gap())
-        for e in t.events:
-            if e["type"] == "step.retrying" and "lease" in e["data"].get("reason", ""):
-                # The kill that ended the dead attempt: the first after its last event.
-                step, dead = e["data"]["step"], e["data"]["attempt"] - 1
-                last = max((x["ts"] for x in t.events if x["data"].get("step") == step
-                            and x["data"].get("attempt") == dead), default=None)
-                after = [k for k in kill_times if last is not None and last - 0.3 <= k <= e["ts"]]
-                if after:
-                    resumes.append(e["ts"] - after[0])
     total = len(turns)
     slow = sorted((r for t in turns for r in t.slow_reads), reverse=True)
     if slow:
@@ -201,10 +268,31 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
     print(f"turns: {total} started, {completed} completed, {exact} exact (text == output)")
     if reasons:
         print(f"statuses: {statuses}; not completed: " + " | ".join(reasons[:5]))
+        for t in turns:
+            if t.view.terminal is None or t.view.terminal["type"] != "turn.completed":
+                print(f"  {t.turn['id']}: {history(t, kill_times)}")
     print(f"events exact per the client rule (in order, nothing stale, terminal seen, text exact): "
           f"{events_exact}/{total}")
-    print(f"kills: {len(kill_times)}; killed steps resumed: {len(resumes)}; kill-to-resume p50 "
-          f"{pct(resumes, 50):.2f} s, p99 {pct(resumes, 99):.2f} s, max {max(resumes, default=0):.2f} s")
+    resumed, never = resumes(turns, killed)
+    waits = [w for w, _ in resumed]
+    print(f"kills: {len(kill_times)}; steps running in the killed workers: {len(killed)}, resumed: {len(resumed)}, "
+          f"never resumed: {len(never)}; kill-to-resume p50 {pct(waits, 50):.2f} s, p99 {pct(waits, 99):.2f} s, "
+          f"max {max(waits, default=0):.2f} s")
+    by_id = {t.turn["id"]: t for t in turns}
+    for wait, k in sorted(resumed, key=lambda r: r[0], reverse=True)[:3]:
+        if wait > 8:
+            print(f"  slow resume {wait:.2f} s: turn {k.turn_id} step {k.step} attempt {k.attempt}: "
+                  f"{history(by_id[k.turn_id], kill_times)}")
+    per_step: dict[tuple[str, int], int] = {}
+    for t in turns:
+        for e in t.events:
+            if e["type"] == "step.completed":
+                key = (t.turn["id"], e["data"].get("step"))
+                per_step[key] = per_step.get(key, 0) + 1
+    dups = {"step.completed events": sum(1 for n in per_step.values() if n > 1), **duplicates(stack)}
+    print("duplicates (steps or calls held more than once): "
+          + ", ".join(f"{name} {count}" for name, count in dups.items())
+          + f"; tool executions beyond the first (a kill while the tool ran): {tool_reruns(stack)}")
     errors: dict[int, int] = {}
     for t in turns:
         for code, count in t.errors.items():
@@ -216,7 +304,10 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float]) -> int:
     worst = max(gaps, default=(0.0, ""))
     print(f"longest client-visible gap: {worst[0]:.2f} s, {worst[1]} "
           f"(median of each turn's longest: {statistics.median(g for g, _ in gaps) if gaps else 0:.2f} s)")
-    return 0 if exact == completed == events_exact == total else 1
+    dump = Path(stack.tmp) / "soak-events.json"
+    dump.write_text(json.dumps({"kills": kill_times, "killed": [vars(k) for k in killed],
+                                "turns": [{"id": t.turn["id"], "events": t.events} for t in turns]}))
+    return 0 if exact == completed == events_exact == total and not any(dups.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
