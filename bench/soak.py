@@ -6,8 +6,10 @@ sweep settings, keeps ``--in-flight`` turns running (alternating the three-step 
 and the long ``stream`` agent), each followed by a polling client that applies the client rule
 (shared/streaming/view.py) and follows 410s, and SIGKILLs one worker every ``--interval``
 seconds (a fresh one replaces it at once). It prints: turns completed / exact, events exact per
-the client rule, kill-to-resume p50/p99 (a kill to each killed step's ``step.retrying``), and the
-longest silence a client saw while its turn ran. Exits non-zero if any turn was not exact.
+the client rule, kill-to-resume p50/p99 (from the kill of each step running in the killed worker to
+its next attempt's claim, seen as that attempt's ``step.retrying``), duplicates (checkpoints, messages
+or ``step.completed`` of one step held twice), and the longest silence a client saw while its turn
+ran. Exits non-zero if any turn was not exact or anything was held twice.
 """
 from __future__ import annotations
 
@@ -191,11 +193,16 @@ def in_flight_steps(stack: Stack, pid: int) -> list[tuple[str, int, int]]:
 
 
 def resumes(turns: list[Turn], killed: list[Killed]) -> tuple[list[tuple[float, Killed]], list[Killed]]:
-    """Each killed step's kill-to-resume (kill to the next attempt's ``step.retrying``), and the ones never resumed.
+    """Each killed step's kill-to-resume, and the ones never resumed.
 
-    A step that committed anyway (its commit landed just before the kill) is left out of both.
+    Resumed is when the next attempt of the step is known to have claimed it: its first event (its
+    ``step.retrying``) or, for an attempt killed in turn before it wrote any, that kill (a bound from
+    above). A step that committed anyway (its commit landed just before the kill) is left out of both.
     """
     by_id = {t.turn["id"]: t for t in turns}
+    later_kills: dict[tuple[str, int], list[Killed]] = {}
+    for k in killed:
+        later_kills.setdefault((k.turn_id, k.step), []).append(k)
     out: list[tuple[float, Killed]] = []
     never: list[Killed] = []
     for k in killed:
@@ -205,12 +212,12 @@ def resumes(turns: list[Turn], killed: list[Killed]) -> tuple[list[tuple[float, 
         mine = [e for e in t.events if e["data"].get("step") == k.step]
         if any(e["type"] == "step.completed" and e["data"].get("attempt") == k.attempt for e in mine):
             continue
-        retry = next((e for e in mine if e["type"] == "step.retrying" and e["data"].get("attempt", 0) > k.attempt),
-                     None)
-        if retry is None:
+        seen = [e["ts"] for e in mine if e["data"].get("attempt", 0) > k.attempt]
+        seen += [o.at for o in later_kills[(k.turn_id, k.step)] if o.attempt > k.attempt]
+        if not seen:
             never.append(k)
         else:
-            out.append((retry["ts"] - k.at, k))
+            out.append((min(seen) - k.at, k))
     return out, never
 
 
@@ -302,8 +309,9 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float], killed: lis
           f"{max((t.empty_run for t in turns), default=0)}")
     print(f"longest pause between a client's reads: {max((t.poll_gap for t in turns), default=0):.2f} s")
     worst = max(gaps, default=(0.0, ""))
-    print(f"longest client-visible gap: {worst[0]:.2f} s, {worst[1]} "
-          f"(median of each turn's longest: {statistics.median(g for g, _ in gaps) if gaps else 0:.2f} s)")
+    longest = [g for g, _ in gaps]
+    print(f"longest client-visible gap: {worst[0]:.2f} s, {worst[1]} (each turn's longest: median "
+          f"{statistics.median(longest) if longest else 0:.2f} s, p99 {pct(longest, 99):.2f} s)")
     dump = Path(stack.tmp) / "soak-events.json"
     dump.write_text(json.dumps({"kills": kill_times, "killed": [vars(k) for k in killed],
                                 "turns": [{"id": t.turn["id"], "events": t.events} for t in turns]}))

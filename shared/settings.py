@@ -88,7 +88,7 @@ class Settings:
         "broker's queue cannot be read (embedded mode, or more than 1000 messages waiting).",
     )
     unclaimed_task_seconds: float = _setting(
-        "STEPRUN_UNCLAIMED_TASK_SECONDS", 2.0,
+        "STEPRUN_UNCLAIMED_TASK_SECONDS", 1.0,
         "A step no worker claimed this long whose task is not in the broker's queue (the worker that took it "
         "died, or the message was lost) is re-enqueued; one still waiting in the queue is not sent twice.",
     )
