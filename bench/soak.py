@@ -126,10 +126,11 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int) -> int:
+def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int, admin_url: str | None = None) -> int:
     rng = random.Random(seed)
     defaults = Settings()
-    config = StackConfig(workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
+    where = {"admin_url": admin_url} if admin_url else {}
+    config = StackConfig(**where, workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
                          agent_options=dict(ttft=0.02, tps=60, words=60, stream_words=1500, stream_tps=300.0),
                          # Every client shares one key: its polling must not be what the soak measures.
                          extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0"})
@@ -325,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", type=int, default=6, help="turns kept running")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=20)
+    p.add_argument("--admin-url", default=None,
+                   help="the Postgres server to make the run's database on (default: this machine's, "
+                        f"{StackConfig.admin_url})")
     a = p.parse_args(argv)
-    return soak(a.kills, a.interval, a.in_flight, a.workers, a.seed)
+    return soak(a.kills, a.interval, a.in_flight, a.workers, a.seed, a.admin_url)
 
 
 if __name__ == "__main__":
