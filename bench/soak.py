@@ -159,10 +159,10 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int, a
         time.sleep(1.0)
         for k in range(kills):
             victim = rng.choice(stack.workers)
-            running = in_flight_steps(stack, victim.pid)
             kill_times.append(time.time())
             stack.kill_worker(victim)
-            killed.extend(Killed(kill_times[-1], *row) for row in running)
+            # Read once it is dead: its lease rows are then exactly the steps it died running.
+            killed.extend(Killed(kill_times[-1], *row) for row in in_flight_steps(stack, victim.pid))
             stack.start_worker()
             end = time.monotonic() + interval
             while time.monotonic() < end:
@@ -185,11 +185,11 @@ class Killed:
 
 
 def in_flight_steps(stack: Stack, pid: int) -> list[tuple[str, int, int]]:
-    """(turn id, step, step attempt) of every step whose lease the worker ``pid`` holds now."""
+    """(turn id, step, step attempt) of every step whose lease the (dead) worker ``pid`` held."""
     with stack.engine().connect() as conn:
         conn.execute(text("SELECT set_config('steprun.system', 'on', false)"))
-        rows = conn.execute(text("SELECT id, step_count, step_attempt FROM turns WHERE lease_owner LIKE :owner "
-                                 "AND lease_expires_at > now()"), {"owner": f"%:{pid}"}).all()
+        rows = conn.execute(text("SELECT id, step_count, step_attempt FROM turns WHERE lease_owner LIKE :owner"),
+                            {"owner": f"%:{pid}"}).all()
     return [(r.id, int(r.step_count), int(r.step_attempt)) for r in rows]
 
 
@@ -222,14 +222,18 @@ def resumes(turns: list[Turn], killed: list[Killed]) -> tuple[list[tuple[float, 
     return out, never
 
 
-def history(t: Turn, kill_times: list[float]) -> str:
-    """A turn's attempts, as a client saw them, with the kills in between (seconds from the turn's first event)."""
+def history(t: Turn, kill_times: list[float], killed: list[Killed]) -> str:
+    """A turn's attempts as a client saw them, with the kills in between (seconds from the turn's first event).
+
+    ``KILL(s0 a2)``: a kill of the worker running that attempt of the turn; ``kill``: of another worker.
+    """
     if not t.events:
         return "no events"
     t0 = t.events[0]["ts"]
+    mine = {k.at: f"KILL(s{k.step} a{k.attempt})" for k in killed if k.turn_id == t.turn["id"]}
     marks = [(e["ts"], f"{e['type']}(s{e['data'].get('step')} a{e['data'].get('attempt')})") for e in t.events
              if e["type"] in ("step.started", "step.retrying", "step.completed") or e["type"].startswith("turn.")]
-    marks += [(k, "KILL") for k in kill_times if t0 - 1 <= k <= t.events[-1]["ts"]]
+    marks += [(k, mine.get(k, "kill")) for k in kill_times if t0 - 1 <= k <= t.events[-1]["ts"]]
     return " ".join(f"{ts - t0:.1f}:{what}" for ts, what in sorted(marks))
 
 
@@ -278,7 +282,7 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float], killed: lis
         print(f"statuses: {statuses}; not completed: " + " | ".join(reasons[:5]))
         for t in turns:
             if t.view.terminal is None or t.view.terminal["type"] != "turn.completed":
-                print(f"  {t.turn['id']}: {history(t, kill_times)}")
+                print(f"  {t.turn['id']}: {history(t, kill_times, killed)}")
     print(f"events exact per the client rule (in order, nothing stale, terminal seen, text exact): "
           f"{events_exact}/{total}")
     resumed, never = resumes(turns, killed)
@@ -290,7 +294,7 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float], killed: lis
     for wait, k in sorted(resumed, key=lambda r: r[0], reverse=True)[:3]:
         if wait > 8:
             print(f"  slow resume {wait:.2f} s: turn {k.turn_id} step {k.step} attempt {k.attempt}: "
-                  f"{history(by_id[k.turn_id], kill_times)}")
+                  f"{history(by_id[k.turn_id], kill_times, killed)}")
     per_step: dict[tuple[str, int], int] = {}
     for t in turns:
         for e in t.events:
@@ -306,6 +310,11 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float], killed: lis
         for code, count in t.errors.items():
             errors[code] = errors.get(code, 0) + count
     print(f"event reads answered other than 200/410: {errors or 'none'}")
+    sweeps = "\n".join(p.log() for p in stack.procs if p.name == "scheduler")
+    print(f"scheduler re-sends: {sweeps.count('lease expired during step')} after a lease lapsed, "
+          f"{sweeps.count('not in the queue; re-enqueued')} unclaimed tasks not in the queue (taken by a worker "
+          f"killed before it claimed them, or lost), {sweeps.count('no worker took step')} past the lost-task "
+          "threshold")
     print(f"410s told to clients: {sum(t.gone for t in turns)}; empty reads in a row, longest: "
           f"{max((t.empty_run for t in turns), default=0)}")
     print(f"longest pause between a client's reads: {max((t.poll_gap for t in turns), default=0):.2f} s")
