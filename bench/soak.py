@@ -126,14 +126,15 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int, admin_url: str | None = None) -> int:
+def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int, admin_url: str | None = None,
+         env: dict[str, str] | None = None) -> int:
     rng = random.Random(seed)
     defaults = Settings()
     where = {"admin_url": admin_url} if admin_url else {}
     config = StackConfig(**where, workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
                          agent_options=dict(ttft=0.02, tps=60, words=60, stream_words=1500, stream_tps=300.0),
                          # Every client shares one key: its polling must not be what the soak measures.
-                         extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0"})
+                         extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0", **(env or {})})
     stack = Stack(config)
     stack.start()
     turns: list[Turn] = []
@@ -142,8 +143,9 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int, a
     try:
         env_note = stack.env()
         print(f"soak: {kills} kills every {interval}s, {in_flight} turns in flight, {workers} workers; lease "
-              f"{env_note['STEPRUN_LEASE_SECONDS']} s, lost-task {defaults.lost_task_seconds} s, sweep "
-              f"{defaults.sweep_interval} s", flush=True)
+              f"{env_note['STEPRUN_LEASE_SECONDS']} s, unclaimed-task {defaults.unclaimed_task_seconds} s, lost-task "
+              f"{defaults.lost_task_seconds} s, sweep {defaults.sweep_interval} s, max attempts "
+              f"{defaults.max_attempts}" + (f"; changed: {env}" if env else ""), flush=True)
         n = 0
 
         def top_up() -> None:
@@ -338,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-url", default=None,
                    help="the Postgres server to make the run's database on (default: this machine's, "
                         f"{StackConfig.admin_url})")
+    p.add_argument("--env", action="append", default=[], metavar="STEPRUN_X=VALUE",
+                   help="a setting of every served process other than its default (repeatable)")
     a = p.parse_args(argv)
-    return soak(a.kills, a.interval, a.in_flight, a.workers, a.seed, a.admin_url)
+    env = dict(item.split("=", 1) for item in a.env)
+    return soak(a.kills, a.interval, a.in_flight, a.workers, a.seed, a.admin_url, env)
 
 
 if __name__ == "__main__":
