@@ -130,8 +130,8 @@ def soak(kills: int, interval: float, in_flight: int, workers: int, seed: int, a
          env: dict[str, str] | None = None) -> int:
     rng = random.Random(seed)
     defaults = Settings()
-    where = {"admin_url": admin_url} if admin_url else {}
-    config = StackConfig(**where, workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
+    config = StackConfig(admin_url=admin_url or StackConfig.admin_url,
+                         workers=workers, worker_concurrency=20, lease_seconds=defaults.lease_seconds,
                          agent_options=dict(ttft=0.02, tps=60, words=60, stream_words=1500, stream_tps=300.0),
                          # Every client shares one key: its polling must not be what the soak measures.
                          extra_env={"STEPRUN_RATE_LIMIT_PER_MINUTE": "0", **(env or {})})
@@ -265,7 +265,7 @@ def report(stack: Stack, turns: list[Turn], kill_times: list[float], killed: lis
     completed = exact = events_exact = 0
     statuses: dict[str, int] = {}
     reasons: list[str] = []
-    gaps: list[float] = []
+    gaps: list[tuple[float, str]] = []
     for t in turns:
         final = http.get(f"{stack.url}/v1/turns/{t.turn['id']}", timeout=30).json()
         completed += final["status"] == "completed"
