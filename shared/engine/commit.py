@@ -106,8 +106,8 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
 def release_step(rt: Runtime, claim: Claim, reason: str, *, failed: bool = False) -> None:
     """Give the lease back so the next attempt may start now; ``reason`` is shown in its step.retrying.
 
-    ``failed``: the attempt failed (it counts towards STEPRUN_MAX_ATTEMPTS); a hand-back (the default:
-    shutdown, deferral) does not.
+    ``failed``: the attempt failed (it counts towards STEPRUN_MAX_ATTEMPTS); a hand-back (the default,
+    e.g. a worker shutting down) does not.
     """
     with unit_of_work(rt.sessions, claim.principal) as db:
         transitions.release(db, claim.turn_id, claim.attempt, reason, failed=failed)
