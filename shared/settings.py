@@ -78,7 +78,7 @@ class Settings:
         "How often a running step extends its lease (keep it well under the lease: 4 beats per lease by default).",
     )
     max_attempts: int = _setting(
-        "STEPRUN_MAX_ATTEMPTS", 5,
+        "STEPRUN_MAX_ATTEMPTS", 10,
         "Attempts of one step that may die or fail (worker killed, lease lost, transient model error) before the "
         "turn fails with max_attempts; hand-backs (a worker shutting down) do not count.",
     )
