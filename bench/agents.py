@@ -21,13 +21,15 @@ from shared.llm import ToolCallRequest
 from shared.llm.scripted import FILLER, Reply, ScriptedModel
 
 
-@tool
+# Pure functions, so declared idempotent: a step killed while one ran re-runs it rather than pausing the
+# turn for the user to say whether to (what a tool that is not idempotent does, see shared/engine/tools.py).
+@tool(idempotent=True)
 def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b
 
 
-@tool
+@tool(idempotent=True)
 def multiply(a: int, b: int) -> int:
     """Multiply two integers."""
     return a * b

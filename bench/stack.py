@@ -173,7 +173,7 @@ class Stack:
         logs = Path(tempfile.gettempdir()) / "steprun-bench-logs"
         shutil.rmtree(logs, ignore_errors=True)
         logs.mkdir()
-        for path in self.tmp.glob("*.log"):
+        for path in [*self.tmp.glob("*.log"), *self.tmp.glob("*.json")]:
             shutil.copy(path, logs / path.name)
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -5,6 +5,8 @@ worker code: a task is addressed as ``"steps.run"`` with ids only.
 """
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -15,6 +17,9 @@ from shared.settings import Settings
 
 STEP_TASK = "steps.run"
 log = logging.getLogger(__name__)
+# The most waiting messages the lost-task sweep reads to tell a queued step from a lost one; past it
+# the queue is not read (a sweep a second must not copy a long backlog) and the plain threshold applies.
+INSPECT_LIMIT = 1000
 
 
 class TaskQueue(Protocol):
@@ -40,7 +45,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # step is never redelivered while it still runs. Were it redelivered,
             # the fenced claim would skip it, but only at the cost of a round trip.
             # Fast recovery from a dead worker comes from the Postgres lease sweep
-            # (lease_seconds), never from this timeout (see workers/app.py);
+            # (lease_seconds) and the lost-task sweep (waiting_steps), never from
+            # this timeout (see workers/app.py);
             # past it, the scheduler hands stranded messages back (restore_unacked).
             "visibility_timeout": int(2 * settings.step_time_limit) + 60,
         },
@@ -58,6 +64,37 @@ class CeleryQueue:
     def enqueue_step(self, turn_id: str, step: int) -> None:
         self.app.send_task(STEP_TASK, args=[turn_id, step], queue=self.settings.queue_name)
 
+    def waiting_steps(self, limit: int = INSPECT_LIMIT) -> set[tuple[str, int]] | None:
+        """The (turn id, step) of every step task waiting in the broker's queue; None if over ``limit`` waiting.
+
+        Waiting means not yet taken by any worker: a task a worker took is gone from the list (kombu
+        keeps it in its "unacked" hash until acknowledged), so a step that is neither claimed nor
+        waiting was taken by a worker that died before claiming it, or its message was lost.
+        """
+        with self.app.connection_for_read() as conn:
+            channel = conn.default_channel
+            queue = self.settings.queue_name
+            # kombu's Redis transport keeps one list per priority step (the plain name for the lowest).
+            keys = list(dict.fromkeys(channel._q_for_pri(queue, p) for p in channel.priority_steps))
+            with channel.conn_or_acquire() as client:
+                with client.pipeline() as pipe:
+                    for key in keys:
+                        pipe.llen(key)
+                    lengths = pipe.execute()
+                if sum(int(n) for n in lengths) > limit:
+                    return None
+                with client.pipeline() as pipe:
+                    for key, n in zip(keys, lengths, strict=True):
+                        if n:
+                            pipe.lrange(key, 0, -1)
+                    lists = pipe.execute()
+        waiting: set[tuple[str, int]] = set()
+        for raw in (raw for lst in lists for raw in lst):
+            step = _step_of(raw)
+            if step is not None:
+                waiting.add(step)
+        return waiting
+
     def restore_unacked(self) -> None:
         """Hand back messages a dead worker never acked, once older than the visibility timeout.
 
@@ -73,6 +110,24 @@ class CeleryQueue:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _step_of(raw: bytes | str) -> tuple[str, int] | None:
+    """(turn id, step) of one kombu Redis message of the step task, or None if it is something else."""
+    try:
+        payload = json.loads(raw)
+        headers = payload.get("headers") or {}
+        if headers.get("task", STEP_TASK) != STEP_TASK:
+            return None
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded = json.loads(body)
+        # Celery's message protocol 2: [args, kwargs, embed]; protocol 1: {"args": [...], ...}.
+        args = decoded[0] if isinstance(decoded, list) else decoded["args"]
+        return str(args[0]), int(args[1])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 class InProcessQueue:

@@ -128,12 +128,19 @@ class Settings:
         "How often a running step extends its lease (keep it well under the lease: 4 beats per lease by default).",
     )
     max_attempts: int = _setting(
-        "STEPRUN_MAX_ATTEMPTS", 5,
-        "Attempts of one step that may die (worker killed, lease lost) before the turn fails with max_attempts.",
+        "STEPRUN_MAX_ATTEMPTS", 10,
+        "Attempts of one step that may die or fail (worker killed, lease lost, transient model error) before the "
+        "turn fails with max_attempts; hand-backs (a worker shutting down) do not count.",
     )
     lost_task_seconds: float = _setting(
         "STEPRUN_LOST_TASK_SECONDS", 6.0,
-        "A turn waiting for a worker this long with no claim is re-enqueued (its task may be lost).",
+        "A turn waiting for a worker this long with no claim is re-enqueued (its task may be lost), when the "
+        "broker's queue cannot be read (embedded mode, or more than 1000 messages waiting).",
+    )
+    unclaimed_task_seconds: float = _setting(
+        "STEPRUN_UNCLAIMED_TASK_SECONDS", 1.0,
+        "A step no worker claimed this long whose task is not in the broker's queue (the worker that took it "
+        "died, or the message was lost) is re-enqueued; one still waiting in the queue is not sent twice.",
     )
     sweep_interval: float = _setting(
         "STEPRUN_SWEEP_INTERVAL", 1.0,

@@ -3,11 +3,15 @@
 Reliability choices, and why:
 - late acks + reject on worker lost: a task is acknowledged only after its step
   ran, so a dying *child* hands its message back;
-- prefetch 1: a busy worker does not sit on steps another could run;
+- prefetch 1: a busy worker does not sit on steps another could run (with late
+  acks a worker holds no more messages than it runs);
 - none of that is relied on for correctness. A gevent-pool worker that is
-  SIGKILLed never gets its unacked message restored by the broker in useful
-  time, so recovery is the scheduler's Postgres lease sweep, and duplicates are
-  made harmless by the fenced claim (shared/engine/claim.py);
+  SIGKILLed never gets its unacked messages restored by the broker in useful
+  time, so recovery is the scheduler's (shared/turns/recovery.py): the Postgres
+  lease sweep for the steps it ran, and the lost-task sweep for tasks it had
+  taken but not yet claimed (neither claimed nor waiting in the queue for
+  STEPRUN_UNCLAIMED_TASK_SECONDS). Duplicates are made harmless by the fenced
+  claim (shared/engine/claim.py);
 - the broker's visibility timeout is set far above any step (shared/queue.py),
   so a slow step is never redelivered while it still runs; the step's own watch
   enforces STEPRUN_STEP_TIME_LIMIT, since Celery's time limits do not apply to

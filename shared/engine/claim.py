@@ -3,7 +3,9 @@
 :func:`claim_turn` takes the lease with a single conditional UPDATE that bumps
 the fencing number (``attempt``). A task for a finished turn, for a step already
 committed, or for a turn whose lease another worker holds, claims nothing and
-exits quietly: duplicate deliveries are harmless. Every later write of the step
+exits quietly: duplicate deliveries are harmless. A claim that takes over a
+lapsed lease counts the attempt that held it as failed (``step_failures``), as
+the lease sweep does when it finds the lease first. Every later write of the step
 checks ``attempt``, so a zombie attempt (its lease lapsed and another took
 over) changes nothing.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
@@ -31,10 +33,12 @@ class Claim:
     step: int
     # The fencing number: bumped by every claim of the turn; every write of this attempt checks it.
     attempt: int
-    # Claims of this step so far; > 1 means an earlier attempt of it died.
+    # Claims of this step so far; > 1 means an earlier attempt of it died or was handed back.
     step_attempt: int
     # The turn's owner: every transaction after the claim is scoped to it.
     principal: Principal
+    # Attempts of this step that died or failed before this one (hand-backs not counted).
+    step_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,17 +80,21 @@ def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_secon
         .values(
             attempt=Turn.attempt + 1,
             step_attempt=Turn.step_attempt + 1,
+            # A lease still set here lapsed: the attempt holding it died before the sweep noticed.
+            step_failures=Turn.step_failures + case((Turn.lease_expires_at.is_not(None), 1), else_=0),
             lease_owner=worker_id,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             status=TurnStatus.IN_PROGRESS,
             started_at=func.coalesce(Turn.started_at, now),
         )
-        .returning(Turn.session_id, Turn.attempt, Turn.step_attempt, Turn.tenant_id, Turn.user_id)
+        .returning(Turn.session_id, Turn.attempt, Turn.step_attempt, Turn.tenant_id, Turn.user_id,
+                   Turn.step_failures)
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
         return None
-    return Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt, Principal(row.tenant_id, row.user_id))
+    return Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt, Principal(row.tenant_id, row.user_id),
+                 step_failures=row.step_failures)
 
 
 def load_step_input(db: Session, claim: Claim, turn_time_limit: float) -> StepInput | None:

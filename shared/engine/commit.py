@@ -61,8 +61,8 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
         # The fenced update returns the turn's row: no second read of it.
         turn = db.scalars(
             update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt, Turn.step_count == claim.step)
-            .values(step_count=claim.step + 1, step_attempt=0, lease_owner=None, lease_expires_at=None,
-                    retry_reason=None)
+            .values(step_count=claim.step + 1, step_attempt=0, step_failures=0, lease_owner=None,
+                    lease_expires_at=None, retry_reason=None)
             .returning(Turn), execution_options={"populate_existing": True}
         ).first()
         if session is None or turn is None:
@@ -105,7 +105,11 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
     return status
 
 
-def release_step(rt: Runtime, claim: Claim, reason: str) -> None:
-    """Give the lease back so the next attempt may start now; ``reason`` is shown in its step.retrying."""
+def release_step(rt: Runtime, claim: Claim, reason: str, *, failed: bool = False) -> None:
+    """Give the lease back so the next attempt may start now; ``reason`` is shown in its step.retrying.
+
+    ``failed``: the attempt failed (it counts towards STEPRUN_MAX_ATTEMPTS); a hand-back (the default,
+    e.g. a worker shutting down) does not.
+    """
     with unit_of_work(rt.sessions, claim.principal) as db:
-        transitions.release(db, claim.turn_id, claim.attempt, reason)
+        transitions.release(db, claim.turn_id, claim.attempt, reason, failed=failed)

@@ -91,8 +91,10 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
     agent = rt.agents.get(loaded.agent_name)
     events = StepEvents(rt, claim, claimed_at=claimed_at, floor=loaded.event_cursor)
     last_failure = loaded.retry_reason or "the previous attempt did not finish"
-    if claim.step_attempt > rt.settings.max_attempts:
-        reason = (f"step {step} failed {claim.step_attempt - 1} times (STEPRUN_MAX_ATTEMPTS="
+    if claim.step_failures >= rt.settings.max_attempts:
+        # Only attempts that died or failed count: not hand-backs (a worker shutting down), nor deliveries
+        # that claimed nothing.
+        reason = (f"step {step} failed {claim.step_failures} times (STEPRUN_MAX_ATTEMPTS="
                   f"{rt.settings.max_attempts}); the last attempt: {last_failure}")
         return commit_step(rt, claim, StepResult(status=TurnStatus.FAILED,
                                                  error={"code": "max_attempts", "message": reason}), state, events)
@@ -126,14 +128,14 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         if stop.reason == StopReason.SHUTDOWN:
             # Hand the step back instead of being killed mid-way: another worker resumes it
             # from the same checkpoint now, not after the lease runs out.
-            release_step(rt, claim, "the worker running it shut down")
+            release_step(rt, claim, "the worker running it shut down", failed=False)
             rt.queue.enqueue_step(turn_id, step)
             return StepOutcome.HANDED_BACK
         stopped_outcome(result, stop.reason, rt.settings, step, events.text, state)
     except TransientModelError as exc:
         # Hand the step back: the next attempt starts from the same checkpoint.
         watch.stop()
-        release_step(rt, claim, f"the model provider failed: {exc}"[:500])
+        release_step(rt, claim, f"the model provider failed: {exc}"[:500], failed=True)
         log.warning("turn %s step %s: transient model error, retrying: %s", turn_id, step, exc)
         rt.queue.enqueue_step(turn_id, step)
         return StepOutcome.RELEASED

@@ -93,8 +93,11 @@ class Turn(Base):
     resume: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     # Committed steps so far; the step task for step N carries N and is stale once this moves on.
     step_count: Mapped[int] = mapped_column(Integer, default=0)
-    # Claims of the current step; > 1 means an earlier attempt died.
+    # Claims of the current step; > 1 means an earlier attempt died or was handed back.
     step_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts of the current step that died (lease lapsed) or failed (transient model error);
+    # hand-backs do not count. STEPRUN_MAX_ATTEMPTS is checked against it.
+    step_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Fencing number: bumped by every claim; a commit must present the current one.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200))

@@ -3,6 +3,15 @@
 Each sweep is one conditional UPDATE ... RETURNING, so two schedulers running
 at once never re-enqueue the same turn twice in one round, and a duplicate
 task that slips through is harmless anyway (the claim is fenced).
+
+A killed worker takes two things with it: the steps it was running (their
+leases lapse: :func:`recover_expired_leases`, counted as failed attempts) and
+the step tasks it had taken from the broker but not claimed yet (kombu keeps
+them unacknowledged for the visibility timeout, far too long to wait).
+:func:`recover_lost_tasks` reads the broker's queue: a step nobody claimed
+for STEPRUN_UNCLAIMED_TASK_SECONDS whose task is not waiting there is re-sent
+at once, and one still waiting is left alone (no duplicate piles up behind a
+backlog). Where the queue cannot be read, STEPRUN_LOST_TASK_SECONDS applies.
 """
 from __future__ import annotations
 
@@ -12,7 +21,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, select, tuple_, update
 
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
@@ -31,6 +40,7 @@ LEASE_EXPIRED = "the worker running it stopped renewing its lease (killed, crash
 @dataclass
 class SweepReport:
     expired_leases: int = 0
+    # Unclaimed steps re-sent: their task was not in the queue, or (queue unreadable) they waited too long.
     lost_tasks: int = 0
     expired_actions: int = 0
     # Durable events published by the sweep because their commit could not (shared/turns/events.py).
@@ -68,20 +78,44 @@ def _active_turn() -> Any:
 
 
 def recover_expired_leases(rt: Runtime) -> int:
-    """Steps whose worker stopped heartbeating: hand them to another worker."""
+    """Steps whose worker stopped heartbeating: hand them to another worker; the attempt counts as failed."""
     now = utcnow()
     return _resend(
         rt,
         [Turn.status == TurnStatus.IN_PROGRESS, Turn.lease_expires_at < now],
-        {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now, "retry_reason": LEASE_EXPIRED},
+        {"lease_owner": None, "lease_expires_at": None, "enqueued_at": now, "retry_reason": LEASE_EXPIRED,
+         "step_failures": Turn.step_failures + 1},
         "turn %s: lease expired during step %s; re-enqueued",
     )
 
 
+def _waiting_steps(rt: Runtime) -> set[tuple[str, int]] | None:
+    """The steps whose task waits in the broker's queue, or None if the queue cannot be read."""
+    read = getattr(rt.queue, "waiting_steps", None)
+    if read is None:
+        return None  # the embedded queue: nothing is taken and then lost while the process lives
+    try:
+        waiting: set[tuple[str, int]] | None = read()
+    except Exception:  # noqa: BLE001 - the broker is away: the plain threshold applies
+        log.warning("sweep: the broker's queue could not be read", exc_info=True)
+        return None
+    return waiting
+
+
 def recover_lost_tasks(rt: Runtime) -> int:
-    """Active turns nobody claimed for a while: their task was probably lost (e.g. Redis restarted)."""
+    """Active turns nobody claimed whose task is gone (taken by a worker that died, or lost with Redis).
+
+    Read before the database, so a task sent after the read is at worst sent twice (harmless).
+    """
+    waiting = _waiting_steps(rt)
     now = utcnow()
-    stale = now - timedelta(seconds=rt.settings.lost_task_seconds)
+    if waiting is None:
+        seconds, why = rt.settings.lost_task_seconds, "no worker took step %s for {}s"
+        conditions: list[Any] = []
+    else:
+        seconds, why = rt.settings.unclaimed_task_seconds, "step %s unclaimed for {}s and not in the queue"
+        conditions = [tuple_(Turn.id, Turn.step_count).not_in(sorted(waiting))] if waiting else []
+    stale = now - timedelta(seconds=seconds)
     return _resend(
         rt,
         [
@@ -89,9 +123,10 @@ def recover_lost_tasks(rt: Runtime) -> int:
             Turn.lease_expires_at.is_(None),
             and_(Turn.enqueued_at.is_not(None), Turn.enqueued_at < stale),
             Turn.id == _active_turn(),
+            *conditions,
         ],
         {"enqueued_at": now},
-        f"turn %s: no worker took step %s for {rt.settings.lost_task_seconds}s; re-enqueued",
+        "turn %s: " + why.format(seconds) + "; re-enqueued",
     )
 
 

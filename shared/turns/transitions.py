@@ -151,8 +151,12 @@ def resume(db: Session, rt: Runtime, turn: Turn, answer: dict[str, Any]) -> None
     after_commit(db, lambda: rt.queue.enqueue_step(turn_id, step))
 
 
-def release(db: Session, turn_id: str, attempt: int, reason: str) -> None:
-    """Give ``attempt``'s lease back so the next attempt may start now; ``reason`` shows in its step.retrying."""
+def release(db: Session, turn_id: str, attempt: int, reason: str, *, failed: bool = False) -> None:
+    """Give ``attempt``'s lease back so the next attempt may start now; ``reason`` shows in its step.retrying.
+
+    ``failed``: count the attempt in ``step_failures`` (STEPRUN_MAX_ATTEMPTS); a hand-back (the default) is not.
+    """
     db.execute(update(Turn).where(Turn.id == turn_id, Turn.attempt == attempt)
-               .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), retry_reason=reason)
+               .values(lease_owner=None, lease_expires_at=None, enqueued_at=utcnow(), retry_reason=reason,
+                       step_failures=Turn.step_failures + (1 if failed else 0))
                .execution_options(synchronize_session=False))
