@@ -12,8 +12,10 @@ not per turn.
 
 Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
 the step's commit, one read at the end); a tool turn (a tool call, then the
-answer) in 9. Not reached yet: this pins what is (8 and 15, from 32 and 66), so
-it cannot creep back up. What is left, per step: the model call's journal
+answer) in 9. Not reached yet: this pins what is (9 and 16, from 32 and 66), so
+it cannot creep back up. The POST is two: the admission check on the system path
+(the tenant's queued turns and the history quota add up rows the application
+login may not read) and the turn's own transaction. What is left, per step: the model call's journal
 (its start, with the budget check, and its recorded response: two transactions),
 each tool call's start and result (two), and marking the step's durable events
 published (one, batched per process under load); in the web process the GET's
@@ -35,8 +37,8 @@ from tests.support.processes import Procs, create_key_cli, settings_env
 
 SINGLE_STEP_TARGET = 5  # issue 15's target
 TOOL_TURN_TARGET = 9  # issue 15's target
-SINGLE_STEP_REACHED = 8  # 3 web (POST, GET's first read, its read after the end) + 5 worker
-TOOL_TURN_REACHED = 15  # 3 web + 12 worker (two steps, one tool call)
+SINGLE_STEP_REACHED = 9  # 4 web (admission check, POST, GET's first read, its read after the end) + 5 worker
+TOOL_TURN_REACHED = 16  # 4 web + 12 worker (two steps, one tool call)
 
 
 @dataclass
@@ -117,4 +119,4 @@ def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Cou
     web1, _ = counted.web.settle()
     # The read when the GET arrives and the one after the turn's end: not one per delta flush.
     assert web1 - web_posted <= 2, counted.web.since(web_posted)
-    assert web_posted - web0 == 1, counted.web.since(web0)  # the POST
+    assert web_posted - web0 == 2, counted.web.since(web0)  # the POST: its admission check and its turn
