@@ -81,7 +81,7 @@ def export_session(session_id: str) -> Response:
         "messages": [message_json(m) for m in data.messages],
         "checkpoint": None if checkpoint is None else {
             "number": checkpoint.number, "turn_id": checkpoint.turn_id, "step": checkpoint.step,
-            "state": checkpoint.state, "created_at": ts(checkpoint.created_at)},
+            "state": {"messages": data.checkpoint_messages}, "created_at": ts(checkpoint.created_at)},
         "traces": [trace_json(t.id, by_turn.get(t.id, [])) for t in data.turns],
     })
 

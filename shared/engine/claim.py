@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared import checkpoints
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
 from shared.engine.outcome import ChatMessage
@@ -113,6 +114,6 @@ def load_step_input(db: Session, claim: Claim, turn_time_limit: float) -> StepIn
         tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=session.id, agent_name=session.agent,
         input=turn.input, resume=turn.resume, pending=turn.pending, cancel=turn.cancel_requested,
         deadline_at=turn.deadline_at, retry_reason=turn.retry_reason,
-        history=tuple(checkpoint.state["messages"]) if checkpoint else (),
+        history=tuple(checkpoints.messages(db, checkpoint)) if checkpoint else (),
         event_cursor=session.event_cursor or 0,
     )

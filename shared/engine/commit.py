@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
+from shared import checkpoints
 from shared.clock import utcnow
 from shared.db import database_unavailable, unit_of_work
 from shared.engine.buffer import StepEvents
@@ -68,12 +69,13 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
         if session is None or turn is None:
             return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
         events.trace.write(db, turn, result)  # the spans commit (or not) with the step
-        # The next number is computed by the INSERT itself (the session row is locked: no race).
-        number = (select(func.coalesce(func.max(Checkpoint.number), 0) + 1)
-                  .where(Checkpoint.session_id == session.id).scalar_subquery())
+        # The checkpoint holds what the step added, after the latest one (shared/checkpoints.py); the session
+        # row is locked, so no other commit numbers one meanwhile.
+        previous = checkpoints.latest(db, session.id)
         clean = [for_model(m) for m in result.new_messages]
-        db.add(Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, number=number,
-                          turn_id=turn.id, step=claim.step, state={"messages": state + clean}))
+        db.add(Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id,
+                          number=previous[0] + 1 if previous else 1, turn_id=turn.id, step=claim.step,
+                          state=checkpoints.next_state(previous, state, clean)))
         for m in result.new_messages:
             db.add(Message(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, turn_id=turn.id,
                            step=claim.step, role=m["role"], content=m.get("content") or "",

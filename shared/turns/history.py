@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from shared import checkpoints
 from shared.auth.principal import Principal
 from shared.db import after_commit, rowcount
 from shared.models import (
@@ -40,6 +41,8 @@ class SessionExport:
     turns: list[Turn]
     messages: list[Message]
     checkpoint: Checkpoint | None
+    # The whole history as of ``checkpoint`` (it may store only what its step added: shared/checkpoints.py).
+    checkpoint_messages: list[Any] | None
     spans: list[TraceSpan]
 
 
@@ -56,7 +59,8 @@ def export_session(db: Session, who: Principal, session_id: str) -> SessionExpor
                             .order_by(Checkpoint.number.desc()).limit(1)).first()
     spans = list(db.scalars(select(TraceSpan).where(*owned(TraceSpan))
                             .order_by(TraceSpan.started_at, TraceSpan.id)))
-    return SessionExport(session, turns, messages, checkpoint, spans)
+    whole = checkpoints.messages(db, checkpoint) if checkpoint is not None else None
+    return SessionExport(session, turns, messages, checkpoint, whole, spans)
 
 
 @dataclass

@@ -19,9 +19,10 @@ from datetime import timedelta
 
 from sqlalchemy import delete, func, select
 
+from shared import checkpoints
 from shared.auth.principal import SYSTEM
 from shared.clock import aware, utcnow
-from shared.db import after_commit, unit_of_work
+from shared.db import after_commit, rowcount, unit_of_work
 from shared.models import AgentSession, Checkpoint, Turn, TurnStatus
 from shared.runtime import Runtime
 from shared.turns import transitions
@@ -91,7 +92,8 @@ def _delete_logs(rt: Runtime, session_ids: list[str]) -> None:
 
 
 def prune_checkpoints(rt: Runtime, limit: int = 10_000) -> int:
-    """Keep the latest STEPRUN_CHECKPOINT_KEEP checkpoints per session; a step only ever loads the latest."""
+    """Keep the latest STEPRUN_CHECKPOINT_KEEP checkpoints per session (a step only ever loads the latest),
+    and the rows from the keyframe of the oldest kept one on, so every kept checkpoint reads whole."""
     keep = rt.settings.checkpoint_keep
     if keep <= 0:
         return 0
@@ -99,21 +101,18 @@ def prune_checkpoints(rt: Runtime, limit: int = 10_000) -> int:
         select(Checkpoint.session_id, (func.max(Checkpoint.number) - keep).label("cutoff"))
         .group_by(Checkpoint.session_id)
         .having(func.count() > keep)
-        .subquery()
-    )
-    old = (
-        select(Checkpoint.id)
-        .join(heavy, Checkpoint.session_id == heavy.c.session_id)
-        .where(Checkpoint.number <= heavy.c.cutoff)
         .limit(limit)
     )
+    pruned = 0
     with unit_of_work(rt.sessions, SYSTEM) as db:
-        ids = list(db.scalars(old))
-        if ids:
-            db.execute(delete(Checkpoint).where(Checkpoint.id.in_(ids)).execution_options(synchronize_session=False))
-    if ids:
-        log.info("lifecycle: %d old checkpoints pruned", len(ids))
-    return len(ids)
+        for session_id, cutoff in db.execute(heavy).all():
+            floor = checkpoints.prune_floor(db, session_id, cutoff)
+            pruned += rowcount(db.execute(
+                delete(Checkpoint).where(Checkpoint.session_id == session_id, Checkpoint.number < floor)
+                .execution_options(synchronize_session=False)))
+    if pruned:
+        log.info("lifecycle: %d old checkpoints pruned", pruned)
+    return pruned
 
 
 @dataclass
