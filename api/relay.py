@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from api.auth import Credential
 from shared.auth.principal import Principal, Scope
 from shared.errors import TooManyStreams
 from shared.metrics import track_stream
@@ -270,6 +271,32 @@ def recheck_seconds(settings: Settings) -> float:
     """How often an open stream rechecks its credential: half the key-cache window (answers about a key
     are cached the other half), so a revoked key's streams end within STEPRUN_KEY_CACHE_SECONDS."""
     return max(0.5, settings.key_cache_seconds / 2) if settings.key_cache_seconds > 0 else 1.0
+
+
+def rechecked(rt: Runtime, cred: Credential, body: Iterator[str],
+              ending: Callable[[tuple[str, str], str | None], str]) -> Iterator[str]:
+    """``body`` (a compatible surface's SSE stream), ended once ``cred`` (the request's credential, which
+    opened it) stops being valid.
+
+    The credential is rechecked between the stream's writes (its frames and its keep-alives), on the
+    request's credential and at its expiry, as the main SSE and WebSocket routes do; then the stream
+    ends with ``ending(problem, last chunk sent)`` (its surface's own error event) and ``body`` is closed.
+    """
+    watch = CredentialWatch(lambda: cred.problem(rt), rt.settings, cred.expires_at)
+    last: str | None = None
+    try:
+        for chunk in body:
+            problem = watch.problem()
+            if problem is not None:
+                log.info("stream: ended, %s", problem[0])
+                yield ending(problem, last)
+                return
+            last = chunk
+            yield chunk
+    finally:
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
 
 
 class CredentialWatch:

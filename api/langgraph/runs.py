@@ -6,6 +6,7 @@ steprun turn resumes after ``requires_action``.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 from flask import Response, jsonify, request
 from sqlalchemy import select
 
+from api.auth import credential
 from api.context import db, json_body, principal, runtime
 from api.langgraph.common import (
     assistant_name,
@@ -27,7 +29,7 @@ from api.langgraph.common import (
 from api.langgraph.convert import ON_BUSY, RUN_STATUS, run_json
 from api.langgraph.frames import AFTER_ALL, JOIN_DEFAULT, STREAM_MODES, parse_position
 from api.langgraph.stream import StreamRequest, run_stream, wait_body
-from api.relay import take_stream_slot
+from api.relay import rechecked, take_stream_slot
 from shared.errors import BadInput, Conflict, NotFound
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.turns import service as turns
@@ -181,8 +183,15 @@ def _stream_response(run: StartedRun) -> Response:
 
 def _sse_response(req: StreamRequest, headers: dict[str, str]) -> Response:
     sock = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    return Response(run_stream(req, sock), mimetype="text/event-stream", headers={
+    body = rechecked(req.rt, credential(), run_stream(req, sock), _unauthorized)
+    return Response(body, mimetype="text/event-stream", headers={
         "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+
+
+def _unauthorized(problem: tuple[str, str], last: str | None) -> str:  # noqa: ARG001
+    """The error event that ends a run stream whose credential expired or whose key was revoked."""
+    data = json.dumps({"error": "unauthorized", "reason": problem[0], "message": problem[1]}, separators=(",", ":"))
+    return f"event: error\ndata: {data}\n\n"
 
 
 def _holding_slot(respond: Callable[[], Response]) -> Response:

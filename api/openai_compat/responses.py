@@ -7,6 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy.orm import Session
 
+from api.auth import credential
 from api.context import db, int_arg, json_body, principal, runtime
 from api.openai_compat import errors, ids, stream
 from api.openai_compat.ids import ResponseRef
@@ -14,7 +15,7 @@ from api.openai_compat.inputs import Input, parse_input
 from api.openai_compat.listing import list_json
 from api.openai_compat.objects import input_items
 from api.openai_compat.store import conversation, load
-from api.relay import take_stream_slot
+from api.relay import rechecked, take_stream_slot
 from shared.auth.principal import Principal
 from shared.db import unit_of_work
 from shared.errors import BadInput, Conflict, NotFound
@@ -66,7 +67,8 @@ def create_response() -> Response:
         session_id = session.id
         db().commit()
         if streaming:
-            response = _sse(stream.response_events(rt, who, ref, session_id, after=head))
+            response = _sse(rechecked(rt, credential(), stream.response_events(rt, who, ref, session_id, after=head),
+                                           stream.unauthorized_frame))
             response.call_on_close(slot.release)  # type: ignore[union-attr]
             slot = None  # the response gives it back when it ends
             return response
@@ -176,7 +178,9 @@ def get_response(response_id: str) -> Response:
     session_id = loaded.session.id
     db().close()  # a stream holds no connection
     slot = take_stream_slot(rt, who)  # 429 too_many_streams when the user or tenant holds all of theirs
-    response = _sse(stream.response_events(rt, who, ref, session_id, starting_after=starting_after))
+    response = _sse(rechecked(rt, credential(), stream.response_events(rt, who, ref, session_id,
+                                                                   starting_after=starting_after),
+                              stream.unauthorized_frame))
     response.call_on_close(slot.release)
     return response
 

@@ -16,6 +16,7 @@ from any API process, while the session's log is kept.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,6 @@ from shared.db import unit_of_work
 from shared.errors import NotFound
 from shared.runtime import Runtime
 
-HEARTBEAT_SECONDS = 15.0
 # Idle polls of the log after which the rows are asked whether the response ended
 # (covers events Redis lost: the rows are the truth).
 IDLE_CHECK_SECONDS = 5.0
@@ -196,10 +196,11 @@ def response_events(rt: Runtime, who: Principal, ref: ResponseRef, session_id: s
     started = last_sent = last_event = time.monotonic()
     idle_checks = 0
     seen_any = False
+    heartbeat = max(0.05, rt.settings.sse_heartbeat_seconds)  # keep-alives; the credential is rechecked at each
     while not translator.done and time.monotonic() - started < MAX_STREAM_SECONDS:
         # A log that lost what follows the cursor (trimmed, Redis restarted) is read on: the idle
         # check below finishes the response from the rows.
-        batch = rt.events.wait(session_id, after, IDLE_CHECK_SECONDS, READ_BATCH)
+        batch = rt.events.wait(session_id, after, min(IDLE_CHECK_SECONDS, heartbeat), READ_BATCH)
         for raw in batch.events:
             if marker in raw:
                 seen_any = True
@@ -223,13 +224,20 @@ def response_events(rt: Runtime, who: Principal, ref: ResponseRef, session_id: s
                     for chunk in numbered(translator.finish()):
                         yield chunk
                     break
-        if time.monotonic() - last_sent >= HEARTBEAT_SECONDS:
+        if time.monotonic() - last_sent >= heartbeat:
             last_sent = time.monotonic()
             yield ": keep-alive\n\n"
 
 
 def _ended(snapshot: Snapshot) -> bool:
     return snapshot.response["status"] not in ("queued", "in_progress")
+
+
+def unauthorized_frame(problem: tuple[str, str], last: str | None) -> str:
+    """The error event that ends a stream whose credential expired or whose key was revoked."""
+    seen = re.search(r'"sequence_number":(\d+)', last or "")
+    return frame({"type": "error", "sequence_number": int(seen.group(1)) + 1 if seen else 0,
+                  "code": "unauthorized", "message": problem[1], "param": None})
 
 
 def not_found_frame(exc: NotFound) -> str:

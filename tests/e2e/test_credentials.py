@@ -40,6 +40,7 @@ GLOBEX_ISSUER = "https://login.globex.example/"
 GLOBEX_SECRET = "g" * 48
 GLOBEX_TENANT = "t-cred-globex"
 KEY_CACHE_SECONDS = 1.0  # sockets recheck every 0.5 s, key answers are trusted 0.5 s: closed within 1 s
+HEARTBEAT_SECONDS = 1.0  # SSE keep-alives: a quiet compatible stream is rechecked between them
 
 
 @dataclass
@@ -70,6 +71,7 @@ def deployment(settings: Settings, rt: Runtime, tmp_path_factory: pytest.TempPat
     env = settings_env(settings)
     env.update(STEPRUN_AGENTS="tests.support.agents_security", STEPRUN_JWT_SECRET=JWT_SECRET,
                STEPRUN_JWT_TENANT=JWT_TENANT, STEPRUN_KEY_CACHE_SECONDS=str(KEY_CACHE_SECONDS),
+               STEPRUN_SSE_HEARTBEAT_SECONDS=str(HEARTBEAT_SECONDS),
                STEPRUN_JWT_ISSUERS=json.dumps({GLOBEX_ISSUER: {"tenant": GLOBEX_TENANT, "secret": GLOBEX_SECRET}}))
     try:
         procs.worker(env=env)
@@ -381,3 +383,49 @@ def test_a_tool_still_running_writes_nothing_after_an_erase(deployment: Deployme
     assert requests.put(f"{deployment.url}/v1/memory/notes/new", json={"value": 1}, headers=_h(key),
                         timeout=10).status_code in (200, 201)
     assert _count(deployment.rt, MemoryItem, who) == 1
+
+
+def _sse_events(response: requests.Response, until: float) -> Iterator[tuple[str, str]]:
+    """(event, data) of an SSE response as they arrive, until the stream ends or ``until``."""
+    event, data = "message", ""
+    for line in response.iter_lines(decode_unicode=True):
+        assert time.monotonic() < until, "the stream did not end in time"
+        if line == "":
+            if data:
+                yield event, data
+            event, data = "message", ""
+        elif line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:"):
+            data += line.split(":", 1)[1].strip()
+
+
+def test_compatible_run_streams_end_when_their_key_is_revoked(deployment: Deployment, tmp_path: Path) -> None:
+    """A LangGraph run stream and an OpenAI response stream are rechecked as the main streams are."""
+    import threading
+
+    for surface in ("langgraph", "openai"):
+        key_id, key, _ = deployment.key()
+        hold = tmp_path / f"never-{surface}"  # the tool waits for it (30 s): the run stays quiet and open
+        if surface == "langgraph":
+            thread = requests.post(f"{deployment.url}/langgraph/threads", json={}, headers=_h(key), timeout=10)
+            assert thread.status_code == 200, thread.text
+            url = f"{deployment.url}/langgraph/threads/{thread.json()['thread_id']}/runs/stream"
+            body: dict[str, Any] = {"assistant_id": "notes", "stream_mode": ["values"],
+                                    "input": {"messages": [{"role": "user", "content": f"late_note {hold}"}]}}
+        else:
+            url = f"{deployment.url}/v1/responses"
+            body = {"model": "notes", "input": f"late_note {hold}", "stream": True}
+        started = time.monotonic()
+        threading.Timer(1.0, deployment.revoke, args=(key_id,)).start()
+        with requests.post(url, json=body, headers=_h(key), stream=True, timeout=30) as r:
+            assert r.status_code == 200, r.text
+            events = list(_sse_events(r, until=started + 20))
+        took = time.monotonic() - started
+        print(f"\n{surface} run stream ended {took:.2f} s after it opened, its key revoked at 1 s")
+        name, data = events[-1]
+        assert name == "error", events[-3:]
+        error = json.loads(data)
+        assert "unauthorized" in (error.get("error"), error.get("code")), error
+        # Revoked at 1 s; rechecked every half window, between writes (keep-alives every second here).
+        assert took < 1.0 + KEY_CACHE_SECONDS + HEARTBEAT_SECONDS + 4, took
