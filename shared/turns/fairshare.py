@@ -62,13 +62,22 @@ def _deferred() -> list[ColumnElement[bool]]:
             Turn.id == _active_turn()]
 
 
-def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str) -> None:
-    """Serialise the count and the decision per tenant (tenant cap on) or per user (Postgres only)."""
+def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait: bool = True) -> bool:
+    """Serialise the count and the decision per tenant (tenant cap on) or per user (Postgres only).
+
+    ``wait=False``: take it only if it is free now (False if not). A transaction that holds turn rows
+    (a turn ending, or being rolled back) must not wait for it: a claim holds it while it waits for
+    the turn's row, and the two would deadlock.
+    """
     if db.get_bind().dialect.name != "postgresql":
-        return
+        return True
     name = f"steprun:running:{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
         f"steprun:running:{tenant_id}:{user_id}"
-    db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(name.encode()) - 2**31})
+    key = {"k": zlib.crc32(name.encode()) - 2**31}
+    if wait:
+        db.execute(text("SELECT pg_advisory_xact_lock(:k)"), key)
+        return True
+    return bool(db.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), key))
 
 
 def running(db: Session, settings: Settings, tenant_id: str, user_id: str) -> tuple[int, int]:
@@ -133,11 +142,12 @@ def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
     """
     if not caps_on(rt.settings):
         return
-    if rt.settings.max_running_turns_per_tenant > 0:
+    if rt.settings.max_running_turns_per_tenant > 0 or not _lock(db, rt.settings, tenant_id, user_id, wait=False):
+        # The tenant cap, or a claim of this user's holds the lock: wake them once this commits.
         after_commit(db, lambda: threading.Thread(target=_wake_quietly, args=(rt, tenant_id, user_id),
                                                   name="steprun-fairshare-wake", daemon=True).start())
         return
-    _wake_in(db, rt, tenant_id, user_id)
+    _wake_in(db, rt, tenant_id, user_id, locked=True)
 
 
 def _wake_quietly(rt: Runtime, tenant_id: str, user_id: str) -> None:
@@ -153,9 +163,10 @@ def wake(rt: Runtime, tenant_id: str, user_id: str) -> int:
         return _wake_in(db, rt, tenant_id, user_id)
 
 
-def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> int:
+def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str, *, locked: bool = False) -> int:
     settings = rt.settings
-    _lock(db, settings, tenant_id, user_id)
+    if not locked:
+        _lock(db, settings, tenant_id, user_id)
     query = select(Turn.id, Turn.user_id).where(*_deferred(), Turn.tenant_id == tenant_id)
     tenant_wide = settings.max_running_turns_per_tenant > 0
     if not tenant_wide:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
+from shared import checkpoints
 from shared.models import Checkpoint
 from shared.settings import Settings
 from tests.support.processes import Procs
@@ -229,8 +230,13 @@ def test_limits_end_turns_as_incomplete(life: Deployment) -> None:
 def test_old_checkpoints_are_pruned_and_the_session_carries_on(life: Deployment) -> None:
     c = life.client()
     sid = c.session("bank")
-    for a in (1, 2, 3):
+    # Two steps per turn: past the second keyframe (shared/checkpoints.py), so the kept three build on it.
+    count = checkpoints.KEYFRAME_EVERY // 2 + 2
+    for a in range(1, count + 1):
         assert c.wait_turn(c.start(sid, f"add {a} and 10")["id"])["status"] == "completed"
+    newest = 2 * count
+    keyframe = checkpoints.KEYFRAME_EVERY + 1
+    kept = list(range(keyframe, newest + 1))  # the latest three, and back to the keyframe they build on
     engine = create_engine((life.settings.database_url or "").replace("postgresql://", "postgresql+psycopg2://"))
     try:
         deadline = time.monotonic() + 10
@@ -238,13 +244,13 @@ def test_old_checkpoints_are_pruned_and_the_session_carries_on(life: Deployment)
             while True:
                 numbers = sorted(conn.execute(select(Checkpoint.number).where(Checkpoint.session_id == sid)).scalars())
                 conn.rollback()
-                if numbers == [4, 5, 6] or time.monotonic() > deadline:
+                if numbers == kept or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
-        assert numbers == [4, 5, 6]  # two steps per turn: six checkpoints, the latest three kept
+        assert numbers == kept and newest - keyframe + 1 > 3
         done = c.wait_turn(c.start(sid, "add 4 and 10")["id"])
         assert done["status"] == "completed" and done["output"] == "The result of add is 14."
-        assert len(c.messages(sid)) == 16  # the history is whole: pruning touches checkpoints only
+        assert len(c.messages(sid)) == 4 * (count + 1)  # the history is whole: pruning touches checkpoints only
     finally:
         engine.dispose()
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import unit_of_work
@@ -14,6 +15,7 @@ from shared.engine.step import build_runtime, run_step
 from shared.models import Turn
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.turns import fairshare
 from shared.turns import service as turns
 from shared.turns.recovery import sweep
 
@@ -140,3 +142,23 @@ def test_no_cap_no_deferral(capped: Any) -> None:
     rt, _ = capped(max_running_turns_per_user=0, max_running_turns_per_tenant=0)
     who = Principal(f"t-{secrets.token_hex(4)}", "u")
     assert all(run_step(rt, _start(rt, who)[1], 0) == "in_progress" for _ in range(6))
+
+
+def test_a_freeing_transaction_never_waits_for_a_claims_lock(capped: Any) -> None:
+    """A turn ending (its rows locked) while a claim of the same user holds the fair-share lock and waits for
+    those rows: the ending transaction must not wait for the lock too, or the two deadlock. It hands the
+    wake-up to after its commit instead."""
+    rt, _ = capped(max_running_turns_per_user=2)
+    who = Principal(f"t-{secrets.token_hex(4)}", "u")
+    claim = rt.sessions()
+    try:
+        claim.execute(text("SELECT 1"))
+        assert fairshare._lock(claim, rt.settings, who.tenant_id, who.user_id)  # the claim's lock, held
+        with unit_of_work(rt.sessions, SYSTEM) as ending:
+            ending.execute(text("SET LOCAL lock_timeout = '2s'"))  # waiting for the lock would fail here
+            started = time.monotonic()
+            fairshare.slot_freed(ending, rt, who.tenant_id, who.user_id)
+            assert time.monotonic() - started < 1.0
+    finally:
+        claim.rollback()
+        claim.close()
