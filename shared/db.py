@@ -291,6 +291,11 @@ def unit_of_work(factory: sessionmaker[Session], scope: Scope | None = None, *,
         db.close()
 
 
+def deadlocked(exc: BaseException) -> bool:
+    """True if ``exc`` is Postgres failing this transaction to break a deadlock (safe to run again)."""
+    return getattr(getattr(exc, "orig", None), "pgcode", None) == "40P01"
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """True if ``exc`` means the database cannot be reached right now (retry later), not a bug.
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Response, jsonify, request
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from api.auth import credential
 from api.context import db, json_body, principal, runtime
@@ -30,9 +31,13 @@ from api.langgraph.convert import ON_BUSY, RUN_STATUS, run_json
 from api.langgraph.frames import AFTER_ALL, JOIN_DEFAULT, STREAM_MODES, parse_position
 from api.langgraph.stream import StreamRequest, run_stream, wait_body
 from api.relay import rechecked, take_stream_slot
+from shared.db import deadlocked
 from shared.errors import BadInput, Conflict, NotFound
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.turns import service as turns
+
+# A cancel that Postgres fails to break a deadlock with the run's own claim is run again.
+DEADLOCK_RETRIES = 3
 
 # Run-creation fields steprun does not act on; a request that needs them is refused, not half-served.
 UNSUPPORTED = ("interrupt_before", "interrupt_after", "checkpoint", "checkpoint_id", "webhook", "after_seconds")
@@ -312,11 +317,20 @@ def cancel_run(thread_id: str, run_id: str) -> tuple[Response, int]:
     if action not in ("interrupt", "rollback"):
         raise BadInput("'action' must be interrupt or rollback", field="action")
     session, turn = _own_run(thread_id, run_id)
-    if action == "rollback" and turns.rollback_turn(db(), rt, principal(), turn.id, "rolled back (cancel)"):
-        db().commit()
-        return Response(status=204), 204  # the run is gone, as if it never ran
-    turns.cancel_turn(db(), rt, principal(), turn.id)
-    db().commit()
+    for attempt in range(DEADLOCK_RETRIES + 1):
+        try:
+            if action == "rollback" and turns.rollback_turn(db(), rt, principal(), turn.id, "rolled back (cancel)"):
+                db().commit()
+                return Response(status=204), 204  # the run is gone, as if it never ran
+            turns.cancel_turn(db(), rt, principal(), turn.id)
+            db().commit()
+            break
+        except OperationalError as exc:
+            # The run's claim (turn row, then session row) can meet this (session, then turn): Postgres
+            # picks one to fail, whose transaction is rolled back whole, so it is safe to run again.
+            if not deadlocked(exc) or attempt == DEADLOCK_RETRIES:
+                raise
+            db().rollback()
     if request.args.get("wait", "0").lower() in ("1", "true"):
         deadline = time.monotonic() + rt.settings.max_wait_seconds
         while time.monotonic() < deadline:
