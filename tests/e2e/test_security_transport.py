@@ -484,17 +484,25 @@ def test_every_frame_counts_against_the_frame_rate_and_a_flood_is_closed(d: Depl
         else:
             answers += 1
 
+    opened = time.monotonic()
     for frame in flood:
-        ws.send_binary(frame) if isinstance(frame, bytes) else ws.send(frame)
+        try:
+            ws.send_binary(frame) if isinstance(frame, bytes) else ws.send(frame)
+        except (BrokenPipeError, ConnectionResetError, websocket.WebSocketConnectionClosedException):
+            break  # the server closed while the flood was still going out: its close frame is queued here
         while data is None and select.select([ws.sock], [], [], 0)[0]:
             read_one()
         if data is not None:
             break
     while data is None:
         read_one()
+    elapsed = time.monotonic() - opened
     assert int.from_bytes(data[:2], "big") == 1008, data
     assert json.loads(data[2:])["reason"] == "frame_rate"
-    assert answers <= 2 * FRAMES_PER_SECOND + 5, answers  # the burst, not the whole flood
+    # The burst, plus what the budget refilled while the flood went out (on a loaded machine that
+    # takes a while) - never the whole flood.
+    assert answers <= 2 * FRAMES_PER_SECOND + FRAMES_PER_SECOND * elapsed + 5, (answers, elapsed)
+    assert answers < len(flood) // 2, answers
     print(f"\na flood of {len(flood)} frames was answered {answers} times, then closed 1008 "
           f"(STEPRUN_WS_FRAMES_PER_SECOND={FRAMES_PER_SECOND})")
     # Another socket of the same user is unaffected.
