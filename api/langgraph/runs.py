@@ -36,7 +36,8 @@ from shared.errors import BadInput, Conflict, NotFound
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
 from shared.turns import service as turns
 
-# A cancel that Postgres fails to break a deadlock with the run's own claim is run again.
+# A cancel that Postgres fails to break a deadlock is run again (a defence: the lock order that
+# deadlocked, the published-event marker's events-then-session, is fixed in shared.turns.events.mark).
 DEADLOCK_RETRIES = 3
 
 # Run-creation fields steprun does not act on; a request that needs them is refused, not half-served.
@@ -326,8 +327,7 @@ def cancel_run(thread_id: str, run_id: str) -> tuple[Response, int]:
             db().commit()
             break
         except OperationalError as exc:
-            # The run's claim (turn row, then session row) can meet this (session, then turn): Postgres
-            # picks one to fail, whose transaction is rolled back whole, so it is safe to run again.
+            # Postgres failed this transaction whole to break a deadlock: it is safe to run again.
             if not deadlocked(exc) or attempt == DEADLOCK_RETRIES:
                 raise
             db().rollback()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal, Scope
@@ -180,29 +180,31 @@ class _PublishedMarker:
             try:
                 # The system scope: the batch spans the sessions (and tenants) this process served.
                 with unit_of_work(self.rt.sessions, SYSTEM) as db:
-                    if ids:
-                        db.execute(update(StreamEvent)
-                                   .where(StreamEvent.id.in_(ids), StreamEvent.published_at.is_(None))
-                                   .values(published_at=utcnow()).execution_options(synchronize_session=False))
-                    for session_id, cursor in sorted(cursors.items()):  # one lock order for every marker
-                        db.execute(update(AgentSession).where(AgentSession.id == session_id,
-                                                              AgentSession.event_cursor < cursor)
-                                   .values(event_cursor=cursor).execution_options(synchronize_session=False))
+                    mark(db, ids, cursors)
             except Exception:  # noqa: BLE001 - the republish sweep marks (and if need be re-appends) what is left
                 log.warning("marking %d events published failed; the sweep will", len(ids), exc_info=True)
+
+
+def mark(db: Session, ids: list[str], cursors: dict[str, int]) -> None:
+    """Mark ``ids`` published and raise each session's cursor floor, in the lock order of every turn change.
+
+    Sessions first (in id order), then their events: a rollback locks its session, then deletes its
+    turn's events. Marking the events first would hold their rows while waiting for the session's,
+    and the two would deadlock (Postgres fails one of them: the rollback's client got 503).
+    """
+    for session_id, cursor in sorted(cursors.items()):
+        if cursor:
+            db.execute(update(AgentSession).where(AgentSession.id == session_id, AgentSession.event_cursor < cursor)
+                       .values(event_cursor=cursor).execution_options(synchronize_session=False))
+    if ids:
+        db.execute(update(StreamEvent).where(StreamEvent.id.in_(ids), StreamEvent.published_at.is_(None))
+                   .values(published_at=utcnow()).execution_options(synchronize_session=False))
 
 
 def mark_published(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int) -> None:
     """Record that ``ids`` reached the log, and raise the session's cursor floor to ``cursor``."""
     with unit_of_work(rt.sessions, scope) as db:
-        if ids:
-            db.execute(update(StreamEvent).where(StreamEvent.id.in_(ids), StreamEvent.published_at.is_(None))
-                       .values(published_at=utcnow()).execution_options(synchronize_session=False))
-        if cursor:
-            db.execute(update(AgentSession).where(AgentSession.id == session_id)
-                       .values(event_cursor=case((AgentSession.event_cursor < cursor, cursor),
-                                                 else_=AgentSession.event_cursor))
-                       .execution_options(synchronize_session=False))
+        mark(db, ids, {session_id: cursor})
 
 
 def republish_session(rt: Runtime, scope: Scope, session_id: str) -> int:

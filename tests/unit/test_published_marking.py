@@ -1,15 +1,17 @@
 """Durable events a commit published are marked so, in batches (shared/turns/events.py, _PublishedMarker)."""
 from __future__ import annotations
 
+import threading
 import time
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import unit_of_work
 from shared.engine.step import run_step
 from shared.models import AgentSession, StreamEvent
 from shared.runtime import Runtime
+from shared.turns import events
 from shared.turns import service as turns
 
 
@@ -36,3 +38,36 @@ def test_published_events_are_marked_and_the_cursor_floor_raised(rt: Runtime, wh
         for sid in sessions:
             floor = db.get(AgentSession, sid).event_cursor
             assert floor and floor >= rt.events.head(sid)  # no cursor the log issued is above the floor
+
+
+def test_marking_takes_the_session_before_its_events_as_a_rollback_does(rt: Runtime, who: Principal) -> None:
+    """A rollback locks its session, then deletes its turn's events; the marker must not hold those events'
+    rows while it waits for the session's (the two deadlocked, and Postgres failed one: a 503)."""
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, "echo", None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, "hello")
+    assert run_step(rt, turn.id, 0) == "completed"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        ids = list(db.scalars(select(StreamEvent.id).where(StreamEvent.session_id == session.id)))
+        floor = db.get(AgentSession, session.id).event_cursor + 1
+    assert ids
+    failures: list[BaseException] = []
+
+    def marker() -> None:
+        try:
+            with unit_of_work(rt.sessions, SYSTEM) as db:
+                events.mark(db, ids, {session.id: floor})
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+
+    with unit_of_work(rt.sessions, who) as db:  # the rollback's transaction
+        db.scalars(select(AgentSession).where(AgentSession.id == session.id).with_for_update()).one()
+        thread = threading.Thread(target=marker)
+        thread.start()
+        time.sleep(0.5)  # the marker is now waiting for a lock
+        db.execute(delete(StreamEvent).where(StreamEvent.session_id == session.id))
+    thread.join(30)
+    assert not thread.is_alive()
+    assert not failures, failures
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        assert db.get(AgentSession, session.id).event_cursor == floor
