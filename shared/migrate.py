@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from alembic import command
 from alembic.config import Config
@@ -66,6 +67,14 @@ def ensure_app_login(engine: Engine, settings: Settings) -> None:
             time.sleep(0.1 * (attempt + 1))
 
 
+
+def _refuse_any(conn: Connection, query: str, params: dict[str, str], explain: Callable[[str], str]) -> None:
+    """Refuse to go on (SettingsError, ``explain(found)``) if ``query``'s one value, a list of names, is not empty."""
+    found = conn.execute(text(query), params).scalar()
+    if found:
+        raise SettingsError(explain(found))
+
+
 def _provision(conn: Connection, role: str, password: str | None, *, create: bool) -> None:
     q = conn.exec_driver_sql
     row = conn.execute(text("SELECT rolcanlogin, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolinherit "
@@ -102,26 +111,21 @@ def _provision(conn: Connection, role: str, password: str | None, *, create: boo
         q(f"ALTER ROLE {quoted} LOGIN NOCREATEDB NOINHERIT")
     if password is not None:
         q(f"ALTER ROLE {quoted} PASSWORD '{password}'")  # a hex digest: no quote can occur in it
-    member_of = conn.execute(text(
-        "SELECT string_agg(m.roleid::regrole::text, ', ') FROM pg_auth_members m "
-        "WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = :r)"), {"r": role}).scalar()
-    if member_of:
-        raise SettingsError(f"the application login {role!r} is a member of {member_of}: it must gain nothing "
-                            f"(REVOKE {member_of} FROM {role})")
-    stale = conn.execute(text(
-        "SELECT string_agg(tablename || '.' || policyname, ', ') FROM pg_policies WHERE schemaname = current_schema() "
-        "AND (qual LIKE '%current_setting(''steprun.%' OR with_check LIKE '%current_setting(''steprun.%')")).scalar()
-    if stale:
-        raise SettingsError(f"row-level security policies {stale} read a setting any statement can change "
-                            "(current_setting('steprun.…')): write them with (SELECT steprun_scope('tenant_id')) "
-                            "and the like (migration 0014)")
-    forced = conn.execute(text(
-        "SELECT string_agg(relname, ', ') FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
-        "AND relforcerowsecurity")).scalar()
-    if forced:
-        raise SettingsError(f"tables {forced} FORCE row-level security, which binds their owner: the system path "
-                            "(DATABASE_URL's login) would see none of their rows (ALTER TABLE … NO FORCE ROW LEVEL "
-                            "SECURITY; migration 0014)")
+    _refuse_any(conn, "SELECT string_agg(m.roleid::regrole::text, ', ') FROM pg_auth_members m "
+                "WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = :r)", {"r": role},
+                lambda found: f"the application login {role!r} is a member of {found}: it must gain nothing "
+                              f"(REVOKE {found} FROM {role})")
+    _refuse_any(conn, "SELECT string_agg(tablename || '.' || policyname, ', ') FROM pg_policies "
+                "WHERE schemaname = current_schema() AND (qual LIKE '%current_setting(''steprun.%' "
+                "OR with_check LIKE '%current_setting(''steprun.%')", {},
+                lambda found: f"row-level security policies {found} read a setting any statement can change "
+                              "(current_setting('steprun.…')): write them with (SELECT steprun_scope('tenant_id')) "
+                              "and the like (migration 0014)")
+    _refuse_any(conn, "SELECT string_agg(relname, ', ') FROM pg_class "
+                "WHERE relnamespace = current_schema()::regnamespace AND relforcerowsecurity", {},
+                lambda found: f"tables {found} FORCE row-level security, which binds their owner: the system "
+                              "path (DATABASE_URL's login) would see none of their rows (ALTER TABLE … NO FORCE "
+                              "ROW LEVEL SECURITY; migration 0014)")
     schema = conn.execute(text("SELECT current_schema()")).scalar_one()
     s = conn.dialect.identifier_preparer.quote(schema)
     q(f"GRANT USAGE ON SCHEMA {s} TO {quoted}")

@@ -13,7 +13,8 @@ processes or `steprun dev` (marked ``e2e``: ``make test-fast`` leaves them out);
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -68,6 +69,20 @@ def rt(settings: Settings) -> Iterator[Runtime]:
     runtime = build_runtime(settings)
     yield runtime
     runtime.close()
+
+
+@pytest.fixture
+def runtimes(settings: Settings) -> Iterator[Callable[..., Runtime]]:
+    """Build runtimes from the test settings with some of them changed; each is closed after the test."""
+    made: list[Runtime] = []
+
+    def make(**changes: Any) -> Runtime:
+        runtime = build_runtime(settings.replace(**changes))
+        made.append(runtime)
+        return runtime
+    yield make
+    for runtime in made:
+        runtime.close()
 
 
 @pytest.fixture

@@ -17,33 +17,28 @@ import socket
 import struct
 import threading
 import time
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from tests.support.loopback import Loopback
 
 # SSLRequest and GSSENCRequest: answered by the server with one unframed byte ('N' or 'S'/'G').
 _NEGOTIATION_CODES = {80877103, 80877104}
 
 
-class PgCounter:
+class PgCounter(Loopback):
     def __init__(self, database_url: str):
         parts = urlsplit(database_url)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self.transactions = 0
         self.queries = 0
         # Each ended transaction's statements (their first 160 characters), for a failure's message.
         self.log: list[list[str]] = []
         self._lock = threading.Lock()
         self._last_activity = time.monotonic()
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self._listener.settimeout(0.2)
-        self.port = self._listener.getsockname()[1]
+        super().__init__((parts.hostname or "127.0.0.1", parts.port or 5432))
         netloc = parts.netloc.rsplit("@", 1)
         host = f"127.0.0.1:{self.port}"
         self.url = urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
@@ -65,92 +60,47 @@ class PgCounter:
         with self._lock:
             return "\n".join(f"  {i}: " + " | ".join(t) for i, t in enumerate(self.log[n:], n))
 
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
+    def connection_state(self) -> dict[str, Any]:
+        return {"negotiations": 0, "pending_queries": 0, "status": None, "statements": []}
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                continue
-            upstream = socket.create_connection(self.target, timeout=10)
-            conn = {"negotiations": 0, "pending_queries": 0, "status": None, "statements": []}
-            threading.Thread(target=self._up, args=(client, upstream, conn), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, conn), daemon=True).start()
-
-    def _touch(self) -> None:
-        with self._lock:
-            self._last_activity = time.monotonic()
-
-    def _up(self, client: socket.socket, upstream: socket.socket, conn: dict) -> None:
+    def forward(self, source: socket.socket, sink: socket.socket, state: Any, *, upstream: bool) -> None:
         buf = b""
-        started = False  # the startup message (untyped) has been seen
-        try:
-            while data := client.recv(65536):
-                self._touch()
-                buf += data
-                while True:
-                    if not started:
-                        if len(buf) < 8:
-                            break
-                        length, code = struct.unpack("!ii", buf[:8])
-                        if len(buf) < length:
-                            break
-                        if code in _NEGOTIATION_CODES:
-                            conn["negotiations"] += 1
-                        else:
-                            started = True
-                        upstream.sendall(buf[:length])
-                        buf = buf[length:]
-                        continue
-                    if len(buf) < 5:
+        started = not upstream  # the client's startup message (untyped) is yet to pass
+        while data := source.recv(65536):
+            with self._lock:
+                self._last_activity = time.monotonic()
+            buf += data
+            while True:
+                if not started:  # client to server: the untyped startup (or SSL/GSS negotiation) message
+                    if len(buf) < 8 or len(buf) < struct.unpack("!i", buf[:4])[0]:
                         break
-                    length = struct.unpack("!i", buf[1:5])[0]
-                    if len(buf) < 1 + length:
-                        break
-                    if buf[:1] == b"Q":
-                        with self._lock:
-                            self.queries += 1
-                            conn["pending_queries"] += 1
-                            conn["statements"].append(buf[5:165].decode(errors="replace").rstrip("\x00"))
-                    upstream.sendall(buf[:1 + length])
-                    buf = buf[1 + length:]
-        except OSError:
-            pass
-        finally:
-            _close(upstream)
-
-    def _down(self, upstream: socket.socket, client: socket.socket, conn: dict) -> None:
-        buf = b""
-        try:
-            while data := upstream.recv(65536):
-                self._touch()
-                buf += data
-                while True:
-                    if conn["negotiations"] and buf:
-                        conn["negotiations"] -= 1  # the one-byte answer to SSLRequest / GSSENCRequest
-                        client.sendall(buf[:1])
-                        buf = buf[1:]
-                        continue
-                    if len(buf) < 5:
-                        break
-                    length = struct.unpack("!i", buf[1:5])[0]
-                    if len(buf) < 1 + length:
-                        break
-                    if buf[:1] == b"Z":
-                        self._ready(conn, buf[5:6])
-                    client.sendall(buf[:1 + length])
-                    buf = buf[1 + length:]
-                if buf and not conn["negotiations"]:
+                    length, code = struct.unpack("!ii", buf[:8])
+                    if code in _NEGOTIATION_CODES:
+                        state["negotiations"] += 1
+                    else:
+                        started = True
+                    sink.sendall(buf[:length])
+                    buf = buf[length:]
                     continue
-        except OSError:
-            pass
-        finally:
-            _close(client)
+                if not upstream and state["negotiations"] and buf:
+                    state["negotiations"] -= 1  # the one-byte answer to SSLRequest / GSSENCRequest
+                    sink.sendall(buf[:1])
+                    buf = buf[1:]
+                    continue
+                if len(buf) < 5 or len(buf) < 1 + struct.unpack("!i", buf[1:5])[0]:
+                    break
+                length = 1 + struct.unpack("!i", buf[1:5])[0]
+                if upstream and buf[:1] == b"Q":
+                    with self._lock:
+                        self.queries += 1
+                        state["pending_queries"] += 1
+                        state["statements"].append(buf[5:165].decode(errors="replace").rstrip("\x00"))
+                elif not upstream and buf[:1] == b"Z":
+                    self._ready(state, buf[5:6])
+                sink.sendall(buf[:length])
+                buf = buf[length:]
 
-    def _ready(self, conn: dict, status: bytes) -> None:
+    def _ready(self, conn: dict[str, Any], status: bytes) -> None:
         with self._lock:
             before, conn["status"] = conn["status"], status
             ran = conn["pending_queries"] > 0
@@ -160,11 +110,3 @@ class PgCounter:
                 self.log.append(conn["statements"])
             if status == b"I":
                 conn["statements"] = []
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()

@@ -113,17 +113,11 @@ def _window_start() -> None:
 
 
 @pytest.fixture
-def limited(settings: Settings):  # noqa: ANN201
-    made = []
-
+def limited(settings: Settings, runtimes):  # noqa: ANN001, ANN201
     def make(**limits: int):  # noqa: ANN202
-        configured = settings.replace(redis_prefix=f"{settings.redis_prefix}-rl-{secrets.token_hex(3)}", **limits)
-        rt = build_runtime(configured)
-        made.append(rt)
-        return create_app(configured, runtime=rt).test_client(), rt
-    yield make
-    for rt in made:
-        rt.close()
+        rt = runtimes(redis_prefix=f"{settings.redis_prefix}-rl-{secrets.token_hex(3)}", **limits)
+        return create_app(rt.settings, runtime=rt).test_client(), rt
+    return make
 
 
 def test_rotating_x_user_id_on_a_service_key_does_not_escape_the_key_budget(limited) -> None:  # noqa: ANN001

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,13 +11,13 @@ from sqlalchemy import text
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import unit_of_work
-from shared.engine.step import build_runtime, run_step
+from shared.engine.step import run_step
 from shared.models import Turn
 from shared.runtime import Runtime
-from shared.settings import Settings
 from shared.turns import fairshare
 from shared.turns import service as turns
 from shared.turns.recovery import sweep
+from tests.support.turns import start_turn
 
 
 class RecordingQueue:
@@ -34,25 +34,17 @@ class RecordingQueue:
 
 
 @pytest.fixture
-def capped(settings: Settings) -> Iterator[Any]:
-    made: list[Runtime] = []
-
+def capped(runtimes: Callable[..., Runtime]) -> Callable[..., tuple[Runtime, RecordingQueue]]:
     def make(**caps: Any) -> tuple[Runtime, RecordingQueue]:
-        rt = build_runtime(settings.replace(**caps))
-        made.append(rt)
+        rt = runtimes(**caps)
         rt.queue.close()
         rt.queue = RecordingQueue()
         return rt, rt.queue
-    yield make
-    for rt in made:
-        rt.close()
+    return make
 
 
 def _start(rt: Runtime, who: Principal, agent: str = "math", text: str = "add 2 and 40") -> tuple[str, str]:
-    with unit_of_work(rt.sessions, who) as db:
-        session = turns.create_session(db, rt, who, agent, None)
-        turn, _ = turns.create_turn(db, rt, who, session.id, text)
-        return session.id, turn.id
+    return start_turn(rt, who, agent, text)
 
 
 def _turn(rt: Runtime, turn_id: str) -> Turn:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg2
 import pytest
@@ -240,32 +242,33 @@ def test_unsafe_logins_are_refused_outside_dev(settings: Settings) -> None:
         dev.close()
 
 
-def test_migrate_refuses_a_policy_that_reads_a_forgeable_setting(settings: Settings, rt: Runtime) -> None:
-    """A policy written the old way (a later migration, say) would trust set_config: `steprun migrate` says so."""
+@contextmanager
+def _probe_table(rt: Runtime, *statements: str) -> Iterator[str]:
+    """A throwaway table (one ``tenant_id`` column) with ``statements`` run on it; dropped afterwards."""
     table = f"probe_{secrets.token_hex(4)}"
     with rt.engine.begin() as conn:
         conn.execute(text(f"CREATE TABLE {table} (tenant_id text)"))
-        conn.execute(text(f"CREATE POLICY old_style ON {table} "
-                          "USING (tenant_id = current_setting('steprun.tenant_id', true))"))
+        for statement in statements:
+            conn.execute(text(statement.format(table=table)))
     try:
-        with pytest.raises(SettingsError, match=f"{table}.old_style"):
-            ensure_app_login(rt.engine, settings)
+        yield table
     finally:
         with rt.engine.begin() as conn:
             conn.execute(text(f"DROP TABLE {table}"))
+
+
+def test_migrate_refuses_a_policy_that_reads_a_forgeable_setting(settings: Settings, rt: Runtime) -> None:
+    """A policy written the old way (a later migration, say) would trust set_config: `steprun migrate` says so."""
+    with _probe_table(rt, "CREATE POLICY old_style ON {table} "
+                          "USING (tenant_id = current_setting('steprun.tenant_id', true))") as table:
+        with pytest.raises(SettingsError, match=f"{table}.old_style"):
+            ensure_app_login(rt.engine, settings)
     ensure_app_login(rt.engine, settings)  # and without it, all is well
 
 
 def test_migrate_refuses_a_table_that_forces_row_security_on_its_owner(settings: Settings, rt: Runtime) -> None:
     """FORCE would bind the owner, which is the system path now: its sweeps would see none of the rows."""
-    table = f"probe_{secrets.token_hex(4)}"
-    with rt.engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {table} (tenant_id text)"))
-        conn.execute(text(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"))
-        conn.execute(text(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY"))
-    try:
+    with _probe_table(rt, "ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
+                      "ALTER TABLE {table} FORCE ROW LEVEL SECURITY") as table:
         with pytest.raises(SettingsError, match=f"tables {table} FORCE"):
             ensure_app_login(rt.engine, settings)
-    finally:
-        with rt.engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE {table}"))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,11 +12,9 @@ from api.app import create_app
 from shared.auth.keys import create_key
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import unit_of_work
-from shared.engine.step import build_runtime
 from shared.errors import QuotaExceeded
 from shared.models import AgentSession, KnowledgeDocument, MemoryItem, Turn
 from shared.runtime import Runtime
-from shared.settings import Settings
 from shared.storage.memory import MemoryStore
 from shared.turns import service as turns
 
@@ -26,17 +24,11 @@ OFF = {"quota_user_documents": 0, "quota_tenant_documents": 0, "quota_user_docum
 
 
 @pytest.fixture
-def app_with(settings: Settings) -> Iterator[Any]:
-    made: list[Runtime] = []
-
+def app_with(runtimes: Callable[..., Runtime]) -> Callable[..., tuple[Any, Runtime]]:
     def make(**limits: Any) -> tuple[Any, Runtime]:
-        configured = settings.replace(**{**OFF, **limits})
-        rt = build_runtime(configured)
-        made.append(rt)
-        return create_app(configured, runtime=rt).test_client(), rt
-    yield make
-    for rt in made:
-        rt.close()
+        rt = runtimes(**{**OFF, **limits})
+        return create_app(rt.settings, runtime=rt).test_client(), rt
+    return make
 
 
 def _keys(rt: Runtime, tenant: str, *users: str) -> list[str]:

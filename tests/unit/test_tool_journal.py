@@ -30,6 +30,7 @@ from shared.settings import Settings
 from shared.turns import service as turns
 from tests.support import agents_journal
 from tests.support.agents_journal import EFFECTS, INVENTIVE
+from tests.support.turns import start_turn
 
 
 class WorkerDied(BaseException):
@@ -54,10 +55,7 @@ def _clean_effects() -> None:
 
 
 def start(rt: Runtime, who: Principal, agent: str = "shop", text: str = "buy") -> tuple[str, str]:
-    with unit_of_work(rt.sessions, who) as db:
-        session = turns.create_session(db, rt, who, agent, None)
-        turn, _ = turns.create_turn(db, rt, who, session.id, text)
-        return session.id, turn.id
+    return start_turn(rt, who, agent, text)
 
 
 def lapse_lease(rt: Runtime, turn_id: str) -> None:
