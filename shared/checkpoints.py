@@ -1,20 +1,39 @@
-"""A session's checkpoints as deltas, with a keyframe every KEYFRAME_EVERY checkpoints.
+"""A session's checkpoints as deltas from a keyframe, with keyframes ever further apart as the history grows.
 
-A step's checkpoint stores only the messages the step added, and the number of
-the checkpoint it extends (``base``) and of the keyframe its chain starts from
-(``keyframe``): ``{"base": B, "keyframe": K, "messages": [...]}``. A keyframe
-stores the whole history, ``{"messages": [...]}`` (every checkpoint written
-before deltas existed is one). The history as of checkpoint N is the keyframe's
-messages followed by each later checkpoint's, up to N: at most KEYFRAME_EVERY
-rows, whatever the session's length. So a step writes what it added (plus, once
-in KEYFRAME_EVERY steps, the whole history), not the whole history every time:
-storage grows with the history, not with its square over the steps.
+A step's checkpoint stores only the messages the step added, the number of the
+checkpoint it extends (``base``), of the keyframe its chain starts from
+(``keyframe``), how many messages that keyframe holds (``keyframe_size``) and
+how many the chain's deltas hold so far, this one's included (``chain``):
+``{"base": B, "keyframe": K, "keyframe_size": S, "chain": C, "messages": [...]}``.
+A keyframe stores the whole history, ``{"messages": [...], "size": S}`` (every
+checkpoint written before deltas existed is one, without ``size``). The history
+as of checkpoint N is the keyframe's messages followed by each later
+checkpoint's, up to N.
+
+A checkpoint is a keyframe when its chain would reach KEYFRAME_EVERY rows *and*
+its deltas would hold as many messages as the keyframe: so each keyframe holds
+at least twice the one before, and all the keyframes of a session together hold
+at most about twice its history. A step therefore writes what it added plus, on
+average, a bounded share of a keyframe, whatever the session's length (turn
+1,000 writes what turn 1 writes), and reading a history whole reads at most
+about twice its messages.
 
 Pruning old checkpoints keeps every row from the keyframe of the oldest kept one
 (:func:`prune_floor`), so each kept checkpoint can still be read whole.
+
+Reading the history whole is what still grows with the session, so a worker
+keeps the histories it last saw (:class:`HistoryCache`): a step whose session's
+latest checkpoint is the one this process holds reads only that checkpoint's id;
+one whose session moved on since reads only the rows after the one it holds.
+Checkpoint rows are never changed once written (only deleted), and ids are never
+reused, so a row with the held id is the held history.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -25,33 +44,130 @@ from shared.models import Checkpoint
 KEYFRAME_EVERY = 32
 
 
+@dataclass(frozen=True)
+class Tip:
+    """What the next checkpoint builds on: the latest one's number, its keyframe, and the chain's sizes."""
+
+    number: int
+    keyframe: int
+    keyframe_size: int = 0  # messages in the keyframe (0: unknown, a checkpoint from before sizes were kept)
+    chain: int = 0  # messages in the deltas after the keyframe, up to ``number``
+
+
 def keyframe_of(number: int, state: dict[str, Any]) -> int:
     """The keyframe a checkpoint's chain starts from (its own number if it is one)."""
     keyframe = state.get("keyframe")
     return int(keyframe) if keyframe is not None else number
 
 
-def latest(db: Session, session_id: str) -> tuple[int, int] | None:
-    """(number, keyframe) of the session's latest checkpoint, without reading its messages; None if none."""
+def latest(db: Session, session_id: str) -> Tip | None:
+    """The session's latest checkpoint, without reading its messages; None if it has none."""
+    state = Checkpoint.state
     row = db.execute(
-        select(Checkpoint.number, Checkpoint.state["keyframe"].as_integer())
+        select(Checkpoint.number, state["keyframe"].as_integer(), state["keyframe_size"].as_integer(),
+               state["chain"].as_integer(), state["size"].as_integer())
         .where(Checkpoint.session_id == session_id).order_by(Checkpoint.number.desc()).limit(1)
     ).first()
     if row is None:
         return None
-    number, keyframe = row
-    return number, keyframe if keyframe is not None else number
+    number, keyframe, keyframe_size, chain, size = row
+    if keyframe is None:  # a keyframe itself
+        return Tip(number, number, size or 0, 0)
+    return Tip(number, keyframe, keyframe_size or 0, chain or 0)
 
 
-def next_state(previous: tuple[int, int] | None, history: list[Any], added: list[Any]) -> dict[str, Any]:
-    """The state of the checkpoint after ``previous`` (its number and keyframe), whose whole history is
-    ``history`` followed by ``added``: a delta, or a keyframe when the chain is long enough."""
-    if previous is None:
-        return {"messages": history + added}
-    number, keyframe = previous
-    if number + 1 - keyframe >= KEYFRAME_EVERY:
-        return {"messages": history + added}
-    return {"base": number, "keyframe": keyframe, "messages": added}
+def next_state(previous: Tip | None, history: list[Any], added: list[Any]) -> dict[str, Any]:
+    """The state of the checkpoint after ``previous``, whose whole history is ``history`` followed by
+    ``added``: a delta, or a keyframe once the chain is long enough and holds as much as its keyframe."""
+    if previous is not None:
+        chain = previous.chain + len(added)
+        if previous.number + 1 - previous.keyframe < KEYFRAME_EVERY or chain < previous.keyframe_size:
+            return {"base": previous.number, "keyframe": previous.keyframe,
+                    "keyframe_size": previous.keyframe_size, "chain": chain, "messages": added}
+    whole = history + added
+    return {"messages": whole, "size": len(whole)}
+
+
+@dataclass(frozen=True)
+class Held:
+    checkpoint_id: int
+    number: int
+    messages: tuple[Any, ...]
+
+
+class HistoryCache:
+    """The histories this process last saw, by session, least recently used out.
+
+    Bounded by the messages it holds (``max_messages``; 0: nothing is kept). Thread-safe: a worker's
+    greenlets (or threads) share one.
+    """
+
+    def __init__(self, max_messages: int):
+        self.max_messages = max_messages
+        self._entries: OrderedDict[str, Held] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+        # Loads served whole from the cache, from it plus the rows after it, and from the database alone.
+        self.hits = self.partial_hits = self.misses = 0
+
+    def get(self, session_id: str) -> Held | None:
+        with self._lock:
+            held = self._entries.get(session_id)
+            if held is not None:
+                self._entries.move_to_end(session_id)
+            return held
+
+    def put(self, session_id: str, checkpoint_id: int, number: int, history: Sequence[Any]) -> None:
+        held = Held(checkpoint_id, number, tuple(history))
+        with self._lock:
+            old = self._entries.pop(session_id, None)
+            if old is not None:
+                self._held -= len(old.messages)
+            if len(held.messages) > self.max_messages:
+                return
+            self._entries[session_id] = held
+            self._held += len(held.messages)
+            while self._held > self.max_messages:
+                _, dropped = self._entries.popitem(last=False)
+                self._held -= len(dropped.messages)
+
+    def count(self, kind: str) -> None:
+        with self._lock:
+            setattr(self, kind, getattr(self, kind) + 1)
+
+
+def load(db: Session, session_id: str, cache: HistoryCache | None = None) -> tuple[int | None, list[Any]]:
+    """(the latest checkpoint's id, the session's whole history as of it); (None, []) with no checkpoint.
+
+    One small read (the latest row's id, number and keyframe, not its messages). Then, with ``cache``:
+    nothing more if it holds that very checkpoint; the rows after the one it holds if that one is still
+    in the latest's chain; else (and without a cache) the chain from the keyframe.
+    """
+    row = db.execute(
+        select(Checkpoint.id, Checkpoint.number, Checkpoint.state["keyframe"].as_integer())
+        .where(Checkpoint.session_id == session_id).order_by(Checkpoint.number.desc()).limit(1)
+    ).first()
+    if row is None:
+        return None, []
+    checkpoint_id, number, keyframe = row
+    keyframe = number if keyframe is None else keyframe
+    held = cache.get(session_id) if cache is not None else None
+    if cache is None or held is None or not keyframe <= held.number <= number:
+        history = _chain(db, session_id, keyframe, number)
+        kind = "misses"
+    elif held.checkpoint_id == checkpoint_id:
+        history, kind = list(held.messages), "hits"
+    else:
+        rows = _rows(db, session_id, held.number, number)
+        if rows and rows[0].id == held.checkpoint_id:
+            history, kind = [*held.messages, *_joined(session_id, rows[1:], rows[0].number + 1)], "partial_hits"
+        else:  # the held row was deleted (a rollback) and its number written again
+            history, kind = _chain(db, session_id, keyframe, number), "misses"
+    if cache is not None:
+        cache.count(kind)
+        if kind != "hits":
+            cache.put(session_id, checkpoint_id, number, history)
+    return checkpoint_id, history
 
 
 def messages(db: Session, checkpoint: Checkpoint) -> list[Any]:
@@ -59,16 +175,29 @@ def messages(db: Session, checkpoint: Checkpoint) -> list[Any]:
     keyframe = keyframe_of(checkpoint.number, checkpoint.state)
     if keyframe == checkpoint.number:
         return list(checkpoint.state["messages"])
-    chain = db.scalars(
-        select(Checkpoint).where(Checkpoint.session_id == checkpoint.session_id,
-                                 Checkpoint.number >= keyframe, Checkpoint.number < checkpoint.number)
-        .order_by(Checkpoint.number)
-    ).all()
+    return _chain(db, checkpoint.session_id, keyframe, checkpoint.number)
+
+
+def _rows(db: Session, session_id: str, low: int, high: int) -> list[Checkpoint]:
+    return list(db.scalars(
+        select(Checkpoint).where(Checkpoint.session_id == session_id, Checkpoint.number >= low,
+                                 Checkpoint.number <= high).order_by(Checkpoint.number)
+    ))
+
+
+def _chain(db: Session, session_id: str, keyframe: int, number: int) -> list[Any]:
+    rows = _rows(db, session_id, keyframe, number)
+    if not rows or rows[0].number != keyframe or "base" in rows[0].state:
+        raise RuntimeError(f"checkpoint chain of session {session_id} is broken at {keyframe}")
+    return [*rows[0].state["messages"], *_joined(session_id, rows[1:], keyframe + 1)]
+
+
+def _joined(session_id: str, rows: Sequence[Checkpoint], expected: int) -> list[Any]:
+    """The messages of consecutive deltas, numbered from ``expected`` on, each extending the one before."""
     out: list[Any] = []
-    expected = keyframe
-    for row in [*chain, checkpoint]:
-        if row.number != expected or (row.number != keyframe and row.state.get("base") != expected - 1):
-            raise RuntimeError(f"checkpoint chain of session {checkpoint.session_id} is broken at {expected}")
+    for row in rows:
+        if row.number != expected or row.state.get("base") != expected - 1:
+            raise RuntimeError(f"checkpoint chain of session {session_id} is broken at {expected}")
         out.extend(row.state["messages"])
         expected = row.number + 1
     return out

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.agent import AgentRegistry
 from shared.auth.keys import KeyCache, LiveKeys
 from shared.auth.limits import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from shared.checkpoints import HistoryCache
 from shared.db import UnsafeLogin, install_row_security, make_app_engine, make_engine, make_sessionmaker
 from shared.queue import CeleryQueue, InProcessQueue, TaskQueue
 from shared.settings import Settings, SettingsError
@@ -74,6 +75,8 @@ class Runtime:
     queue: TaskQueue = field(init=False)
     limiter: RateLimiter = field(init=False)
     key_cache: KeyCache = field(init=False)
+    # The histories of the checkpoints this process wrote (a worker's next step of a session reads no chain).
+    history_cache: HistoryCache = field(init=False)
     live_keys: LiveKeys = field(init=False)
     # Open streams per user and tenant (shared/streaming/slots.py), across API processes.
     stream_slots: StreamSlots = field(init=False)
@@ -135,6 +138,7 @@ class Runtime:
             rt.limiter = MemoryRateLimiter()
             rt.stream_slots = MemoryStreamSlots()
         rt.key_cache = KeyCache(settings.key_cache_seconds)
+        rt.history_cache = HistoryCache(settings.history_cache_messages)
         # Half the window: a socket rechecking at that period closes within the window of a revoke.
         rt.live_keys = LiveKeys(settings.key_cache_seconds / 2)
         return rt

@@ -175,6 +175,11 @@ class Settings:
         "STEPRUN_CHECKPOINT_KEEP", 20,
         "Checkpoints kept per session; older ones are pruned (a step only loads the latest). 0: keep all.",
     )
+    history_cache_messages: int = _setting(
+        "STEPRUN_HISTORY_CACHE_MESSAGES", 100_000,
+        "Messages of session histories a worker keeps from the checkpoints it wrote, so that a session's "
+        "next step reads one id instead of its history (shared/checkpoints.py). 0: read it every step.",
+    )
     lifecycle_interval: float = _setting(
         "STEPRUN_LIFECYCLE_INTERVAL", 60.0,
         "Seconds between the scheduler's housekeeping rounds (session expiry, checkpoint pruning, "

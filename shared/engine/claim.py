@@ -22,7 +22,7 @@ from shared import checkpoints
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
 from shared.engine.outcome import ChatMessage
-from shared.models import AgentSession, Checkpoint, Turn, TurnStatus
+from shared.models import AgentSession, Turn, TurnStatus
 
 
 @dataclass(frozen=True)
@@ -98,15 +98,15 @@ def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_secon
                  step_failures=row.step_failures)
 
 
-def load_step_input(db: Session, claim: Claim, turn_time_limit: float) -> StepInput | None:
-    """Read what the step needs (turn, session, latest checkpoint); None if the turn or session is gone."""
+def load_step_input(db: Session, claim: Claim, turn_time_limit: float,
+                    cache: checkpoints.HistoryCache | None = None) -> StepInput | None:
+    """Read what the step needs (turn, session, the history as of the latest checkpoint, from ``cache`` when
+    it holds it); None if the turn or session is gone."""
     turn = db.get(Turn, claim.turn_id)
     session = db.get(AgentSession, claim.session_id)
     if turn is None or session is None:
         return None
-    checkpoint = db.scalars(
-        select(Checkpoint).where(Checkpoint.session_id == session.id).order_by(Checkpoint.number.desc()).limit(1)
-    ).first()
+    _, history = checkpoints.load(db, session.id, cache)
     if turn.deadline_at is None and turn_time_limit > 0 and turn.started_at is not None:
         # Set once, from the first claim; resuming a pause pushes it back by the time paused.
         turn.deadline_at = aware(turn.started_at) + timedelta(seconds=turn_time_limit)
@@ -114,6 +114,6 @@ def load_step_input(db: Session, claim: Claim, turn_time_limit: float) -> StepIn
         tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=session.id, agent_name=session.agent,
         input=turn.input, resume=turn.resume, pending=turn.pending, cancel=turn.cancel_requested,
         deadline_at=turn.deadline_at, retry_reason=turn.retry_reason,
-        history=tuple(checkpoints.messages(db, checkpoint)) if checkpoint else (),
+        history=tuple(history),
         event_cursor=session.event_cursor or 0,
     )

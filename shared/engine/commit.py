@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 from sqlalchemy import select, update
 
 from shared import checkpoints
 from shared.clock import utcnow
-from shared.db import database_unavailable, unit_of_work
+from shared.db import after_commit, database_unavailable, unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
 from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_model
@@ -73,9 +74,14 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
         # row is locked, so no other commit numbers one meanwhile.
         previous = checkpoints.latest(db, session.id)
         clean = [for_model(m) for m in result.new_messages]
-        db.add(Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id,
-                          number=previous[0] + 1 if previous else 1, turn_id=turn.id, step=claim.step,
-                          state=checkpoints.next_state(previous, state, clean)))
+        checkpoint = Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id,
+                                number=previous.number + 1 if previous else 1, turn_id=turn.id, step=claim.step,
+                                state=checkpoints.next_state(previous, state, clean))
+        db.add(checkpoint)
+        db.flush([checkpoint])  # its id, for the history cache
+        # This process's next step of the session finds this checkpoint's history without reading it.
+        after_commit(db, partial(rt.history_cache.put, session.id, checkpoint.id, checkpoint.number,
+                                 [*state, *clean]))
         for m in result.new_messages:
             db.add(Message(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, turn_id=turn.id,
                            step=claim.step, role=m["role"], content=m.get("content") or "",

@@ -81,7 +81,8 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         if not fairshare.admit(db, rt.settings, turn_id, step):
             return StepOutcome.DEFERRED  # its user or tenant is at its running cap: sent again when a slot frees
         claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
-        loaded = load_step_input(db, claim, rt.settings.turn_time_limit) if claim is not None else None
+        loaded = (load_step_input(db, claim, rt.settings.turn_time_limit, rt.history_cache)
+                  if claim is not None else None)
     if claim is None:
         return StepOutcome.SKIPPED
     # The connection is back in the pool before the model is called.
@@ -187,7 +188,8 @@ def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list
         # A turn that ended while paused (expired, cancelled) left its tool calls unanswered, which
         # chat APIs reject: the prompt answers them; the stored history stays as it happened.
         close_tool_calls(state, closing, "not run: the turn ended before the user answered")
-    messages = state + closing + [for_model(m) for m in result.new_messages]
+    # The model gets its own copies: the history's dicts are shared with this process's history cache.
+    messages = [m.copy() for m in state] + closing + [for_model(m) for m in result.new_messages]
     response = _model_response(rt, agent, claim, messages, events, journal)
     events.flush(when_due=True)
     result.text = response.text

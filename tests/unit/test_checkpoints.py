@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, event, select
 
 from shared import checkpoints
 from shared.agent import Agent, AgentRegistry
@@ -60,7 +61,17 @@ def test_a_step_stores_what_it_added_and_turn_n_writes_what_turn_1_writes(rt: Ru
     rows = _rows(rt, session_id)
     assert [r.number for r in rows] == list(range(1, TURNS + 1))
     keyframes = [r.number for r in rows if "base" not in r.state]
-    assert keyframes == [1, 1 + checkpoints.KEYFRAME_EVERY, 1 + 2 * checkpoints.KEYFRAME_EVERY]
+    # A keyframe once the chain reaches KEYFRAME_EVERY rows and holds as many messages as its keyframe.
+    expected, keyframe, size, chain = [1], 1, 2, 0
+    for number in range(2, TURNS + 1):
+        chain += 2
+        if number - keyframe >= checkpoints.KEYFRAME_EVERY and chain >= size:
+            expected.append(number)
+            keyframe, size, chain = number, 2 * number, 0
+    assert keyframes == expected == [1, 1 + checkpoints.KEYFRAME_EVERY, 2 + 2 * checkpoints.KEYFRAME_EVERY]
+    # Each keyframe holds at least twice the one before: together, at most about twice the history.
+    held = sum(len(r.state["messages"]) for r in rows if "base" not in r.state)
+    assert held <= 2 * 2 * TURNS, (held, 2 * TURNS)
     deltas = [r for r in rows if "base" in r.state]
     # Each delta holds its own turn's two messages (the input and the answer), however long the session.
     assert {len(r.state["messages"]) for r in deltas} == {2}
@@ -109,3 +120,88 @@ def test_pruning_keeps_each_kept_checkpoint_readable(rt: Runtime, who: Principal
         turn_id = turn.id
     assert run_step(rt, turn_id, 0) == "completed"
     assert _history(rt, session_id)[-1][1].startswith("You said: one more")
+
+
+def _checkpoint_reads(rt: Runtime) -> list[str]:
+    """Captures the statements that read checkpoint rows whole (their messages), from now on."""
+    seen: list[str] = []
+
+    def before(conn, cursor, statement, params, context, executemany) -> None:  # noqa: ANN001
+        head = statement.replace('"', "").split(" FROM ", 1)[0]
+        if head.lstrip().upper().startswith("SELECT") and re.search(r"checkpoints\.state\s*(,|$|AS )", head):
+            seen.append(statement)  # the state column itself (not a path into it, as the keyframe number)
+    for engine in {rt.engine, rt.app_engine} - {None}:
+        event.listen(engine, "before_cursor_execute", before)
+    return seen
+
+
+def _one_turn(rt: Runtime, who: Principal, session_id: str, text: str) -> None:
+    with unit_of_work(rt.sessions, who) as db:
+        turn_id = turns.create_turn(db, rt, who, session_id, text)[0].id
+    assert run_step(rt, turn_id, 0) == "completed"
+
+
+def test_a_step_after_this_process_wrote_the_checkpoint_reads_no_history(rt: Runtime, who: Principal) -> None:
+    session_id = _long_session(rt, who, 3)
+    reads = _checkpoint_reads(rt)
+    hits = rt.history_cache.hits
+    _one_turn(rt, who, session_id, "what did I say?")
+    assert rt.history_cache.hits == hits + 1
+    assert reads == []  # the latest checkpoint's id only, not the chain
+    # What the step saw as the history is what is stored: its checkpoint continues the chain unbroken.
+    with unit_of_work(rt.sessions, who) as db:
+        _, whole = checkpoints.load(db, session_id)
+    assert [(m["role"], m["content"]) for m in whole] == _history(rt, session_id)
+
+
+def test_a_step_reads_only_the_checkpoints_written_since_the_one_its_process_holds(
+        settings: Settings, rt: Runtime, who: Principal) -> None:
+    session_id = _long_session(rt, who, 2)
+    other = build_runtime(settings, agents=rt.agents)  # another worker process
+    try:
+        _one_turn(other, who, session_id, "from the other worker")
+    finally:
+        other.close()
+    reads = _checkpoint_reads(rt)
+    partial = rt.history_cache.partial_hits
+    _one_turn(rt, who, session_id, "and back here")  # it holds checkpoint 2; the latest is 3
+    assert rt.history_cache.partial_hits == partial + 1
+    assert len(reads) == 1 and "checkpoints.number >=" in reads[0]  # checkpoints 2 and 3, not the chain
+    assert [c for _, c in _history(rt, session_id)][-4] == "from the other worker"
+    with unit_of_work(rt.sessions, who) as db:
+        _, whole = checkpoints.load(db, session_id)
+    assert [(m["role"], m["content"]) for m in whole] == _history(rt, session_id)
+
+
+def test_a_deleted_checkpoint_is_not_served_from_the_cache_even_when_its_number_is_reused(
+        settings: Settings, rt: Runtime, who: Principal) -> None:
+    session_id = _long_session(rt, who, 3)  # rt holds checkpoint 3
+    with unit_of_work(rt.sessions, SYSTEM) as db:  # as a rollback deletes its turn's checkpoint and messages
+        latest = db.scalars(select(Checkpoint).where(Checkpoint.session_id == session_id)
+                            .order_by(Checkpoint.number.desc()).limit(1)).one()
+        db.execute(delete(Message).where(Message.turn_id == latest.turn_id))
+        db.delete(latest)
+    other = build_runtime(settings, agents=rt.agents)
+    try:
+        _one_turn(other, who, session_id, "a new third turn")  # a new checkpoint 3
+    finally:
+        other.close()
+    misses = rt.history_cache.misses
+    _one_turn(rt, who, session_id, "after the rollback")
+    assert rt.history_cache.misses == misses + 1
+    with unit_of_work(rt.sessions, who) as db:
+        _, whole = checkpoints.load(db, session_id)
+    assert [(m["role"], m["content"]) for m in whole] == _history(rt, session_id)
+    assert len(whole) == 2 * 4 and whole[4]["content"] == "a new third turn"
+
+
+def test_the_cache_holds_at_most_its_messages() -> None:
+    cache = checkpoints.HistoryCache(max_messages=10)
+    cache.put("a", 1, 1, [{"n": i} for i in range(6)])
+    cache.put("b", 2, 1, [{"n": i} for i in range(6)])  # 12 > 10: the least recently used goes
+    assert cache.get("a") is None and cache.get("b") is not None
+    cache.put("c", 3, 1, [{"n": i} for i in range(11)])  # larger than the whole cache: not kept
+    assert cache.get("c") is None and cache.get("b") is not None
+    empty = checkpoints.HistoryCache(0)
+    empty.put("a", 1, 1, [{"n": 0}])
+    assert empty.get("a") is None
