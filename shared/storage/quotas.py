@@ -96,14 +96,15 @@ def check_memory_item(sessions: sessionmaker[Session], settings: Settings, who: 
                       tenant_limit, "value")
 
 
-def history_columns(settings: Settings, who: Principal) -> list[Any]:
-    """The history quotas' usage, as labelled scalar subqueries for the new turn's one statement."""
+def history_columns(settings: Settings, who: Principal, *, tenant: bool = True) -> list[Any]:
+    """The history quotas' usage, as labelled scalar subqueries for the new turn's one statement
+    (``tenant=False``: the user's own only, which the user's scope may read)."""
     parts: list[Any] = []
     if settings.quota_user_history_bytes > 0:
         parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
                      .where(AgentSession.tenant_id == who.tenant_id, AgentSession.user_id == who.user_id)
                      .scalar_subquery().label("user_history"))
-    if settings.quota_tenant_history_bytes > 0:
+    if tenant and settings.quota_tenant_history_bytes > 0:
         parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
                      .where(AgentSession.tenant_id == who.tenant_id).scalar_subquery().label("tenant_history"))
     return parts
