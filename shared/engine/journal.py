@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -170,16 +170,19 @@ def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Sessi
 
 
 def _mark_started(db: Session, claim: Claim) -> None:
-    """This attempt's model call of the step, in flight (a row an earlier attempt left is taken over)."""
-    row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id,
-                                             ModelCall.step == claim.step).with_for_update()).first()
-    if row is None:
-        db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                         user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
-                         status="started", calls=1))
-    elif row.attempt != claim.attempt:  # an earlier attempt called the model and died first
-        row.attempt, row.status, row.started_at = claim.attempt, "started", utcnow()
-        row.calls += 1
+    """This attempt's model call of the step, in flight (a row an earlier attempt left is taken over): one
+    statement."""
+    insert = budgets.dialect_insert(db)
+    stmt = insert(ModelCall).values(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                                    user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
+                                    status="started", calls=1, started_at=utcnow())
+    table = ModelCall.__table__.c
+    db.execute(stmt.on_conflict_do_update(
+        index_elements=[table.turn_id, table.step],
+        # An earlier attempt called the model and died first; a repeat of this attempt's start changes nothing.
+        set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
+              "calls": table.calls + 1},
+        where=table.attempt != stmt.excluded.attempt))
 
 
 def start_model_call_with_claim(db: Session, rt: Runtime, claim: Claim) -> bool:
@@ -229,16 +232,18 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
 def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
     budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
-    row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
-                     .with_for_update()).first()
-    if row is not None and row.status == "recorded" and row.attempt == claim.attempt:
-        return  # a repeat after a dropped connection: it landed, and is counted
-    if row is None:
-        row = ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                        user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt, calls=1)
-        db.add(row)
-    row.attempt, row.status, row.response, row.recorded_at = (
-        claim.attempt, "recorded", response_record(response), utcnow())
+    values = {"attempt": claim.attempt, "status": "recorded", "response": response_record(response),
+              "recorded_at": utcnow()}
+    this_step = (ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
+    # One statement in the usual case (the row its start wrote); the row lock is the update's own.
+    done = db.execute(update(ModelCall).where(*this_step, ~((ModelCall.status == "recorded")
+                                                            & (ModelCall.attempt == claim.attempt)))
+                      .values(**values).returning(ModelCall.id).execution_options(synchronize_session=False)).first()
+    if done is None:
+        if db.scalar(select(ModelCall.id).where(*this_step)) is not None:
+            return  # a repeat after a dropped connection: it landed, and is counted
+        db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                         user_id=claim.principal.user_id, step=claim.step, calls=1, **values))
     tokens = response.usage.input_tokens + response.usage.output_tokens
     budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
 
