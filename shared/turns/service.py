@@ -32,7 +32,17 @@ from shared.errors import (
     TooLarge,
 )
 from shared.metrics import BUDGET_REJECTIONS
-from shared.models import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, StreamEvent, Turn, TurnStatus
+from shared.models import (
+    ACTIVE,
+    TERMINAL,
+    AgentSession,
+    Checkpoint,
+    Message,
+    StreamEvent,
+    Turn,
+    TurnStatus,
+    new_id,
+)
 from shared.paging import page
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -179,6 +189,7 @@ def create_turn(
     session.turn_count += 1
     session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
     turn = Turn(
+        id=new_id("turn"),  # known before the flush: what the commit does with it is set up first
         session_id=session.id,
         tenant_id=who.tenant_id,
         user_id=who.user_id,
@@ -188,7 +199,20 @@ def create_turn(
         idempotency_key=idempotency_key,
         scheduled_at=scheduled_at,
     )
-    if not idempotency_key:  # nothing to race on: no savepoint (two round trips) to fall back to
+    queued_event: dict[str, Any] = {"input": user_input}
+    if scheduled_at is not None:
+        queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
+    session.updated_at = utcnow()
+    # A delayed turn is not the session's turn until it is due: the scheduler activates it then
+    # (shared/schedules/firing.py).
+    starts_now = scheduled_at is None and not busy
+    if not idempotency_key:
+        # Nothing to race on: no savepoint (two round trips) to fall back to. Its event and its activation
+        # come before the one flush (turn.queued is published before the step is sent, as always), which
+        # writes the session's one UPDATE (count, bytes, active turn) and the turn's INSERT.
+        transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
+        if starts_now:
+            transitions.activate(db, rt, session, turn)
         db.add(turn)
         db.flush()
     else:
@@ -202,17 +226,10 @@ def create_turn(
             if existing is None:
                 raise
             return _same_request(existing, session_id, user_input), False
-    queued_event: dict[str, Any] = {"input": user_input}
-    if scheduled_at is not None:
-        queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
-        # Not the session's turn until it is due: the scheduler activates it then (shared/schedules/firing.py).
         transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
-        session.updated_at = utcnow()
-        return turn, True
-    transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
-    if not busy:
-        transitions.activate(db, rt, session, turn)
-    elif on_busy == "interrupt":
+        if starts_now:
+            transitions.activate(db, rt, session, turn)
+    if scheduled_at is None and busy and on_busy == "interrupt":
         # "This input, now": everything ahead of it is cancelled, as LangGraph's interrupt
         # cancels a thread's pending runs too. Queued turns go first, so that when the active
         # turn stops, the session passes straight to this one.
@@ -225,7 +242,6 @@ def create_turn(
         active = db.get(Turn, session.active_turn_id)
         if active is not None:
             transitions.request_cancel(db, rt, active, session)
-    session.updated_at = utcnow()
     return turn, True
 
 

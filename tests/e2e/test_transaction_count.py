@@ -114,14 +114,18 @@ def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Cou
     r = requests.post(f"{counted.url}/v1/sessions", json={"agent": "slow"}, headers=counted.headers, timeout=30)
     session_id = r.json()["id"]
     _turn_transactions(counted, session_id, "warm up")
-    web0, _ = counted.web.settle()
+    web0, queries0 = counted.web.settle()
     r = requests.post(f"{counted.url}/v1/sessions/{session_id}/turns", json={"input": "go"},
                       headers=counted.headers, timeout=30)
     turn_id = r.json()["id"]
-    web_posted, _ = counted.web.settle(quiet=0.3)
+    web_posted, queries_posted = counted.web.settle(quiet=0.3)
     turn = requests.get(f"{counted.url}/v1/turns/{turn_id}?wait=30", headers=counted.headers, timeout=60).json()
     assert turn["status"] == "completed" and len(turn["output"].split()) >= 150
     web1, _ = counted.web.settle()
     # One read, after the turn's end (this process created it, so knows its session): not one per delta flush.
     assert web1 - web_posted == 1, counted.web.since(web_posted)
     assert web_posted - web0 == 1, counted.web.since(web0)  # the POST: the turn's own transaction, limits included
+    # Its round trips: BEGIN, the scope, the session's lock, the limits' counts (one statement), the session's
+    # one UPDATE, the turn's INSERT, COMMIT (12 before: a transaction for the limits, and the session and the
+    # turn each written twice).
+    assert queries_posted - queries0 == 7, counted.web.since(web0)
