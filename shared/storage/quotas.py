@@ -12,7 +12,10 @@ size limit). A limit of 0 turns that quota off; with all of them off nothing run
 Cost: the document and memory checks count the owner's rows (a tenant's: every
 row of the tenant, an index scan for memory items), so they grow with what is
 stored, up to the quota; they run on writes only. The history quota sums
-``sessions.input_bytes`` (kept as turns are created) over the user's sessions.
+``sessions.input_bytes`` (kept as turns are created) over the user's sessions;
+it is counted in the new turn's own transaction (shared/turns/service.py
+``admission_counts``: the user's own rows under the user's scope, the tenant's
+through ``steprun_tenant_admission``, migration 0021), not on the system path.
 """
 from __future__ import annotations
 
