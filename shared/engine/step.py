@@ -18,8 +18,9 @@ attempt commits nothing; the scheduler re-sends what a crash left behind.
 
 Side effects happen once: the model's response is recorded before its tools run
 (one without tools, with the step's commit) and a retried attempt reuses it (the
-same tool calls, so the same idempotency keys); each tool call is journaled before it runs and its result as it returns
-(shared/engine/tools.py). Budgets are checked before each model call.
+same tool calls, so the same idempotency keys); each tool call is journaled
+before it runs and its result as it returns (shared/engine/tools.py). Budgets
+are checked before each model call (with the claim, when it goes straight to it).
 """
 from __future__ import annotations
 
