@@ -24,6 +24,7 @@ from api import (
 from api.auth import install_auth
 from api.errors import register_error_handlers
 from api.input_gate import gate_request
+from api.known_turns import KnownTurns
 from api.observability import install_observability
 from api.openai_compat import conversations as openai_conversations
 from api.openai_compat import docs as openai_docs
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.json = _JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["steprun"] = runtime
+    app.extensions["steprun.known_turns"] = KnownTurns()  # a long-poll's session, without a read first
     register_queue_metrics(runtime.sessions)  # queue-latency gauges, computed from Postgres on each scrape
     register_usage_metrics(runtime.sessions, settings)  # spending per tenant, likewise
 

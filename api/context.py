@@ -7,6 +7,7 @@ from flask import current_app, g, request
 from sqlalchemy.orm import Session
 
 from api.input_gate import ascii_int, ascii_number, parse_json
+from api.known_turns import KnownTurns
 from shared.auth.principal import Principal
 from shared.errors import BadInput
 from shared.runtime import Runtime
@@ -14,6 +15,10 @@ from shared.runtime import Runtime
 
 def runtime() -> Runtime:
     return current_app.extensions["steprun"]
+
+
+def known_turns() -> KnownTurns:
+    return current_app.extensions["steprun.known_turns"]
 
 
 def db() -> Session:

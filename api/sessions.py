@@ -5,7 +5,7 @@ from collections.abc import Iterable
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.context import db, float_arg, int_arg, json_body, principal, runtime
+from api.context import db, float_arg, int_arg, json_body, known_turns, principal, runtime
 from api.openapi import AFTER_INT, LIMIT, OBJ, SID, WAIT, RouteDocs, header, op, page, query, ref
 from api.relay import recover_gone, waiting_slot
 from api.serialize import message_json, session_json, turn_json
@@ -101,6 +101,7 @@ def create_turn(session_id: str) -> tuple[Response, int]:
         request.headers.get("Idempotency-Key"), after_seconds=body.get("after_seconds"), at=body.get("at"),
     )
     db().commit()
+    known_turns().remember(turn.id, turn.tenant_id, turn.user_id, turn.session_id)  # for its long-poll
     return jsonify(turn_json(turn)), (202 if created else 200)
 
 

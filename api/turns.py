@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from api.context import db, float_arg, json_body, principal, runtime
+from api.context import db, float_arg, json_body, known_turns, principal, runtime
 from api.openapi import TID, WAIT, RouteDocs, op, ref
 from api.relay import waiting_slot
 from api.serialize import turn_json
+from shared.errors import TooManyStreams
 from shared.models import ACTIVE
 from shared.runtime import Runtime
 from shared.turns import events as turn_events
@@ -41,20 +42,32 @@ def describe() -> RouteDocs:
 @bp.get("/<turn_id>")
 def get_turn(turn_id: str) -> Response:
     rt = runtime()
+    who = principal()
     wait = float_arg("wait", 0.0, lo=0.0, hi=rt.settings.max_wait_seconds)
-    turn = turns.get_turn(db(), principal(), turn_id)
     deadline = time.monotonic() + wait
+    session_id = known_turns().session_of(turn_id, who) if wait else None
+    if session_id is not None:
+        # This process created (or read) the turn: wait on its session at once and read it once, at the end.
+        # With every stream slot taken, read it first as below: a turn already over is answered all the same.
+        with ExitStack() as held:
+            try:
+                held.enter_context(waiting_slot(rt, who))
+            except TooManyStreams:
+                pass
+            else:
+                return jsonify(turn_json(_wait_for(rt, turn_id, session_id, None, deadline)))
+    turn = turns.get_turn(db(), who, turn_id)
+    known_turns().remember(turn.id, turn.tenant_id, turn.user_id, turn.session_id)
     # A wait holds a connection like a stream does: one of the caller's stream slots (429 when all are taken).
-    with waiting_slot(rt, principal()) if wait and _running(turn.status) else nullcontext():
-        turn = _wait_for(rt, turn_id, turn, deadline)
+    with waiting_slot(rt, who) if wait and _running(turn.status) else nullcontext():
+        turn = _wait_for(rt, turn_id, turn.session_id, turn, deadline)
     return jsonify(turn_json(turn))
 
 
-def _wait_for(rt: Runtime, turn_id: str, turn: Any, deadline: float) -> Any:
-    """The turn once it is no longer running, or as it is at ``deadline``."""
-    while _running(turn.status) and time.monotonic() < deadline:
+def _wait_for(rt: Runtime, turn_id: str, session_id: str, turn: Any, deadline: float) -> Any:
+    """The turn once it is no longer running, or as it is at ``deadline`` (``turn`` None: not read yet)."""
+    while turn is None or (_running(turn.status) and time.monotonic() < deadline):
         db().close()  # hold no connection while waiting
-        session_id = turn.session_id
 
         def still_running() -> bool:
             running = _running(turns.get_turn(db(), principal(), turn_id).status)

@@ -90,7 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--docs-section", default="results",
                    help="Which marked section of the docs file this run replaces (e.g. whatif).")
     g.add_argument("--profile", action="store_true",
-                   help="py-spy the API and a worker during the top throughput level and the fan-out.")
+                   help="py-spy the API and a worker during the cost scenario, the top throughput level and "
+                        "the fan-out.")
     g.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     g.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = p.parse_args(argv)
@@ -192,7 +193,16 @@ def run_scenarios(stack: Stack, opts: argparse.Namespace, progress: Progress, re
         results.setdefault("profiles", []).extend(prof.summaries())
         return out
 
-    run = {"cost": lambda: scenarios.cost(stack, opts, progress),
+    def cost() -> list[dict[str, Any]]:
+        if not opts.profile:
+            return scenarios.cost(stack, opts, progress)
+        # Its four shapes one after another (each warmed up, then measured), in one profile per process.
+        with Profiler(stack, "cost", 4 * (opts.warmup + opts.cost_seconds + 2)) as prof:
+            out = scenarios.cost(stack, opts, progress)
+        results.setdefault("profiles", []).extend(prof.summaries())
+        return out
+
+    run = {"cost": cost,
            "connections": lambda: scenarios.connections(stack, opts, progress),
            "overhead": lambda: scenarios.overhead(stack, opts, progress),
            "responses": lambda: scenarios.responses(stack, opts, progress),

@@ -17,7 +17,8 @@ MIGRATIONS = os.path.join(os.path.dirname(__file__), "migrations")
 # Tables the application login may not read or write: credentials, tenancy, the schema's version and the
 # fleet's own figures (written by the system path only).
 SYSTEM_ONLY_TABLES = ("api_keys", "tenants", "alembic_version", "worker_heartbeats", "queue_samples")
-SCOPE_FUNCTIONS = ("steprun_open()", "steprun_enter(bigint, text, text)", "steprun_scope(text)")
+SCOPE_FUNCTIONS = ("steprun_open()", "steprun_enter(bigint, text, text)", "steprun_scope(text)",
+                   "steprun_tenant_admission(text, boolean, boolean)")
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -1,4 +1,5 @@
-"""The step's commit: checkpoint, messages, spans and turn progress in one fenced transaction.
+"""The step's commit: checkpoint, messages, spans, turn progress (and a response without tool calls) in one
+fenced transaction.
 
 The transaction first checks the fencing number (``attempt``) and the step
 number, so a zombie attempt (its lease lapsed and another took over) commits
@@ -13,18 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from shared import checkpoints
 from shared.clock import utcnow
 from shared.db import after_commit, database_unavailable, unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
+from shared.engine.journal import record_response
 from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_model
 from shared.models import AgentSession, Checkpoint, Message, Turn, TurnStatus
 from shared.runtime import Runtime
-from shared.turns import transitions
+from shared.turns import budgets, transitions
 
 log = logging.getLogger(__name__)
 
@@ -56,60 +60,77 @@ def commit_step(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatM
 
 def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatMessage],
                  events: StepEvents) -> TurnStatus | StepOutcome:
-    with unit_of_work(rt.sessions, claim.principal) as db:
-        # Session first, then turn: the same lock order as the API's cancel and create paths.
-        session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
-                             .with_for_update()).first()
-        # The fenced update returns the turn's row: no second read of it.
-        turn = db.scalars(
-            update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt, Turn.step_count == claim.step)
-            .values(step_count=claim.step + 1, step_attempt=0, step_failures=0, lease_owner=None,
-                    lease_expires_at=None, retry_reason=None)
-            .returning(Turn), execution_options={"populate_existing": True}
-        ).first()
-        if session is None or turn is None:
-            return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
-        events.trace.write(db, turn, result)  # the spans commit (or not) with the step
-        # The checkpoint holds what the step added, after the latest one (shared/checkpoints.py); the session
-        # row is locked, so no other commit numbers one meanwhile.
-        previous = checkpoints.latest(db, session.id)
-        clean = [for_model(m) for m in result.new_messages]
-        checkpoint = Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id,
-                                number=previous.number + 1 if previous else 1, turn_id=turn.id, step=claim.step,
-                                state=checkpoints.next_state(previous, state, clean))
-        db.add(checkpoint)
-        db.flush([checkpoint])  # its id, for the history cache
-        # This process's next step of the session finds this checkpoint's history without reading it.
-        after_commit(db, partial(rt.history_cache.put, session.id, checkpoint.id, checkpoint.number,
-                                 [*state, *clean]))
-        for m in result.new_messages:
-            db.add(Message(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, turn_id=turn.id,
-                           step=claim.step, role=m["role"], content=m.get("content") or "",
-                           tool_calls=m.get("tool_calls"), tool_call_id=m.get("tool_call_id"),
-                           name=m.get("name"), status=m.get("_status", "complete")))
-        turn.output = (turn.output or "") + result.text
-        usage = dict(turn.usage or {})
-        for key, value in result.usage.items():
-            usage[key] = usage.get(key, 0) + value
-        usage["steps"] = claim.step + 1
-        turn.usage = usage
-        turn.resume = None
-        turn.pending = result.pending
-        session.updated_at = utcnow()
-        # The step's durable events commit with it (shared/turns/events.py): its tool calls and
-        # results, and step.completed with the step's text, which is what a client keeps.
-        transitions.publish_after_commit(db, rt, session, [*events.durable, (
-            "step.completed", turn.id, {"step": claim.step, "attempt": claim.step_attempt, "usage": result.usage,
-                                        "text": result.text})], cursor=events.high)
-        status = result.status
-        if status == TurnStatus.IN_PROGRESS and turn.cancel_requested:
-            status = TurnStatus.CANCELLED
-        if status == TurnStatus.IN_PROGRESS:
-            transitions.advance(db, rt, turn, claim.step + 1)
-        elif status == TurnStatus.REQUIRES_ACTION:
-            transitions.pause(db, rt, turn, session, result.pending or {})
-        else:
-            transitions.finish(db, rt, turn, session, status, result.error)
+    held: list[Any] = []
+    try:
+        with unit_of_work(rt.sessions, claim.principal) as db:
+            if result.unrecorded_response is not None and budgets.token_limits(rt.settings):
+                # Counting the response's tokens takes the tenant's budget lock: before any row lock, the
+                # order every journal write takes them in.
+                held.append(budgets.lock_tenant(db, claim.principal.tenant_id))
+            return _write(db, rt, claim, result, state, events)
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+
+
+def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: list[ChatMessage],
+           events: StepEvents) -> TurnStatus | StepOutcome:
+    # Session first, then turn: the same lock order as the API's cancel and create paths.
+    session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
+                         .with_for_update()).first()
+    # The fenced update returns the turn's row: no second read of it.
+    turn = db.scalars(
+        update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt, Turn.step_count == claim.step)
+        .values(step_count=claim.step + 1, step_attempt=0, step_failures=0, lease_owner=None,
+                lease_expires_at=None, retry_reason=None)
+        .returning(Turn), execution_options={"populate_existing": True}
+    ).first()
+    if session is None or turn is None:
+        return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
+    if result.unrecorded_response is not None:
+        # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
+        record_response(db, claim, result.unrecorded_response)
+    events.trace.write(db, turn, result)  # the spans commit (or not) with the step
+    # The checkpoint holds what the step added, after the latest one (shared/checkpoints.py); the session
+    # row is locked, so no other commit numbers one meanwhile.
+    previous = checkpoints.latest(db, session.id)
+    clean = [for_model(m) for m in result.new_messages]
+    checkpoint = Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id,
+                            number=previous.number + 1 if previous else 1, turn_id=turn.id, step=claim.step,
+                            state=checkpoints.next_state(previous, state, clean))
+    db.add(checkpoint)
+    db.flush([checkpoint])  # its id, for the history cache
+    # This process's next step of the session finds this checkpoint's history without reading it.
+    after_commit(db, partial(rt.history_cache.put, session.id, checkpoint.id, checkpoint.number, [*state, *clean]))
+    for m in result.new_messages:
+        db.add(Message(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, turn_id=turn.id,
+                       step=claim.step, role=m["role"], content=m.get("content") or "",
+                       tool_calls=m.get("tool_calls"), tool_call_id=m.get("tool_call_id"),
+                       name=m.get("name"), status=m.get("_status", "complete")))
+    turn.output = (turn.output or "") + result.text
+    usage = dict(turn.usage or {})
+    for key, value in result.usage.items():
+        usage[key] = usage.get(key, 0) + value
+    usage["steps"] = claim.step + 1
+    turn.usage = usage
+    turn.resume = None
+    turn.pending = result.pending
+    session.updated_at = utcnow()
+    # The step's durable events commit with it (shared/turns/events.py): its tool calls and
+    # results, and step.completed with the step's text, which is what a client keeps.
+    transitions.publish_after_commit(db, rt, session, [*events.durable, (
+        "step.completed", turn.id, {"step": claim.step, "attempt": claim.step_attempt, "usage": result.usage,
+                                    "text": result.text})], cursor=events.high)
+    status = result.status
+    if status == TurnStatus.IN_PROGRESS and turn.cancel_requested:
+        status = TurnStatus.CANCELLED
+    if status == TurnStatus.IN_PROGRESS:
+        transitions.advance(db, rt, turn, claim.step + 1)
+    elif status == TurnStatus.REQUIRES_ACTION:
+        transitions.pause(db, rt, turn, session, result.pending or {})
+    else:
+        transitions.finish(db, rt, turn, session, status, result.error)
     return status
 
 

@@ -18,6 +18,14 @@ for it, so the new attempt reads what the old one recorded.
 
 Budgets are checked in the same transaction that starts a model call
 (shared/turns/budgets.py), and usage is counted in the one that records it.
+
+Two of these writes ride on transactions the step runs anyway: a step's first
+attempt starts its model call in the claim's transaction when no token budget
+is set (:func:`start_model_call_with_claim`), and a response without tool calls
+is recorded by the step's commit (no tool runs after it, so nothing needs it
+recorded sooner; an attempt that dies before its commit leaves the call
+``started``, as one dying during the call does, and its retry calls the model
+again).
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -91,6 +99,8 @@ class StepJournal:
     response: ModelResponse | None = None
     response_attempt: int | None = None
     calls: dict[tuple[int, str], JournalEntry] = field(default_factory=dict)
+    # This attempt's model call was started (budgets checked) in the claim's transaction.
+    model_call_started: bool = False
 
     def entry(self, step: int, call_id: str) -> JournalEntry | None:
         return self.calls.get((step, call_id))
@@ -159,6 +169,39 @@ def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Sessi
                 lock.release()
 
 
+def _mark_started(db: Session, claim: Claim) -> None:
+    """This attempt's model call of the step, in flight (a row an earlier attempt left is taken over): one
+    statement."""
+    insert = budgets.dialect_insert(db)
+    stmt = insert(ModelCall).values(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                                    user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
+                                    status="started", calls=1, started_at=utcnow())
+    table = ModelCall.__table__.c
+    db.execute(stmt.on_conflict_do_update(
+        index_elements=[table.turn_id, table.step],
+        # An earlier attempt called the model and died first; a repeat of this attempt's start changes nothing.
+        set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
+              "calls": table.calls + 1},
+        where=table.attempt != stmt.excluded.attempt))
+
+
+def start_model_call_with_claim(db: Session, rt: Runtime, claim: Claim) -> bool:
+    """Check the budgets and mark the step's model call in flight in the claim's own transaction (the
+    system scope; the claim is its fence): True if done, so the step starts its call without a
+    transaction of its own. False (nothing written) when a token budget is set, since its check takes the
+    tenant's budget lock, which must come before any row lock (the claim has locked the turn row), or when
+    a budget refuses: the step's own :func:`start_model_call` then checks again and says why.
+    """
+    if budgets.token_limits(rt.settings):
+        return False
+    try:
+        budgets.check_before_model_call(db, rt.settings, claim.principal, claim.turn_id)
+    except (budgets.BudgetExceeded, budgets.BudgetBusy):
+        return False
+    _mark_started(db, claim)
+    return True
+
+
 @ride_out_outages
 def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> None:
     """Check the budgets and mark a model call of this step in flight; wait while the budget is busy.
@@ -175,15 +218,7 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
                 if not fenced(db, claim):
                     raise _lease_lost()
                 budgets.check_before_model_call(db, rt.settings, claim.principal, claim.turn_id)
-                row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id,
-                                                         ModelCall.step == claim.step).with_for_update()).first()
-                if row is None:
-                    db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                                     user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
-                                     status="started", calls=1))
-                elif row.attempt != claim.attempt:  # an earlier attempt called the model and died first
-                    row.attempt, row.status, row.started_at = claim.attempt, "started", utcnow()
-                    row.calls += 1
+                _mark_started(db, claim)
             return
         except budgets.BudgetBusy as busy:
             if time.monotonic() >= deadline:
@@ -194,24 +229,32 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
             time.sleep(BUDGET_POLL_SECONDS)
 
 
+def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
+    """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
+    budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
+    values = {"attempt": claim.attempt, "status": "recorded", "response": response_record(response),
+              "recorded_at": utcnow()}
+    this_step = (ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
+    # One statement in the usual case (the row its start wrote); the row lock is the update's own.
+    done = db.execute(update(ModelCall).where(*this_step, ~((ModelCall.status == "recorded")
+                                                            & (ModelCall.attempt == claim.attempt)))
+                      .values(**values).returning(ModelCall.id).execution_options(synchronize_session=False)).first()
+    if done is None:
+        if db.scalar(select(ModelCall.id).where(*this_step)) is not None:
+            return  # a repeat after a dropped connection: it landed, and is counted
+        db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
+                         user_id=claim.principal.user_id, step=claim.step, calls=1, **values))
+    tokens = response.usage.input_tokens + response.usage.output_tokens
+    budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
+
+
 @ride_out_outages
 def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer before its tools run, and count its tokens. StepInterrupted if fenced out."""
-    tokens = response.usage.input_tokens + response.usage.output_tokens
     with _budget_transaction(rt, claim, claim.principal) as db:
         if not fenced(db, claim):
             raise _lease_lost()
-        row = db.scalars(select(ModelCall).where(ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
-                         .with_for_update()).first()
-        if row is not None and row.status == "recorded" and row.attempt == claim.attempt:
-            return  # a repeat after a dropped connection: it landed, and is counted
-        if row is None:
-            row = ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                            user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt, calls=1)
-            db.add(row)
-        row.attempt, row.status, row.response, row.recorded_at = (
-            claim.attempt, "recorded", response_record(response), utcnow())
-        budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
+        record_response(db, claim, response)
 
 
 @ride_out_outages

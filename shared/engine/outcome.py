@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.enums import StrValueEnum
-from shared.llm.base import ChatMessage  # the history's message shape, defined beside the model interface
+from shared.llm.base import (
+    ChatMessage,  # the history's message shape, defined beside the model interface
+    ModelResponse,
+)
 from shared.models import TurnStatus
 from shared.settings import Settings
 
@@ -71,6 +74,8 @@ class StepResult:
     status: TurnStatus = TurnStatus.IN_PROGRESS  # or a terminal status, or requires_action
     pending: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    # The model's response when it asked for no tool: recorded by the step's commit, not before it.
+    unrecorded_response: ModelResponse | None = None
 
 
 def stopped_outcome(result: StepResult, reason: StopReason, settings: Settings, step: int, streamed: str,

@@ -17,9 +17,10 @@ exits quietly; no database connection is held across the model call; a zombie
 attempt commits nothing; the scheduler re-sends what a crash left behind.
 
 Side effects happen once: the model's response is recorded before its tools run
-and a retried attempt reuses it (the same tool calls, so the same idempotency
-keys); each tool call is journaled before it runs and its result as it returns
-(shared/engine/tools.py). Budgets are checked before each model call.
+(one without tools, with the step's commit) and a retried attempt reuses it (the
+same tool calls, so the same idempotency keys); each tool call is journaled
+before it runs and its result as it returns (shared/engine/tools.py). Budgets
+are checked before each model call (with the claim, when it goes straight to it).
 """
 from __future__ import annotations
 
@@ -29,11 +30,18 @@ from typing import Any
 
 from shared.agent import Agent, AgentRegistry
 from shared.auth.principal import SYSTEM
+from shared.clock import aware, utcnow
 from shared.db import unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim, StepInput, claim_turn, load_step_input
 from shared.engine.commit import commit_step, release_step
-from shared.engine.journal import StepJournal, load_journal, record_model_response, start_model_call
+from shared.engine.journal import (
+    StepJournal,
+    load_journal,
+    record_model_response,
+    start_model_call,
+    start_model_call_with_claim,
+)
 from shared.engine.outcome import (
     ChatMessage,
     StepInterrupted,
@@ -83,6 +91,10 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
         loaded = (load_step_input(db, claim, rt.settings.turn_time_limit, rt.history_cache)
                   if claim is not None else None)
+        # The step's model call, started (its budgets checked) with the claim when the step goes straight
+        # to it: one transaction fewer per step (shared/engine/journal.py).
+        call_started = (claim is not None and loaded is not None and _calls_the_model_first(rt, claim, loaded)
+                        and start_model_call_with_claim(db, rt, claim))
     if claim is None:
         return StepOutcome.SKIPPED
     # The connection is back in the pool before the model is called.
@@ -120,7 +132,7 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
     result = StepResult()
     try:
         with watch.interruptible():
-            _execute(rt, agent, claim, loaded, state, events, result)
+            _execute(rt, agent, claim, loaded, state, events, result, call_started=call_started)
     except StepInterrupted as stop:
         watch.stop()
         if stop.reason == StopReason.LEASE_LOST:
@@ -159,12 +171,21 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         watch.stop()
 
 
+def _calls_the_model_first(rt: Runtime, claim: Claim, loaded: StepInput) -> bool:
+    """True if the step's first act is its model call: a first attempt (nothing recorded), not resuming a
+    pause (its tools run first), and none of the ends :func:`run_step` checks before it calls the model."""
+    return (claim.step_attempt == 1 and not loaded.resume and not loaded.cancel
+            and claim.step_failures < rt.settings.max_attempts and rt.agents.get(loaded.agent_name) is not None
+            and (loaded.deadline_at is None or aware(loaded.deadline_at) > utcnow()))
+
+
 def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list[ChatMessage],
-             events: StepEvents, result: StepResult) -> StepResult:
+             events: StepEvents, result: StepResult, *, call_started: bool = False) -> StepResult:
     """Run the step into ``result``, which keeps what was done if the step is interrupted."""
     resuming = bool(loaded.resume and loaded.pending)
     call_step = pending_call_step(claim, loaded.pending or {}) if resuming else claim.step
     journal = load_journal(rt, claim, (claim.step, call_step))
+    journal.model_call_started = call_started
     try:
         return _run(rt, agent, claim, loaded, state, events, result, journal)
     except ToolOutcomeUnknown as unknown:
@@ -190,7 +211,7 @@ def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list
         close_tool_calls(state, closing, "not run: the turn ended before the user answered")
     # The model gets its own copies: the history's dicts are shared with this process's history cache.
     messages = [m.copy() for m in state] + closing + [for_model(m) for m in result.new_messages]
-    response = _model_response(rt, agent, claim, messages, events, journal)
+    response = _model_response(rt, agent, claim, messages, events, journal, result)
     events.flush(when_due=True)
     result.text = response.text
     result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
@@ -228,8 +249,9 @@ def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list
 
 
 def _model_response(rt: Runtime, agent: Agent, claim: Claim, messages: list[ChatMessage], events: StepEvents,
-                    journal: StepJournal) -> ModelResponse:
-    """The model's answer for this step: the one an earlier attempt recorded, or a new call, recorded at once."""
+                    journal: StepJournal, result: StepResult) -> ModelResponse:
+    """The model's answer for this step: the one an earlier attempt recorded, or a new call, recorded at once
+    if it asks for tools (else with the step's commit, ``result.unrecorded_response``)."""
     if journal.response is not None:
         # Not called again: a new call would invent new tool call ids (new idempotency keys) or other calls.
         response = journal.response
@@ -240,7 +262,8 @@ def _model_response(rt: Runtime, agent: Agent, claim: Claim, messages: list[Chat
         if response.text:
             events.delta(response.text)  # clients dropped the dead attempt's deltas at step.retrying
         return response
-    start_model_call(rt, claim, events.check)  # budgets first: over budget, no call is made
+    if not journal.model_call_started:  # else done with the claim, budgets checked
+        start_model_call(rt, claim, events.check)  # budgets first: over budget, no call is made
     model = build_model(agent.model, rt.settings)
     system: list[ChatMessage] = [{"role": "system", "content": agent.instructions}] if agent.instructions else []
     events.trace.model_started(model)
@@ -248,8 +271,13 @@ def _model_response(rt: Runtime, agent: Agent, claim: Claim, messages: list[Chat
         system + messages, [t.schema() for t in agent.tools], events.delta, max_output_tokens=agent.max_output_tokens
     )
     events.trace.model_finished(response)
-    # Before any tool runs: from here on every attempt of this step sees these very tool calls.
-    record_model_response(rt, claim, response)
+    if response.tool_calls:
+        # Before any tool runs: from here on every attempt of this step sees these very tool calls.
+        record_model_response(rt, claim, response)
+    else:
+        # Nothing runs between this answer and the step's commit, which records it: a retry after a crash
+        # before that commit calls the model again, as one after a crash during the call does.
+        result.unrecorded_response = response
     return response
 
 

@@ -12,7 +12,10 @@ size limit). A limit of 0 turns that quota off; with all of them off nothing run
 Cost: the document and memory checks count the owner's rows (a tenant's: every
 row of the tenant, an index scan for memory items), so they grow with what is
 stored, up to the quota; they run on writes only. The history quota sums
-``sessions.input_bytes`` (kept as turns are created) over the user's sessions.
+``sessions.input_bytes`` (kept as turns are created) over the user's sessions;
+it is counted in the new turn's own transaction (shared/turns/service.py
+``admission_counts``: the user's own rows under the user's scope, the tenant's
+through ``steprun_tenant_admission``, migration 0021), not on the system path.
 """
 from __future__ import annotations
 
@@ -96,14 +99,15 @@ def check_memory_item(sessions: sessionmaker[Session], settings: Settings, who: 
                       tenant_limit, "value")
 
 
-def history_columns(settings: Settings, who: Principal) -> list[Any]:
-    """The history quotas' usage, as labelled scalar subqueries for the new turn's one statement."""
+def history_columns(settings: Settings, who: Principal, *, tenant: bool = True) -> list[Any]:
+    """The history quotas' usage, as labelled scalar subqueries for the new turn's one statement
+    (``tenant=False``: the user's own only, which the user's scope may read)."""
     parts: list[Any] = []
     if settings.quota_user_history_bytes > 0:
         parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
                      .where(AgentSession.tenant_id == who.tenant_id, AgentSession.user_id == who.user_id)
                      .scalar_subquery().label("user_history"))
-    if settings.quota_tenant_history_bytes > 0:
+    if tenant and settings.quota_tenant_history_bytes > 0:
         parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
                      .where(AgentSession.tenant_id == who.tenant_id).scalar_subquery().label("tenant_history"))
     return parts

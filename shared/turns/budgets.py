@@ -177,28 +177,35 @@ def check_tool_calls(db: Session, settings: Settings, turn_id: str) -> None:
                              f"(STEPRUN_BUDGET_TOOL_CALLS_PER_TURN={settings.budget_tool_calls_per_turn})")
 
 
-def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0, tool_calls: int = 0,
-          now: datetime | None = None) -> None:
-    """Add to ``who``'s counters of the current day and month (an upsert: concurrent adds all count)."""
-    now = now or utcnow()
-    dialect = db.get_bind().dialect.name
-    if dialect == "postgresql":
+def dialect_insert(db: Session) -> Any:
+    """The INSERT with ON CONFLICT of ``db``'s dialect (Postgres, or SQLite in embedded mode)."""
+    if db.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
-    for period in PERIODS:
-        stmt = insert(UsageCounter).values(
-            tenant_id=who.tenant_id, user_id=who.user_id, period=period, starts_at=period_start(period, now),
-            tokens=tokens, model_calls=model_calls, tool_calls=tool_calls, max_call_tokens=tokens if model_calls
-            else 0, updated_at=now)
-        table = UsageCounter.__table__.c
-        db.execute(stmt.on_conflict_do_update(
-            index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
-            set_={"tokens": table.tokens + tokens, "model_calls": table.model_calls + model_calls,
-                  "tool_calls": table.tool_calls + tool_calls,
-                  "max_call_tokens": func.greatest(table.max_call_tokens, stmt.excluded.max_call_tokens)
-                  if dialect == "postgresql" else func.max(table.max_call_tokens, stmt.excluded.max_call_tokens),
-                  "updated_at": now}))
+    return insert
+
+
+def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0, tool_calls: int = 0,
+          now: datetime | None = None) -> None:
+    """Add to ``who``'s counters of the current day and month (one upsert of both rows: concurrent adds all
+    count)."""
+    now = now or utcnow()
+    postgres = db.get_bind().dialect.name == "postgresql"
+    stmt = dialect_insert(db)(UsageCounter).values([
+        dict(tenant_id=who.tenant_id, user_id=who.user_id, period=period, starts_at=period_start(period, now),
+             tokens=tokens, model_calls=model_calls, tool_calls=tool_calls,
+             max_call_tokens=tokens if model_calls else 0, updated_at=now)
+        for period in PERIODS])
+    table = UsageCounter.__table__.c
+    db.execute(stmt.on_conflict_do_update(
+        index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
+        set_={"tokens": table.tokens + stmt.excluded.tokens,
+              "model_calls": table.model_calls + stmt.excluded.model_calls,
+              "tool_calls": table.tool_calls + stmt.excluded.tool_calls,
+              "max_call_tokens": func.greatest(table.max_call_tokens, stmt.excluded.max_call_tokens)
+              if postgres else func.max(table.max_call_tokens, stmt.excluded.max_call_tokens),
+              "updated_at": stmt.excluded.updated_at}))
 
 
 def usage_report(db: Session, settings: Settings, who: Principal, now: datetime | None = None) -> dict[str, Any]:

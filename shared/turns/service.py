@@ -32,9 +32,20 @@ from shared.errors import (
     TooLarge,
 )
 from shared.metrics import BUDGET_REJECTIONS
-from shared.models import ACTIVE, TERMINAL, AgentSession, Checkpoint, Message, StreamEvent, Turn, TurnStatus
+from shared.models import (
+    ACTIVE,
+    TERMINAL,
+    AgentSession,
+    Checkpoint,
+    Message,
+    StreamEvent,
+    Turn,
+    TurnStatus,
+    new_id,
+)
 from shared.paging import page
 from shared.runtime import Runtime
+from shared.settings import Settings
 from shared.storage import quotas
 from shared.turns import budgets, transitions
 
@@ -151,9 +162,9 @@ def create_turn(
         raise BadInput("Idempotency-Key must be 1 to 256 characters", field="Idempotency-Key")
 
     input_bytes = len(user_input.encode())
-    # The limits that add up other users' rows, on the system path, before this transaction takes its
-    # connection (so a request never holds one connection while it waits for a second). A repeated
-    # Idempotency-Key still gets its turn back, whatever the limits say now.
+    # A spent token budget, on the system path, before this transaction takes its connection (so a
+    # request never holds one connection while it waits for a second); nothing runs when none is set.
+    # A repeated Idempotency-Key still gets its turn back, whatever the limits say now.
     refused = admission_refusal(rt, who, input_bytes)
     if idempotency_key:
         existing = _turn_by_idempotency_key(db, who, idempotency_key)
@@ -163,8 +174,11 @@ def create_turn(
         raise refused
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
-    waiting = db.scalars(select(func.count()).select_from(Turn).where(
-        Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id, Turn.status == TurnStatus.QUEUED)).one()
+    used = admission_counts(db, rt.settings, who)
+    refused = _over_limits(rt.settings, used, input_bytes)
+    if refused is not None:
+        raise refused
+    waiting = used["queued"]
     if waiting >= rt.settings.max_queued_turns:
         raise RateLimited(f"{waiting} turns are already waiting; the limit is {rt.settings.max_queued_turns}",
                           retry_after=5)
@@ -175,6 +189,7 @@ def create_turn(
     session.turn_count += 1
     session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
     turn = Turn(
+        id=new_id("turn"),  # known before the flush: what the commit does with it is set up first
         session_id=session.id,
         tenant_id=who.tenant_id,
         user_id=who.user_id,
@@ -184,7 +199,20 @@ def create_turn(
         idempotency_key=idempotency_key,
         scheduled_at=scheduled_at,
     )
-    if not idempotency_key:  # nothing to race on: no savepoint (two round trips) to fall back to
+    queued_event: dict[str, Any] = {"input": user_input}
+    if scheduled_at is not None:
+        queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
+    session.updated_at = utcnow()
+    # A delayed turn is not the session's turn until it is due: the scheduler activates it then
+    # (shared/schedules/firing.py).
+    starts_now = scheduled_at is None and not busy
+    if not idempotency_key:
+        # Nothing to race on: no savepoint (two round trips) to fall back to. Its event and its activation
+        # come before the one flush (turn.queued is published before the step is sent, as always), which
+        # writes the session's one UPDATE (count, bytes, active turn) and the turn's INSERT.
+        transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
+        if starts_now:
+            transitions.activate(db, rt, session, turn)
         db.add(turn)
         db.flush()
     else:
@@ -198,17 +226,10 @@ def create_turn(
             if existing is None:
                 raise
             return _same_request(existing, session_id, user_input), False
-    queued_event: dict[str, Any] = {"input": user_input}
-    if scheduled_at is not None:
-        queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
-        # Not the session's turn until it is due: the scheduler activates it then (shared/schedules/firing.py).
         transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
-        session.updated_at = utcnow()
-        return turn, True
-    transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
-    if not busy:
-        transitions.activate(db, rt, session, turn)
-    elif on_busy == "interrupt":
+        if starts_now:
+            transitions.activate(db, rt, session, turn)
+    if scheduled_at is None and busy and on_busy == "interrupt":
         # "This input, now": everything ahead of it is cancelled, as LangGraph's interrupt
         # cancels a thread's pending runs too. Queued turns go first, so that when the active
         # turn stops, the session passes straight to this one.
@@ -221,7 +242,6 @@ def create_turn(
         active = db.get(Turn, session.active_turn_id)
         if active is not None:
             transitions.request_cancel(db, rt, active, session)
-    session.updated_at = utcnow()
     return turn, True
 
 
@@ -253,30 +273,55 @@ def delay_until(after_seconds: Any, at: Any) -> datetime | None:
 
 
 def admission_refusal(rt: Runtime, who: Principal, input_bytes: int) -> StepRunError | None:
-    """Why a new turn of ``who`` may not be created now (a spent token budget, the tenant's queued turns,
-    a history quota), or None: one transaction on the system path (the tenant's totals add up every
-    user's rows), and none at all when those limits are off."""
+    """A spent token budget of ``who`` (which adds up every user's spending: one transaction on the system
+    path), or None; nothing runs when no token budget is set. The other limits a new turn must fit are
+    counted in the turn's own transaction (:func:`admission_counts`)."""
     settings = rt.settings
-    parts = quotas.history_columns(settings, who)
-    if settings.max_queued_turns_per_tenant > 0:
-        parts.append(select(func.count()).select_from(Turn)
-                     .where(Turn.tenant_id == who.tenant_id, Turn.status == TurnStatus.QUEUED)
-                     .scalar_subquery().label("tenant_queued"))
-    spending = bool(budgets.token_limits(settings))
-    if not parts and not spending:
+    if not budgets.token_limits(settings):
         return None
     with unit_of_work(rt.sessions, SYSTEM) as sysdb:
-        if spending:
-            try:
-                budgets.check_tokens_spent(sysdb, settings, who)
-            except budgets.BudgetExceeded as over:
-                BUDGET_REJECTIONS.inc()
-                wait = (over.resets_at - utcnow()).total_seconds() if over.resets_at else 60.0
-                return BudgetExhausted(over.message, retry_after=max(1.0, wait))
-        used = ({key: int(value) for key, value in sysdb.execute(select(*parts)).one()._mapping.items()}
-                if parts else {})
+        try:
+            budgets.check_tokens_spent(sysdb, settings, who)
+        except budgets.BudgetExceeded as over:
+            BUDGET_REJECTIONS.inc()
+            wait = (over.resets_at - utcnow()).total_seconds() if over.resets_at else 60.0
+            return BudgetExhausted(over.message, retry_after=max(1.0, wait))
+    return None
+
+
+def admission_counts(db: Session, settings: Settings, who: Principal) -> dict[str, int]:
+    """What a new turn of ``who`` must fit, in one statement of the turn's own transaction: ``queued``
+    (the principal's queued turns) and, as the limits are set, ``user_history``, ``tenant_queued`` and
+    ``tenant_history``.
+
+    The tenant's totals add up rows of users this scope cannot read: on Postgres they come from
+    ``steprun_tenant_admission`` (migration 0021), which counts them for the tenant of the signed scope
+    only, so the POST needs no transaction of its own on the system path for them.
+    """
+    parts: list[Any] = [select(func.count()).select_from(Turn)
+                        .where(Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id,
+                               Turn.status == TurnStatus.QUEUED).scalar_subquery().label("queued")]
+    parts += quotas.history_columns(settings, who, tenant=False)
+    tenant_queued = settings.max_queued_turns_per_tenant > 0
+    tenant_history = settings.quota_tenant_history_bytes > 0
+    query = None
+    if (tenant_queued or tenant_history) and db.get_bind().dialect.name == "postgresql":
+        totals = func.steprun_tenant_admission(who.tenant_id, tenant_queued, tenant_history).table_valued(
+            "tenant_queued", "tenant_history")
+        query = select(*parts, totals.c.tenant_queued, totals.c.tenant_history).select_from(totals)
+    else:  # SQLite: no row-level security, plain subqueries
+        if tenant_queued:
+            parts.append(select(func.count()).select_from(Turn)
+                         .where(Turn.tenant_id == who.tenant_id, Turn.status == TurnStatus.QUEUED)
+                         .scalar_subquery().label("tenant_queued"))
+        parts += [p for p in quotas.history_columns(settings, who) if p.name == "tenant_history"]
+        query = select(*parts)
+    return {key: int(value) for key, value in db.execute(query).one()._mapping.items() if value is not None}
+
+
+def _over_limits(settings: Settings, used: dict[str, int], input_bytes: int) -> StepRunError | None:
     cap = settings.max_queued_turns_per_tenant
-    if "tenant_queued" in used and used["tenant_queued"] >= cap:
+    if cap > 0 and used.get("tenant_queued", 0) >= cap:
         return RateLimited(f"{used['tenant_queued']} turns of your tenant are already waiting; the limit is {cap} "
                            "(STEPRUN_MAX_QUEUED_TURNS_PER_TENANT)", retry_after=5)
     try:

@@ -4,7 +4,8 @@ The web process and the worker each reach Postgres through their own counting
 relay (tests/support/pg_counter.py). A client POSTs a turn and long-polls
 ``GET /v1/turns/{id}?wait=`` until it ends (the polling shape); the count is
 every transaction either process ran for it, including work done after the
-response (events marked published), taken once both have gone quiet. No
+response (events marked published), taken once both have gone quiet. A connection's own
+upkeep (the check when it opens, a ping after it idled) is left out: it is per connection, not per turn. No
 scheduler runs: its sweeps are per interval, not per turn. The lease is long
 enough that no heartbeat falls inside a turn, the worker's own beat and the API's
 key cache (a key read every 30 s) are set long, as all three are per second,
@@ -12,14 +13,19 @@ not per turn.
 
 Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
 the step's commit, one read at the end); a tool turn (a tool call, then the
-answer) in 9. Not reached yet: this pins what is (9 and 16, from 32 and 66), so
-it cannot creep back up. The POST is two: the admission check on the system path
-(the tenant's queued turns and the history quota add up rows the application
-login may not read) and the turn's own transaction. What is left, per step: the model call's journal
-(its start, with the budget check, and its recorded response: two transactions),
-each tool call's start and result (two), and marking the step's durable events
-published (one, batched per process under load); in the web process the GET's
-first read of the turn (its owner and session) besides the one after its end.
+answer) in 9. The single-step turn meets it (from 32, then 9); the tool turn is
+pinned at what it reaches (11, from 66, then 16), so it cannot creep back up.
+
+The POST is one transaction: the tenant-wide limits (its queued turns, its kept
+input) come from ``steprun_tenant_admission`` in the turn's own transaction
+(migration 0021). The long-poll reads the turn once, after its end: the web
+process knows the session of a turn it created (api/known_turns.py). Per step,
+the worker runs its claim (with the step's input, and the start of its model
+call with the budget check when no token budget is set), its commit (which
+records a response that asked for no tool) and the marking of its durable
+events published (batched per process under load). A tool step also records
+the model's response before its tools run, and each tool call's start and
+result (two), so that neither the model nor a tool runs twice.
 """
 from __future__ import annotations
 
@@ -37,8 +43,8 @@ from tests.support.processes import Procs, create_key_cli, settings_env
 
 SINGLE_STEP_TARGET = 5  # issue 15's target
 TOOL_TURN_TARGET = 9  # issue 15's target
-SINGLE_STEP_REACHED = 9  # 4 web (admission check, POST, GET's first read, its read after the end) + 5 worker
-TOOL_TURN_REACHED = 16  # 4 web + 12 worker (two steps, one tool call)
+SINGLE_STEP_REACHED = SINGLE_STEP_TARGET  # 2 web (the POST, the read after the end) + 3 worker
+TOOL_TURN_REACHED = 11  # 2 web + 9 worker (two steps, one tool call)
 
 
 @dataclass
@@ -109,14 +115,18 @@ def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Cou
     r = requests.post(f"{counted.url}/v1/sessions", json={"agent": "slow"}, headers=counted.headers, timeout=30)
     session_id = r.json()["id"]
     _turn_transactions(counted, session_id, "warm up")
-    web0, _ = counted.web.settle()
+    web0, queries0 = counted.web.settle()
     r = requests.post(f"{counted.url}/v1/sessions/{session_id}/turns", json={"input": "go"},
                       headers=counted.headers, timeout=30)
     turn_id = r.json()["id"]
-    web_posted, _ = counted.web.settle(quiet=0.3)
+    web_posted, queries_posted = counted.web.settle(quiet=0.3)
     turn = requests.get(f"{counted.url}/v1/turns/{turn_id}?wait=30", headers=counted.headers, timeout=60).json()
     assert turn["status"] == "completed" and len(turn["output"].split()) >= 150
     web1, _ = counted.web.settle()
-    # The read when the GET arrives and the one after the turn's end: not one per delta flush.
-    assert web1 - web_posted <= 2, counted.web.since(web_posted)
-    assert web_posted - web0 == 2, counted.web.since(web0)  # the POST: its admission check and its turn
+    # One read, after the turn's end (this process created it, so knows its session): not one per delta flush.
+    assert web1 - web_posted == 1, counted.web.since(web_posted)
+    assert web_posted - web0 == 1, counted.web.since(web0)  # the POST: the turn's own transaction, limits included
+    # Its round trips: BEGIN, the scope, the session's lock, the limits' counts (one statement), the session's
+    # one UPDATE, the turn's INSERT, COMMIT (12 before: a transaction for the limits, and the session and the
+    # turn each written twice).
+    assert queries_posted - queries0 == 7, counted.web.since(web0)

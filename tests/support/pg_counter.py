@@ -30,6 +30,9 @@ class PgCounter(Loopback):
     def __init__(self, database_url: str):
         parts = urlsplit(database_url)
         self.transactions = 0
+        # Transactions a connection runs for itself, not for any request: its opening check
+        # (``steprun_open()``) and the ping after it sat idle. Counted apart: per connection, not per turn.
+        self.upkeep = 0
         self.queries = 0
         # Each ended transaction's statements (their first 160 characters), for a failure's message.
         self.log: list[list[str]] = []
@@ -106,7 +109,15 @@ class PgCounter(Loopback):
             ran = conn["pending_queries"] > 0
             conn["pending_queries"] = 0
             if status == b"I" and (before in (b"T", b"E") or (before == b"I" and ran)):
-                self.transactions += 1
-                self.log.append(conn["statements"])
+                if _connection_upkeep(conn["statements"]):
+                    self.upkeep += 1
+                else:
+                    self.transactions += 1
+                    self.log.append(conn["statements"])
             if status == b"I":
                 conn["statements"] = []
+
+
+def _connection_upkeep(statements: list[str]) -> bool:
+    body = [st.strip() for st in statements if st.strip().upper() not in ("BEGIN", "COMMIT", "ROLLBACK")]
+    return bool(body) and (body[0].startswith("SELECT steprun_open()") or body == ["SELECT 1"])

@@ -272,3 +272,21 @@ def test_migrate_refuses_a_table_that_forces_row_security_on_its_owner(settings:
                       "ALTER TABLE {table} FORCE ROW LEVEL SECURITY") as table:
         with pytest.raises(SettingsError, match=f"tables {table} FORCE"):
             ensure_app_login(rt.engine, settings)
+
+
+def test_the_tenant_totals_function_answers_for_the_scopes_own_tenant_only(secure_rt: Runtime) -> None:
+    """A new turn reads its tenant's queued turns and kept input through steprun_tenant_admission (0021),
+    in its own transaction: the app login gets its own tenant's totals, never another tenant's."""
+    mine, other = Principal("t-adm-a", "alice"), Principal("t-adm-b", "bob")
+    with unit_of_work(secure_rt.sessions, other) as db:
+        session = turns.create_session(db, secure_rt, other, "math", {})
+        turns.create_turn(db, secure_rt, other, session.id, "queued behind nothing", after_seconds=3600)
+    with unit_of_work(secure_rt.sessions, other) as db:
+        assert db.execute(text("SELECT * FROM steprun_tenant_admission('t-adm-b', true, true)")).one() == (1, 21)
+    with unit_of_work(secure_rt.sessions, mine) as db:
+        assert db.execute(text("SELECT * FROM steprun_tenant_admission('t-adm-a', true, false)")).one() == (0, None)
+        assert "tenant's totals" in _denied(db, "SELECT * FROM steprun_tenant_admission('t-adm-b', true, true)")
+    with unit_of_work(secure_rt.sessions, None) as db:  # no scope entered: no tenant
+        assert "tenant's totals" in _denied(db, "SELECT * FROM steprun_tenant_admission('t-adm-b', true, true)")
+    with unit_of_work(secure_rt.sessions, SYSTEM) as db:  # the owner's login may ask for any tenant
+        assert db.execute(text("SELECT * FROM steprun_tenant_admission('t-adm-b', true, false)")).one() == (1, None)

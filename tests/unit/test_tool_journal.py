@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from shared.agent import AgentRegistry
 from shared.auth.principal import SYSTEM, Principal
@@ -24,7 +24,7 @@ from shared.engine import step as step_module
 from shared.engine import tools as tools_module
 from shared.engine.step import build_runtime, run_step
 from shared.errors import BadInput
-from shared.models import ToolCall, TraceSpan, Turn
+from shared.models import Message, ModelCall, ToolCall, TraceSpan, Turn, UsageCounter
 from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.turns import service as turns
@@ -283,3 +283,54 @@ def test_a_zombie_attempt_cannot_record(jrt: Runtime, who: Principal) -> None:
         finish_tool_call(jrt, old, 0, "c1", "charged", False)
     with unit_of_work(jrt.sessions, SYSTEM) as db:
         assert db.scalars(select(ToolCall.status).where(ToolCall.turn_id == tid)).one() == "started"
+
+
+def _model_calls(rt: Runtime, turn_id: str) -> list[tuple[int, str, int, bool]]:
+    """(step, status, calls, asked for tools) of each journaled model call of the turn."""
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        rows = db.scalars(select(ModelCall).where(ModelCall.turn_id == turn_id).order_by(ModelCall.step)).all()
+        return [(r.step, r.status, r.calls, bool((r.response or {}).get("tool_calls"))) for r in rows]
+
+
+def _counted_model_calls(rt: Runtime, who: Principal) -> int:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        return int(db.scalar(select(func.max(UsageCounter.model_calls))
+                             .where(UsageCounter.tenant_id == who.tenant_id, UsageCounter.user_id == who.user_id))
+                   or 0)
+
+
+def test_every_model_call_is_journaled_the_last_by_the_steps_commit(jrt: Runtime, who: Principal) -> None:
+    """The start rides on the claim and a tool-less answer on the commit: each call still recorded, counted once."""
+    _, tid = start(jrt, who)
+    step = 0
+    while run_step(jrt, tid, step) == "in_progress":
+        step += 1
+    assert turn_row(jrt, tid).status == "completed"
+    assert _model_calls(jrt, tid) == [(0, "recorded", 1, True), (1, "recorded", 1, True), (2, "recorded", 1, False)]
+    assert _counted_model_calls(jrt, who) == 3
+
+
+def test_a_worker_dying_before_the_commit_of_a_final_answer_calls_the_model_again(
+        jrt: Runtime, who: Principal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing ran after a tool-less answer, so its record waits for the commit: a kill before it leaves the
+    call started (as a kill during the call does); the retry calls the model again and commits once."""
+    original = step_module.commit_step
+
+    def die_before_the_final_commit(rt: Runtime, claim: Any, result: Any, *args: Any) -> Any:
+        if result.unrecorded_response is not None:
+            raise WorkerDied("before the step's commit")
+        return original(rt, claim, result, *args)
+    _, tid = start(jrt, who)
+    assert run_step(jrt, tid, 0) == "in_progress"
+    assert run_step(jrt, tid, 1) == "in_progress"
+    monkeypatch.setattr(step_module, "commit_step", die_before_the_final_commit)
+    calls_before = INVENTIVE.calls
+    run_dying(jrt, tid, 2)
+    assert _model_calls(jrt, tid)[-1] == (2, "started", 1, False)
+    monkeypatch.setattr(step_module, "commit_step", original)
+    assert run_step(jrt, tid, 2) == "completed"
+    assert INVENTIVE.calls == calls_before + 2
+    assert _model_calls(jrt, tid)[-1] == (2, "recorded", 2, False)  # both calls counted against the per-turn cap
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        assert db.scalar(select(func.count()).select_from(Message).where(
+            Message.turn_id == tid, Message.step == 2)) == 1  # the answer, once
