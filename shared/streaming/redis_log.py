@@ -190,7 +190,11 @@ class RedisEventLog:
 
     def listen(self, session_id: str, durable: bool = False) -> _Listening:
         channel = self._keys(session_id)[2]
-        return self.doorbell().listen(channel + ":d" if durable else channel)
+        if durable:
+            # A status waiter (a long-poll) comes back for the session's next turn: its subscription
+            # outlives it a while, so the next wait needs no SUBSCRIBE, UNSUBSCRIBE or wake-up PUBLISH.
+            return self.doorbell().listen(channel + ":d", linger=DURABLE_LINGER_SECONDS)
+        return self.doorbell().listen(channel)
 
     def doorbell(self) -> Doorbell:
         with self._doorbell_lock:
@@ -218,16 +222,20 @@ class RedisEventLog:
         self.redis.close()
 
 
+# How long a durable (status) channel stays subscribed after its last waiter left.
+DURABLE_LINGER_SECONDS = 10.0
+
+
 class _Listening:
-    def __init__(self, bell: Doorbell, channel: str):
-        self.bell, self.channel, self.ring = bell, channel, Ring()
+    def __init__(self, bell: Doorbell, channel: str, linger: float = 0.0):
+        self.bell, self.channel, self.ring, self.linger = bell, channel, Ring(), linger
 
     def __enter__(self) -> Ring:
         self.bell._add(self.channel, self.ring)
         return self.ring
 
     def __exit__(self, *exc: object) -> None:
-        self.bell._remove(self.channel, self.ring)
+        self.bell._remove(self.channel, self.ring, self.linger)
 
 
 class Doorbell:
@@ -243,6 +251,8 @@ class Doorbell:
     def __init__(self, client: Any):
         self.redis = client
         self._waiters: dict[str, set[Ring]] = defaultdict(set)
+        # Channels nobody waits on any more, still subscribed until the time.monotonic() given.
+        self._lingering: dict[str, float] = {}
         self._lock = threading.Lock()
         self._changes: list[tuple[str, str]] = []
         self._closed = False
@@ -253,12 +263,14 @@ class Doorbell:
         self._thread = threading.Thread(target=self._run, name="steprun-doorbell", daemon=True)
         self._thread.start()
 
-    def listen(self, channel: str) -> _Listening:
-        return _Listening(self, channel)
+    def listen(self, channel: str, linger: float = 0.0) -> _Listening:
+        """Wake-ups of ``channel``; ``linger``: seconds it stays subscribed after its last listener left."""
+        return _Listening(self, channel, linger)
 
     def _add(self, channel: str, ring: Ring) -> None:
         with self._lock:
-            first = not self._waiters[channel]
+            # A lingering channel is still subscribed: no change to make, no wake-up to send.
+            first = not self._waiters[channel] and self._lingering.pop(channel, None) is None
             self._waiters[channel].add(ring)
             if first:
                 self._changes.append(("sub", channel))
@@ -268,7 +280,7 @@ class Doorbell:
             except Exception:  # noqa: BLE001 - the listener subscribes on its next read timeout anyway
                 pass
 
-    def _remove(self, channel: str, ring: Ring) -> None:
+    def _remove(self, channel: str, ring: Ring, linger: float = 0.0) -> None:
         with self._lock:
             waiters = self._waiters.get(channel)
             if waiters is None:
@@ -276,7 +288,19 @@ class Doorbell:
             waiters.discard(ring)
             if not waiters:
                 del self._waiters[channel]
-                self._changes.append(("unsub", channel))
+                if linger > 0:
+                    self._lingering[channel] = time.monotonic() + linger
+                else:
+                    self._changes.append(("unsub", channel))
+
+    def _end_lingering(self) -> None:
+        """Queue the unsubscription of channels whose linger ran out (with ``_lock`` held)."""
+        if not self._lingering:
+            return
+        now = time.monotonic()
+        for channel in [c for c, until in self._lingering.items() if until <= now]:
+            del self._lingering[channel]
+            self._changes.append(("unsub", channel))
 
     def _wake(self, channel: str) -> None:
         with self._lock:
@@ -289,12 +313,14 @@ class Doorbell:
             pubsub = self.redis.pubsub()
             try:
                 with self._lock:
-                    # After a reconnect, subscribe everything anyone still waits on.
+                    # After a reconnect, subscribe everything anyone still waits on (what lingered is gone).
+                    self._lingering.clear()
                     self._changes = [("sub", ch) for ch in self._waiters]
                 pubsub.subscribe(self._control)
                 self._armed.set()
                 while not self._closed:
                     with self._lock:
+                        self._end_lingering()
                         changes, self._changes = self._changes, []
                     for action, channel in changes:
                         (pubsub.subscribe if action == "sub" else pubsub.unsubscribe)(channel)

@@ -110,7 +110,7 @@ def _polled_turn(c: Counted, session_id: str, text: str) -> None:
                          ids=["single-step", "tool-turn"])
 def test_polled_turn_redis_commands(counted: Counted, text: str, reached: int) -> None:
     session_id = _session(counted)
-    _polled_turn(counted, session_id, "warm up")  # a process's first turn loads its scripts and caches
+    _polled_turn(counted, session_id, text)  # a process's first turn of its kind loads scripts and connections
     for _ in range(2):  # a later turn of the same session costs the same
         total, per_command, detail = _counted(counted, lambda: _polled_turn(counted, session_id, text))
         print(f"\n{text!r}: {total} commands {dict(per_command.most_common())}\n{detail}")

@@ -39,6 +39,7 @@ class PrivateRedis:
     proc: subprocess.Popen[bytes] | None = None
     monitored: list[Command] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _client: redis.Redis | None = None
 
     @property
     def url(self) -> str:
@@ -83,11 +84,9 @@ class PrivateRedis:
                     self.monitored.append(Command(client_name, name, line))
 
     def commandstats(self) -> Counter[str]:
-        client = redis.Redis.from_url(self.url)
-        try:
-            stats = client.info("commandstats")
-        finally:
-            client.close()
+        if self._client is None:  # one connection for every read: its HELLO is not counted in a window
+            self._client = redis.Redis.from_url(self.url)
+        stats = self._client.info("commandstats")
         counts: Counter[str] = Counter()
         for name, v in stats.items():
             if name.removeprefix("cmdstat_") not in ("info", "monitor"):
