@@ -29,9 +29,18 @@ from shared.turns.events import Durable, republish_session
 
 log = logging.getLogger(__name__)
 
+# The watch holds a step's status events (turn.started, step.started, step.retrying) this long, unless
+# a delta or a durable event comes to go with them: a quick step appends them with its first delta or
+# its commit, not in an append of their own.
+STATUS_HOLD_SECONDS = 0.25
 # After a failed append, wait this long before trying the event log again (the step
 # greenlet must not stall on every delta while Redis is away).
 EVENT_LOG_RETRY_SECONDS = 1.0
+
+
+def _type_of(body: str) -> str:
+    """The type of an event body as :func:`encode_event` writes it (``{"type":"...",``)."""
+    return body[9:body.index('"', 9)] if body.startswith('{"type":"') else ""
 
 
 class StepEvents:
@@ -51,6 +60,7 @@ class StepEvents:
         # extended by each heartbeat (StepWatch.note_lease), less a margin for clock and latency.
         self.lease_valid_until = (claimed_at if claimed_at is not None else time.monotonic()) + self._lease_span()
         self._delta: list[str] = []
+        self._pending_since = 0.0  # time.monotonic() when the oldest held event was added
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._last_flush = 0.0
@@ -75,6 +85,8 @@ class StepEvents:
         data = {**data, "step": self.claim.step, "attempt": self.claim.step_attempt}
         with self._lock:
             self._take_delta()
+            if not self._pending:
+                self._pending_since = time.monotonic()
             if type_ in DURABLE_TYPES:
                 event = Durable.new(type_, self.claim.turn_id, data)
                 self.durable.append(event)
@@ -156,6 +168,21 @@ class StepEvents:
                                 exc_info=True)
             return True
 
+    def take_for_commit(self) -> list[Durable]:
+        """What is still to append, in order, taken to go out with the step's commit in its one append.
+
+        The commit's own fence (Postgres) proves this attempt still holds the turn, so these need no
+        flush of their own before it: one append per step fewer. A zombie's (lease lost) are dropped.
+        """
+        with self._flush_lock:  # after a flush in flight: the order stays
+            with self._lock:
+                self._take_delta()
+                batch, self._pending = self._pending, []
+                if self.stop_reason == StopReason.LEASE_LOST:
+                    return []
+        by_id = {e.id: e for e in self.durable}
+        return [by_id[i] if i else Durable("", self.claim.turn_id, _type_of(body), body) for i, body in batch]
+
     def check(self) -> None:
         if self.stop_reason is not None:
             raise StepInterrupted(self.stop_reason)
@@ -166,3 +193,11 @@ class StepEvents:
 
     def pending_count(self) -> int:
         return len(self._pending) + len(self._delta)
+
+    def flush_due(self) -> bool:
+        """Whether the watch should flush now: deltas or a durable event are held, or any event for
+        :data:`STATUS_HOLD_SECONDS`."""
+        with self._lock:
+            if self._delta or any(i for i, _ in self._pending):
+                return True
+            return bool(self._pending) and time.monotonic() - self._pending_since >= STATUS_HOLD_SECONDS

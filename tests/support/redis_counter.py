@@ -71,7 +71,7 @@ class PrivateRedis:
             self.proc.wait(timeout=10)
 
     def _monitor(self) -> None:
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, socket_timeout=None)  # MONITOR reads for as long as it runs
         with client.monitor() as m:
             for raw in m.listen():
                 line = f'{raw["time"]} [{raw["db"]} {raw["client_address"]}:{raw["client_port"]}] "{raw["command"]}"'
