@@ -29,9 +29,9 @@ from shared.turns.events import Durable, republish_session
 
 log = logging.getLogger(__name__)
 
-# The watch holds a step's status events (turn.started, step.started, step.retrying) this long, unless
-# a delta or a durable event comes to go with them: a quick step appends them with its first delta or
-# its commit, not in an append of their own.
+# The watch holds a step's status events (turn.started, step.started, step.retrying) this long (or one
+# delta flush interval, if longer), unless a delta or a durable event comes to go with them: a quick step
+# appends them with its first delta or its commit, not in an append of their own.
 STATUS_HOLD_SECONDS = 0.25
 # After a failed append, wait this long before trying the event log again (the step
 # greenlet must not stall on every delta while Redis is away).
@@ -49,6 +49,7 @@ class StepEvents:
     def __init__(self, rt: Runtime, claim: Claim, *, claimed_at: float | None = None, floor: int = 0):
         self.rt, self.claim = rt, claim
         self.interval = rt.settings.delta_flush_seconds
+        self.status_hold = max(STATUS_HOLD_SECONDS, self.interval)
         # (id, body): durable events (tool.call, tool.result) have an id, so the log takes them once.
         self._pending: list[tuple[str, str]] = []
         # This attempt's durable events, written with its commit.
@@ -196,8 +197,8 @@ class StepEvents:
 
     def flush_due(self) -> bool:
         """Whether the watch should flush now: deltas or a durable event are held, or any event for
-        :data:`STATUS_HOLD_SECONDS`."""
+        ``status_hold`` seconds."""
         with self._lock:
             if self._delta or any(i for i, _ in self._pending):
                 return True
-            return bool(self._pending) and time.monotonic() - self._pending_since >= STATUS_HOLD_SECONDS
+            return bool(self._pending) and time.monotonic() - self._pending_since >= self.status_hold
