@@ -29,9 +29,9 @@ from shared.turns.events import Durable, republish_session
 
 log = logging.getLogger(__name__)
 
-# The watch holds a step's status events (turn.started, step.started, step.retrying) this long (or one
-# delta flush interval, if longer), unless a delta or a durable event comes to go with them: a quick step
-# appends them with its first delta or its commit, not in an append of their own.
+# The watch holds a step's status events (turn.started, step.started) this long (or one delta flush
+# interval, if longer), unless a delta or a durable event comes to go with them: a quick step appends
+# them with its first delta or its commit, not in an append of their own. Not on a retry (see below).
 STATUS_HOLD_SECONDS = 0.25
 # After a failed append, wait this long before trying the event log again (the step
 # greenlet must not stall on every delta while Redis is away).
@@ -49,7 +49,8 @@ class StepEvents:
     def __init__(self, rt: Runtime, claim: Claim, *, claimed_at: float | None = None, floor: int = 0):
         self.rt, self.claim = rt, claim
         self.interval = rt.settings.delta_flush_seconds
-        self.status_hold = max(STATUS_HOLD_SECONDS, self.interval)
+        # A retry's step.retrying is not held: the attempt before it died, and so may this one.
+        self.status_hold = max(STATUS_HOLD_SECONDS, self.interval) if claim.step_attempt <= 1 else 0.0
         # (id, body): durable events (tool.call, tool.result) have an id, so the log takes them once.
         self._pending: list[tuple[str, str]] = []
         # This attempt's durable events, written with its commit.
