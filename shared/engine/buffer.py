@@ -38,11 +38,6 @@ STATUS_HOLD_SECONDS = 0.25
 EVENT_LOG_RETRY_SECONDS = 1.0
 
 
-def _type_of(body: str) -> str:
-    """The type of an event body as :func:`encode_event` writes it (``{"type":"...",``)."""
-    return body[9:body.index('"', 9)] if body.startswith('{"type":"') else ""
-
-
 class StepEvents:
     """Events of a running step: deltas coalesced, flushed in batches of one round trip."""
 
@@ -169,21 +164,6 @@ class StepEvents:
                     log.warning("turn %s: republishing after an event log reset failed", self.claim.turn_id,
                                 exc_info=True)
             return True
-
-    def take_for_commit(self) -> list[Durable]:
-        """What is still to append, in order, taken to go out with the step's commit in its one append.
-
-        The commit's own fence (Postgres) proves this attempt still holds the turn, so these need no
-        flush of their own before it: one append per step fewer. A zombie's (lease lost) are dropped.
-        """
-        with self._flush_lock:  # after a flush in flight: the order stays
-            with self._lock:
-                self._take_delta()
-                batch, self._pending = self._pending, []
-                if self.stop_reason == StopReason.LEASE_LOST:
-                    return []
-        by_id = {e.id: e for e in self.durable}
-        return [by_id[i] if i else Durable("", self.claim.turn_id, _type_of(body), body) for i, body in batch]
 
     def check(self) -> None:
         if self.stop_reason is not None:

@@ -24,7 +24,6 @@ from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_mode
 from shared.models import AgentSession, Checkpoint, Message, Turn, TurnStatus
 from shared.runtime import Runtime
 from shared.turns import transitions
-from shared.turns.events import Durable
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +40,21 @@ def commit_step(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatM
     checks the step number: a commit that reached the database just before the
     connection dropped turns the repeat into a no-op.
     """
-    # What the step still holds (its last deltas, often) goes out with the commit's own events, in one
-    # append after it, not in a flush of its own before it.
-    unsent = events.take_for_commit()
+    events.flush()
     for delay in COMMIT_RETRY_DELAYS:
         try:
-            return _commit_once(rt, claim, result, state, events, unsent)
+            return _commit_once(rt, claim, result, state, events)
         except Exception as exc:
             if not database_unavailable(exc):
                 raise
             log.warning("turn %s step %s: database unavailable at commit, retrying in %ss: %s",
                         claim.turn_id, claim.step, delay, exc)
             time.sleep(delay)
-    return _commit_once(rt, claim, result, state, events, unsent)
+    return _commit_once(rt, claim, result, state, events)
 
 
 def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatMessage],
-                 events: StepEvents, unsent: list[Durable]) -> TurnStatus | StepOutcome:
+                 events: StepEvents) -> TurnStatus | StepOutcome:
     with unit_of_work(rt.sessions, claim.principal) as db:
         # Session first, then turn: the same lock order as the API's cancel and create paths.
         session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
@@ -95,11 +92,7 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
         session.updated_at = utcnow()
         # The step's durable events commit with it (shared/turns/events.py): its tool calls and
         # results, and step.completed with the step's text, which is what a client keeps.
-        # Then what the step had not appended yet, in its order (durable ones included: each is in the
-        # log at most once, wherever it comes in the append).
-        held = {e.id for e in unsent if e.id}
-        transitions.publish_after_commit(db, rt, session, [*(e for e in events.durable if e.id not in held),
-                                                           *unsent, (
+        transitions.publish_after_commit(db, rt, session, [*events.durable, (
             "step.completed", turn.id, {"step": claim.step, "attempt": claim.step_attempt, "usage": result.usage,
                                         "text": result.text})], cursor=events.high)
         status = result.status

@@ -189,8 +189,7 @@ def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list
         close_tool_calls(state, closing, "not run: the turn ended before the user answered")
     messages = state + closing + [for_model(m) for m in result.new_messages]
     response = _model_response(rt, agent, claim, messages, events, journal)
-    if response.tool_calls:
-        events.flush(when_due=True)  # the text is out before the tools run; else it goes with the commit
+    events.flush(when_due=True)
     result.text = response.text
     result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
     assistant: ChatMessage = {"role": "assistant", "content": response.text}

@@ -19,8 +19,8 @@ inside one of them does not fail the test.
 
 Target (issue 15): a single-step turn in at most 25 Redis commands, on both
 shapes; a tool turn (a tool call, then the answer) in fewer. Not reached: this
-pins what is (45 and 63, from 93 and 146), so it cannot creep back up. What a
-single-step polled turn still sends (web 27, worker 18):
+pins what is (49 and 75, from 93 and 146), so it cannot creep back up. What a
+single-step polled turn still sends (web 27, worker 22):
 - the POST: its rate limits (one script: an INCR per user, key and tenant bucket,
   a GET of the address's failed authentications: 5), ``turn.queued`` (one script:
   INCRBY, XADD, PUBLISH: 4), the step's task (LPUSH: 1);
@@ -28,11 +28,11 @@ single-step polled turn still sends (web 27, worker 18):
   a ZADD and an EXPIRE per user and tenant set: 8; its release, 2 ZREM), the
   log's tail when it starts and when the turn's end rings (2 XREVRANGE);
 - the step: its first append (turn.started, step.started, the first delta: the
-  script, MGET of fence and cancel flag, INCRBY, 3 XADD, PUBLISH: 7) and the
-  commit's (the rest of its deltas, step.completed, turn.completed: the script,
-  MGET, the fence's close mark, 2 HSETNX of the durable ids, INCRBY, 3 XADD,
-  PUBLISH of the session's channel and of its status channel: 11). The worker's
-  BRPOP that took the task is not counted (above).
+  script, MGET of fence and cancel flag, INCRBY, 3 XADD, PUBLISH: 7), the rest of
+  its deltas once the model answered (5), and the commit's (step.completed,
+  turn.completed: the script, MGET, the fence's close mark, 2 HSETNX of the
+  durable ids, INCRBY, 2 XADD, PUBLISH of the session's channel and of its status
+  channel: 10). The worker's BRPOP that took the task is not counted (above).
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ from tests.support.processes import Procs, create_key_cli, settings_env
 from tests.support.redis_counter import IDLE_COMMANDS, PrivateRedis, by_process, group_pids, socket_owners
 
 SINGLE_STEP_TARGET = 25  # issue 15's target
-SINGLE_STEP_REACHED = 45  # 27 web + 18 worker (the breakdown above)
-TOOL_TURN_REACHED = 63  # 27 web + 36 worker (two steps, the second sent by the worker: LPUSH)
+SINGLE_STEP_REACHED = 49  # 27 web + 22 worker (the breakdown above)
+TOOL_TURN_REACHED = 75  # 27 web + 48 worker (two steps, the second sent by the worker: LPUSH)
 
 
 @dataclass
@@ -77,7 +77,8 @@ def counted(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env = {**settings_env(settings), "REDIS_URL": server.url, "STEPRUN_AGENTS": "tests.support.agents_slow",
            "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20",
            "STEPRUN_WORKER_BEAT_SECONDS": "600", "STEPRUN_KEY_CACHE_SECONDS": "600",
-           # A step's appends, whatever the machine's load: its first delta at once, the rest with its commit.
+           # A step's appends, whatever the machine's load: its first delta at once, the rest once the model
+           # answered, then the commit's.
            "STEPRUN_DELTA_FLUSH_SECONDS": "1.0"}
     procs = Procs(settings, log_dir)
     try:
