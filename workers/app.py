@@ -12,10 +12,17 @@ Reliability choices, and why:
   taken but not yet claimed (neither claimed nor waiting in the queue for
   STEPRUN_UNCLAIMED_TASK_SECONDS). Duplicates are made harmless by the fenced
   claim (shared/engine/claim.py);
-- the broker's visibility timeout is set far above any step (shared/queue.py),
-  so a slow step is never redelivered while it still runs; the step's own watch
-  enforces STEPRUN_STEP_TIME_LIMIT, since Celery's time limits do not apply to
-  the gevent pool;
+- the worker keeps its unacknowledged messages in memory only (kombu's Redis
+  ``ack_emulation`` off): late acks still bound what it takes (prefetch), and a
+  warm shutdown still hands back what it took and did not run, but no copy of
+  each message is written to and deleted from Redis around every step (8 Redis
+  commands per step: MULTI/ZADD/HSET/EXEC, then MULTI/ZREM/HDEL/EXEC). That copy
+  only served kombu's visibility-timeout redelivery, which recovery does not
+  use (above): a SIGKILLed worker's taken-but-unclaimed task is re-sent by the
+  lost-task sweep, as before. The broker's visibility timeout (shared/queue.py)
+  is still set for the scheduler, which hands back what older workers left;
+  the step's own watch enforces STEPRUN_STEP_TIME_LIMIT, since Celery's time
+  limits do not apply to the gevent pool;
 - the connection to Redis may drop (a Redis restart): running steps carry on
   and commit to Postgres rather than being cancelled, and the lost-task sweep
   re-sends whatever the restart took from the queue;
@@ -40,7 +47,9 @@ from workers.shutdown import install_shutdown_drain
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("steprun")
-    app.conf.update(celery_config(settings))
+    config = celery_config(settings)
+    config["broker_transport_options"] = {**config["broker_transport_options"], "ack_emulation": False}
+    app.conf.update(config)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -1,8 +1,8 @@
 """Rate limits: fixed one-minute windows counted in Redis (or in memory, embedded).
 
 A request is counted in several buckets at once (its user, its key, its tenant:
-``api/auth.py``) with one round trip; a client address's failed authentications
-have their own bucket, read before any key lookup.
+``api/auth.py``) with one round trip, one script; a client address's failed
+authentications have their own bucket, read before any key lookup.
 """
 from __future__ import annotations
 
@@ -33,9 +33,26 @@ def _reset(now: float, window: int) -> float:
     return window - (now % window)
 
 
+# KEYS: the buckets to count, then the buckets to read. ARGV: the buckets' TTL, how many KEYS are counted.
+# A bucket's TTL is set once, by the request that creates it (its name holds its window, so it never
+# outlives it): one INCR per counted bucket, not an INCR and an EXPIRE.
+_HIT_LUA = """
+local counted = tonumber(ARGV[2])
+local out = {}
+for i = 1, counted do
+  local n = redis.call('INCR', KEYS[i])
+  if n == 1 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  out[i] = n
+end
+for i = counted + 1, #KEYS do out[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+return out
+"""
+
+
 class RedisRateLimiter:
     def __init__(self, client: Any, prefix: str):
         self.redis, self.prefix = client, prefix
+        self._hit = client.register_script(_HIT_LUA)
 
     def _bucket(self, key: str, now: float, window: int) -> str:
         return f"{self.prefix}:rl:{key}:{int(now // window)}"
@@ -47,20 +64,13 @@ class RedisRateLimiter:
     def hit_all(self, buckets: Sequence[tuple[str, int]], window: int = 60,
                 watch: Sequence[tuple[str, int]] = ()) -> tuple[int, float] | None:
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for key, _ in buckets:
-            name = self._bucket(key, now, window)
-            pipe.incr(name)
-            pipe.expire(name, window + 5)
-        for key, _ in watch:
-            pipe.get(self._bucket(key, now, window))
-        replies = pipe.execute()
-        counted = replies[:2 * len(buckets):2]
-        for i, ((_, limit), count) in enumerate(zip(buckets, counted, strict=True)):
+        names = [self._bucket(key, now, window) for key, _ in [*buckets, *watch]]
+        replies = [int(n) for n in self._hit(keys=names, args=[window + 5, len(buckets)])] if names else []
+        for i, ((_, limit), count) in enumerate(zip(buckets, replies[:len(buckets)], strict=True)):
             if count > limit:
                 return i, _reset(now, window)
-        for j, ((_, limit), seen) in enumerate(zip(watch, replies[2 * len(buckets):], strict=True)):
-            if int(seen or 0) >= limit:
+        for j, ((_, limit), seen) in enumerate(zip(watch, replies[len(buckets):], strict=True)):
+            if seen >= limit:
                 return len(buckets) + j, _reset(now, window)
         return None
 

@@ -29,6 +29,10 @@ from shared.turns.events import Durable, republish_session
 
 log = logging.getLogger(__name__)
 
+# The watch holds a step's status events (turn.started, step.started) this long (or one delta flush
+# interval, if longer), unless a delta or a durable event comes to go with them: a quick step appends
+# them with its first delta or its commit, not in an append of their own. Not on a retry (see below).
+STATUS_HOLD_SECONDS = 0.25
 # After a failed append, wait this long before trying the event log again (the step
 # greenlet must not stall on every delta while Redis is away).
 EVENT_LOG_RETRY_SECONDS = 1.0
@@ -40,6 +44,8 @@ class StepEvents:
     def __init__(self, rt: Runtime, claim: Claim, *, claimed_at: float | None = None, floor: int = 0):
         self.rt, self.claim = rt, claim
         self.interval = rt.settings.delta_flush_seconds
+        # A retry's step.retrying is not held: the attempt before it died, and so may this one.
+        self.status_hold = max(STATUS_HOLD_SECONDS, self.interval) if claim.step_attempt <= 1 else 0.0
         # (id, body): durable events (tool.call, tool.result) have an id, so the log takes them once.
         self._pending: list[tuple[str, str]] = []
         # This attempt's durable events, written with its commit.
@@ -51,6 +57,7 @@ class StepEvents:
         # extended by each heartbeat (StepWatch.note_lease), less a margin for clock and latency.
         self.lease_valid_until = (claimed_at if claimed_at is not None else time.monotonic()) + self._lease_span()
         self._delta: list[str] = []
+        self._pending_since = 0.0  # time.monotonic() when the oldest held event was added
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._last_flush = 0.0
@@ -75,6 +82,8 @@ class StepEvents:
         data = {**data, "step": self.claim.step, "attempt": self.claim.step_attempt}
         with self._lock:
             self._take_delta()
+            if not self._pending:
+                self._pending_since = time.monotonic()
             if type_ in DURABLE_TYPES:
                 event = Durable.new(type_, self.claim.turn_id, data)
                 self.durable.append(event)
@@ -166,3 +175,11 @@ class StepEvents:
 
     def pending_count(self) -> int:
         return len(self._pending) + len(self._delta)
+
+    def flush_due(self) -> bool:
+        """Whether the watch should flush now: deltas or a durable event are held, or any event for
+        ``status_hold`` seconds."""
+        with self._lock:
+            if self._delta or any(i for i, _ in self._pending):
+                return True
+            return bool(self._pending) and time.monotonic() - self._pending_since >= self.status_hold

@@ -104,7 +104,7 @@ class StepWatch:
             now = time.monotonic()
             # Heartbeat before flush: after a freeze (SIGSTOP, a stalled host) the flush holds its
             # events until a beat has shown the lease is still this attempt's (StepEvents.flush).
-            if self.events.pending_count() and now <= self.events.lease_valid_until:
+            if self.events.flush_due() and now <= self.events.lease_valid_until:
                 self._duty("flush", lambda: self.events.flush(when_due=True))
             if now >= next_cancel_check:
                 next_cancel_check = now + 0.25

@@ -15,54 +15,75 @@ log = logging.getLogger(__name__)
 
 
 # KEYS: stream, counter, cancel flag ('' for none), fence ('' for none), ids held, era start.
-# ARGV: channel, maxlen, ttl, attempt, close, floor, then (id, body) pairs ('' id: not deduplicated).
+# ARGV: channel, maxlen, ttl (ms), attempt, close, floor, refresh ('1': set the keys' TTL), then (id, body) pairs
+# ('' id: not deduplicated).
 # Returns {last cursor (0 if nothing added; -1 refused by the fence), cancel flag, era reset}.
 # Rings the session's channel for every append, and its ``:d`` channel for those adding a durable event.
 # One round trip appends a whole batch, atomically: a refused batch adds nothing.
+# Every command inside counts (INFO commandstats): one INCRBY numbers the whole batch, the fence and the
+# cancel flag are one read, and the TTLs are set only when the caller says they are due (or the log is new).
 _APPEND_LUA = """
 local attempt = tonumber(ARGV[4])
-if KEYS[4] ~= '' then
-  local fence = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if attempt > 0 and fence > attempt then return {'-1', 0, 0} end
-  local mark = attempt
-  if ARGV[5] == '1' then mark = 4503599627370496 end
-  if mark > fence then redis.call('SET', KEYS[4], string.format('%.0f', mark), 'EX', ARGV[3]) end
-end
-local floor = tonumber(ARGV[6])
-local current = redis.call('GET', KEYS[2])
-local reset = 0
-if current == false or tonumber(current) < floor then
-  -- A new log, or one older than its writer knows (restored from a snapshot): start above the
-  -- clock and the floor, and remember where, so every cursor from before reads as gone.
-  local t = redis.call('TIME')
-  local start = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), floor)
-  redis.call('SET', KEYS[2], string.format('%.0f', start))
-  redis.call('SET', KEYS[6], string.format('%.0f', start))
-  -- Each era holds each durable event at most once: a restored snapshot's ids are of the old era.
-  redis.call('DEL', KEYS[5])
-  reset = 1
-end
-local c = 0
-local durable = false
-for i = 7, #ARGV, 2 do
-  local id = ARGV[i]
-  if id == '' or redis.call('HSETNX', KEYS[5], id, 1) == 1 then
-    c = redis.call('INCR', KEYS[2])
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], string.format('%.0f-0', c), 'e', ARGV[i + 1])
-    if id ~= '' then durable = true end
+local cancel = 0
+if KEYS[4] ~= '' or KEYS[3] ~= '' then
+  local read = {}
+  if KEYS[4] ~= '' then read[#read + 1] = KEYS[4] end
+  if KEYS[3] ~= '' then read[#read + 1] = KEYS[3] end
+  local got = redis.call('MGET', unpack(read))
+  if KEYS[3] ~= '' and got[#read] then cancel = 1 end
+  if KEYS[4] ~= '' then
+    local fence = tonumber(got[1] or '0')
+    if attempt > 0 and fence > attempt then return {'-1', cancel, 0} end
+    local mark = attempt
+    if ARGV[5] == '1' then mark = 4503599627370496 end
+    -- A turn's first attempt (1) needs no mark: there is no earlier one for it to shut out.
+    if mark > fence and mark > 1 then redis.call('SET', KEYS[4], string.format('%.0f', mark), 'PX', ARGV[3]) end
   end
 end
-for i = 1, 6 do
-  if i ~= 3 and i ~= 4 and KEYS[i] ~= '' then redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+local function accepted()
+  local take = {}
+  for i = 8, #ARGV, 2 do
+    local id = ARGV[i]
+    if id == '' or redis.call('HSETNX', KEYS[5], id, 1) == 1 then take[#take + 1] = i end
+  end
+  return take
 end
+local take = accepted()
+local floor = tonumber(ARGV[6])
+local last = tonumber(redis.call('INCRBY', KEYS[2], #take))
+local reset = 0
+if last == #take or last - #take < floor then
+  -- A new log (a live counter starts from the clock, never from 0), or one older than its writer knows
+  -- (restored from a snapshot): start above the clock and the floor, and remember where, so every
+  -- cursor from before reads as gone.
+  local t = redis.call('TIME')
+  local start = math.max(tonumber(t[1]) * 1000000 + tonumber(t[2]), floor)
+  -- Each era holds each durable event at most once: a restored snapshot's ids are of the old era.
+  redis.call('DEL', KEYS[5])
+  take = accepted()
+  last = start + #take
+  redis.call('SET', KEYS[2], string.format('%.0f', last))
+  redis.call('SET', KEYS[6], string.format('%.0f', start))
+  reset = 1
+end
+local c = last - #take
+local durable = false
+for _, i in ipairs(take) do
+  c = c + 1
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], string.format('%.0f-0', c), 'e', ARGV[i + 1])
+  if ARGV[i] ~= '' then durable = true end
+end
+if reset == 1 or ARGV[7] == '1' then
+  for i = 1, 6 do
+    if i ~= 3 and i ~= 4 and KEYS[i] ~= '' then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+  end
+end
+if #take == 0 then c = 0 end
 if c ~= 0 then redis.call('PUBLISH', ARGV[1], string.format('%.0f', c)) end
 -- The durable doorbell: rung only by appends with a durable event (status changes, not deltas).
 if durable then redis.call('PUBLISH', ARGV[1] .. ':d', string.format('%.0f', c)) end
-local cancel = 0
-if KEYS[3] ~= '' then cancel = redis.call('EXISTS', KEYS[3]) end
 return {string.format('%.0f', c), cancel, reset}
 """
-
 
 def _cursor(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[0])
@@ -75,6 +96,13 @@ class RedisEventLog:
         self.retention = retention_seconds
         self.max_len = max_len
         self._append = client.register_script(_APPEND_LUA)
+        # The keys' TTL is set to retention + ``refresh_every`` at most once per ``refresh_every`` per session
+        # and process (and whenever the log is new): a log still lives at least ``retention`` seconds after
+        # its last append (at most ``refresh_every`` more), for four PEXPIREs per session, process and interval
+        # instead of four per append.
+        self.refresh_every = min(60.0, retention_seconds / 10)
+        self._ttl_ms = int((retention_seconds + self.refresh_every) * 1000)
+        self._refreshed: dict[str, float] = {}
         self._doorbell: Doorbell | None = None
         self._doorbell_lock = threading.Lock()
 
@@ -95,15 +123,28 @@ class RedisEventLog:
         pairs: list[str] = []
         for i, body in enumerate(bodies):
             pairs += [ids[i] if ids else "", body]
+        now = time.monotonic()
+        refresh = now - self._refreshed.get(session_id, -1e18) >= self.refresh_every
         last, cancel, reset = self._append(
             keys=[stream, counter, cancel_key, fence_key, f"{channel}:ids", f"{channel}:era"],
-            args=[channel, self.max_len, self.retention, fence.attempt if fence else 0,
-                  1 if fence and fence.close else 0, floor, *pairs],
+            args=[channel, self.max_len, self._ttl_ms, fence.attempt if fence else 0,
+                  1 if fence and fence.close else 0, floor, 1 if refresh else 0, *pairs],
         )
         if int(last) < 0:
             raise Fenced(f"turn {fence.turn_id if fence else '?'}: attempt {fence.attempt if fence else 0} "
                          "is fenced out of the event log")
+        if refresh or reset:
+            self._note_refresh(session_id, now)
         return Appended(int(last), bool(cancel), bool(reset))
+
+    def _note_refresh(self, session_id: str, now: float) -> None:
+        refreshed = self._refreshed
+        if len(refreshed) >= 50_000:  # bounded: forget the sessions whose TTL is due again anyway
+            for key in [k for k, at in list(refreshed.items()) if now - at >= self.refresh_every]:
+                refreshed.pop(key, None)
+            if len(refreshed) >= 50_000:
+                refreshed.clear()
+        refreshed[session_id] = now
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
         stream, _, base = self._keys(session_id)
@@ -149,7 +190,11 @@ class RedisEventLog:
 
     def listen(self, session_id: str, durable: bool = False) -> _Listening:
         channel = self._keys(session_id)[2]
-        return self.doorbell().listen(channel + ":d" if durable else channel)
+        if durable:
+            # A status waiter (a long-poll) comes back for the session's next turn: its subscription
+            # outlives it a while, so the next wait needs no SUBSCRIBE, UNSUBSCRIBE or wake-up PUBLISH.
+            return self.doorbell().listen(channel + ":d", linger=DURABLE_LINGER_SECONDS)
+        return self.doorbell().listen(channel)
 
     def doorbell(self) -> Doorbell:
         with self._doorbell_lock:
@@ -160,6 +205,7 @@ class RedisEventLog:
     def delete(self, session_id: str) -> None:
         stream, counter, base = self._keys(session_id)
         self.redis.delete(stream, counter, f"{base}:ids", f"{base}:era")
+        self._refreshed.pop(session_id, None)
 
     def request_cancel(self, turn_id: str) -> None:
         self.redis.set(f"{self.prefix}:cancel:{turn_id}", 1, ex=max(self.retention, 3600))
@@ -176,16 +222,20 @@ class RedisEventLog:
         self.redis.close()
 
 
+# How long a durable (status) channel stays subscribed after its last waiter left.
+DURABLE_LINGER_SECONDS = 10.0
+
+
 class _Listening:
-    def __init__(self, bell: Doorbell, channel: str):
-        self.bell, self.channel, self.ring = bell, channel, Ring()
+    def __init__(self, bell: Doorbell, channel: str, linger: float = 0.0):
+        self.bell, self.channel, self.ring, self.linger = bell, channel, Ring(), linger
 
     def __enter__(self) -> Ring:
         self.bell._add(self.channel, self.ring)
         return self.ring
 
     def __exit__(self, *exc: object) -> None:
-        self.bell._remove(self.channel, self.ring)
+        self.bell._remove(self.channel, self.ring, self.linger)
 
 
 class Doorbell:
@@ -201,6 +251,8 @@ class Doorbell:
     def __init__(self, client: Any):
         self.redis = client
         self._waiters: dict[str, set[Ring]] = defaultdict(set)
+        # Channels nobody waits on any more, still subscribed until the time.monotonic() given.
+        self._lingering: dict[str, float] = {}
         self._lock = threading.Lock()
         self._changes: list[tuple[str, str]] = []
         self._closed = False
@@ -211,12 +263,14 @@ class Doorbell:
         self._thread = threading.Thread(target=self._run, name="steprun-doorbell", daemon=True)
         self._thread.start()
 
-    def listen(self, channel: str) -> _Listening:
-        return _Listening(self, channel)
+    def listen(self, channel: str, linger: float = 0.0) -> _Listening:
+        """Wake-ups of ``channel``; ``linger``: seconds it stays subscribed after its last listener left."""
+        return _Listening(self, channel, linger)
 
     def _add(self, channel: str, ring: Ring) -> None:
         with self._lock:
-            first = not self._waiters[channel]
+            # A lingering channel is still subscribed: no change to make, no wake-up to send.
+            first = not self._waiters[channel] and self._lingering.pop(channel, None) is None
             self._waiters[channel].add(ring)
             if first:
                 self._changes.append(("sub", channel))
@@ -226,7 +280,7 @@ class Doorbell:
             except Exception:  # noqa: BLE001 - the listener subscribes on its next read timeout anyway
                 pass
 
-    def _remove(self, channel: str, ring: Ring) -> None:
+    def _remove(self, channel: str, ring: Ring, linger: float = 0.0) -> None:
         with self._lock:
             waiters = self._waiters.get(channel)
             if waiters is None:
@@ -234,7 +288,19 @@ class Doorbell:
             waiters.discard(ring)
             if not waiters:
                 del self._waiters[channel]
-                self._changes.append(("unsub", channel))
+                if linger > 0:
+                    self._lingering[channel] = time.monotonic() + linger
+                else:
+                    self._changes.append(("unsub", channel))
+
+    def _end_lingering(self) -> None:
+        """Queue the unsubscription of channels whose linger ran out (with ``_lock`` held)."""
+        if not self._lingering:
+            return
+        now = time.monotonic()
+        for channel in [c for c, until in self._lingering.items() if until <= now]:
+            del self._lingering[channel]
+            self._changes.append(("unsub", channel))
 
     def _wake(self, channel: str) -> None:
         with self._lock:
@@ -247,12 +313,14 @@ class Doorbell:
             pubsub = self.redis.pubsub()
             try:
                 with self._lock:
-                    # After a reconnect, subscribe everything anyone still waits on.
+                    # After a reconnect, subscribe everything anyone still waits on (what lingered is gone).
+                    self._lingering.clear()
                     self._changes = [("sub", ch) for ch in self._waiters]
                 pubsub.subscribe(self._control)
                 self._armed.set()
                 while not self._closed:
                     with self._lock:
+                        self._end_lingering()
                         changes, self._changes = self._changes, []
                     for action, channel in changes:
                         (pubsub.subscribe if action == "sub" else pubsub.unsubscribe)(channel)

@@ -9,8 +9,8 @@ from shared import checkpoints
 from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
 from shared.db import unit_of_work
-from shared.engine.buffer import StepEvents
-from shared.engine.claim import claim_turn
+from shared.engine.buffer import STATUS_HOLD_SECONDS, StepEvents
+from shared.engine.claim import Claim, claim_turn
 from shared.engine.commit import commit_step
 from shared.engine.outcome import StepResult
 from shared.engine.step import run_step
@@ -194,3 +194,21 @@ def test_after_commit_work_waits_for_the_outer_transaction(rt: Runtime, who: Pri
         assert ran == ["outer", "inner"]
     finally:
         db.close()
+
+
+def test_a_first_attempt_holds_its_status_events_for_a_delta_a_retry_does_not(rt: Runtime) -> None:
+    """turn.started and step.started wait (STATUS_HOLD_SECONDS) to go out with the first delta, in one append."""
+    who = Principal("t-hold", "u-hold")
+    first = StepEvents(rt, Claim("turn_hold", "ses_hold", 0, 1, 1, who))
+    first.add("turn.started", {})
+    first.add("step.started", {"step": 0, "attempt": 1})
+    assert not first.flush_due()  # alone, they wait for company
+    first._pending_since -= STATUS_HOLD_SECONDS  # ... but not for long
+    assert first.flush_due()
+    with_delta = StepEvents(rt, Claim("turn_hold", "ses_hold", 0, 1, 1, who))
+    with_delta.add("step.started", {"step": 0, "attempt": 1})
+    with_delta._delta.append("hi")
+    assert with_delta.flush_due()
+    retry = StepEvents(rt, Claim("turn_hold", "ses_hold", 0, 2, 2, who))
+    retry.add("step.retrying", {"step": 0, "attempt": 2, "reason": "died"})
+    assert retry.flush_due()  # the attempt before died: this one may too, so it says so at once

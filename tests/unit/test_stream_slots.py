@@ -62,6 +62,23 @@ def test_a_slot_nobody_renews_stops_counting_after_its_lease(client: redis.Redis
     assert isinstance(alive.acquire("t", "u", limits), Slot)
 
 
+def test_a_dead_process_slots_are_dropped_by_a_living_one_renewing_the_same_sets(client: redis.Redis) -> None:
+    """Taking a slot counts live members only (no cleanup per stream); the renewals drop the dead ones."""
+    prefix = _prefix()
+    dead = RedisStreamSlots(client, prefix, 1.0)
+    dead._renew_loop = lambda: None  # type: ignore[method-assign]  # killed: nothing renews
+    limits = SlotLimits(per_user=0, per_tenant=0)
+    for _ in range(3):
+        assert isinstance(dead.acquire("t", "u", limits), Slot)
+    alive = RedisStreamSlots(client, prefix, 1.0)
+    assert isinstance(alive.acquire("t", "u", limits), Slot)
+    user_key = f"{prefix}:streams:{{1:t}}:u:u"
+    assert client.zcard(user_key) == 4
+    time.sleep(1.6)  # the dead leases ran out; the living slot was renewed (every third of a lease)
+    assert alive.held("t", "u") == (1, 1)
+    assert client.zcard(user_key) == 1 and client.zcard(f"{prefix}:streams:{{1:t}}:t") == 1
+
+
 def test_a_living_process_keeps_its_slots_past_the_lease(client: redis.Redis) -> None:
     prefix = _prefix()
     holder = RedisStreamSlots(client, prefix, 1.0)
