@@ -115,6 +115,22 @@ def recover_gone(rt: Runtime, who: Scope, session_id: str, after: int) -> str:
     return gone_message(session_id, after, since)
 
 
+class _Following:
+    """``with follower.listening() as ring:`` (a class, not a generator: one fewer frame kept per stream)."""
+
+    __slots__ = ("follower", "ring")
+
+    def __init__(self, follower: LogFollower, ring: Ring):
+        self.follower, self.ring = follower, ring
+
+    def __enter__(self) -> Ring:
+        self.follower.join(self.ring)
+        return self.ring
+
+    def __exit__(self, *exc: object) -> None:
+        self.follower.leave(self.ring)
+
+
 class LogFollower:
     """One client's position in one session's log: what it was sent, what it gets next.
 
@@ -122,6 +138,9 @@ class LogFollower:
     read of the log per doorbell ring for every follower of the session, each taking its frames
     after its own position; a follower outside what the tail holds reads the log itself.
     """
+
+    __slots__ = ("events", "session_id", "recover", "position", "low", "batch", "slow_seconds", "caught_up_at",
+                 "_failing_since", "_tails", "tail")
 
     def __init__(self, events: EventLog, session_id: str, after: int, settings: Settings,
                  recover: Callable[[int], str] | None = None):
@@ -140,16 +159,18 @@ class LogFollower:
                                read_limit=self.batch)
         self.tail: SessionTail | None = None
 
-    @contextmanager
-    def listening(self, ring: Ring | None = None) -> Iterator[Ring]:
-        """Follow the session's tail for the block; the ring (``ring``, or a new one) is set when the log
-        may have more (clear it, take the next frames, then wait on it)."""
-        with self._tails.follow(self.session_id, ring) as (tail, joined):
-            self.tail = tail
-            try:
-                yield joined
-            finally:
-                self.tail = None
+    def listening(self, ring: Ring | None = None) -> _Following:
+        """Follow the session's tail for a ``with`` block, which gives the ring (``ring``, or a new one):
+        set when the log may have more (clear it, take the next frames, then wait on it)."""
+        return _Following(self, ring or Ring())
+
+    def join(self, ring: Ring) -> None:
+        self.tail = self._tails.join(self.session_id, ring)
+
+    def leave(self, ring: Ring) -> None:
+        tail, self.tail = self.tail, None
+        if tail is not None:
+            self._tails.leave(self.session_id, tail, ring)
 
     def next_frames(self, poll: bool = False) -> list[Frame]:
         """The next events to send (coalesced when the client lags); [] when it is at the head.

@@ -42,7 +42,7 @@ import termios
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -186,6 +186,14 @@ class _WholeWrites:
         return getattr(self._sock, name)
 
 
+class _HandshakeDone:
+    """Stands for a WebSocket's finished handshake (wsproto asks it for events, of which it has none)."""
+
+    @staticmethod
+    def events() -> Iterator[Any]:
+        return iter(())
+
+
 class DeferredThread:
     """simple-websocket's reader thread, not started with the connection (SOCK_SERVER_OPTIONS).
 
@@ -290,6 +298,8 @@ class WebSocketStream:
         ws = self.ws
         bound_socket(ws.sock, self.settings)
         manual = reads_itself() and isinstance(getattr(ws, "thread", None), DeferredThread)
+        if getattr(ws.ws, "connection", None) is not None:
+            ws.ws.handshake = _HandshakeDone  # the HTTP/1.1 upgrade's parser and request: not needed again
         ws.sock = _WholeWrites(ws.sock, threaded=not manual)
         with self.follower.listening() as ring:
             self.ring = ring

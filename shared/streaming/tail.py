@@ -28,8 +28,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +126,9 @@ def coalesce(frames: list[Frame]) -> list[Frame]:
 class SessionTail:
     """The recent events of one session, read once per ring for every viewer of it in this process."""
 
+    __slots__ = ("events", "session_id", "capacity", "read_limit", "viewers", "base", "head", "frames",
+                 "_cursors", "dirty", "rings", "read_at", "reads", "own_reads", "_lock", "_merged", "bell")
+
     def __init__(self, events: EventLog, session_id: str, *, capacity: int, read_limit: int):
         self.events, self.session_id = events, session_id
         self.capacity, self.read_limit = max(1, capacity), max(1, read_limit)
@@ -146,6 +148,8 @@ class SessionTail:
         self.own_reads = 0
         self._lock = threading.Lock()
         self._merged: dict[tuple[int, int], list[Frame]] = {}
+        # The doorbell subscription (the log's ``listen``), entered while the tail has viewers.
+        self.bell: AbstractContextManager[Ring] | None = None
 
     def rang(self) -> None:
         """The doorbell rang: the log may have more; wake every viewer (the first to look reads it)."""
@@ -239,50 +243,42 @@ class SessionTails:
 
     def __init__(self, events: EventLog, *, capacity: int, read_limit: int):
         self.events, self.capacity, self.read_limit = events, capacity, read_limit
-        self._tails: dict[str, tuple[SessionTail, ExitStack]] = {}
+        self._tails: dict[str, SessionTail] = {}
         self._lock = threading.Lock()
-
-    @contextmanager
-    def follow(self, session_id: str, ring: Ring | None = None) -> Iterator[tuple[SessionTail, Ring]]:
-        """Join the session's tail with ``ring`` (a new one if None), woken when the log may have more."""
-        ring = ring or Ring()
-        tail = self._join(session_id, ring)
-        try:
-            yield tail, ring
-        finally:
-            self._leave(session_id, tail, ring)
 
     def get(self, session_id: str) -> SessionTail | None:
         with self._lock:
-            entry = self._tails.get(session_id)
-        return entry[0] if entry else None
+            return self._tails.get(session_id)
 
-    def _join(self, session_id: str, ring: Ring) -> SessionTail:
+    def join(self, session_id: str, ring: Ring) -> SessionTail:
+        """Follow the session's tail: ``ring`` is set whenever the log may have more, until :meth:`leave`."""
         with self._lock:
-            entry = self._tails.get(session_id)
-            if entry is not None:
-                entry[0].viewers.add(ring)
-                return entry[0]
+            tail = self._tails.get(session_id)
+            if tail is not None:
+                tail.viewers.add(ring)
+                return tail
             tail = SessionTail(self.events, session_id, capacity=self.capacity, read_limit=self.read_limit)
             tail.viewers.add(ring)
-            stack = ExitStack()
-            self._tails[session_id] = (tail, stack)
-        try:
-            bell = stack.enter_context(self.events.listen(session_id))
-        except BaseException:
-            self._leave(session_id, tail, ring)
-            raise
-        bell.on_set = tail.rang
-        return tail
+            self._tails[session_id] = tail
+            # Subscribed under the lock, so that a tail's last viewer leaving never races its first joining.
+            try:
+                bell = self.events.listen(session_id)
+                bell.__enter__().on_set = tail.rang
+            except BaseException:
+                del self._tails[session_id]
+                raise
+            tail.bell = bell
+            return tail
 
-    def _leave(self, session_id: str, tail: SessionTail, ring: Ring) -> None:
+    def leave(self, session_id: str, tail: SessionTail, ring: Ring) -> None:
         with self._lock:
             tail.viewers.discard(ring)
-            entry = self._tails.get(session_id)
-            if tail.viewers or entry is None or entry[0] is not tail:
+            if tail.viewers or self._tails.get(session_id) is not tail:
                 return
             del self._tails[session_id]
-        entry[1].close()
+            bell, tail.bell = tail.bell, None
+            if bell is not None:
+                bell.__exit__(None, None, None)
 
 
 _REGISTRY: weakref.WeakKeyDictionary[Any, SessionTails] = weakref.WeakKeyDictionary()
