@@ -21,8 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from api.auth import Credential
@@ -31,8 +30,9 @@ from shared.errors import TooManyStreams
 from shared.metrics import track_stream
 from shared.runtime import Runtime
 from shared.settings import Settings
-from shared.streaming.protocol import EventLog
+from shared.streaming.protocol import EventLog, Ring
 from shared.streaming.slots import Slot, SlotLimits
+from shared.streaming.tail import Frame, SessionTail, coalesce, parse_frame, tails_of
 from shared.turns.events import republish_session
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ POLL_SECONDS = 5.0
 UNAVAILABLE_SECONDS = 10.0
 # Retry-After of a stream refused because its user or tenant holds all its stream slots.
 STREAM_RETRY_SECONDS = 5.0
+# A session's tail in each process keeps this many connection buffers (STEPRUN_STREAM_BUFFER) of recent events.
+TAIL_BUFFERS = 4
 
 
 def take_stream_slot(rt: Runtime, who: Principal) -> Slot:
@@ -113,67 +115,32 @@ def recover_gone(rt: Runtime, who: Scope, session_id: str, after: int) -> str:
     return gone_message(session_id, after, since)
 
 
-@dataclass
-class Frame:
-    """One event as sent: its cursor, its type and its JSON text (as stored, unless coalesced)."""
+class _Following:
+    """``with follower.listening() as ring:`` (a class, not a generator: one fewer frame kept per stream)."""
 
-    cursor: int
-    type: str
-    text: str
+    __slots__ = ("follower", "ring")
 
+    def __init__(self, follower: LogFollower, ring: Ring):
+        self.follower, self.ring = follower, ring
 
-def parse_frame(text: str) -> Frame:
-    """Cursor and type of a stored event without decoding it (the log writes them first)."""
-    if text.startswith('{"cursor":'):
-        comma = text.find(",", 10)
-        if comma > 0 and text.startswith('"type":"', comma + 1):
-            end = text.find('"', comma + 9)
-            if end > 0:
-                return Frame(int(text[10:comma]), text[comma + 9:end], text)
-    event = json.loads(text)
-    return Frame(int(event["cursor"]), str(event["type"]), text)
+    def __enter__(self) -> Ring:
+        self.follower.join(self.ring)
+        return self.ring
 
-
-def _delta_key(event: dict[str, Any]) -> tuple[Any, ...]:
-    data = event.get("data") or {}
-    return event.get("turn_id"), data.get("step"), data.get("attempt")
-
-
-def coalesce(frames: list[Frame]) -> list[Frame]:
-    """Merge runs of message.delta frames of the same turn, step and attempt into one.
-
-    The merged frame carries the last cursor of its run, so a client resuming
-    from it neither misses nor repeats text. Deltas of different attempts are
-    never merged: a client must be able to drop an earlier attempt's text.
-    """
-    out: list[Frame] = []
-    run: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if len(run) == 1:
-            out.append(Frame(run[0]["cursor"], "message.delta", run[0]["_text"]))
-        elif run:
-            merged = {k: v for k, v in run[-1].items() if k != "_text"}
-            merged["data"] = dict(merged.get("data") or {}, text="".join(e["data"]["text"] for e in run))
-            out.append(Frame(merged["cursor"], "message.delta", json.dumps(merged, separators=(",", ":"))))
-        run.clear()
-
-    for frame in frames:
-        if frame.type != "message.delta":
-            flush()
-            out.append(frame)
-            continue
-        event = json.loads(frame.text)
-        if run and _delta_key(run[-1]) != _delta_key(event):
-            flush()
-        event["_text"] = frame.text
-        run.append(event)
-    flush()
-    return out
+    def __exit__(self, *exc: object) -> None:
+        self.follower.leave(self.ring)
 
 
 class LogFollower:
-    """One client's position in one session's log: what it was sent, what it gets next."""
+    """One client's position in one session's log: what it was sent, what it gets next.
+
+    Its events come through the session's tail in this process (shared/streaming/tail.py): one
+    read of the log per doorbell ring for every follower of the session, each taking its frames
+    after its own position; a follower outside what the tail holds reads the log itself.
+    """
+
+    __slots__ = ("events", "session_id", "recover", "position", "low", "batch", "slow_seconds", "caught_up_at",
+                 "_failing_since", "_tails", "tail")
 
     def __init__(self, events: EventLog, session_id: str, after: int, settings: Settings,
                  recover: Callable[[int], str] | None = None):
@@ -188,31 +155,53 @@ class LogFollower:
         self.slow_seconds = settings.stream_slow_seconds
         self.caught_up_at = time.monotonic()
         self._failing_since: float | None = None
+        self._tails = tails_of(events, capacity=min(TAIL_BUFFERS * self.batch, max(1, settings.event_log_max)),
+                               read_limit=self.batch)
+        self.tail: SessionTail | None = None
 
-    def next_frames(self) -> list[Frame]:
-        """The next events to send (coalesced when the client lags); [] when it is at the head."""
-        batch = self._read(self.position)
-        if batch is None:
+    def listening(self, ring: Ring | None = None) -> _Following:
+        """Follow the session's tail for a ``with`` block, which gives the ring (``ring``, or a new one):
+        set when the log may have more (clear it, take the next frames, then wait on it)."""
+        return _Following(self, ring or Ring())
+
+    def join(self, ring: Ring) -> None:
+        self.tail = self._tails.join(self.session_id, ring)
+
+    def leave(self, ring: Ring) -> None:
+        tail, self.tail = self.tail, None
+        if tail is not None:
+            self._tails.leave(self.session_id, tail, ring)
+
+    def next_frames(self, poll: bool = False) -> list[Frame]:
+        """The next events to send (coalesced when the client lags); [] when it is at the head.
+
+        ``poll``: the follower waited a whole POLL_SECONDS without a ring; the log is read again in case
+        one was lost."""
+        got = self._take(self.position, poll)
+        if got is None:
             return []
-        if batch.gone:
+        frames, gone = got
+        if gone:
             raise CursorGone(self.position, self._gone_message(self.position))
         now = time.monotonic()
-        if len(batch.events) < self.batch:
+        if len(frames) < self.batch:
             self.caught_up_at = now
         elif now - self.caught_up_at > self.slow_seconds:
             raise SlowConsumer(self.position, "the client fell too far behind the stream; "
                                               "reconnect with the cursor to continue")
-        frames = [parse_frame(text) for text in batch.events]
-        return coalesce(frames) if len(frames) > 1 else frames
+        if len(frames) <= 1:
+            return frames
+        return self.tail.merged(frames) if self.tail is not None else coalesce(frames)
 
     def backfill_frames(self, after: int) -> list[Frame]:
         """Events in (after, low] that were never sent, when a client repositions to an older cursor."""
-        batch = self._read(after)
-        if batch is None:
+        got = self._take(after, False)
+        if got is None:
             return []
-        if batch.gone:
+        frames, gone = got
+        if gone:
             raise CursorGone(self.position, self._gone_message(after))
-        return [f for f in map(parse_frame, batch.events) if f.cursor <= self.low]
+        return [f for f in frames if f.cursor <= self.low]
 
     def _gone_message(self, after: int) -> str:
         return self.recover(after) if self.recover else gone_message(self.session_id, after)
@@ -222,9 +211,13 @@ class LogFollower:
         if cursor > self.position:
             self.position = cursor
 
-    def _read(self, after: int) -> Any:
+    def _take(self, after: int, poll: bool) -> tuple[list[Frame], bool] | None:
         try:
-            batch = self.events.read(self.session_id, after, self.batch)
+            if self.tail is not None:
+                got = self.tail.take(after, self.batch, POLL_SECONDS if poll else None)
+            else:
+                batch = self.events.read(self.session_id, after, self.batch)
+                got = ([parse_frame(text) for text in batch.events], batch.gone)
         except Exception:  # noqa: BLE001 - Redis down: retry on the next round, end the stream if it lasts
             now = time.monotonic()
             self._failing_since = self._failing_since or now
@@ -235,7 +228,7 @@ class LogFollower:
             time.sleep(0.5)
             return None
         self._failing_since = None
-        return batch
+        return got
 
 
 def bound_socket(sock: Any, settings: Settings) -> Any:
@@ -333,7 +326,8 @@ class CredentialWatch:
 
 def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any,
                recover: Callable[[int], str] | None = None, check: CredentialCheck | None = None,
-               expires_at: float | None = None) -> Iterator[str]:
+               expires_at: float | None = None,
+               ring: Callable[[], AbstractContextManager[Ring]] | None = None) -> Iterator[str]:
     """The body of an SSE response: events after ``after``, then live, with heartbeats.
 
     Each ``yield`` returns only once the server has written the chunk, so the
@@ -345,23 +339,31 @@ def sse_stream(events: EventLog, session_id: str, after: int, settings: Settings
 
     ``check`` is the credential's recheck (every :func:`recheck_seconds`, and at ``expires_at``): once
     it reports a problem the stream ends with ``event: error`` (code ``unauthorized``, its reason and
-    the cursor to resume from with a new credential).
+    the cursor to resume from with a new credential). ``ring``: where the stream's wake-up flag comes
+    from, for as long as it runs (default: a plain :class:`Ring`).
     """
     with track_stream("sse"):  # open for exactly as long as this body runs, whichever way it ends
         yield from _sse_body(events, session_id, after, settings, sock, recover,
-                             CredentialWatch(check, settings, expires_at))
+                             CredentialWatch(check, settings, expires_at), ring or _plain_ring)
+
+
+@contextmanager
+def _plain_ring() -> Iterator[Ring]:
+    yield Ring()
 
 
 def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings, sock: Any,
-              recover: Callable[[int], str] | None, watch: CredentialWatch) -> Iterator[str]:
+              recover: Callable[[int], str] | None, watch: CredentialWatch,
+              ring_scope: Callable[[], AbstractContextManager[Ring]]) -> Iterator[str]:
     follower = LogFollower(events, session_id, after, settings, recover)
     heartbeat = max(0.05, settings.sse_heartbeat_seconds)
     previous_timeout = bound_socket(sock, settings)
     try:
-        with events.listen(session_id) as ring:
+        with ring_scope() as own, follower.listening(own) as ring:
             # Reconnect quickly; the first bytes also let the client see the headers at once.
             yield "retry: 1000\n\n"
             last_write = time.monotonic()
+            timed_out = False
             while True:
                 ring.clear()
                 problem = watch.problem()
@@ -371,7 +373,7 @@ def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings,
                     yield f"event: error\ndata: {json.dumps({'error': error})}\n\n"
                     return
                 try:
-                    frames = follower.next_frames()
+                    frames = follower.next_frames(poll=timed_out)
                 except SlowConsumer as exc:
                     yield f": slow_consumer; reconnect with Last-Event-ID: {exc.cursor}\n\n"
                     return
@@ -389,7 +391,7 @@ def _sse_body(events: EventLog, session_id: str, after: int, settings: Settings,
                     yield ": heartbeat\n\n"
                     last_write = time.monotonic()
                     continue
-                ring.wait(watch.wait_bound(min(heartbeat - idle, POLL_SECONDS)))
+                timed_out = not ring.wait(watch.wait_bound(min(heartbeat - idle, POLL_SECONDS)))
     finally:
         if sock is not None:
             try:

@@ -28,11 +28,11 @@ from api.input_gate import ascii_int
 from api.openapi import AFTER_INT, OBJ, SID, RouteDocs, header, op, query
 from api.relay import recover_gone, sse_stream, take_stream_slot
 from api.serialize import ts
-from api.websocket import WebSocketStream, close_all_for_restart, refuse
+from api.websocket import DeferredThread, WebSocketStream, close_all_for_restart, linger, refuse, start_reader
 from shared.auth.stream_tokens import mint_stream_token
 from shared.errors import BadInput, Gone, TooManyStreams, Unavailable
 from shared.metrics import ACTIVE_STREAMS
-from shared.streaming.protocol import MAX_CURSOR, EventLog, Ring
+from shared.streaming.protocol import MAX_CURSOR, Ring
 from shared.turns import service as turns
 
 bp = Blueprint("streaming", __name__, url_prefix="/v1/sessions")
@@ -90,6 +90,9 @@ def install(app: Flask) -> None:
         "ping_interval": max(0.5, settings.ws_ping_seconds),
         # A hard cap; frames between max_body_bytes and this get an error frame and the socket stays open.
         "max_message_size": 4 * settings.max_body_bytes,
+        # Not started with the connection: under gevent the stream's greenlet reads the socket itself
+        # (api/websocket.py); elsewhere the stream starts it.
+        "thread_class": DeferredThread,
     }
     app.register_blueprint(bp)
     for transport in STREAM_TRANSPORTS:
@@ -112,7 +115,8 @@ def _start_cursor(session_id: str, *, header: bool) -> int:
 def _own_session(session_id: str) -> None:
     """404 unless the session exists and is the caller's; then let the connection go."""
     turns.get_session(db(), principal(), session_id)
-    db().close()  # a stream must not hold a database connection for its whole life
+    # A stream must not hold a database connection, nor the session's objects, for its whole life.
+    g.pop("db").close()
 
 
 @bp.get("/<session_id>/events/stream")
@@ -128,9 +132,9 @@ def stream_events(session_id: str) -> Response:
     raw_socket = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
     cred = credential()
     slot = take_stream_slot(rt, who)  # 429 too_many_streams when the user or tenant holds all of theirs
-    body = _until_restart(sse_stream(_RestartableLog(rt.events), session_id, after, rt.settings, raw_socket,
+    body = _until_restart(sse_stream(rt.events, session_id, after, rt.settings, raw_socket,
                                      lambda cursor: recover_gone(rt, who, session_id, cursor),
-                                     lambda: cred.problem(rt), cred.expires_at), after)
+                                     lambda: cred.problem(rt), cred.expires_at, _restartable_ring), after)
     response = Response(body, mimetype="text/event-stream", headers={
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
@@ -160,7 +164,9 @@ def stream_ws(ws: Server, session_id: str) -> None:
     try:
         slot = take_stream_slot(rt, principal())
     except TooManyStreams as exc:  # the handshake is done: told in an error frame and the close reason (4429)
+        start_reader(ws)
         refuse(ws, exc, g.stream_after)
+        linger(ws)
         return
     try:
         WebSocketStream(ws, rt, principal(), session_id, g.stream_after, enforce_rate_limit, credential()).run()
@@ -223,24 +229,15 @@ class _RestartRing(Ring):
         return rang
 
 
-class _RestartableLog:
-    """The event log as one SSE stream sees it: the same, with a doorbell a shutdown rings."""
-
-    def __init__(self, events: EventLog):
-        self._events = events
-
-    @contextmanager
-    def listen(self, session_id: str, durable: bool = False) -> Iterator[Ring]:
-        with self._events.listen(session_id, durable=durable) as ring:
-            proxy = _RestartRing(ring)
-            _SSE_RINGS.add(proxy)
-            try:
-                yield proxy
-            finally:
-                _SSE_RINGS.discard(proxy)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._events, name)
+@contextmanager
+def _restartable_ring() -> Iterator[Ring]:
+    """One SSE stream's wake-up flag, which a shutdown also rings (and then raises from), while it runs."""
+    proxy = _RestartRing(Ring())
+    _SSE_RINGS.add(proxy)
+    try:
+        yield proxy
+    finally:
+        _SSE_RINGS.discard(proxy)
 
 
 def _until_restart(body: Iterator[str], after: int) -> Iterator[str]:

@@ -1,11 +1,13 @@
 """One WebSocket client of one session: events out, requests in.
 
-Two loops per connection. The request's own greenlet (or thread, under
-`steprun dev`) reads client frames and answers them; a writer greenlet is the
-only code that sends on the socket: it drains a small bounded queue of replies
-and then follows the session's log (see :mod:`api.relay`). Two senders on one
+One greenlet per connection (under gevent): the request's own greenlet reads
+the client's frames and answers them, and follows the session's log through
+its tail in this process (see :mod:`api.relay`), waiting on one ring that the
+socket's input, the tail and the shutdown all set. One sender only: two on one
 socket would interleave frames (flask-sock#57), and a send with no timeout
-blocks forever on a client that stopped reading (research §2.5).
+blocks forever on a client that stopped reading (research §2.5). Under
+`steprun dev` (threads) simple-websocket's reader thread reads the socket and
+sets the same ring.
 
 Client frames (JSON text):
 ``{"type":"turn","input":...,"on_busy"?,"idempotency_key"?}`` -> ``{"type":"turn.created","turn":...}``,
@@ -34,19 +36,21 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import queue
 import socket
 import struct
 import termios
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis.exceptions import RedisError
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
+from wsproto.events import CloseConnection, Ping
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError
 
 from api.auth import Credential
 from api.input_gate import parse_json
@@ -157,29 +161,113 @@ def send_room(sock: Any) -> int:
         return 1 << 20
 
 
-class _SerialSocket:
+class _WholeWrites:
     """The connection's socket with whole-frame writes, one at a time.
 
     simple-websocket writes with a single ``sock.send`` (which may write part of
-    a frame) from our writer and from its own reader (pongs, close replies);
-    serialising whole ``sendall`` calls keeps frames from interleaving.
+    a frame); writing with ``sendall`` instead keeps a frame whole, and, when
+    its reader thread also writes (pongs, close replies: ``steprun dev``), a lock
+    keeps frames from interleaving.
     """
 
-    def __init__(self, sock: Any):
+    def __init__(self, sock: Any, threaded: bool):
         self._sock = sock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if threaded else None
 
     def send(self, data: bytes) -> int:
-        with self._lock:
+        if self._lock is None:
             self._sock.sendall(data)
+        else:
+            with self._lock:
+                self._sock.sendall(data)
         return len(data)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
 
+class _HandshakeDone:
+    """Stands for a WebSocket's finished handshake (wsproto asks it for events, of which it has none)."""
+
+    @staticmethod
+    def events() -> Iterator[Any]:
+        return iter(())
+
+
+class DeferredThread:
+    """simple-websocket's reader thread, not started with the connection (SOCK_SERVER_OPTIONS).
+
+    Under gevent the stream's own greenlet reads the socket (one greenlet per connection, not three);
+    elsewhere (``steprun dev``'s threads) :meth:`start_reading` starts simple-websocket's reader.
+    """
+
+    def __init__(self, target: Callable[[], None], **_: Any):
+        self.target = target
+        self.name = "simple-websocket reader"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Started on demand instead (see the class)."""
+
+    def start_reading(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.target, name=self.name, daemon=True)
+            self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def reads_itself() -> bool:
+    """Whether a stream reads its own socket (gevent: a socket watcher wakes its one greenlet)."""
+    try:
+        from gevent import monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency of the web process
+        return False
+    return bool(monkey.is_module_patched("socket"))
+
+
+def start_reader(ws: Any) -> None:
+    """Have simple-websocket's reader thread serve ``ws`` when no stream loop reads it (``steprun dev``)."""
+    thread = getattr(ws, "thread", None)
+    if isinstance(thread, DeferredThread) and not reads_itself():
+        thread.start_reading()
+
+
+def linger(ws: Any, seconds: float = 1.0) -> None:
+    """After our close frame, read (and drop) what the client still sends until its close frame, for up to
+    ``seconds``: closing a socket with unread input resets it, and a reset may cost the client our close
+    frame. Only for sockets no reader thread reads (see :func:`reads_itself`)."""
+    thread = getattr(ws, "thread", None)
+    if not isinstance(thread, DeferredThread) or thread._thread is not None:
+        return
+    sock = ws.sock
+    deadline = time.monotonic() + seconds
+    try:
+        sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            ws.ws.receive_data(data)
+            if any(isinstance(event, CloseConnection) for event in ws.ws.events()):
+                return
+    except (OSError, LocalProtocolError):
+        return
+
+
 class WebSocketStream:
-    """Serves one accepted WebSocket until either side closes it."""
+    """Serves one accepted WebSocket until either side closes it, from one greenlet.
+
+    The greenlet both reads and writes: it waits on one ring, set by the session's tail (the log may
+    have more), by the socket (input arrived; under gevent a socket watcher, elsewhere simple-websocket's
+    reader thread), by a shutdown, or by its own timers (pings, the credential recheck, the poll).
+    One sender only, so frames never interleave (flask-sock#57); every send is bounded (research §2.5).
+    """
 
     def __init__(self, ws: Any, rt: Runtime, who: Principal, session_id: str, after: int,
                  rate_limit: Callable[[Principal], None], credential: Credential | None = None):
@@ -191,11 +279,13 @@ class WebSocketStream:
         self.follower = LogFollower(rt.events, session_id, after, rt.settings,
                                     lambda cursor: recover_gone(rt, who, session_id, cursor))
         self.rate_limit = rate_limit
-        self.replies: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=REPLY_QUEUE)
-        self.closing = False
-        # Set by the reader to have the writer close the socket: (close code, reason).
+        self.replies: list[tuple[str, Any]] = []
+        # Set to have the loop close the socket (a shutdown, an over-budget client): (close code, reason).
         self.close_with: tuple[int, str] | None = None
         self.ring: Any = None
+        self._readable = False
+        self._watcher: Any = None
+        self._room: int | None = None
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -205,47 +295,124 @@ class WebSocketStream:
             self._run()
 
     def _run(self) -> None:
-        bound_socket(self.ws.sock, self.settings)
-        self.ws.sock = _SerialSocket(self.ws.sock)
-        with self.rt.events.listen(self.session_id) as ring:
+        ws = self.ws
+        bound_socket(ws.sock, self.settings)
+        manual = reads_itself() and isinstance(getattr(ws, "thread", None), DeferredThread)
+        if getattr(ws.ws, "connection", None) is not None:
+            ws.ws.handshake = _HandshakeDone  # the HTTP/1.1 upgrade's parser and request: not needed again
+        ws.sock = _WholeWrites(ws.sock, threaded=not manual)
+        with self.follower.listening() as ring:
             self.ring = ring
-            _OPEN.add(self)
-            writer = threading.Thread(target=self._write_loop, name=f"ws-writer-{self.session_id}", daemon=True)
-            writer.start()
-            try:
-                self._read_loop()
-            finally:
-                self.closing = True
-                _OPEN.discard(self)
-                ring.set()
-                writer.join(self.settings.stream_send_timeout + 2)
+            if manual:
+                from gevent.hub import get_hub
 
-    def _read_loop(self) -> None:
+                self._watcher = get_hub().loop.io(ws.sock.fileno(), 1)  # 1: readable
+                self._watcher.start(self._input_arrived)
+            else:
+                ws.event = ring  # simple-websocket's reader sets it for each message and at the close
+                start_reader(ws)
+            _OPEN.add(self)
+            try:
+                self._serve(manual)
+            finally:
+                _OPEN.discard(self)
+                if self._watcher is not None:
+                    self._watcher.stop()
+                    self._watcher.close()
+                    self._watcher = None
+        if manual:
+            linger(ws)
+
+    def _input_arrived(self) -> None:
+        # One-shot: a level-triggered watcher would fire at every turn of the loop until we read.
+        self._watcher.stop()
+        self._readable = True
+        self.ring.set()
+
+    def _pump(self) -> None:
+        """Read what the socket has (it is readable: no wait) into simple-websocket's state."""
+        if not self._readable:
+            return
+        self._readable = False
+        ws = self.ws
+        data = ws.sock.recv(ws.receive_bytes)
+        if not data:
+            ws.connected = False
+            return
+        ws.ws.receive_data(data)
+        ws.connected = ws._handle_events()  # answers pings and the client's close, queues messages
+        if ws.connected and self._watcher is not None:
+            self._watcher.start(self._input_arrived)
+
+    def _serve(self, manual: bool) -> None:
+        ws = self.ws
         limit = self.settings.max_body_bytes
         budget = FrameBudget(self.settings.ws_frames_per_second)
-        over = False
-        while not self.closing:
-            try:
-                message = self.ws.receive(timeout=POLL_SECONDS * 5)
-            except ConnectionClosed:
-                return
-            if message is None:
-                if not self.ws.connected:
+        ping_every = ws.ping_interval if manual else None
+        next_ping = time.monotonic() + ping_every if ping_every else None
+        timed_out = False
+        try:
+            while True:
+                self.ring.clear()
+                if manual:
+                    self._pump()
+                while ws.input_buffer and self.close_with is None:
+                    message = ws.input_buffer.pop(0)
+                    # Counted before anything else is done with it: pings, malformed and oversized frames alike.
+                    if not budget.take():
+                        log.warning("websocket of session %s: over %s frames/s, closing", self.session_id,
+                                    self.settings.ws_frames_per_second)
+                        self._end(CLOSE_FRAME_RATE, "frame_rate")
+                        break
+                    size = len(message.encode() if isinstance(message, str) else message)
+                    if size > limit:
+                        self._post_error(TooLarge(f"a frame may hold at most {limit} bytes (this one: {size})"),
+                                         None)
+                    else:
+                        self._handle(message)
+                    self._send_replies()
+                if self.close_with is not None:
+                    code, reason = self.close_with
+                    self._close(code, reason, self.follower.position)
                     return
-                continue
-            # Counted before anything else is done with it: pings, malformed and oversized frames alike.
-            if over or not budget.take():
-                if not over:
-                    over = True
-                    log.warning("websocket of session %s: over %s frames/s, closing", self.session_id,
-                                self.settings.ws_frames_per_second)
-                    self._end(CLOSE_FRAME_RATE, "frame_rate")
-                continue  # dropped unread until the writer has closed the socket
-            size = len(message.encode() if isinstance(message, str) else message)
-            if size > limit:
-                self._post_error(TooLarge(f"a frame may hold at most {limit} bytes (this one: {size})"), None)
-                continue
-            self._handle(message)
+                if not ws.connected:
+                    return
+                problem = self.watch.problem()
+                if problem is not None:
+                    self._send_json({"type": "error", "error": {"code": "unauthorized", "reason": problem[0],
+                                                                "message": problem[1]}})
+                    self._close(CLOSE_UNAUTHORIZED, problem[0], self.follower.position)
+                    return
+                frames = self.follower.next_frames(poll=timed_out)
+                for frame in frames:
+                    self._send_event(frame)
+                if frames:
+                    timed_out = False
+                    continue
+                bound = self.watch.wait_bound(POLL_SECONDS)
+                if next_ping is not None:
+                    now = time.monotonic()
+                    if now >= next_ping:
+                        if not ws.pong_received:
+                            self._close(CloseReason.POLICY_VIOLATION, "Ping/Pong timeout", self.follower.position)
+                            return
+                        ws.pong_received = False
+                        ws.sock.send(ws.ws.send(Ping()))
+                        next_ping = max(now, next_ping) + ping_every
+                    bound = min(bound, max(0.0, next_ping - now))
+                timed_out = not self.ring.wait(bound) and bound >= POLL_SECONDS
+        except CursorGone as exc:
+            self._send_json({"type": "error", "error": {"code": exc.reason, "message": exc.message}})
+            self._close(CLOSE_GONE, exc.reason, exc.cursor)
+        except StreamEnded as exc:
+            self._close(CLOSE_SLOW if exc.reason == "slow_consumer" else CLOSE_UNAVAILABLE, exc.reason, exc.cursor)
+        except (OSError, ConnectionClosed, LocalProtocolError):
+            # A write timed out or failed: part of a frame may be on the wire, so no clean close is
+            # possible. Drop the connection; the client resumes from the last cursor it received.
+            self._abort()
+        except Exception:  # noqa: BLE001
+            log.exception("websocket stream failed (session %s)", self.session_id)
+            self._abort()
 
     # --- client frames -------------------------------------------------------
 
@@ -326,64 +493,23 @@ class WebSocketStream:
     def _post(self, kind: str, value: Any, ref: Any) -> None:
         if kind == "reply" and ref is not None:
             value = dict(value, ref=ref)
-        try:
-            self.replies.put_nowait((kind, value))
-        except queue.Full:
+        if len(self.replies) >= REPLY_QUEUE:
             # It sends requests faster than it reads the answers: treat it like any slow reader.
             self._end(CLOSE_SLOW, "slow_consumer")
             return
-        self.ring.set()
+        self.replies.append((kind, value))
 
     def _end(self, code: int, reason: str) -> None:
+        """Have the stream's loop close the socket (from any greenlet or thread)."""
         self.close_with = (code, reason)
-        self.ring.set()
+        if self.ring is not None:
+            self.ring.set()
 
-    # --- the writer ------------------------------------------------------------
+    # --- sending ---------------------------------------------------------------
 
-    def _write_loop(self) -> None:
-        try:
-            while not self.closing:
-                self.ring.clear()
-                sent = self._send_replies()
-                if self.close_with is not None:
-                    code, reason = self.close_with
-                    self._close(code, reason, self.follower.position)
-                    return
-                problem = self.watch.problem()
-                if problem is not None:
-                    self._send_json({"type": "error", "error": {"code": "unauthorized", "reason": problem[0],
-                                                                "message": problem[1]}})
-                    self._close(CLOSE_UNAUTHORIZED, problem[0], self.follower.position)
-                    return
-                frames = self.follower.next_frames()
-                for frame in frames:
-                    self._send_event(frame)
-                if not frames and not sent:
-                    self.ring.wait(self.watch.wait_bound(POLL_SECONDS))
-        except CursorGone as exc:
-            self._send_json({"type": "error", "error": {"code": exc.reason, "message": exc.message}})
-            self._close(CLOSE_GONE, exc.reason, exc.cursor)
-        except StreamEnded as exc:
-            self._close(CLOSE_SLOW if exc.reason == "slow_consumer" else CLOSE_UNAVAILABLE, exc.reason, exc.cursor)
-        except (OSError, ConnectionClosed):
-            # A write timed out or failed: part of a frame may be on the wire, so no clean close is
-            # possible. Drop the connection; the client resumes from the last cursor it received.
-            self._abort()
-        except Exception:  # noqa: BLE001
-            log.exception("websocket writer failed (session %s)", self.session_id)
-            self._abort()
-        finally:
-            self.closing = True
-            self.ws.event.set()  # wake the reader loop out of receive()
-
-    def _send_replies(self) -> bool:
-        sent = False
-        while True:
-            try:
-                kind, value = self.replies.get_nowait()
-            except queue.Empty:
-                return sent
-            sent = True
+    def _send_replies(self) -> None:
+        while self.replies:
+            kind, value = self.replies.pop(0)
             if kind == "subscribe":
                 self._reposition(value)
                 value = {"type": "subscribe.ok", "after": value}
@@ -411,8 +537,11 @@ class WebSocketStream:
         follower.low = min(follower.low, after)
 
     def _send_event(self, frame: Frame) -> None:
-        self._await_room(len(frame.text))
-        self.ws.send(frame.text)
+        wire = frame.wire()  # encoded once for every socket that sends it (server frames are not masked)
+        self._await_room(len(wire))
+        if not self.ws.connected:
+            raise ConnectionClosed(self.ws.close_reason, self.ws.close_message)
+        self.ws.sock.send(wire)
         self.follower.sent(frame.cursor)
 
     def _send_json(self, value: dict[str, Any]) -> None:
@@ -430,7 +559,9 @@ class WebSocketStream:
         ``{"reason": "slow_consumer", "cursor": ...}``, which always fits.
         """
         sock = self.ws.sock
-        room = send_room(sock)
+        if self._room is None:
+            self._room = send_room(sock)
+        room = self._room
         deadline = time.monotonic() + self.settings.stream_slow_seconds
         while True:
             unsent = unsent_bytes(sock)
@@ -451,6 +582,6 @@ class WebSocketStream:
     def _abort(self) -> None:
         self.ws.connected = False
         try:
-            self.ws.sock.shutdown(2)  # SHUT_RDWR: the reader side notices at once
+            self.ws.sock.shutdown(2)  # SHUT_RDWR: a reader thread, if any, notices at once
         except OSError:
             pass

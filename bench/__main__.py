@@ -55,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--whatif", default="", metavar="FIXES",
                    help="Patch proposed fixes into the served processes (bench/whatif.py): a comma-separated "
                         "subset of redis-pool=N, auth-cache, no-preping. Empty: the code as it is.")
+    g.add_argument("--delta-flush", type=float, default=None, metavar="SECONDS",
+                   help="STEPRUN_DELTA_FLUSH_SECONDS of the served processes (default: theirs, 0.03 s). Smaller "
+                        "makes more events per streaming session: the fan-out's deltas/s is bound by "
+                        "clients x events a session makes, so measuring a process's fan-out capacity needs more.")
     g.add_argument("--shared-redis", action="store_true",
                    help="Use --redis-url as it is instead of a private redis-server for the run (then Redis "
                         "command counts include whatever else uses that server).")
@@ -125,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                          web_connections=max(6000, opts.connections + 1000),
                          whatif=opts.whatif, own_redis=not opts.shared_redis and bool(shutil.which("redis-server")),
                          agent_options=dict(ttft=opts.ttft, tps=opts.tps, words=opts.words,
-                                            stream_tps=2000.0, stream_words=fanout_words))
+                                            stream_tps=2000.0, stream_words=fanout_words),
+                         extra_env={} if opts.delta_flush is None else
+                         {"STEPRUN_DELTA_FLUSH_SECONDS": str(opts.delta_flush)})
     results: dict[str, Any] = {"started": time.time(), "machine": report.machine(), "command": command,
                                "options": {k: v for k, v in vars(opts).items() if not k.endswith("_list")}}
     stack = Stack(config)

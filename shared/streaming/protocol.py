@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -145,13 +145,17 @@ class EventLog(Protocol):
 
 
 class Ring:
-    """A waiter's wake-up flag."""
+    """A waiter's wake-up flag. ``on_set``, if given, is called at each ring too (a session tail sets
+    its viewers' rings from it: shared/streaming/tail.py)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.on_set: Callable[[], None] | None = None
 
     def set(self) -> None:
         self._event.set()
+        if self.on_set is not None:
+            self.on_set()
 
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
