@@ -70,4 +70,5 @@ def test_marking_takes_the_session_before_its_events_as_a_rollback_does(rt: Runt
     assert not thread.is_alive()
     assert not failures, failures
     with unit_of_work(rt.sessions, SYSTEM) as db:
-        assert db.get(AgentSession, session.id).event_cursor == floor
+        # Raised at least to it (the step's own batched marking may have raised it further meanwhile).
+        assert db.get(AgentSession, session.id).event_cursor >= floor
