@@ -49,6 +49,7 @@ import requests
 from shared.settings import Settings
 from tests.support.processes import Procs, create_key_cli, settings_env
 from tests.support.redis_counter import IDLE_COMMANDS, PrivateRedis, by_process, group_pids, socket_owners
+from tests.support.turns import polled_turn
 
 SINGLE_STEP_TARGET = 25  # issue 15's target
 SINGLE_STEP_REACHED = 49  # 27 web + 22 worker (the breakdown above)
@@ -117,14 +118,7 @@ def _session(c: Counted) -> str:
 
 
 def _polled_turn(c: Counted, session_id: str, text: str) -> None:
-    r = requests.post(f"{c.url}/v1/sessions/{session_id}/turns", json={"input": text}, headers=c.headers,
-                      timeout=30)
-    assert r.status_code == 202, r.text
-    turn = r.json()
-    for _ in range(10):
-        turn = requests.get(f"{c.url}/v1/turns/{turn['id']}?wait=30", headers=c.headers, timeout=60).json()
-        if turn["status"] not in ("queued", "in_progress"):
-            break
+    turn = polled_turn(c.url, c.headers, session_id, text)
     assert turn["status"] == "completed", turn
 
 

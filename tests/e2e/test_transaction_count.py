@@ -40,6 +40,7 @@ import requests
 from shared.settings import Settings
 from tests.support.pg_counter import PgCounter
 from tests.support.processes import Procs, create_key_cli, settings_env
+from tests.support.turns import polled_turn
 
 SINGLE_STEP_TARGET = 5  # issue 15's target
 TOOL_TURN_TARGET = 9  # issue 15's target
@@ -77,14 +78,7 @@ def _turn_transactions(c: Counted, session_id: str, text: str) -> tuple[int, int
     """(web transactions, worker transactions, final status) of one polled turn."""
     web0, _ = c.web.settle()
     worker0, _ = c.worker.settle()
-    r = requests.post(f"{c.url}/v1/sessions/{session_id}/turns", json={"input": text}, headers=c.headers,
-                      timeout=30)
-    assert r.status_code == 202, r.text
-    turn = r.json()
-    for _ in range(10):
-        turn = requests.get(f"{c.url}/v1/turns/{turn['id']}?wait=30", headers=c.headers, timeout=60).json()
-        if turn["status"] not in ("queued", "in_progress"):
-            break
+    turn = polled_turn(c.url, c.headers, session_id, text)
     web1, _ = c.web.settle()
     worker1, _ = c.worker.settle()
     return web1 - web0, worker1 - worker0, turn["status"]
