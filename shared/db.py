@@ -20,6 +20,7 @@ from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from shared.auth.principal import SYSTEM, Scope, TenantAdmin
+from shared.pool import LingeringQueuePool
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
         return engine
     engine = create_engine(
         url,
+        poolclass=LingeringQueuePool,  # a burst's extra connections stay while it lasts (shared/pool.py)
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         # Fail fast instead of queueing forever when the pool is exhausted.

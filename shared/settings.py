@@ -447,8 +447,10 @@ class Settings:
     )
 
     # Database pool (per process).
-    db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "SQLAlchemy pool size per process.")
-    db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10, "SQLAlchemy pool overflow per process.")
+    db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "Connections each pool of a process keeps open when quiet.")
+    db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10,
+                                     "Extra connections a pool may open in a burst; closed once it has "
+                                     "not needed them for 60 s.")
     db_ping_idle_seconds: float = _setting(
         "STEPRUN_DB_PING_IDLE_SECONDS", 10.0,
         "A pooled connection idle longer than this is pinged (SELECT 1) before use; one in steady use is not "
