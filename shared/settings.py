@@ -447,7 +447,8 @@ class Settings:
     )
 
     # Database pool (per process).
-    db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10, "Connections each pool of a process keeps open when quiet.")
+    db_pool_size: int = _setting("STEPRUN_DB_POOL_SIZE", 10,
+                                  "Connections each pool of a process keeps open when quiet.")
     db_max_overflow: int = _setting("STEPRUN_DB_MAX_OVERFLOW", 10,
                                      "Extra connections a pool may open in a burst; closed once it has "
                                      "not needed them for 60 s.")
