@@ -2,7 +2,9 @@
 ring, and each still gets exactly its own events after its own cursor, 410s and slow-client closes included."""
 from __future__ import annotations
 
+import random
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -164,3 +166,85 @@ def test_a_frame_encoded_once_is_what_the_websocket_library_would_send(size: int
     server = Connection(ConnectionType.SERVER)  # an open connection, past the handshake
     text = "é" * (size // 2) + "x" * (size % 2)
     assert ws_text_frame(text) == server.send(TextMessage(data=text))
+
+
+def test_under_contention_every_viewer_gets_every_event_once_in_order(log: CountingLog) -> None:
+    """Many viewers of a few sessions, on threads (preempted anywhere, unlike greenlets), while writers
+    append deltas in random batches: each viewer, looping as the relay does (clear the ring, take, send,
+    wait), ends with every event of its session exactly once and in order, its text whole, and never had
+    to find an event by polling (a ring woke it for each)."""
+    sessions = [f"s-{secrets.token_hex(4)}" for _ in range(4)]
+    viewers_per_session, deltas_per_session = 12, 400
+    settings = _settings(stream_buffer=8, stream_slow_seconds=60.0)  # a small batch: viewers lag and merge
+    for sid in sessions:
+        log.append(sid, [encode_event("turn.queued", "t1")])
+    heads = {sid: log.head(sid) for sid in sessions}
+    got: dict[tuple[str, int], list[tuple[int, str, str]]] = {}
+    failures: list[BaseException] = []
+    late: list[str] = []  # events a viewer found only by polling after a wait no ring ended
+    stop = time.monotonic() + 60
+
+    def view(sid: str, n: int) -> None:
+        follower = LogFollower(log, sid, heads[sid], settings)  # type: ignore[arg-type]
+        seen = got[(sid, n)] = []
+        try:
+            with follower.listening() as ring:
+                timed_out = False
+                while time.monotonic() < stop:
+                    ring.clear()
+                    frames = follower.next_frames(poll=timed_out)
+                    if frames and timed_out:
+                        late.append(f"{sid} viewer {n} at {follower.position}")
+                    for frame in frames:
+                        event = frame.event()
+                        seen.append((frame.cursor, frame.type, (event.get("data") or {}).get("text", "")))
+                        follower.sent(frame.cursor)
+                    if seen and seen[-1][1] == "turn.completed":
+                        return
+                    if frames:
+                        if random.random() < 0.3:
+                            time.sleep(random.random() * 0.003)  # a slow socket now and then
+                        continue
+                    timed_out = not ring.wait(2.0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    def write(sid: str) -> None:
+        try:
+            i = 0
+            while i < deltas_per_session:
+                k = random.choice((1, 1, 2, 3, 8))
+                log.append(sid, [encode_event("message.delta", "t1", {"step": 0, "attempt": 1, "text": f"w{j} "})
+                                 for j in range(i, min(i + k, deltas_per_session))])
+                i += k
+                if random.random() < 0.5:
+                    time.sleep(random.random() * 0.002)
+            log.append(sid, [encode_event("turn.completed", "t1")])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=view, args=(sid, n), daemon=True)
+               for sid in sessions for n in range(viewers_per_session)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # every viewer subscribed (the doorbell's rings after subscribing landed)
+    writers = [threading.Thread(target=write, args=(sid,), daemon=True) for sid in sessions]
+    for t in writers:
+        t.start()
+    for t in writers + threads:
+        t.join(timeout=max(0.1, stop - time.monotonic()))
+    assert not failures, failures
+    assert not late, f"woken by no ring: {late[:5]}"
+    expected_text = "".join(f"w{j} " for j in range(deltas_per_session))
+    for (sid, n), seen in got.items():
+        cursors = [c for c, _, _ in seen]
+        assert cursors == sorted(set(cursors)), f"{sid} viewer {n}: a cursor repeated or out of order"
+        assert seen and seen[-1][1] == "turn.completed", f"{sid} viewer {n}: never saw the end ({len(seen)} frames)"
+        assert cursors[-1] == log.head(sid)
+        text = "".join(t for _, kind, t in seen if kind == "message.delta")
+        assert text == expected_text, f"{sid} viewer {n}: text differs at {_first_difference(text, expected_text)}"
+
+
+def _first_difference(a: str, b: str) -> str:
+    i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"char {i}: got {a[max(0, i - 20):i + 20]!r}, expected {b[max(0, i - 20):i + 20]!r}"
