@@ -80,7 +80,7 @@ class StepMessages:
         task_id = str(uuid.uuid4())
         args = [turn_id, step]
         body = json.dumps([args, {}, _EMBED]).encode()
-        headers = {
+        headers: dict[str, Any] = {
             "lang": "py", "task": STEP_TASK, "id": task_id, "shadow": None, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
             "parent_id": None, "argsrepr": repr(args), "kwargsrepr": "{}", "origin": self.origin,
