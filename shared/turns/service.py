@@ -77,15 +77,19 @@ def create_session(db: Session, rt: Runtime, who: Principal, agent: Any, metadat
     return row
 
 
+# Reads by id of the principal's own rows, built once (a statement built per call costs more than its round trip).
+_SESSION_BY_ID = select(AgentSession).where(AgentSession.id == bindparam("b_id"),
+                                            AgentSession.tenant_id == bindparam("b_tenant"),
+                                            AgentSession.user_id == bindparam("b_user"))
+_SESSION_BY_ID_LOCKED = _SESSION_BY_ID.with_for_update()
+_TURN_BY_ID = select(Turn).where(Turn.id == bindparam("b_id"), Turn.tenant_id == bindparam("b_tenant"),
+                                 Turn.user_id == bindparam("b_user"))
+_TURN_BY_ID_LOCKED = _TURN_BY_ID.with_for_update()
+
+
 def get_session(db: Session, who: Principal, session_id: str, *, lock: bool = False) -> AgentSession:
-    query = select(AgentSession).where(
-        AgentSession.id == session_id,
-        AgentSession.tenant_id == who.tenant_id,
-        AgentSession.user_id == who.user_id,
-    )
-    if lock:
-        query = query.with_for_update()
-    row = db.scalars(query).first()
+    query = _SESSION_BY_ID_LOCKED if lock else _SESSION_BY_ID
+    row = db.scalars(query, {"b_id": session_id, "b_tenant": who.tenant_id, "b_user": who.user_id}).first()
     if row is None:
         raise NotFound(f"no session {session_id!r}")
     return row
@@ -319,16 +323,17 @@ def _turn_values(turn: Turn) -> dict[str, Any]:
     for column in _TURNS.columns:
         key = column.key
         if key in state:
-            values[key] = state[key]
-            continue
-        default = column.default
-        value = None
-        if isinstance(default, ColumnDefault) and default.is_scalar:
-            value = default.arg
-        elif isinstance(default, ColumnDefault) and default.is_callable:
-            value = default.arg(None)  # SQLAlchemy wraps the model's function in one that takes a context
-        setattr(turn, key, value)
-        values[key] = value
+            value = state[key]
+        else:
+            default = column.default
+            value = None
+            if isinstance(default, ColumnDefault) and default.is_scalar:
+                value = default.arg
+            elif isinstance(default, ColumnDefault) and default.is_callable:
+                value = default.arg(None)  # SQLAlchemy wraps the model's function in one that takes a context
+            setattr(turn, key, value)
+        if value is not None or column.default is not None or column.server_default is not None:
+            values[key] = value  # a NULL without a default of its own needs no parameter
     return values
 
 
@@ -450,10 +455,8 @@ def _same_request(turn: Turn, session_id: str, user_input: str) -> Turn:
 
 
 def get_turn(db: Session, who: Principal, turn_id: str, *, lock: bool = False) -> Turn:
-    query = select(Turn).where(Turn.id == turn_id, Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id)
-    if lock:
-        query = query.with_for_update()
-    row = db.scalars(query).first()
+    query = _TURN_BY_ID_LOCKED if lock else _TURN_BY_ID
+    row = db.scalars(query, {"b_id": turn_id, "b_tenant": who.tenant_id, "b_user": who.user_id}).first()
     if row is None:
         raise NotFound(f"no turn {turn_id!r}")
     return row
