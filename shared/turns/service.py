@@ -310,9 +310,33 @@ def _start_turn(db: Session, rt: Runtime, who: Principal, session_id: str, user_
     changes: dict[str, Any] = {name: getattr(session, name) for name in _SESSION_FIELDS
                                if getattr(session, name) != loaded[name]}
     changes["updated_at"] = session.updated_at = utcnow()
-    db.execute(_WRITE_SESSION, {"b_session": session.id, **changes})
-    db.execute(_INSERT_TURN, _turn_values(turn))
+    _write_session_and_turn(db, session.id, changes, _turn_values(turn))
     return turn
+
+
+_session_and_turn_writes: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any], values: dict[str, Any]) -> None:
+    """The session's UPDATE and the turn's INSERT: one statement on Postgres (the UPDATE as a data-modifying
+    WITH, which runs to completion whether or not the INSERT reads it), two elsewhere."""
+    if db.get_bind().dialect.name != "postgresql":
+        db.execute(_WRITE_SESSION, {"b_session": session_id, **changes})
+        db.execute(_INSERT_TURN, values)
+        return
+    shape = (tuple(changes), tuple(values))
+    statement = _session_and_turn_writes.get(shape)
+    if statement is None:
+        # Every parameter named apart from the columns: implicit SET/VALUES keys would leak into the WITH.
+        written = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
+                   .values({name: bindparam(f"s_{name}") for name in changes}).cte("written_session"))
+        statement = insert(_TURNS).values({name: bindparam(f"t_{name}") for name in values}).add_cte(written)
+        if len(_session_and_turn_writes) < 64:  # a handful of shapes (delayed or not, idle or busy)
+            _session_and_turn_writes[shape] = statement
+    params = {"b_session": session_id}
+    params.update((f"s_{name}", value) for name, value in changes.items())
+    params.update((f"t_{name}", value) for name, value in values.items())
+    db.execute(statement, params)
 
 
 def _turn_values(turn: Turn) -> dict[str, Any]:
