@@ -339,25 +339,34 @@ def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any
     db.execute(statement, params)
 
 
+def _column_default(column: Any) -> tuple[str, Any, bool, bool]:
+    """(key, its Python default, whether that is a function (of a context), whether a NULL needs a parameter)."""
+    default = column.default
+    value: Any = None
+    call = False
+    if isinstance(default, ColumnDefault) and (default.is_scalar or default.is_callable):
+        # SQLAlchemy wraps a model's function in one that takes an execution context (unused by ours).
+        value, call = default.arg, default.is_callable
+    # A NULL in a column without a default of its own needs no parameter.
+    return column.key, value, call, default is not None or column.server_default is not None
+
+
+_TURN_DEFAULTS = [_column_default(column) for column in _TURNS.columns]
+
+
 def _turn_values(turn: Turn) -> dict[str, Any]:
     """Every column of the new ``turn``, its model's Python defaults filled in (on the object too, as a
     flush would: the caller answers with it)."""
     values: dict[str, Any] = {}
     state = turn.__dict__
-    for column in _TURNS.columns:
-        key = column.key
+    for key, default, call, keep_null in _TURN_DEFAULTS:
         if key in state:
             value = state[key]
         else:
-            default = column.default
-            value = None
-            if isinstance(default, ColumnDefault) and default.is_scalar:
-                value = default.arg
-            elif isinstance(default, ColumnDefault) and default.is_callable:
-                value = default.arg(None)  # SQLAlchemy wraps the model's function in one that takes a context
+            value = default(None) if call else default
             setattr(turn, key, value)
-        if value is not None or column.default is not None or column.server_default is not None:
-            values[key] = value  # a NULL without a default of its own needs no parameter
+        if value is not None or keep_null:
+            values[key] = value
     return values
 
 
