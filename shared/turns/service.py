@@ -286,7 +286,7 @@ def _start_turn(db: Session, rt: Runtime, who: Principal, session_id: str, user_
     """:func:`create_turn`'s plain case: the same checks, rows and after-commit work, in Core statements.
 
     The session and the turn are transient ORM objects here, so that :mod:`shared.turns.transitions` works
-    on them as on loaded ones; what it changes is written with one UPDATE, and the turn with one INSERT.
+    on them as on loaded ones; what it changes is written with the turn's INSERT (one statement on Postgres).
     """
     row = db.execute(_LOCK_SESSION, {"b_session": session_id, "b_tenant": who.tenant_id,
                                      "b_user": who.user_id}).first()
