@@ -122,7 +122,7 @@ class Runtime:
                 max_len=settings.event_log_max,
             )
             rt = cls(settings, engine, factory, events, agents, redis=client, app_engine=app_engine)
-            rt.queue = CeleryQueue(settings)
+            rt.queue = CeleryQueue(settings, client)
             rt.limiter = RedisRateLimiter(client, settings.redis_prefix)
             rt.stream_slots = RedisStreamSlots(client, settings.redis_prefix, settings.stream_slot_seconds)
         else:

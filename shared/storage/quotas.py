@@ -99,17 +99,18 @@ def check_memory_item(sessions: sessionmaker[Session], settings: Settings, who: 
                       tenant_limit, "value")
 
 
-def history_columns(settings: Settings, who: Principal, *, tenant: bool = True) -> list[Any]:
+def history_columns(settings: Settings, tenant_id: Any, user_id: Any, *, tenant: bool = True) -> list[Any]:
     """The history quotas' usage, as labelled scalar subqueries for the new turn's one statement
-    (``tenant=False``: the user's own only, which the user's scope may read)."""
+    (``tenant=False``: the user's own only, which the user's scope may read). ``tenant_id`` and ``user_id``:
+    values, or bound parameters of a statement built once."""
     parts: list[Any] = []
     if settings.quota_user_history_bytes > 0:
         parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
-                     .where(AgentSession.tenant_id == who.tenant_id, AgentSession.user_id == who.user_id)
+                     .where(AgentSession.tenant_id == tenant_id, AgentSession.user_id == user_id)
                      .scalar_subquery().label("user_history"))
     if tenant and settings.quota_tenant_history_bytes > 0:
         parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
-                     .where(AgentSession.tenant_id == who.tenant_id).scalar_subquery().label("tenant_history"))
+                     .where(AgentSession.tenant_id == tenant_id).scalar_subquery().label("tenant_history"))
     return parts
 
 

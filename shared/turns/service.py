@@ -12,11 +12,12 @@ import json
 import math
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnDefault, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
@@ -76,15 +77,19 @@ def create_session(db: Session, rt: Runtime, who: Principal, agent: Any, metadat
     return row
 
 
+# Reads by id of the principal's own rows, built once (a statement built per call costs more than its round trip).
+_SESSION_BY_ID = select(AgentSession).where(AgentSession.id == bindparam("b_id"),
+                                            AgentSession.tenant_id == bindparam("b_tenant"),
+                                            AgentSession.user_id == bindparam("b_user"))
+_SESSION_BY_ID_LOCKED = _SESSION_BY_ID.with_for_update()
+_TURN_BY_ID = select(Turn).where(Turn.id == bindparam("b_id"), Turn.tenant_id == bindparam("b_tenant"),
+                                 Turn.user_id == bindparam("b_user"))
+_TURN_BY_ID_LOCKED = _TURN_BY_ID.with_for_update()
+
+
 def get_session(db: Session, who: Principal, session_id: str, *, lock: bool = False) -> AgentSession:
-    query = select(AgentSession).where(
-        AgentSession.id == session_id,
-        AgentSession.tenant_id == who.tenant_id,
-        AgentSession.user_id == who.user_id,
-    )
-    if lock:
-        query = query.with_for_update()
-    row = db.scalars(query).first()
+    query = _SESSION_BY_ID_LOCKED if lock else _SESSION_BY_ID
+    row = db.scalars(query, {"b_id": session_id, "b_tenant": who.tenant_id, "b_user": who.user_id}).first()
     if row is None:
         raise NotFound(f"no session {session_id!r}")
     return row
@@ -172,20 +177,12 @@ def create_turn(
             return _same_request(existing, session_id, user_input), False
     if refused is not None:
         raise refused
+    if not idempotency_key and on_busy != "interrupt" and _untouched(db, session_id):
+        return _start_turn(db, rt, who, session_id, user_input, on_busy, scheduled_at, input_bytes), True
     # The session row lock serialises concurrent turn requests: one active turn per session.
     session = get_session(db, who, session_id, lock=True)
-    used = admission_counts(db, rt.settings, who)
-    refused = _over_limits(rt.settings, used, input_bytes)
-    if refused is not None:
-        raise refused
-    waiting = used["queued"]
-    if waiting >= rt.settings.max_queued_turns:
-        raise RateLimited(f"{waiting} turns are already waiting; the limit is {rt.settings.max_queued_turns}",
-                          retry_after=5)
+    _admit(db, rt.settings, who, session, on_busy, input_bytes)
     busy = session.active_turn_id is not None
-    if busy and on_busy == "reject":
-        raise Conflict(f"session {session_id} is busy with turn {session.active_turn_id}; "
-                       "retry later or send on_busy=enqueue|interrupt")
     session.turn_count += 1
     session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
     turn = Turn(
@@ -245,6 +242,134 @@ def create_turn(
     return turn, True
 
 
+def _admit(db: Session, settings: Settings, who: Principal, session: AgentSession, on_busy: str,
+           input_bytes: int) -> None:
+    """Refuse a new turn of ``who`` on ``session`` (its row locked) that a limit or a busy session forbids."""
+    used = admission_counts(db, settings, who)
+    refused = _over_limits(settings, used, input_bytes)
+    if refused is not None:
+        raise refused
+    waiting = used["queued"]
+    if waiting >= settings.max_queued_turns:
+        raise RateLimited(f"{waiting} turns are already waiting; the limit is {settings.max_queued_turns}",
+                          retry_after=5)
+    if session.active_turn_id is not None and on_busy == "reject":
+        raise Conflict(f"session {session.id} is busy with turn {session.active_turn_id}; "
+                       "retry later or send on_busy=enqueue|interrupt")
+
+
+# The plain new turn (no Idempotency-Key, no interrupt) in Core statements built once: the ORM's load of
+# the session row and its unit of work (one UPDATE, one INSERT) cost more CPU than the round trips.
+_SESSIONS, _TURNS = cast(Table, AgentSession.__table__), cast(Table, Turn.__table__)
+# The columns a new turn reads and may change: what transitions.activate and the event record touch.
+_SESSION_FIELDS = ("active_turn_id", "turn_count", "input_bytes", "event_cursor")
+_LOCK_SESSION = (select(_SESSIONS.c.id, _SESSIONS.c.tenant_id, _SESSIONS.c.user_id,
+                        *(_SESSIONS.c[name] for name in _SESSION_FIELDS))
+                 .where(_SESSIONS.c.id == bindparam("b_session"), _SESSIONS.c.tenant_id == bindparam("b_tenant"),
+                        _SESSIONS.c.user_id == bindparam("b_user"))
+                 .with_for_update())
+# SET takes the columns the parameters name.
+_WRITE_SESSION = update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
+_INSERT_TURN = insert(_TURNS)
+
+
+def _untouched(db: Session, session_id: str) -> bool:
+    """Whether ``db`` holds nothing of its own yet for the session: no loaded row to keep in step, no
+    pending change to order the new turn's writes after (a caller that loaded the session first gets the
+    ORM path)."""
+    return (not db.new and not db.dirty and not db.deleted
+            and identity_key(AgentSession, session_id) not in db.identity_map)
+
+
+def _start_turn(db: Session, rt: Runtime, who: Principal, session_id: str, user_input: str, on_busy: str,
+                scheduled_at: datetime | None, input_bytes: int) -> Turn:
+    """:func:`create_turn`'s plain case: the same checks, rows and after-commit work, in Core statements.
+
+    The session and the turn are transient ORM objects here, so that :mod:`shared.turns.transitions` works
+    on them as on loaded ones; what it changes is written with the turn's INSERT (one statement on Postgres).
+    """
+    row = db.execute(_LOCK_SESSION, {"b_session": session_id, "b_tenant": who.tenant_id,
+                                     "b_user": who.user_id}).first()
+    if row is None:
+        raise NotFound(f"no session {session_id!r}")
+    loaded = {name: getattr(row, name) for name in _SESSION_FIELDS}
+    session = AgentSession(id=row.id, tenant_id=row.tenant_id, user_id=row.user_id, **loaded)
+    _admit(db, rt.settings, who, session, on_busy, input_bytes)
+    busy = session.active_turn_id is not None
+    session.turn_count += 1
+    session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
+    turn = Turn(id=new_id("turn"), session_id=session.id, tenant_id=who.tenant_id, user_id=who.user_id,
+                seq=session.turn_count, input=user_input, on_busy=on_busy, idempotency_key=None,
+                scheduled_at=scheduled_at)
+    queued_event: dict[str, Any] = {"input": user_input}
+    if scheduled_at is not None:
+        queued_event["scheduled_at"] = scheduled_at.isoformat().replace("+00:00", "Z")
+    transitions.publish_after_commit(db, rt, session, [("turn.queued", turn.id, queued_event)])
+    if scheduled_at is None and not busy:
+        transitions.activate(db, rt, session, turn)
+    changes: dict[str, Any] = {name: getattr(session, name) for name in _SESSION_FIELDS
+                               if getattr(session, name) != loaded[name]}
+    changes["updated_at"] = session.updated_at = utcnow()
+    _write_session_and_turn(db, session.id, changes, _turn_values(turn))
+    return turn
+
+
+_session_and_turn_writes: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any], values: dict[str, Any]) -> None:
+    """The session's UPDATE and the turn's INSERT: one statement on Postgres (the UPDATE as a data-modifying
+    WITH, which runs to completion whether or not the INSERT reads it), two elsewhere."""
+    if db.get_bind().dialect.name != "postgresql":
+        db.execute(_WRITE_SESSION, {"b_session": session_id, **changes})
+        db.execute(_INSERT_TURN, values)
+        return
+    shape = (tuple(changes), tuple(values))
+    statement = _session_and_turn_writes.get(shape)
+    if statement is None:
+        # Every parameter named apart from the columns: implicit SET/VALUES keys would leak into the WITH.
+        written = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
+                   .values({name: bindparam(f"s_{name}") for name in changes}).cte("written_session"))
+        statement = insert(_TURNS).values({name: bindparam(f"t_{name}") for name in values}).add_cte(written)
+        if len(_session_and_turn_writes) < 64:  # a handful of shapes (delayed or not, idle or busy)
+            _session_and_turn_writes[shape] = statement
+    params = {"b_session": session_id}
+    params.update((f"s_{name}", value) for name, value in changes.items())
+    params.update((f"t_{name}", value) for name, value in values.items())
+    db.execute(statement, params)
+
+
+def _column_default(column: Any) -> tuple[str, Any, bool, bool]:
+    """(key, its Python default, whether that is a function (of a context), whether a NULL needs a parameter)."""
+    default = column.default
+    value: Any = None
+    call = False
+    if isinstance(default, ColumnDefault) and (default.is_scalar or default.is_callable):
+        # SQLAlchemy wraps a model's function in one that takes an execution context (unused by ours).
+        value, call = default.arg, default.is_callable
+    # A NULL in a column without a default of its own needs no parameter.
+    return column.key, value, call, default is not None or column.server_default is not None
+
+
+_TURN_DEFAULTS = [_column_default(column) for column in _TURNS.columns]
+
+
+def _turn_values(turn: Turn) -> dict[str, Any]:
+    """Every column of the new ``turn``, its model's Python defaults filled in (on the object too, as a
+    flush would: the caller answers with it)."""
+    values: dict[str, Any] = {}
+    state = turn.__dict__
+    for key, default, call, keep_null in _TURN_DEFAULTS:
+        if key in state:
+            value = state[key]
+        else:
+            value = default(None) if call else default
+            setattr(turn, key, value)
+        if value is not None or keep_null:
+            values[key] = value
+    return values
+
+
 def delay_until(after_seconds: Any, at: Any) -> datetime | None:
     """When a delayed turn is due, from ``after_seconds`` (>= 0) or ``at`` (RFC 3339 with an offset); None: now."""
     if after_seconds is not None and at is not None:
@@ -298,25 +423,43 @@ def admission_counts(db: Session, settings: Settings, who: Principal) -> dict[st
     ``steprun_tenant_admission`` (migration 0021), which counts them for the tenant of the signed scope
     only, so the POST needs no transaction of its own on the system path for them.
     """
-    parts: list[Any] = [select(func.count()).select_from(Turn)
-                        .where(Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id,
-                               Turn.status == TurnStatus.QUEUED).scalar_subquery().label("queued")]
-    parts += quotas.history_columns(settings, who, tenant=False)
+    query = _admission_query(settings, db.get_bind().dialect.name)
+    row = db.execute(query, {"b_tenant": who.tenant_id, "b_user": who.user_id}).one()
+    return {key: int(value) for key, value in row._mapping.items() if value is not None}
+
+
+_admission_queries: dict[tuple[bool, bool, bool, bool], Any] = {}
+
+
+def _admission_query(settings: Settings, dialect: str) -> Any:
+    """:func:`admission_counts`'s statement for these limits, built once (its principal bound at execution)."""
     tenant_queued = settings.max_queued_turns_per_tenant > 0
     tenant_history = settings.quota_tenant_history_bytes > 0
-    query = None
-    if (tenant_queued or tenant_history) and db.get_bind().dialect.name == "postgresql":
-        totals = func.steprun_tenant_admission(who.tenant_id, tenant_queued, tenant_history).table_valued(
+    user_history = settings.quota_user_history_bytes > 0
+    postgres = dialect == "postgresql"
+    shape = (postgres, tenant_queued, tenant_history, user_history)
+    query = _admission_queries.get(shape)
+    if query is not None:
+        return query
+    tenant_id: Any = bindparam("b_tenant")
+    user_id: Any = bindparam("b_user")
+    parts: list[Any] = [select(func.count()).select_from(Turn)
+                        .where(Turn.tenant_id == tenant_id, Turn.user_id == user_id,
+                               Turn.status == TurnStatus.QUEUED).scalar_subquery().label("queued")]
+    parts += quotas.history_columns(settings, tenant_id, user_id, tenant=False)
+    if (tenant_queued or tenant_history) and postgres:
+        totals = func.steprun_tenant_admission(tenant_id, tenant_queued, tenant_history).table_valued(
             "tenant_queued", "tenant_history")
         query = select(*parts, totals.c.tenant_queued, totals.c.tenant_history).select_from(totals)
     else:  # SQLite: no row-level security, plain subqueries
         if tenant_queued:
             parts.append(select(func.count()).select_from(Turn)
-                         .where(Turn.tenant_id == who.tenant_id, Turn.status == TurnStatus.QUEUED)
+                         .where(Turn.tenant_id == tenant_id, Turn.status == TurnStatus.QUEUED)
                          .scalar_subquery().label("tenant_queued"))
-        parts += [p for p in quotas.history_columns(settings, who) if p.name == "tenant_history"]
+        parts += [p for p in quotas.history_columns(settings, tenant_id, user_id) if p.name == "tenant_history"]
         query = select(*parts)
-    return {key: int(value) for key, value in db.execute(query).one()._mapping.items() if value is not None}
+    _admission_queries[shape] = query
+    return query
 
 
 def _over_limits(settings: Settings, used: dict[str, int], input_bytes: int) -> StepRunError | None:
@@ -345,10 +488,8 @@ def _same_request(turn: Turn, session_id: str, user_input: str) -> Turn:
 
 
 def get_turn(db: Session, who: Principal, turn_id: str, *, lock: bool = False) -> Turn:
-    query = select(Turn).where(Turn.id == turn_id, Turn.tenant_id == who.tenant_id, Turn.user_id == who.user_id)
-    if lock:
-        query = query.with_for_update()
-    row = db.scalars(query).first()
+    query = _TURN_BY_ID_LOCKED if lock else _TURN_BY_ID
+    row = db.scalars(query, {"b_id": turn_id, "b_tenant": who.tenant_id, "b_user": who.user_id}).first()
     if row is None:
         raise NotFound(f"no turn {turn_id!r}")
     return row

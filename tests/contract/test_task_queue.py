@@ -148,3 +148,31 @@ def test_enqueue_after_close_does_not_raise(twin: Twin) -> None:
     twin.queue.close()
     twin.queue.enqueue_step(_turn(), 0)
     twin.queue.close()
+
+
+def _shape(message: dict[str, Any]) -> dict[str, Any]:
+    """A kombu Redis message with its per-message ids and the publishing process's names taken out."""
+    headers, props = dict(message["headers"]), dict(message["properties"])
+    task_id = headers.pop("id")
+    assert headers.pop("root_id") == props.pop("correlation_id") == task_id
+    headers.pop("origin")
+    props.pop("delivery_tag")
+    props.pop("reply_to")
+    body = json.loads(base64.b64decode(message["body"]))
+    return {**message, "headers": headers, "properties": props, "body": body}
+
+
+def test_the_step_message_is_the_one_send_task_writes(redis_client: Any, unique_name: str) -> None:
+    """The queue writes the step's message itself (one LPUSH): it is Celery's own, field for field."""
+    queue = CeleryQueue(Settings(redis_url=REDIS_URL, queue_name=unique_name))
+    try:
+        queue.enqueue_step("turn_abc", 3)
+        queue.app.send_task(STEP_TASK, args=["turn_abc", 3], queue=unique_name)  # Celery's own path
+        ours, celery = (json.loads(raw) for raw in redis_client.lrange(unique_name, 0, -1)[::-1])
+    finally:
+        queue.close()
+    assert _shape(ours) == _shape(celery)
+    assert list(ours) == list(celery) and list(ours["headers"]) == list(celery["headers"])
+    assert ours["headers"]["origin"] == celery["headers"]["origin"]
+    assert ours["properties"]["reply_to"] == celery["properties"]["reply_to"]
+    assert ours["headers"]["id"] != celery["headers"]["id"]
