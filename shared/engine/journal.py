@@ -36,9 +36,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -106,10 +106,66 @@ class StepJournal:
         return self.calls.get((step, call_id))
 
 
+_turns, _model_calls, _tool_calls = (cast(Table, Turn.__table__), cast(Table, ModelCall.__table__),
+                                      cast(Table, ToolCall.__table__))
+# The journal's statements, built once (no per-call construction, cache key or ORM unit of work); those with
+# an ON CONFLICT clause once per dialect (:func:`_per_dialect`).
+_FENCE = (select(_turns.c.id).where(_turns.c.id == bindparam("b_turn_id"), _turns.c.attempt == bindparam("b_attempt"))
+          .with_for_update(read=True))
+_TOOL_ROW = (select(_tool_calls.c.id, _tool_calls.c.attempt, _tool_calls.c.status, _tool_calls.c.runs)
+             .where(_tool_calls.c.turn_id == bindparam("b_turn_id"), _tool_calls.c.step == bindparam("b_step"),
+                    _tool_calls.c.call_id == bindparam("b_call_id"))
+             .with_for_update())
+_TOOL_RERUN = (update(_tool_calls).where(_tool_calls.c.id == bindparam("b_row_id"))
+               .values(attempt=bindparam("b_attempt"), status="started", runs=_tool_calls.c.runs + 1,
+                       started_at=bindparam("b_now", type_=_tool_calls.c.started_at.type), output=None,
+                       finished_at=None))
+_TOOL_FINISH = (update(_tool_calls)
+                .where(_tool_calls.c.turn_id == bindparam("b_turn_id"), _tool_calls.c.step == bindparam("b_step"),
+                       _tool_calls.c.call_id == bindparam("b_call_id"))
+                .values(status=bindparam("b_status"), output=bindparam("b_output"), error=bindparam("b_error"),
+                        finished_at=bindparam("b_now", type_=_tool_calls.c.finished_at.type),
+                        attempt=bindparam("b_attempt")))
+_DIALECT_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _per_dialect(db: Session, name: str, build: Callable[[Any], Any]) -> Any:
+    """The statement ``build(insert)`` makes with ``db``'s dialect's INSERT, built once per dialect."""
+    dialect = db.get_bind().dialect.name
+    stmt = _DIALECT_STATEMENTS.get((dialect, name))
+    if stmt is None:
+        stmt = _DIALECT_STATEMENTS[(dialect, name)] = build(budgets.dialect_insert(db))
+    return stmt
+
+
+def _build_start(insert: Any) -> Any:
+    c = _model_calls.c
+    stmt = insert(_model_calls).values(
+        turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
+        step=bindparam("b_step"), attempt=bindparam("b_attempt"), status="started", calls=1,
+        started_at=bindparam("b_now", type_=c.started_at.type))
+    # An earlier attempt called the model and died first; a repeat of this attempt's start changes nothing.
+    return stmt.on_conflict_do_update(
+        index_elements=[c.turn_id, c.step],
+        set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
+              "calls": c.calls + 1},
+        where=c.attempt != stmt.excluded.attempt)
+
+
+def _build_tool_insert(insert: Any) -> Any:
+    c = _tool_calls.c
+    # A row already there (an earlier attempt's, or this one's before a dropped connection) inserts nothing.
+    return insert(_tool_calls).values(
+        turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
+        step=bindparam("b_step"), call_id=bindparam("b_call_id"), name=bindparam("b_name"),
+        idempotency_key=bindparam("b_key"), attempt=bindparam("b_attempt"), status="started", runs=1, error=False,
+        started_at=bindparam("b_now", type_=c.started_at.type),
+    ).on_conflict_do_nothing(index_elements=[c.turn_id, c.step, c.call_id]).returning(c.id)
+
+
 def fenced(db: Session, claim: Claim) -> bool:
     """True if ``claim`` still holds the turn; holds a share lock on the turn row until the transaction ends."""
-    query = select(Turn.id).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt).with_for_update(read=True)
-    return db.execute(query).first() is not None
+    return db.execute(_FENCE, {"b_turn_id": claim.turn_id, "b_attempt": claim.attempt}).first() is not None
 
 
 def _lease_lost() -> StepInterrupted:
@@ -172,17 +228,10 @@ def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Sessi
 def _mark_started(db: Session, claim: Claim) -> None:
     """This attempt's model call of the step, in flight (a row an earlier attempt left is taken over): one
     statement."""
-    insert = budgets.dialect_insert(db)
-    stmt = insert(ModelCall).values(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                                    user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
-                                    status="started", calls=1, started_at=utcnow())
-    table = ModelCall.__table__.c
-    db.execute(stmt.on_conflict_do_update(
-        index_elements=[table.turn_id, table.step],
-        # An earlier attempt called the model and died first; a repeat of this attempt's start changes nothing.
-        set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
-              "calls": table.calls + 1},
-        where=table.attempt != stmt.excluded.attempt))
+    db.execute(_per_dialect(db, "start", _build_start),
+               {"b_turn_id": claim.turn_id, "b_tenant_id": claim.principal.tenant_id,
+                "b_user_id": claim.principal.user_id, "b_step": claim.step, "b_attempt": claim.attempt,
+                "b_now": utcnow()})
 
 
 def start_model_call_with_claim(db: Session, rt: Runtime, claim: Claim) -> bool:
@@ -264,18 +313,17 @@ def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], 
         if not fenced(db, claim):
             raise _lease_lost()
         budgets.check_tool_calls(db, rt.settings, claim.turn_id)
-        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step == step,
-                                                ToolCall.call_id == call["id"]).with_for_update()).first()
-        if row is None:
-            db.add(ToolCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                            user_id=claim.principal.user_id, step=step, call_id=call["id"],
-                            name=str(call["name"])[:200], idempotency_key=key, attempt=claim.attempt,
-                            status="started", runs=1, error=False))
-        elif row.attempt == claim.attempt and row.status == "started":
-            return  # a repeat after a dropped connection: the start landed
-        else:  # run again: an idempotent tool, or a retry the user chose; the key stays the first one
-            row.attempt, row.status, row.runs, row.started_at = claim.attempt, "started", row.runs + 1, utcnow()
-            row.output, row.finished_at = None, None
+        now = utcnow()
+        this_call = {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call["id"]}
+        inserted = db.execute(_per_dialect(db, "tool_insert", _build_tool_insert), {
+            **this_call, "b_tenant_id": claim.principal.tenant_id, "b_user_id": claim.principal.user_id,
+            "b_name": str(call["name"])[:200], "b_key": key, "b_attempt": claim.attempt, "b_now": now}).first()
+        if inserted is None:  # journaled before: by an earlier attempt, or by this one before a dropped connection
+            row = db.execute(_TOOL_ROW, this_call).one()
+            if row.attempt == claim.attempt and row.status == "started":
+                return  # a repeat after a dropped connection: the start landed
+            # Run again: an idempotent tool, or a retry the user chose; the key stays the first one.
+            db.execute(_TOOL_RERUN, {"b_row_id": row.id, "b_attempt": claim.attempt, "b_now": now})
         budgets.count(db, claim.principal, tool_calls=1)
 
 
@@ -286,9 +334,7 @@ def finish_tool_call(rt: Runtime, claim: Claim, step: int, call_id: str, output:
     with unit_of_work(rt.sessions, claim.principal) as db:
         if not fenced(db, claim):
             raise _lease_lost()
-        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step == step,
-                                                ToolCall.call_id == call_id).with_for_update()).first()
-        if row is None:
-            return
-        row.status = status or ("failed" if error else "succeeded")
-        row.output, row.error, row.finished_at, row.attempt = output, error, utcnow(), claim.attempt
+        # One statement: the row lock is the update's own (no row, nothing to record).
+        db.execute(_TOOL_FINISH, {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call_id,
+                                  "b_status": status or ("failed" if error else "succeeded"), "b_output": output,
+                                  "b_error": error, "b_now": utcnow(), "b_attempt": claim.attempt})
