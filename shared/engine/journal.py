@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, insert, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -120,12 +120,29 @@ _TOOL_RERUN = (update(_tool_calls).where(_tool_calls.c.id == bindparam("b_row_id
                .values(attempt=bindparam("b_attempt"), status="started", runs=_tool_calls.c.runs + 1,
                        started_at=bindparam("b_now", type_=_tool_calls.c.started_at.type), output=None,
                        finished_at=None))
+# The fence as a condition of the write itself (the same share lock, taken by the same statement).
+_FENCE_HOLDS = _FENCE.exists()
 _TOOL_FINISH = (update(_tool_calls)
                 .where(_tool_calls.c.turn_id == bindparam("b_turn_id"), _tool_calls.c.step == bindparam("b_step"),
-                       _tool_calls.c.call_id == bindparam("b_call_id"))
+                       _tool_calls.c.call_id == bindparam("b_call_id"), _FENCE_HOLDS)
                 .values(status=bindparam("b_status"), output=bindparam("b_output"), error=bindparam("b_error"),
                         finished_at=bindparam("b_now", type_=_tool_calls.c.finished_at.type),
-                        attempt=bindparam("b_attempt")))
+                        attempt=bindparam("b_attempt"))
+                .returning(_tool_calls.c.id))
+_RECORD = (update(_model_calls)
+           .where(_model_calls.c.turn_id == bindparam("b_turn_id"), _model_calls.c.step == bindparam("b_step"),
+                  ~((_model_calls.c.status == "recorded") & (_model_calls.c.attempt == bindparam("b_attempt"))))
+           .values(attempt=bindparam("b_attempt"), status="recorded",
+                   response=bindparam("b_response", type_=_model_calls.c.response.type),
+                   recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
+           .returning(_model_calls.c.id))
+_RECORDED = select(_model_calls.c.id).where(_model_calls.c.turn_id == bindparam("b_turn_id"),
+                                            _model_calls.c.step == bindparam("b_step"))
+_RECORD_NEW = insert(_model_calls).values(
+    turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
+    step=bindparam("b_step"), calls=1, attempt=bindparam("b_attempt"), status="recorded",
+    response=bindparam("b_response", type_=_model_calls.c.response.type),
+    recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
 _DIALECT_STATEMENTS: dict[tuple[str, str], Any] = {}
 
 
@@ -154,13 +171,16 @@ def _build_start(insert: Any) -> Any:
 
 def _build_tool_insert(insert: Any) -> Any:
     c = _tool_calls.c
-    # A row already there (an earlier attempt's, or this one's before a dropped connection) inserts nothing.
-    return insert(_tool_calls).values(
-        turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
-        step=bindparam("b_step"), call_id=bindparam("b_call_id"), name=bindparam("b_name"),
-        idempotency_key=bindparam("b_key"), attempt=bindparam("b_attempt"), status="started", runs=1, error=False,
-        started_at=bindparam("b_now", type_=c.started_at.type),
-    ).on_conflict_do_nothing(index_elements=[c.turn_id, c.step, c.call_id]).returning(c.id)
+    values = {"turn_id": bindparam("b_turn_id"), "tenant_id": bindparam("b_tenant_id"),
+              "user_id": bindparam("b_user_id"), "step": bindparam("b_step"), "call_id": bindparam("b_call_id"),
+              "name": bindparam("b_name"), "idempotency_key": bindparam("b_key"), "attempt": bindparam("b_attempt"),
+              "status": literal("started"), "runs": literal(1), "error": literal(False),
+              "started_at": bindparam("b_now", type_=c.started_at.type)}
+    # Only while the fence holds (its share lock taken by this statement); a row already there (an earlier
+    # attempt's, or this one's before a dropped connection) inserts nothing.
+    rows = select(*(type_coerce(v, c[k].type) for k, v in values.items())).where(_FENCE_HOLDS)
+    return (insert(_tool_calls).from_select(list(values), rows)
+            .on_conflict_do_nothing(index_elements=[c.turn_id, c.step, c.call_id]).returning(c.id))
 
 
 def fenced(db: Session, claim: Claim) -> bool:
@@ -281,18 +301,14 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
 def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
     budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
-    values = {"attempt": claim.attempt, "status": "recorded", "response": response_record(response),
-              "recorded_at": utcnow()}
-    this_step = (ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
+    params = {"b_turn_id": claim.turn_id, "b_step": claim.step, "b_attempt": claim.attempt,
+              "b_response": response_record(response), "b_now": utcnow()}
     # One statement in the usual case (the row its start wrote); the row lock is the update's own.
-    done = db.execute(update(ModelCall).where(*this_step, ~((ModelCall.status == "recorded")
-                                                            & (ModelCall.attempt == claim.attempt)))
-                      .values(**values).returning(ModelCall.id).execution_options(synchronize_session=False)).first()
-    if done is None:
-        if db.scalar(select(ModelCall.id).where(*this_step)) is not None:
+    if db.execute(_RECORD, params).first() is None:
+        if db.execute(_RECORDED, params).first() is not None:
             return  # a repeat after a dropped connection: it landed, and is counted
-        db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                         user_id=claim.principal.user_id, step=claim.step, calls=1, **values))
+        db.execute(_RECORD_NEW, {**params, "b_tenant_id": claim.principal.tenant_id,
+                                 "b_user_id": claim.principal.user_id})
     tokens = response.usage.input_tokens + response.usage.output_tokens
     budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
 
@@ -310,15 +326,20 @@ def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) ->
 def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], key: str) -> None:
     """Journal a tool call as started, committed before the tool runs (counted against the tool budget)."""
     with unit_of_work(rt.sessions, claim.principal) as db:
-        if not fenced(db, claim):
-            raise _lease_lost()
-        budgets.check_tool_calls(db, rt.settings, claim.turn_id)
+        if rt.settings.budget_tool_calls_per_turn > 0:
+            if not fenced(db, claim):
+                raise _lease_lost()  # before the budget says anything
+            budgets.check_tool_calls(db, rt.settings, claim.turn_id)
         now = utcnow()
-        this_call = {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call["id"]}
+        this_call = {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call["id"], "b_attempt": claim.attempt}
+        # The usual case in one statement: the row inserted, fenced.
         inserted = db.execute(_per_dialect(db, "tool_insert", _build_tool_insert), {
             **this_call, "b_tenant_id": claim.principal.tenant_id, "b_user_id": claim.principal.user_id,
-            "b_name": str(call["name"])[:200], "b_key": key, "b_attempt": claim.attempt, "b_now": now}).first()
-        if inserted is None:  # journaled before: by an earlier attempt, or by this one before a dropped connection
+            "b_name": str(call["name"])[:200], "b_key": key, "b_now": now}).first()
+        if inserted is None:
+            if not fenced(db, claim):
+                raise _lease_lost()
+            # Journaled before: by an earlier attempt, or by this one before a dropped connection.
             row = db.execute(_TOOL_ROW, this_call).one()
             if row.attempt == claim.attempt and row.status == "started":
                 return  # a repeat after a dropped connection: the start landed
@@ -332,9 +353,10 @@ def finish_tool_call(rt: Runtime, claim: Claim, step: int, call_id: str, output:
                      status: str | None = None) -> None:
     """Record a tool call's result as soon as it is known (``status``: succeeded/failed, or skipped)."""
     with unit_of_work(rt.sessions, claim.principal) as db:
-        if not fenced(db, claim):
-            raise _lease_lost()
-        # One statement: the row lock is the update's own (no row, nothing to record).
-        db.execute(_TOOL_FINISH, {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call_id,
-                                  "b_status": status or ("failed" if error else "succeeded"), "b_output": output,
-                                  "b_error": error, "b_now": utcnow(), "b_attempt": claim.attempt})
+        # One statement, fenced; the row lock is the update's own.
+        done = db.execute(_TOOL_FINISH, {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call_id,
+                                         "b_status": status or ("failed" if error else "succeeded"),
+                                         "b_output": output, "b_error": error, "b_now": utcnow(),
+                                         "b_attempt": claim.attempt}).first()
+        if done is None and not fenced(db, claim):
+            raise _lease_lost()  # else no row: nothing to record
