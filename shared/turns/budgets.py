@@ -23,11 +23,12 @@ largest call seen before it in the period).
 from __future__ import annotations
 
 import threading
+import typing
 import zlib
 from datetime import datetime, timedelta, timezone
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, func, select, text
+from sqlalchemy import Table, and_, bindparam, cast, func, select, text, true, type_coerce, union_all
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
@@ -190,23 +191,30 @@ _COUNT_STATEMENTS: dict[str, Any] = {}
 
 
 def _count_statement(dialect: str) -> Any:
-    """The upsert :func:`count` runs, built once per dialect (a multi-row VALUES built per call is compiled anew
-    each time: SQLAlchemy does not cache it)."""
+    """The upsert :func:`count` runs, built once per dialect: INSERT ... SELECT of the two rows (a multi-row
+    VALUES is compiled anew on every call: SQLAlchemy does not cache it)."""
     stmt = _COUNT_STATEMENTS.get(dialect)
     if stmt is not None:
         return stmt
-    if dialect == "postgresql":
+    postgres = dialect == "postgresql"
+    if postgres:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
     table = UsageCounter.__table__.c
-    shared = {name: bindparam(f"b_{name}", type_=table[name].type)
-              for name in ("tenant_id", "user_id", "tokens", "model_calls", "tool_calls", "max_call_tokens",
-                           "updated_at")}
-    stmt = insert(cast(Table, UsageCounter.__table__)).values([
-        {**shared, "period": bindparam(f"b_{period}_period", type_=table.period.type),
-         "starts_at": bindparam(f"b_{period}_starts_at", type_=table.starts_at.type)} for period in PERIODS])
-    greatest = func.greatest if dialect == "postgresql" else func.max
+    # Postgres types a UNION's bare parameters as text: each is cast to its column's type there (a CAST on
+    # SQLite would change a timestamp's affinity, and it needs none).
+    typed = cast if postgres else type_coerce
+    columns = ("tenant_id", "user_id", "period", "starts_at", "tokens", "model_calls", "tool_calls",
+               "max_call_tokens", "updated_at")
+
+    def row(period: str) -> Any:
+        names = {"period": f"b_{period}_period", "starts_at": f"b_{period}_starts_at"}
+        return select(*(typed(bindparam(names.get(name, f"b_{name}")), table[name].type) for name in columns)
+                      ).where(true())  # SQLite parses ON CONFLICT after an INSERT ... SELECT only after a WHERE
+    rows = union_all(*(row(period) for period in PERIODS))
+    stmt = insert(typing.cast(Table, UsageCounter.__table__)).from_select(list(columns), rows)
+    greatest = func.greatest if postgres else func.max
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
         set_={"tokens": table.tokens + stmt.excluded.tokens,
