@@ -136,6 +136,7 @@ _RECORD = (update(_model_calls)
                    response=bindparam("b_response", type_=_model_calls.c.response.type),
                    recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
            .returning(_model_calls.c.id))
+_RECORD_FENCED = _RECORD.where(_FENCE_HOLDS)
 _RECORDED = select(_model_calls.c.id).where(_model_calls.c.turn_id == bindparam("b_turn_id"),
                                             _model_calls.c.step == bindparam("b_step"))
 _RECORD_NEW = insert(_model_calls).values(
@@ -298,11 +299,15 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
             time.sleep(BUDGET_POLL_SECONDS)
 
 
+def _record_params(claim: Claim, response: ModelResponse) -> dict[str, Any]:
+    return {"b_turn_id": claim.turn_id, "b_step": claim.step, "b_attempt": claim.attempt,
+            "b_response": response_record(response), "b_now": utcnow()}
+
+
 def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
     budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
-    params = {"b_turn_id": claim.turn_id, "b_step": claim.step, "b_attempt": claim.attempt,
-              "b_response": response_record(response), "b_now": utcnow()}
+    params = _record_params(claim, response)
     # One statement in the usual case (the row its start wrote); the row lock is the update's own.
     if db.execute(_RECORD, params).first() is None:
         if db.execute(_RECORDED, params).first() is not None:
@@ -317,9 +322,14 @@ def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
 def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer before its tools run, and count its tokens. StepInterrupted if fenced out."""
     with _budget_transaction(rt, claim, claim.principal) as db:
-        if not fenced(db, claim):
-            raise _lease_lost()
-        record_response(db, claim, response)
+        # The usual case in one statement, fenced (the row its start wrote); else as the step's commit does it.
+        if db.execute(_RECORD_FENCED, _record_params(claim, response)).first() is None:
+            if not fenced(db, claim):
+                raise _lease_lost()
+            record_response(db, claim, response)
+            return
+        budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
+                      model_calls=1)
 
 
 @ride_out_outages
