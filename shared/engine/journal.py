@@ -11,10 +11,14 @@ Two records make side effects happen once:
   a dead attempt left ``started`` is a call whose outcome nobody knows
   (shared/engine/tools.py decides what to do with it).
 
-Every write is fenced like the step's commit: it first takes a share lock on the
-turn row where ``attempt`` is this attempt's. A zombie attempt (its lease lapsed,
-another claimed the turn) writes nothing and stops; a claim racing a write waits
-for it, so the new attempt reads what the old one recorded.
+Every write is fenced like the step's commit: it takes a share lock on the turn
+row where ``attempt`` is this attempt's, as a condition of the write statement
+itself (``EXISTS (… FOR SHARE)``; the separate fence read only when nothing was
+written, to tell a lost lease from a row already there). A zombie attempt (its
+lease lapsed, another claimed the turn) writes nothing and stops; a claim racing a
+write waits for it, so the new attempt reads what the old one recorded. The
+statements are built once (module level, or once per dialect for an ON CONFLICT)
+and run as Core statements: no ORM objects, no per-call construction.
 
 Budgets are checked in the same transaction that starts a model call
 (shared/turns/budgets.py), and usage is counted in the one that records it.
