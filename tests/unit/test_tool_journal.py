@@ -329,6 +329,43 @@ def test_the_fence_folded_into_each_journal_write_still_stops_a_zombie(jrt: Runt
     assert _counted_tool_calls(jrt, who) == before + 1
 
 
+def test_a_fenced_journal_write_holds_the_turn_row_until_it_commits(jrt: Runtime, who: Principal,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fence inside the write takes the turn row's share lock, as a separate fence read did: a claim
+    (which updates the row) would wait until the write's transaction ends."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from shared.engine.claim import claim_turn
+    from shared.engine.journal import record_model_response, start_model_call, start_tool_call
+    from shared.llm import ModelResponse
+    from shared.llm.base import ToolCallRequest, Usage
+    from shared.turns import budgets
+
+    _, tid = start(jrt, who)
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, tid, 0, "w1", 30)
+    assert claim is not None
+    start_model_call(jrt, claim, lambda: None)
+    locked: list[bool] = []
+    count = budgets.count
+
+    def count_and_probe(db: Any, *args: Any, **kwargs: Any) -> None:
+        count(db, *args, **kwargs)
+        with unit_of_work(jrt.sessions, SYSTEM) as other:  # another connection, while the write is uncommitted
+            try:
+                other.execute(text("SELECT id FROM turns WHERE id = :t FOR UPDATE NOWAIT"), {"t": tid})
+                locked.append(False)
+            except OperationalError:
+                locked.append(True)
+                other.rollback()
+    monkeypatch.setattr(budgets, "count", count_and_probe)
+    record_model_response(jrt, claim, ModelResponse(text="", tool_calls=[ToolCallRequest("c1", "charge", {})],
+                                                    usage=Usage(1, 1), finish_reason="tool_calls"))
+    start_tool_call(jrt, claim, 0, {"id": "c1", "name": "charge"}, "k")
+    assert locked == [True, True]
+
+
 def _counted_tool_calls(rt: Runtime, who: Principal) -> int:
     with unit_of_work(rt.sessions, SYSTEM) as db:
         return int(db.scalar(select(func.max(UsageCounter.tool_calls))
