@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import Row, Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared import checkpoints
@@ -62,58 +62,89 @@ class StepInput:
     event_cursor: int = 0
 
 
-def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float) -> Claim | None:
-    """Take the lease on ``turn_id`` for ``step``; None if someone else should (or did) run it.
+_turns, _sessions = cast(Table, Turn.__table__), cast(Table, AgentSession.__table__)
+_now = bindparam("now", type_=_turns.c.lease_expires_at.type)
+# Built once (no per-call construction or cache key): the claim, which also returns what the step reads of
+# its turn and sets the turn's deadline at its first claim, and the read of the session.
+_CLAIM = (
+    update(_turns)
+    .where(
+        _turns.c.id == bindparam("turn_id"),
+        _turns.c.step_count == bindparam("step"),
+        _turns.c.status.in_((TurnStatus.QUEUED, TurnStatus.IN_PROGRESS)),
+        or_(_turns.c.lease_expires_at.is_(None), _turns.c.lease_expires_at < _now),
+        _turns.c.id == select(_sessions.c.active_turn_id).where(_sessions.c.id == _turns.c.session_id)
+        .scalar_subquery(),
+    )
+    .values(
+        attempt=_turns.c.attempt + 1,
+        step_attempt=_turns.c.step_attempt + 1,
+        # A lease still set here lapsed: the attempt holding it died before the sweep noticed.
+        step_failures=_turns.c.step_failures + case((_turns.c.lease_expires_at.is_not(None), 1), else_=0),
+        lease_owner=bindparam("worker_id"),
+        lease_expires_at=bindparam("lease_until", type_=_turns.c.lease_expires_at.type),
+        status=TurnStatus.IN_PROGRESS,
+        started_at=func.coalesce(_turns.c.started_at, _now),
+        # Set once, from the first claim (``deadline``: None without a turn time limit); resuming a pause
+        # pushes it back by the time paused. (SET reads the row as it was: NULL started_at is the first claim.)
+        deadline_at=case((and_(_turns.c.deadline_at.is_(None), _turns.c.started_at.is_(None)),
+                          bindparam("deadline", type_=_turns.c.deadline_at.type)), else_=_turns.c.deadline_at),
+    )
+    .returning(_turns.c.session_id, _turns.c.attempt, _turns.c.step_attempt, _turns.c.tenant_id, _turns.c.user_id,
+               _turns.c.step_failures, _turns.c.input, _turns.c.resume, _turns.c.pending,
+               _turns.c.cancel_requested, _turns.c.deadline_at, _turns.c.retry_reason, _turns.c.started_at)
+)
+_SESSION = select(_sessions.c.agent, _sessions.c.event_cursor).where(_sessions.c.id == bindparam("session_id"))
+_SET_DEADLINE = update(_turns).where(_turns.c.id == bindparam("turn_id")).values(deadline_at=bindparam("deadline"))
 
-    This is the turn's ``queued`` → ``in_progress`` transition, in one statement.
-    """
+
+def _claim(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float,
+           turn_time_limit: float) -> tuple[Claim, Row[Any]] | None:
     now = utcnow()
-    active = select(AgentSession.active_turn_id).where(AgentSession.id == Turn.session_id).scalar_subquery()
-    row = db.execute(
-        update(Turn)
-        .where(
-            Turn.id == turn_id,
-            Turn.step_count == step,
-            Turn.status.in_((TurnStatus.QUEUED, TurnStatus.IN_PROGRESS)),
-            or_(Turn.lease_expires_at.is_(None), Turn.lease_expires_at < now),
-            Turn.id == active,
-        )
-        .values(
-            attempt=Turn.attempt + 1,
-            step_attempt=Turn.step_attempt + 1,
-            # A lease still set here lapsed: the attempt holding it died before the sweep noticed.
-            step_failures=Turn.step_failures + case((Turn.lease_expires_at.is_not(None), 1), else_=0),
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            status=TurnStatus.IN_PROGRESS,
-            started_at=func.coalesce(Turn.started_at, now),
-        )
-        .returning(Turn.session_id, Turn.attempt, Turn.step_attempt, Turn.tenant_id, Turn.user_id,
-                   Turn.step_failures)
-        .execution_options(synchronize_session=False)
-    ).first()
+    deadline = now + timedelta(seconds=turn_time_limit) if turn_time_limit > 0 else None
+    row = db.execute(_CLAIM, {"turn_id": turn_id, "step": step, "now": now, "worker_id": worker_id,
+                              "lease_until": now + timedelta(seconds=lease_seconds), "deadline": deadline}).first()
     if row is None:
         return None
-    return Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt, Principal(row.tenant_id, row.user_id),
-                 step_failures=row.step_failures)
+    claim = Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt, Principal(row.tenant_id, row.user_id),
+                  step_failures=row.step_failures)
+    return claim, row
 
 
-def load_step_input(db: Session, claim: Claim, turn_time_limit: float,
-                    cache: checkpoints.HistoryCache | None = None) -> StepInput | None:
-    """Read what the step needs (turn, session, the history as of the latest checkpoint, from ``cache`` when
-    it holds it); None if the turn or session is gone."""
-    turn = db.get(Turn, claim.turn_id)
-    session = db.get(AgentSession, claim.session_id)
-    if turn is None or session is None:
-        return None
-    _, history = checkpoints.load(db, session.id, cache)
-    if turn.deadline_at is None and turn_time_limit > 0 and turn.started_at is not None:
-        # Set once, from the first claim; resuming a pause pushes it back by the time paused.
-        turn.deadline_at = aware(turn.started_at) + timedelta(seconds=turn_time_limit)
-    return StepInput(
-        tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=session.id, agent_name=session.agent,
+def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float,
+               turn_time_limit: float = 0) -> Claim | None:
+    """Take the lease on ``turn_id`` for ``step``; None if someone else should (or did) run it.
+
+    This is the turn's ``queued`` → ``in_progress`` transition, in one statement (which sets the turn's
+    deadline at its first claim, given ``turn_time_limit``).
+    """
+    claimed = _claim(db, turn_id, step, worker_id, lease_seconds, turn_time_limit)
+    return claimed[0] if claimed is not None else None
+
+
+def claim_and_load(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float,
+                   turn_time_limit: float, cache: checkpoints.HistoryCache | None = None
+                   ) -> tuple[Claim | None, StepInput | None]:
+    """:func:`claim_turn`, and what the step needs: the turn as the claim returned it, the session, the history
+    as of the latest checkpoint (from ``cache`` when it holds it), each read after the claim (so as of it).
+    The input is None if the session is gone."""
+    claimed = _claim(db, turn_id, step, worker_id, lease_seconds, turn_time_limit)
+    if claimed is None:
+        return None, None
+    claim, turn = claimed
+    session = db.execute(_SESSION, {"session_id": claim.session_id}).first()
+    if session is None:
+        return claim, None
+    _, history = checkpoints.load(db, claim.session_id, cache)
+    deadline_at = turn.deadline_at
+    if deadline_at is None and turn_time_limit > 0 and turn.started_at is not None:
+        # Not set at the turn's first claim (no limit then): set from it now.
+        deadline_at = aware(turn.started_at) + timedelta(seconds=turn_time_limit)
+        db.execute(_SET_DEADLINE, {"turn_id": turn_id, "deadline": deadline_at})
+    return claim, StepInput(
+        tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=claim.session_id, agent_name=session.agent,
         input=turn.input, resume=turn.resume, pending=turn.pending, cancel=turn.cancel_requested,
-        deadline_at=turn.deadline_at, retry_reason=turn.retry_reason,
+        deadline_at=deadline_at, retry_reason=turn.retry_reason,
         history=tuple(history),
         event_cursor=session.event_cursor or 0,
     )

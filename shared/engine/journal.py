@@ -11,10 +11,14 @@ Two records make side effects happen once:
   a dead attempt left ``started`` is a call whose outcome nobody knows
   (shared/engine/tools.py decides what to do with it).
 
-Every write is fenced like the step's commit: it first takes a share lock on the
-turn row where ``attempt`` is this attempt's. A zombie attempt (its lease lapsed,
-another claimed the turn) writes nothing and stops; a claim racing a write waits
-for it, so the new attempt reads what the old one recorded.
+Every write is fenced like the step's commit: it takes a share lock on the turn
+row where ``attempt`` is this attempt's, as a condition of the write statement
+itself (``EXISTS (… FOR SHARE)``; the separate fence read only when nothing was
+written, to tell a lost lease from a row already there). A zombie attempt (its
+lease lapsed, another claimed the turn) writes nothing and stops; a claim racing a
+write waits for it, so the new attempt reads what the old one recorded. The
+statements are built once (module level, or once per dialect for an ON CONFLICT)
+and run as Core statements: no ORM objects, no per-call construction.
 
 Budgets are checked in the same transaction that starts a model call
 (shared/turns/budgets.py), and usage is counted in the one that records it.
@@ -36,9 +40,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, insert, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -106,10 +110,87 @@ class StepJournal:
         return self.calls.get((step, call_id))
 
 
+_turns, _model_calls, _tool_calls = (cast(Table, Turn.__table__), cast(Table, ModelCall.__table__),
+                                      cast(Table, ToolCall.__table__))
+# The journal's statements, built once (no per-call construction, cache key or ORM unit of work); those with
+# an ON CONFLICT clause once per dialect (:func:`_per_dialect`).
+_FENCE = (select(_turns.c.id).where(_turns.c.id == bindparam("b_turn_id"), _turns.c.attempt == bindparam("b_attempt"))
+          .with_for_update(read=True))
+_TOOL_ROW = (select(_tool_calls.c.id, _tool_calls.c.attempt, _tool_calls.c.status, _tool_calls.c.runs)
+             .where(_tool_calls.c.turn_id == bindparam("b_turn_id"), _tool_calls.c.step == bindparam("b_step"),
+                    _tool_calls.c.call_id == bindparam("b_call_id"))
+             .with_for_update())
+_TOOL_RERUN = (update(_tool_calls).where(_tool_calls.c.id == bindparam("b_row_id"))
+               .values(attempt=bindparam("b_attempt"), status="started", runs=_tool_calls.c.runs + 1,
+                       started_at=bindparam("b_now", type_=_tool_calls.c.started_at.type), output=None,
+                       finished_at=None))
+# The fence as a condition of the write itself (the same share lock, taken by the same statement).
+_FENCE_HOLDS = _FENCE.exists()
+_TOOL_FINISH = (update(_tool_calls)
+                .where(_tool_calls.c.turn_id == bindparam("b_turn_id"), _tool_calls.c.step == bindparam("b_step"),
+                       _tool_calls.c.call_id == bindparam("b_call_id"), _FENCE_HOLDS)
+                .values(status=bindparam("b_status"), output=bindparam("b_output"), error=bindparam("b_error"),
+                        finished_at=bindparam("b_now", type_=_tool_calls.c.finished_at.type),
+                        attempt=bindparam("b_attempt"))
+                .returning(_tool_calls.c.id))
+_RECORD = (update(_model_calls)
+           .where(_model_calls.c.turn_id == bindparam("b_turn_id"), _model_calls.c.step == bindparam("b_step"),
+                  ~((_model_calls.c.status == "recorded") & (_model_calls.c.attempt == bindparam("b_attempt"))))
+           .values(attempt=bindparam("b_attempt"), status="recorded",
+                   response=bindparam("b_response", type_=_model_calls.c.response.type),
+                   recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
+           .returning(_model_calls.c.id))
+_RECORD_FENCED = _RECORD.where(_FENCE_HOLDS)
+_RECORDED = select(_model_calls.c.id).where(_model_calls.c.turn_id == bindparam("b_turn_id"),
+                                            _model_calls.c.step == bindparam("b_step"))
+_RECORD_NEW = insert(_model_calls).values(
+    turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
+    step=bindparam("b_step"), calls=1, attempt=bindparam("b_attempt"), status="recorded",
+    response=bindparam("b_response", type_=_model_calls.c.response.type),
+    recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
+_DIALECT_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _per_dialect(db: Session, name: str, build: Callable[[Any], Any]) -> Any:
+    """The statement ``build(insert)`` makes with ``db``'s dialect's INSERT, built once per dialect."""
+    dialect = db.get_bind().dialect.name
+    stmt = _DIALECT_STATEMENTS.get((dialect, name))
+    if stmt is None:
+        stmt = _DIALECT_STATEMENTS[(dialect, name)] = build(budgets.dialect_insert(db))
+    return stmt
+
+
+def _build_start(insert: Any) -> Any:
+    c = _model_calls.c
+    stmt = insert(_model_calls).values(
+        turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
+        step=bindparam("b_step"), attempt=bindparam("b_attempt"), status="started", calls=1,
+        started_at=bindparam("b_now", type_=c.started_at.type))
+    # An earlier attempt called the model and died first; a repeat of this attempt's start changes nothing.
+    return stmt.on_conflict_do_update(
+        index_elements=[c.turn_id, c.step],
+        set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
+              "calls": c.calls + 1},
+        where=c.attempt != stmt.excluded.attempt)
+
+
+def _build_tool_insert(insert: Any) -> Any:
+    c = _tool_calls.c
+    values = {"turn_id": bindparam("b_turn_id"), "tenant_id": bindparam("b_tenant_id"),
+              "user_id": bindparam("b_user_id"), "step": bindparam("b_step"), "call_id": bindparam("b_call_id"),
+              "name": bindparam("b_name"), "idempotency_key": bindparam("b_key"), "attempt": bindparam("b_attempt"),
+              "status": literal("started"), "runs": literal(1), "error": literal(False),
+              "started_at": bindparam("b_now", type_=c.started_at.type)}
+    # Only while the fence holds (its share lock taken by this statement); a row already there (an earlier
+    # attempt's, or this one's before a dropped connection) inserts nothing.
+    rows = select(*(type_coerce(v, c[k].type) for k, v in values.items())).where(_FENCE_HOLDS)
+    return (insert(_tool_calls).from_select(list(values), rows)
+            .on_conflict_do_nothing(index_elements=[c.turn_id, c.step, c.call_id]).returning(c.id))
+
+
 def fenced(db: Session, claim: Claim) -> bool:
     """True if ``claim`` still holds the turn; holds a share lock on the turn row until the transaction ends."""
-    query = select(Turn.id).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt).with_for_update(read=True)
-    return db.execute(query).first() is not None
+    return db.execute(_FENCE, {"b_turn_id": claim.turn_id, "b_attempt": claim.attempt}).first() is not None
 
 
 def _lease_lost() -> StepInterrupted:
@@ -172,17 +253,10 @@ def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Sessi
 def _mark_started(db: Session, claim: Claim) -> None:
     """This attempt's model call of the step, in flight (a row an earlier attempt left is taken over): one
     statement."""
-    insert = budgets.dialect_insert(db)
-    stmt = insert(ModelCall).values(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                                    user_id=claim.principal.user_id, step=claim.step, attempt=claim.attempt,
-                                    status="started", calls=1, started_at=utcnow())
-    table = ModelCall.__table__.c
-    db.execute(stmt.on_conflict_do_update(
-        index_elements=[table.turn_id, table.step],
-        # An earlier attempt called the model and died first; a repeat of this attempt's start changes nothing.
-        set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
-              "calls": table.calls + 1},
-        where=table.attempt != stmt.excluded.attempt))
+    db.execute(_per_dialect(db, "start", _build_start),
+               {"b_turn_id": claim.turn_id, "b_tenant_id": claim.principal.tenant_id,
+                "b_user_id": claim.principal.user_id, "b_step": claim.step, "b_attempt": claim.attempt,
+                "b_now": utcnow()})
 
 
 def start_model_call_with_claim(db: Session, rt: Runtime, claim: Claim) -> bool:
@@ -229,21 +303,21 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
             time.sleep(BUDGET_POLL_SECONDS)
 
 
+def _record_params(claim: Claim, response: ModelResponse) -> dict[str, Any]:
+    return {"b_turn_id": claim.turn_id, "b_step": claim.step, "b_attempt": claim.attempt,
+            "b_response": response_record(response), "b_now": utcnow()}
+
+
 def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
     budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
-    values = {"attempt": claim.attempt, "status": "recorded", "response": response_record(response),
-              "recorded_at": utcnow()}
-    this_step = (ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
+    params = _record_params(claim, response)
     # One statement in the usual case (the row its start wrote); the row lock is the update's own.
-    done = db.execute(update(ModelCall).where(*this_step, ~((ModelCall.status == "recorded")
-                                                            & (ModelCall.attempt == claim.attempt)))
-                      .values(**values).returning(ModelCall.id).execution_options(synchronize_session=False)).first()
-    if done is None:
-        if db.scalar(select(ModelCall.id).where(*this_step)) is not None:
+    if db.execute(_RECORD, params).first() is None:
+        if db.execute(_RECORDED, params).first() is not None:
             return  # a repeat after a dropped connection: it landed, and is counted
-        db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                         user_id=claim.principal.user_id, step=claim.step, calls=1, **values))
+        db.execute(_RECORD_NEW, {**params, "b_tenant_id": claim.principal.tenant_id,
+                                 "b_user_id": claim.principal.user_id})
     tokens = response.usage.input_tokens + response.usage.output_tokens
     budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
 
@@ -252,30 +326,39 @@ def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
 def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer before its tools run, and count its tokens. StepInterrupted if fenced out."""
     with _budget_transaction(rt, claim, claim.principal) as db:
-        if not fenced(db, claim):
-            raise _lease_lost()
-        record_response(db, claim, response)
+        # The usual case in one statement, fenced (the row its start wrote); else as the step's commit does it.
+        if db.execute(_RECORD_FENCED, _record_params(claim, response)).first() is None:
+            if not fenced(db, claim):
+                raise _lease_lost()
+            record_response(db, claim, response)
+            return
+        budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
+                      model_calls=1)
 
 
 @ride_out_outages
 def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], key: str) -> None:
     """Journal a tool call as started, committed before the tool runs (counted against the tool budget)."""
     with unit_of_work(rt.sessions, claim.principal) as db:
-        if not fenced(db, claim):
-            raise _lease_lost()
-        budgets.check_tool_calls(db, rt.settings, claim.turn_id)
-        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step == step,
-                                                ToolCall.call_id == call["id"]).with_for_update()).first()
-        if row is None:
-            db.add(ToolCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                            user_id=claim.principal.user_id, step=step, call_id=call["id"],
-                            name=str(call["name"])[:200], idempotency_key=key, attempt=claim.attempt,
-                            status="started", runs=1, error=False))
-        elif row.attempt == claim.attempt and row.status == "started":
-            return  # a repeat after a dropped connection: the start landed
-        else:  # run again: an idempotent tool, or a retry the user chose; the key stays the first one
-            row.attempt, row.status, row.runs, row.started_at = claim.attempt, "started", row.runs + 1, utcnow()
-            row.output, row.finished_at = None, None
+        if rt.settings.budget_tool_calls_per_turn > 0:
+            if not fenced(db, claim):
+                raise _lease_lost()  # before the budget says anything
+            budgets.check_tool_calls(db, rt.settings, claim.turn_id)
+        now = utcnow()
+        this_call = {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call["id"], "b_attempt": claim.attempt}
+        # The usual case in one statement: the row inserted, fenced.
+        inserted = db.execute(_per_dialect(db, "tool_insert", _build_tool_insert), {
+            **this_call, "b_tenant_id": claim.principal.tenant_id, "b_user_id": claim.principal.user_id,
+            "b_name": str(call["name"])[:200], "b_key": key, "b_now": now}).first()
+        if inserted is None:
+            if not fenced(db, claim):
+                raise _lease_lost()
+            # Journaled before: by an earlier attempt, or by this one before a dropped connection.
+            row = db.execute(_TOOL_ROW, this_call).one()
+            if row.attempt == claim.attempt and row.status == "started":
+                return  # a repeat after a dropped connection: the start landed
+            # Run again: an idempotent tool, or a retry the user chose; the key stays the first one.
+            db.execute(_TOOL_RERUN, {"b_row_id": row.id, "b_attempt": claim.attempt, "b_now": now})
         budgets.count(db, claim.principal, tool_calls=1)
 
 
@@ -284,11 +367,10 @@ def finish_tool_call(rt: Runtime, claim: Claim, step: int, call_id: str, output:
                      status: str | None = None) -> None:
     """Record a tool call's result as soon as it is known (``status``: succeeded/failed, or skipped)."""
     with unit_of_work(rt.sessions, claim.principal) as db:
-        if not fenced(db, claim):
-            raise _lease_lost()
-        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == claim.turn_id, ToolCall.step == step,
-                                                ToolCall.call_id == call_id).with_for_update()).first()
-        if row is None:
-            return
-        row.status = status or ("failed" if error else "succeeded")
-        row.output, row.error, row.finished_at, row.attempt = output, error, utcnow(), claim.attempt
+        # One statement, fenced; the row lock is the update's own.
+        done = db.execute(_TOOL_FINISH, {"b_turn_id": claim.turn_id, "b_step": step, "b_call_id": call_id,
+                                         "b_status": status or ("failed" if error else "succeeded"),
+                                         "b_output": output, "b_error": error, "b_now": utcnow(),
+                                         "b_attempt": claim.attempt}).first()
+        if done is None and not fenced(db, claim):
+            raise _lease_lost()  # else no row: nothing to record

@@ -33,7 +33,7 @@ from shared.auth.principal import SYSTEM
 from shared.clock import aware, utcnow
 from shared.db import unit_of_work
 from shared.engine.buffer import StepEvents
-from shared.engine.claim import Claim, StepInput, claim_turn, load_step_input
+from shared.engine.claim import Claim, StepInput, claim_and_load
 from shared.engine.commit import commit_step, release_step
 from shared.engine.journal import (
     StepJournal,
@@ -81,20 +81,10 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         time.sleep(0.2)  # not a busy loop if this very worker receives the message again
         rt.queue.enqueue_step(turn_id, step)
         return StepOutcome.PASSED_ON
-    # The claim looks a turn up by id alone: the one cross-tenant read of a step.
     claimed_at = time.monotonic()  # the lease runs from (no earlier than) here
-    # The claim and the step's input in one transaction (one round of BEGIN/COMMIT): the input is
-    # read by the ids the claim returned, so the system scope reads nothing the turn's owner cannot.
-    with unit_of_work(rt.sessions, SYSTEM) as db:
-        if not fairshare.admit(db, rt.settings, turn_id, step):
-            return StepOutcome.DEFERRED  # its user or tenant is at its running cap: sent again when a slot frees
-        claim = claim_turn(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds)
-        loaded = (load_step_input(db, claim, rt.settings.turn_time_limit, rt.history_cache)
-                  if claim is not None else None)
-        # The step's model call, started (its budgets checked) with the claim when the step goes straight
-        # to it: one transaction fewer per step (shared/engine/journal.py).
-        call_started = (claim is not None and loaded is not None and _calls_the_model_first(rt, claim, loaded)
-                        and start_model_call_with_claim(db, rt, claim))
+    deferred, claim, loaded, call_started = claim_step(rt, turn_id, step)
+    if deferred:
+        return StepOutcome.DEFERRED  # its user or tenant is at its running cap: sent again when a slot frees
     if claim is None:
         return StepOutcome.SKIPPED
     # The connection is back in the pool before the model is called.
@@ -169,6 +159,25 @@ def run_step(rt: Runtime, turn_id: str, step: int) -> TurnStatus | StepOutcome:
         return commit_step(rt, claim, result, state, events)
     finally:
         watch.stop()
+
+
+def claim_step(rt: Runtime, turn_id: str, step: int) -> tuple[bool, Claim | None, StepInput | None, bool]:
+    """The claim's transaction: (deferred by the fair share, the claim, the step's input, the model call started).
+
+    The claim looks a turn up by id alone: the one cross-tenant read of a step. The claim and the step's
+    input in one transaction (one round of BEGIN/COMMIT): the input is read by the ids the claim returned,
+    so the system scope reads nothing the turn's owner cannot.
+    """
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        if not fairshare.admit(db, rt.settings, turn_id, step):
+            return True, None, None, False
+        claim, loaded = claim_and_load(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds,
+                                       rt.settings.turn_time_limit, rt.history_cache)
+        # The step's model call, started (its budgets checked) with the claim when the step goes straight
+        # to it: one transaction fewer per step (shared/engine/journal.py).
+        call_started = (claim is not None and loaded is not None and _calls_the_model_first(rt, claim, loaded)
+                        and start_model_call_with_claim(db, rt, claim))
+    return False, claim, loaded, call_started
 
 
 def _calls_the_model_first(rt: Runtime, claim: Claim, loaded: StepInput) -> bool:

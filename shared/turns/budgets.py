@@ -23,11 +23,12 @@ largest call seen before it in the period).
 from __future__ import annotations
 
 import threading
+import typing
 import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, select, text
+from sqlalchemy import Table, and_, bindparam, cast, func, select, text, true, type_coerce, union_all
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
@@ -186,26 +187,56 @@ def dialect_insert(db: Session) -> Any:
     return insert
 
 
+_COUNT_STATEMENTS: dict[str, Any] = {}
+
+
+def _count_statement(dialect: str) -> Any:
+    """The upsert :func:`count` runs, built once per dialect: INSERT ... SELECT of the two rows (a multi-row
+    VALUES is compiled anew on every call: SQLAlchemy does not cache it)."""
+    stmt = _COUNT_STATEMENTS.get(dialect)
+    if stmt is not None:
+        return stmt
+    postgres = dialect == "postgresql"
+    if postgres:
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
+    table = UsageCounter.__table__.c
+    # Postgres types a UNION's bare parameters as text: each is cast to its column's type there (a CAST on
+    # SQLite would change a timestamp's affinity, and it needs none).
+    typed = cast if postgres else type_coerce
+    columns = ("tenant_id", "user_id", "period", "starts_at", "tokens", "model_calls", "tool_calls",
+               "max_call_tokens", "updated_at")
+
+    def row(period: str) -> Any:
+        names = {"period": f"b_{period}_period", "starts_at": f"b_{period}_starts_at"}
+        return select(*(typed(bindparam(names.get(name, f"b_{name}")), table[name].type) for name in columns)
+                      ).where(true())  # SQLite parses ON CONFLICT after an INSERT ... SELECT only after a WHERE
+    rows = union_all(*(row(period) for period in PERIODS))
+    stmt = insert(typing.cast(Table, UsageCounter.__table__)).from_select(list(columns), rows)
+    greatest = func.greatest if postgres else func.max
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
+        set_={"tokens": table.tokens + stmt.excluded.tokens,
+              "model_calls": table.model_calls + stmt.excluded.model_calls,
+              "tool_calls": table.tool_calls + stmt.excluded.tool_calls,
+              "max_call_tokens": greatest(table.max_call_tokens, stmt.excluded.max_call_tokens),
+              "updated_at": stmt.excluded.updated_at})
+    _COUNT_STATEMENTS[dialect] = stmt
+    return stmt
+
+
 def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0, tool_calls: int = 0,
           now: datetime | None = None) -> None:
     """Add to ``who``'s counters of the current day and month (one upsert of both rows: concurrent adds all
     count)."""
     now = now or utcnow()
-    postgres = db.get_bind().dialect.name == "postgresql"
-    stmt = dialect_insert(db)(UsageCounter).values([
-        dict(tenant_id=who.tenant_id, user_id=who.user_id, period=period, starts_at=period_start(period, now),
-             tokens=tokens, model_calls=model_calls, tool_calls=tool_calls,
-             max_call_tokens=tokens if model_calls else 0, updated_at=now)
-        for period in PERIODS])
-    table = UsageCounter.__table__.c
-    db.execute(stmt.on_conflict_do_update(
-        index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
-        set_={"tokens": table.tokens + stmt.excluded.tokens,
-              "model_calls": table.model_calls + stmt.excluded.model_calls,
-              "tool_calls": table.tool_calls + stmt.excluded.tool_calls,
-              "max_call_tokens": func.greatest(table.max_call_tokens, stmt.excluded.max_call_tokens)
-              if postgres else func.max(table.max_call_tokens, stmt.excluded.max_call_tokens),
-              "updated_at": stmt.excluded.updated_at}))
+    params: dict[str, Any] = {"b_tenant_id": who.tenant_id, "b_user_id": who.user_id, "b_tokens": tokens,
+                              "b_model_calls": model_calls, "b_tool_calls": tool_calls,
+                              "b_max_call_tokens": tokens if model_calls else 0, "b_updated_at": now}
+    for period in PERIODS:
+        params[f"b_{period}_period"], params[f"b_{period}_starts_at"] = period, period_start(period, now)
+    db.execute(_count_statement(db.get_bind().dialect.name), params)
 
 
 def usage_report(db: Session, settings: Settings, who: Principal, now: datetime | None = None) -> dict[str, Any]:

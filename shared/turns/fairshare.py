@@ -30,9 +30,9 @@ import threading
 import zlib
 from collections import Counter
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, ScalarSelect, func, or_, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, Table, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -80,20 +80,6 @@ def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait
     return bool(db.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), key))
 
 
-def running(db: Session, settings: Settings, tenant_id: str, user_id: str) -> tuple[int, int]:
-    """(the user's, the tenant's) running turns, in one statement; the tenant's only with its cap on (0 else).
-
-    The tenant's count needs a scope that sees the tenant (the claim's SYSTEM)."""
-    query = select(func.count().filter(Turn.user_id == user_id), func.count()).where(
-        Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id)
-    if settings.max_running_turns_per_tenant <= 0:
-        query = query.where(Turn.user_id == user_id)
-        row = db.execute(query).one()
-        return int(row[0]), 0
-    row = db.execute(query).one()
-    return int(row[0]), int(row[1])
-
-
 def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tuple[str, str] | None:
     """Which cap a new turn would pass ("user" or "tenant") and a phrase for the log; None if it fits."""
     user_cap, tenant_cap = settings.max_running_turns_per_user, settings.max_running_turns_per_tenant
@@ -104,6 +90,35 @@ def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tupl
     return None
 
 
+_turns, _sessions = cast(Table, Turn.__table__), cast(Table, AgentSession.__table__)
+# The admission's statements, built once (no per-call construction or cache key).
+_ACTIVE = select(_sessions.c.active_turn_id).where(_sessions.c.id == _turns.c.session_id).scalar_subquery()
+_ADMIT_TURN = select(_turns.c.tenant_id, _turns.c.user_id, _turns.c.status).where(
+    _turns.c.id == bindparam("turn_id"), _turns.c.id == _ACTIVE)
+_RUNNING_USER = select(func.count()).where(
+    _turns.c.status == TurnStatus.IN_PROGRESS, _turns.c.tenant_id == bindparam("tenant_id"),
+    _turns.c.user_id == bindparam("user_id"))
+_RUNNING_TENANT = select(func.count().filter(_turns.c.user_id == bindparam("user_id")), func.count()).where(
+    _turns.c.status == TurnStatus.IN_PROGRESS, _turns.c.tenant_id == bindparam("tenant_id"))
+_DEFER = (update(_turns)
+          .where(_turns.c.id == bindparam("turn_id"), _turns.c.status == TurnStatus.QUEUED, _turns.c.step_count == 0,
+                 or_(_turns.c.lease_expires_at.is_(None),
+                     _turns.c.lease_expires_at < bindparam("now", type_=_turns.c.lease_expires_at.type)),
+                 _turns.c.id == _ACTIVE)
+          .values(enqueued_at=None, lease_owner=None, lease_expires_at=None))
+
+
+def running(db: Session, settings: Settings, tenant_id: str, user_id: str) -> tuple[int, int]:
+    """(the user's, the tenant's) running turns, in one statement; the tenant's only with its cap on (0 else).
+
+    The tenant's count needs a scope that sees the tenant (the claim's SYSTEM)."""
+    who = {"tenant_id": tenant_id, "user_id": user_id}
+    if settings.max_running_turns_per_tenant <= 0:
+        return int(db.execute(_RUNNING_USER, who).scalar_one()), 0
+    row = db.execute(_RUNNING_TENANT, who).one()
+    return int(row[0]), int(row[1])
+
+
 def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     """Before the claim (``db`` in the SYSTEM scope): False if the turn must wait for a slot, now deferred.
 
@@ -112,8 +127,7 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     """
     if step != 0 or not caps_on(settings):
         return True
-    row = db.execute(select(Turn.tenant_id, Turn.user_id, Turn.status)
-                     .where(Turn.id == turn_id, Turn.id == _active_turn())).first()
+    row = db.execute(_ADMIT_TURN, {"turn_id": turn_id}).first()
     if row is None or row.status != TurnStatus.QUEUED:
         return True  # the claim decides (not the session's turn: nothing to claim; or already running)
     _lock(db, settings, row.tenant_id, row.user_id)
@@ -121,12 +135,7 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     if over is None:
         return True
     cap, why = over
-    now = utcnow()
-    db.execute(update(Turn)
-               .where(Turn.id == turn_id, Turn.status == TurnStatus.QUEUED, Turn.step_count == 0,
-                      or_(Turn.lease_expires_at.is_(None), Turn.lease_expires_at < now), Turn.id == _active_turn())
-               .values(enqueued_at=None, lease_owner=None, lease_expires_at=None)
-               .execution_options(synchronize_session=False))
+    db.execute(_DEFER, {"turn_id": turn_id, "now": utcnow()})
     log.info("turn %s: deferred, %s; it starts when a slot frees", turn_id, why)
     after_commit(db, lambda: TURNS_DEFERRED.labels(cap=cap).inc())
     return False

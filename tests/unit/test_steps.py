@@ -212,3 +212,36 @@ def test_a_first_attempt_holds_its_status_events_for_a_delta_a_retry_does_not(rt
     retry = StepEvents(rt, Claim("turn_hold", "ses_hold", 0, 2, 2, who))
     retry.add("step.retrying", {"step": 0, "attempt": 2, "reason": "died"})
     assert retry.flush_due()  # the attempt before died: this one may too, so it says so at once
+
+
+def test_the_claim_sets_the_turn_deadline_once_from_its_first_claim(rt: Runtime, who: Principal) -> None:
+    """The claim's own UPDATE sets ``deadline_at`` at the turn's first claim (started_at + the limit); a later
+    claim keeps it; a turn started without a limit gets one from its start when a limit is set."""
+    from shared.engine.claim import claim_and_load
+
+    _, tid = _start_turn(rt, who, "echo", "hi")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claim, loaded = claim_and_load(db, tid, 0, "w1", 60, 100.0)
+    assert claim is not None and loaded is not None and loaded.deadline_at is not None
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        turn = db.get(Turn, tid)
+        assert turn is not None and turn.started_at is not None
+        assert turn.deadline_at == loaded.deadline_at == turn.started_at + timedelta(seconds=100)
+        first = turn.deadline_at
+        db.execute(update(Turn).where(Turn.id == tid).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        again, reloaded = claim_and_load(db, tid, 0, "w2", 60, 500.0)
+    assert again is not None and reloaded is not None and reloaded.deadline_at == first
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        db.execute(update(Turn).where(Turn.id == tid).values(deadline_at=None,
+                                                             lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        late, late_loaded = claim_and_load(db, tid, 0, "w3", 60, 50.0)
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        turn = db.get(Turn, tid)
+        assert late is not None and late_loaded is not None and turn is not None and turn.started_at is not None
+        assert turn.deadline_at == late_loaded.deadline_at == turn.started_at + timedelta(seconds=50)
+    _, other = _start_turn(rt, who, "echo", "no limit")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claimed, unlimited = claim_and_load(db, other, 0, "w1", 60, 0)
+    assert claimed is not None and unlimited is not None and unlimited.deadline_at is None

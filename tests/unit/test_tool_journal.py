@@ -285,6 +285,94 @@ def test_a_zombie_attempt_cannot_record(jrt: Runtime, who: Principal) -> None:
         assert db.scalars(select(ToolCall.status).where(ToolCall.turn_id == tid)).one() == "started"
 
 
+def test_the_fence_folded_into_each_journal_write_still_stops_a_zombie(jrt: Runtime, who: Principal) -> None:
+    """Each write carries its fence: after another attempt claimed the turn, the old one's response record, tool
+    start and tool finish all raise and write nothing, while the new attempt's own writes land (and a repeat of
+    one, as after a dropped connection, changes nothing and is counted once)."""
+    from shared.engine.claim import claim_turn
+    from shared.engine.journal import finish_tool_call, record_model_response, start_model_call, start_tool_call
+    from shared.engine.outcome import StepInterrupted
+    from shared.llm import ModelResponse
+    from shared.llm.base import ToolCallRequest, Usage
+
+    response = ModelResponse(text="", tool_calls=[ToolCallRequest("c1", "charge", {})], usage=Usage(3, 4),
+                             finish_reason="tool_calls")
+    _, tid = start(jrt, who)
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        old = claim_turn(db, tid, 0, "w1", 30)
+    assert old is not None
+    start_model_call(jrt, old, lambda: None)
+    lapse_lease(jrt, tid)
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        new = claim_turn(db, tid, 0, "w2", 30)
+    assert new is not None
+    for write in (lambda: record_model_response(jrt, old, response),
+                  lambda: start_tool_call(jrt, old, 0, {"id": "c1", "name": "charge"}, "k"),
+                  lambda: finish_tool_call(jrt, old, 0, "c1", "charged", False)):
+        with pytest.raises(StepInterrupted):
+            write()
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        assert db.scalars(select(ModelCall.status).where(ModelCall.turn_id == tid)).one() == "started"
+        assert db.scalars(select(ToolCall.id).where(ToolCall.turn_id == tid)).all() == []
+    before = _counted_tool_calls(jrt, who)
+    start_model_call(jrt, new, lambda: None)
+    for _ in range(2):  # the second time: a repeat after a dropped connection
+        record_model_response(jrt, new, response)
+        start_tool_call(jrt, new, 0, {"id": "c1", "name": "charge"}, "k")
+    finish_tool_call(jrt, new, 0, "c1", "charged", False)
+    finish_tool_call(jrt, new, 0, "no-such-call", "x", False)  # no row: nothing to record, no error
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        call = db.scalars(select(ModelCall).where(ModelCall.turn_id == tid)).one()
+        assert (call.status, call.attempt, call.calls) == ("recorded", new.attempt, 2)
+        row = db.scalars(select(ToolCall).where(ToolCall.turn_id == tid)).one()
+        assert (row.status, row.attempt, row.runs, row.output) == ("succeeded", new.attempt, 1, "charged")
+    assert _counted_tool_calls(jrt, who) == before + 1
+
+
+def test_a_fenced_journal_write_holds_the_turn_row_until_it_commits(jrt: Runtime, who: Principal,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fence inside the write takes the turn row's share lock, as a separate fence read did: a claim
+    (which updates the row) would wait until the write's transaction ends."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from shared.engine.claim import claim_turn
+    from shared.engine.journal import record_model_response, start_model_call, start_tool_call
+    from shared.llm import ModelResponse
+    from shared.llm.base import ToolCallRequest, Usage
+    from shared.turns import budgets
+
+    _, tid = start(jrt, who)
+    with unit_of_work(jrt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, tid, 0, "w1", 30)
+    assert claim is not None
+    start_model_call(jrt, claim, lambda: None)
+    locked: list[bool] = []
+    count = budgets.count
+
+    def count_and_probe(db: Any, *args: Any, **kwargs: Any) -> None:
+        count(db, *args, **kwargs)
+        with unit_of_work(jrt.sessions, SYSTEM) as other:  # another connection, while the write is uncommitted
+            try:
+                other.execute(text("SELECT id FROM turns WHERE id = :t FOR UPDATE NOWAIT"), {"t": tid})
+                locked.append(False)
+            except OperationalError:
+                locked.append(True)
+                other.rollback()
+    monkeypatch.setattr(budgets, "count", count_and_probe)
+    record_model_response(jrt, claim, ModelResponse(text="", tool_calls=[ToolCallRequest("c1", "charge", {})],
+                                                    usage=Usage(1, 1), finish_reason="tool_calls"))
+    start_tool_call(jrt, claim, 0, {"id": "c1", "name": "charge"}, "k")
+    assert locked == [True, True]
+
+
+def _counted_tool_calls(rt: Runtime, who: Principal) -> int:
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        return int(db.scalar(select(func.max(UsageCounter.tool_calls))
+                             .where(UsageCounter.tenant_id == who.tenant_id, UsageCounter.user_id == who.user_id))
+                   or 0)
+
+
 def _model_calls(rt: Runtime, turn_id: str) -> list[tuple[int, str, int, bool]]:
     """(step, status, calls, asked for tools) of each journaled model call of the turn."""
     with unit_of_work(rt.sessions, SYSTEM) as db:
