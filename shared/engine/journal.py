@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -48,7 +48,7 @@ from shared.engine.claim import Claim
 from shared.engine.outcome import StepInterrupted, StopReason
 from shared.llm import ModelResponse
 from shared.llm.base import ToolCallRequest, Usage
-from shared.models import ModelCall, ToolCall, Turn
+from shared.models import ModelCall, ToolCall, Turn, table_of
 from shared.runtime import Runtime
 from shared.turns import budgets
 
@@ -232,20 +232,33 @@ def start_model_call(rt: Runtime, claim: Claim, check: Callable[[], None]) -> No
 def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
     budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
-    values = {"attempt": claim.attempt, "status": "recorded", "response": response_record(response),
-              "recorded_at": utcnow()}
-    this_step = (ModelCall.turn_id == claim.turn_id, ModelCall.step == claim.step)
+    # Bound names apart from the columns' (a parameter named as a column would join the SET clause).
+    params = {"p_turn": claim.turn_id, "p_step": claim.step, "p_attempt": claim.attempt,
+              "p_response": response_record(response), "p_now": utcnow()}
+    conn = db.connection()
     # One statement in the usual case (the row its start wrote); the row lock is the update's own.
-    done = db.execute(update(ModelCall).where(*this_step, ~((ModelCall.status == "recorded")
-                                                            & (ModelCall.attempt == claim.attempt)))
-                      .values(**values).returning(ModelCall.id).execution_options(synchronize_session=False)).first()
-    if done is None:
-        if db.scalar(select(ModelCall.id).where(*this_step)) is not None:
+    if conn.execute(_RECORD_RESPONSE, params).first() is None:
+        if conn.execute(_MODEL_CALL_OF_STEP, params).first() is not None:
             return  # a repeat after a dropped connection: it landed, and is counted
-        db.add(ModelCall(turn_id=claim.turn_id, tenant_id=claim.principal.tenant_id,
-                         user_id=claim.principal.user_id, step=claim.step, calls=1, **values))
+        conn.execute(_INSERT_RECORDED, {**params, "p_tenant": claim.principal.tenant_id,
+                                        "p_user": claim.principal.user_id})
     tokens = response.usage.input_tokens + response.usage.output_tokens
     budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
+
+
+# :func:`record_response`'s statements, built once (Core, on the table: no ORM unit of work).
+_calls = table_of(ModelCall)
+_this_step = (_calls.c.turn_id == bindparam("p_turn"), _calls.c.step == bindparam("p_step"))
+_recorded = {"attempt": bindparam("p_attempt"), "status": "recorded",
+             "response": bindparam("p_response", type_=_calls.c.response.type),
+             "recorded_at": bindparam("p_now", type_=_calls.c.recorded_at.type)}
+_RECORD_RESPONSE = (update(_calls).where(*_this_step, ~((_calls.c.status == "recorded")
+                                                        & (_calls.c.attempt == bindparam("p_attempt"))))
+                    .values(**_recorded).returning(_calls.c.id))
+_MODEL_CALL_OF_STEP = select(_calls.c.id).where(*_this_step)
+_INSERT_RECORDED = insert(_calls).values(turn_id=bindparam("p_turn"), tenant_id=bindparam("p_tenant"),
+                                         user_id=bindparam("p_user"), step=bindparam("p_step"), calls=1,
+                                         **_recorded)
 
 
 @ride_out_outages

@@ -27,12 +27,12 @@ import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, select, text
+from sqlalchemy import and_, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
-from shared.models import ModelCall, ToolCall, Turn, UsageCounter
+from shared.models import ModelCall, ToolCall, Turn, UsageCounter, table_of
 from shared.settings import Settings
 
 PERIODS = ("day", "month")
@@ -191,21 +191,42 @@ def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0,
     """Add to ``who``'s counters of the current day and month (one upsert of both rows: concurrent adds all
     count)."""
     now = now or utcnow()
-    postgres = db.get_bind().dialect.name == "postgresql"
-    stmt = dialect_insert(db)(UsageCounter).values([
-        dict(tenant_id=who.tenant_id, user_id=who.user_id, period=period, starts_at=period_start(period, now),
-             tokens=tokens, model_calls=model_calls, tool_calls=tool_calls,
-             max_call_tokens=tokens if model_calls else 0, updated_at=now)
-        for period in PERIODS])
+    conn = db.connection()
+    dialect = conn.dialect.name
+    stmt = _COUNT.get(dialect)
+    if stmt is None:
+        stmt = _COUNT[dialect] = _count_statement(dialect)
+    conn.execute(stmt, {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_day": period_start("day", now),
+                        "p_month": period_start("month", now), "p_tokens": tokens, "p_model_calls": model_calls,
+                        "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0,
+                        "p_now": now})
+
+
+# The upsert of :func:`count`, per dialect: built once (a Core statement on the table, no ORM), so each
+# count only binds its values.
+_COUNT: dict[str, Any] = {}
+
+
+def _count_statement(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
     table = UsageCounter.__table__.c
-    db.execute(stmt.on_conflict_do_update(
+    # Bound names apart from the columns' (a parameter named as a column would join the VALUES clause).
+    shared = {name: bindparam(f"p_{name}", type_=table[name].type)
+              for name in ("tenant_id", "user_id", "tokens", "model_calls", "tool_calls", "max_call_tokens")}
+    stmt = insert(table_of(UsageCounter)).values([
+        {**shared, "period": period, "starts_at": bindparam(f"p_{period}", type_=table.starts_at.type),
+         "updated_at": bindparam("p_now", type_=table.updated_at.type)} for period in PERIODS])
+    greatest = func.greatest if dialect == "postgresql" else func.max
+    return stmt.on_conflict_do_update(
         index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
         set_={"tokens": table.tokens + stmt.excluded.tokens,
               "model_calls": table.model_calls + stmt.excluded.model_calls,
               "tool_calls": table.tool_calls + stmt.excluded.tool_calls,
-              "max_call_tokens": func.greatest(table.max_call_tokens, stmt.excluded.max_call_tokens)
-              if postgres else func.max(table.max_call_tokens, stmt.excluded.max_call_tokens),
-              "updated_at": stmt.excluded.updated_at}))
+              "max_call_tokens": greatest(table.max_call_tokens, stmt.excluded.max_call_tokens),
+              "updated_at": stmt.excluded.updated_at})
 
 
 def usage_report(db: Session, settings: Settings, who: Principal, now: datetime | None = None) -> dict[str, Any]:
