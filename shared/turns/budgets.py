@@ -196,10 +196,10 @@ def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0,
     stmt = _COUNT.get(dialect)
     if stmt is None:
         stmt = _COUNT[dialect] = _count_statement(dialect)
-    conn.execute(stmt, {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_day": period_start("day", now),
-                        "p_month": period_start("month", now), "p_tokens": tokens, "p_model_calls": model_calls,
-                        "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0,
-                        "p_now": now})
+    row = {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_tokens": tokens, "p_model_calls": model_calls,
+           "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0, "p_now": now}
+    # Both rows in one statement (an executemany of an INSERT is one multi-row INSERT on Postgres).
+    conn.execute(stmt, [{**row, "p_period": period, "p_starts_at": period_start(period, now)} for period in PERIODS])
 
 
 # The upsert of :func:`count`, per dialect: built once (a Core statement on the table, no ORM), so each
@@ -212,13 +212,13 @@ def _count_statement(dialect: str) -> Any:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
-    table = UsageCounter.__table__.c
-    # Bound names apart from the columns' (a parameter named as a column would join the VALUES clause).
-    shared = {name: bindparam(f"p_{name}", type_=table[name].type)
-              for name in ("tenant_id", "user_id", "tokens", "model_calls", "tool_calls", "max_call_tokens")}
-    stmt = insert(table_of(UsageCounter)).values([
-        {**shared, "period": period, "starts_at": bindparam(f"p_{period}", type_=table.starts_at.type),
-         "updated_at": bindparam("p_now", type_=table.updated_at.type)} for period in PERIODS])
+    table = table_of(UsageCounter).c
+    # Bound names apart from the columns' (a parameter named as a column would join the VALUES clause). One
+    # row's VALUES, executed for each period: a multi-row VALUES statement is compiled anew at each call.
+    stmt = insert(table_of(UsageCounter)).values(
+        {name: bindparam(f"p_{name}", type_=table[name].type)
+         for name in ("tenant_id", "user_id", "period", "starts_at", "tokens", "model_calls", "tool_calls",
+                      "max_call_tokens")} | {"updated_at": bindparam("p_now", type_=table.updated_at.type)})
     greatest = func.greatest if dialect == "postgresql" else func.max
     return stmt.on_conflict_do_update(
         index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
