@@ -27,12 +27,12 @@ import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, select, text
+from sqlalchemy import DateTime, and_, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
-from shared.models import ModelCall, ToolCall, Turn, UsageCounter, table_of
+from shared.models import ModelCall, ToolCall, Turn, UsageCounter
 from shared.settings import Settings
 
 PERIODS = ("day", "month")
@@ -196,10 +196,10 @@ def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0,
     stmt = _COUNT.get(dialect)
     if stmt is None:
         stmt = _COUNT[dialect] = _count_statement(dialect)
-    row = {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_tokens": tokens, "p_model_calls": model_calls,
-           "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0, "p_now": now}
-    # Both rows in one statement (an executemany of an INSERT is one multi-row INSERT on Postgres).
-    conn.execute(stmt, [{**row, "p_period": period, "p_starts_at": period_start(period, now)} for period in PERIODS])
+    conn.execute(stmt, {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_day": period_start("day", now),
+                        "p_month": period_start("month", now), "p_tokens": tokens, "p_model_calls": model_calls,
+                        "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0,
+                        "p_now": now})
 
 
 # The upsert of :func:`count`, per dialect: built once (a Core statement on the table, no ORM), so each
@@ -208,25 +208,23 @@ _COUNT: dict[str, Any] = {}
 
 
 def _count_statement(dialect: str) -> Any:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
-    table = table_of(UsageCounter).c
-    # Bound names apart from the columns' (a parameter named as a column would join the VALUES clause). One
-    # row's VALUES, executed for each period: a multi-row VALUES statement is compiled anew at each call.
-    stmt = insert(table_of(UsageCounter)).values(
-        {name: bindparam(f"p_{name}", type_=table[name].type)
-         for name in ("tenant_id", "user_id", "period", "starts_at", "tokens", "model_calls", "tool_calls",
-                      "max_call_tokens")} | {"updated_at": bindparam("p_now", type_=table.updated_at.type)})
-    greatest = func.greatest if dialect == "postgresql" else func.max
-    return stmt.on_conflict_do_update(
-        index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
-        set_={"tokens": table.tokens + stmt.excluded.tokens,
-              "model_calls": table.model_calls + stmt.excluded.model_calls,
-              "tool_calls": table.tool_calls + stmt.excluded.tool_calls,
-              "max_call_tokens": greatest(table.max_call_tokens, stmt.excluded.max_call_tokens),
-              "updated_at": stmt.excluded.updated_at})
+    # Text, not a Core INSERT: a two-row VALUES built by Core is compiled anew at every execution (not
+    # cacheable), and an executemany of one row's upsert is two statements. Typed binds, so timestamps are
+    # stored as the DateTime columns store them (SQLite compares them as text).
+    columns = "tenant_id, user_id, period, starts_at, tokens, model_calls, tool_calls, max_call_tokens, updated_at"
+    rows = ", ".join(f"(:p_tenant_id, :p_user_id, '{period}', :p_{period}, :p_tokens, :p_model_calls, :p_tool_calls, "
+                     ":p_max_call_tokens, :p_now)" for period in PERIODS)
+    greatest = "greatest" if dialect == "postgresql" else "max"
+    when = DateTime(timezone=True)
+    return text(
+        f"INSERT INTO usage_counters ({columns}) VALUES {rows} "
+        "ON CONFLICT (tenant_id, user_id, period, starts_at) DO UPDATE SET "
+        "tokens = usage_counters.tokens + excluded.tokens, "
+        "model_calls = usage_counters.model_calls + excluded.model_calls, "
+        "tool_calls = usage_counters.tool_calls + excluded.tool_calls, "
+        f"max_call_tokens = {greatest}(usage_counters.max_call_tokens, excluded.max_call_tokens), "
+        "updated_at = excluded.updated_at"
+    ).bindparams(*(bindparam(name, type_=when) for name in ("p_day", "p_month", "p_now")))
 
 
 def usage_report(db: Session, settings: Settings, who: Principal, now: datetime | None = None) -> dict[str, Any]:
