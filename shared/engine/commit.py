@@ -103,7 +103,8 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
         pending, expires = transitions.paused_pending(rt, result.pending or {}, now)
         fenced = conn.execute(_PAUSE, {**params, "p_pending": pending, "p_expires": expires}).first()
     else:
-        fenced = conn.execute(_FINISH, {**params, "p_status": status, "p_error": result.error}).first()
+        fenced = conn.execute(_FINISH, {**params, "p_status": TurnStatus(status).value,
+                                        "p_error": result.error}).first()
     if fenced is None:
         return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
     was_running = locked.status == TurnStatus.IN_PROGRESS
