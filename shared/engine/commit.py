@@ -16,7 +16,8 @@ import time
 from functools import partial
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, insert, or_, select, update
+from sqlalchemy import JSON, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from shared import checkpoints
@@ -175,6 +176,8 @@ def release_step(rt: Runtime, claim: Claim, reason: str, *, failed: bool = False
 # as a column would join the SET clause).
 _sessions, _turns = table_of(AgentSession), table_of(Turn)
 _now = bindparam("p_now", type_=_turns.c.finished_at.type)
+# A JSON column's None as SQL NULL (what a turn's unset error or pending is), not JSON 'null'.
+_json_or_null = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 # The session's row, locked; the turn's columns the commit needs ride along, read, not locked (the fenced
 # update locks the turn's row next).
 _LOCK_SESSION = (
@@ -202,7 +205,7 @@ def _fenced(changes: dict[str, Any], *returning: Any) -> Any:
                     lease_expires_at=None, retry_reason=None, resume=None,
                     output=func.coalesce(_turns.c.output, "") + bindparam("p_text", type_=_turns.c.output.type),
                     usage=bindparam("p_usage", type_=_turns.c.usage.type),
-                    pending=bindparam("p_pending", type_=_turns.c.pending.type), **changes)
+                    pending=bindparam("p_pending", type_=_json_or_null), **changes)
             .returning(*checkpoints.tip_columns(bindparam("p_session")), *returning))
 
 
@@ -213,7 +216,7 @@ _ADVANCE = _fenced({"enqueued_at": case((_turns.c.cancel_requested, _turns.c.enq
 _PAUSE = _fenced({"status": TurnStatus.REQUIRES_ACTION.value, "paused_at": _now,
                   "action_expires_at": bindparam("p_expires", type_=_turns.c.action_expires_at.type)})
 # transitions.finish: a terminal status.
-_finished = {"finished_at": _now, "error": bindparam("p_error", type_=_turns.c.error.type)}
+_finished = {"finished_at": _now, "error": bindparam("p_error", type_=_json_or_null)}
 _FINISH = _fenced({"status": bindparam("p_status", type_=_turns.c.status.type), **_finished},
                   _turns.c.output, _NEXT_QUEUED)
 _CANCEL = (update(_turns).where(_turns.c.id == bindparam("p_turn"))
