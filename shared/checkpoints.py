@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ScalarSelect, select
 from sqlalchemy.orm import Session
 
-from shared.models import Checkpoint
+from shared.models import Checkpoint, table_of
 
 KEYFRAME_EVERY = 32
 
@@ -68,9 +68,25 @@ def latest(db: Session, session_id: str) -> Tip | None:
                state["chain"].as_integer(), state["size"].as_integer())
         .where(Checkpoint.session_id == session_id).order_by(Checkpoint.number.desc()).limit(1)
     ).first()
-    if row is None:
+    return tip_of(*row) if row is not None else None
+
+
+def tip_columns(session_id: Any) -> list[ScalarSelect[Any]]:
+    """What :func:`latest` reads, as scalar subqueries (for :func:`tip_of`): a statement the writer runs
+    anyway, after it locked the session row, returns them with its own row instead of a SELECT of their own."""
+    table = table_of(Checkpoint).c
+    state = table.state
+    return [select(column).where(table.session_id == session_id).order_by(table.number.desc()).limit(1)
+            .scalar_subquery()
+            for column in (table.number, state["keyframe"].as_integer(), state["keyframe_size"].as_integer(),
+                           state["chain"].as_integer(), state["size"].as_integer())]
+
+
+def tip_of(number: int | None, keyframe: int | None, keyframe_size: int | None, chain: int | None,
+           size: int | None) -> Tip | None:
+    """The :class:`Tip` of the latest checkpoint's number and state fields; None if there is none."""
+    if number is None:
         return None
-    number, keyframe, keyframe_size, chain, size = row
     if keyframe is None:  # a keyframe itself
         return Tip(number, number, size or 0, 0)
     return Tip(number, keyframe, keyframe_size or 0, chain or 0)

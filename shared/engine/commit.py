@@ -16,7 +16,8 @@ import time
 from functools import partial
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import JSON, bindparam, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from shared import checkpoints
@@ -26,9 +27,10 @@ from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
 from shared.engine.journal import record_response
 from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_model
-from shared.models import AgentSession, Checkpoint, Message, Turn, TurnStatus
+from shared.models import AgentSession, Checkpoint, Message, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
 from shared.turns import budgets, transitions
+from shared.turns.events import Durable, record_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,61 +78,86 @@ def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[Chat
 
 def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: list[ChatMessage],
            events: StepEvents) -> TurnStatus | StepOutcome:
-    # Session first, then turn: the same lock order as the API's cancel and create paths.
-    session = db.scalars(select(AgentSession).where(AgentSession.id == claim.session_id)
-                         .with_for_update()).first()
-    # The fenced update returns the turn's row: no second read of it.
-    turn = db.scalars(
-        update(Turn).where(Turn.id == claim.turn_id, Turn.attempt == claim.attempt, Turn.step_count == claim.step)
-        .values(step_count=claim.step + 1, step_attempt=0, step_failures=0, lease_owner=None,
-                lease_expires_at=None, retry_reason=None)
-        .returning(Turn), execution_options={"populate_existing": True}
-    ).first()
-    if session is None or turn is None:
-        return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
-    if result.unrecorded_response is not None:
-        # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
-        record_response(db, claim, result.unrecorded_response)
-    events.trace.write(db, turn, result)  # the spans commit (or not) with the step
-    # The checkpoint holds what the step added, after the latest one (shared/checkpoints.py); the session
-    # row is locked, so no other commit numbers one meanwhile.
-    previous = checkpoints.latest(db, session.id)
-    clean = [for_model(m) for m in result.new_messages]
-    checkpoint = Checkpoint(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id,
-                            number=previous.number + 1 if previous else 1, turn_id=turn.id, step=claim.step,
-                            state=checkpoints.next_state(previous, state, clean))
-    db.add(checkpoint)
-    db.flush([checkpoint])  # its id, for the history cache
-    # This process's next step of the session finds this checkpoint's history without reading it.
-    after_commit(db, partial(rt.history_cache.put, session.id, checkpoint.id, checkpoint.number, [*state, *clean]))
-    for m in result.new_messages:
-        db.add(Message(session_id=session.id, tenant_id=turn.tenant_id, user_id=turn.user_id, turn_id=turn.id,
-                       step=claim.step, role=m["role"], content=m.get("content") or "",
-                       tool_calls=m.get("tool_calls"), tool_call_id=m.get("tool_call_id"),
-                       name=m.get("name"), status=m.get("_status", "complete")))
-    turn.output = (turn.output or "") + result.text
-    usage = dict(turn.usage or {})
+    # Core statements built once (below), on the transaction's connection: no ORM object, flush or identity
+    # map. Session first, then turn: the same lock order as the API's cancel, create and rollback paths.
+    conn = db.connection()
+    ids = {"p_session": claim.session_id, "p_turn": claim.turn_id}
+    locked = conn.execute(_LOCK_SESSION, ids).first()
+    if locked is None:
+        return StepOutcome.ZOMBIE  # the session or the turn was deleted: commit nothing
+    now = utcnow()
+    # The turn's usage as the lock read it: only a fenced commit of the turn writes it, and if another one
+    # ran since this attempt's claim, the fence below fails.
+    usage = dict(locked.usage or {})
     for key, value in result.usage.items():
         usage[key] = usage.get(key, 0) + value
     usage["steps"] = claim.step + 1
-    turn.usage = usage
-    turn.resume = None
-    turn.pending = result.pending
-    session.updated_at = utcnow()
-    # The step's durable events commit with it (shared/turns/events.py): its tool calls and
-    # results, and step.completed with the step's text, which is what a client keeps.
-    transitions.publish_after_commit(db, rt, session, [*events.durable, (
-        "step.completed", turn.id, {"step": claim.step, "attempt": claim.step_attempt, "usage": result.usage,
-                                    "text": result.text})], cursor=events.high)
+    params: dict[str, Any] = {**ids, "p_attempt": claim.attempt, "p_step": claim.step, "p_next": claim.step + 1,
+                              "p_text": result.text, "p_usage": usage, "p_pending": result.pending, "p_now": now}
     status = result.status
-    if status == TurnStatus.IN_PROGRESS and turn.cancel_requested:
-        status = TurnStatus.CANCELLED
+    # The fenced update writes the step's progress and the turn's next state in one statement; it returns
+    # what the commit goes on with, the session's latest checkpoint included (it is read after the session
+    # row is locked, so no other commit numbers one meanwhile).
     if status == TurnStatus.IN_PROGRESS:
-        transitions.advance(db, rt, turn, claim.step + 1)
+        fenced = conn.execute(_ADVANCE, params).first()
     elif status == TurnStatus.REQUIRES_ACTION:
-        transitions.pause(db, rt, turn, session, result.pending or {})
+        pending, expires = transitions.paused_pending(rt, result.pending or {}, now)
+        fenced = conn.execute(_PAUSE, {**params, "p_pending": pending, "p_expires": expires}).first()
     else:
-        transitions.finish(db, rt, turn, session, status, result.error)
+        fenced = conn.execute(_FINISH, {**params, "p_status": TurnStatus(status).value,
+                                        "p_error": result.error}).first()
+    if fenced is None:
+        return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
+    was_running = locked.status == TurnStatus.IN_PROGRESS
+    ended = fenced
+    if status == TurnStatus.IN_PROGRESS and fenced.cancel_requested:
+        # Cancelled while the step ran: the turn ends here (rare: a second statement).
+        status, was_running = TurnStatus.CANCELLED, fenced.status == TurnStatus.IN_PROGRESS
+        ended = conn.execute(_CANCEL, {**params, "p_error": result.error}).one()
+    if result.unrecorded_response is not None:
+        # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
+        record_response(db, claim, result.unrecorded_response)
+    events.trace.write(db, locked.enqueued_at, result)  # the spans commit (or not) with the step
+    # The checkpoint holds what the step added, after the latest one (shared/checkpoints.py).
+    previous = checkpoints.tip_of(*fenced[:5])
+    clean = [for_model(m) for m in result.new_messages]
+    number = previous.number + 1 if previous else 1
+    owner = claim.principal
+    checkpoint_id = conn.execute(_INSERT_CHECKPOINT, {
+        "session_id": claim.session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id, "number": number,
+        "turn_id": claim.turn_id, "step": claim.step, "state": checkpoints.next_state(previous, state, clean),
+        "created_at": now}).scalar_one()
+    # This process's next step of the session finds this checkpoint's history without reading it.
+    after_commit(db, partial(rt.history_cache.put, claim.session_id, checkpoint_id, number, [*state, *clean]))
+    if result.new_messages:
+        conn.execute(_INSERT_MESSAGES, [
+            {"session_id": claim.session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id,
+             "turn_id": claim.turn_id, "step": claim.step, "role": m["role"], "content": m.get("content") or "",
+             "tool_calls": m.get("tool_calls"), "tool_call_id": m.get("tool_call_id"), "name": m.get("name"),
+             "status": m.get("_status", "complete"), "created_at": now} for m in result.new_messages])
+    # The step's durable events commit with it (shared/turns/events.py): its tool calls and results, and
+    # step.completed with the step's text, which is what a client keeps; then the turn's own, if it changed.
+    published: list[Durable] = [*events.durable, Durable.new("step.completed", claim.turn_id, {
+        "step": claim.step, "attempt": claim.step_attempt, "usage": result.usage, "text": result.text})]
+    active = locked.active_turn_id
+    if status == TurnStatus.IN_PROGRESS:
+        record_rows(db, rt, owner, claim.session_id, published)
+        transitions.advanced(db, rt, claim.turn_id, claim.step + 1)
+    elif status == TurnStatus.REQUIRES_ACTION:
+        published.append(Durable.new(*transitions.paused_event(claim.turn_id, pending)))
+        record_rows(db, rt, owner, claim.session_id, published)
+        transitions.paused(db, rt, claim.turn_id, owner)
+    else:
+        published.append(Durable.new(*transitions.finished_event(claim.turn_id, status, ended.output, result.error)))
+        record_rows(db, rt, owner, claim.session_id, published)
+        transitions.finished(db, rt, claim.turn_id, owner, status, was_running=was_running)
+        if active == claim.turn_id:  # hand the session to its next queued turn (fetched by the update)
+            active = ended.next_turn_id
+            if active is not None:
+                transitions.activated(db, rt, active, now)
+    # The session's one UPDATE: the event cursor floor raised past every cursor the step saw, its active turn.
+    conn.execute(_UPDATE_SESSION, {"p_session": claim.session_id, "p_now": now, "p_active": active,
+                                   "p_cursor": max(events.high, locked.event_cursor or 0)})
     return status
 
 
@@ -142,3 +169,60 @@ def release_step(rt: Runtime, claim: Claim, reason: str, *, failed: bool = False
     """
     with unit_of_work(rt.sessions, claim.principal) as db:
         transitions.release(db, claim.turn_id, claim.attempt, reason, failed=failed)
+
+
+# The commit's statements, built once: each execution only binds its values (no statement construction,
+# and the cache key of each is computed once). Bound names are apart from the columns' (a parameter named
+# as a column would join the SET clause).
+_sessions, _turns = table_of(AgentSession), table_of(Turn)
+_now = bindparam("p_now", type_=_turns.c.finished_at.type)
+# A JSON column's None as SQL NULL (what a turn's unset error or pending is), not JSON 'null'.
+_json_or_null = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+# The session's row, locked; the turn's columns the commit needs ride along, read, not locked (the fenced
+# update locks the turn's row next).
+_LOCK_SESSION = (
+    select(_sessions.c.active_turn_id, _sessions.c.event_cursor, _turns.c.status, _turns.c.usage,
+           _turns.c.enqueued_at)
+    .select_from(_sessions.join(_turns, _turns.c.session_id == _sessions.c.id))
+    .where(_sessions.c.id == bindparam("p_session"), _turns.c.id == bindparam("p_turn"))
+    .with_for_update(of=_sessions))
+_queued = _turns.alias("queued")
+# What transitions.activate_next picks: the session's oldest queued turn that is due.
+_NEXT_QUEUED = (select(_queued.c.id)
+                .where(_queued.c.session_id == bindparam("p_session"), _queued.c.status == TurnStatus.QUEUED.value,
+                       _queued.c.id != bindparam("p_turn"),
+                       or_(_queued.c.scheduled_at.is_(None), _queued.c.scheduled_at <= _now))
+                .order_by(_queued.c.seq).limit(1).scalar_subquery().label("next_turn_id"))
+
+
+def _fenced(changes: dict[str, Any], *returning: Any) -> Any:
+    """The fenced update of the step's progress and ``changes`` (the turn's next state), returning the
+    session's latest checkpoint (first five columns, :func:`checkpoints.tip_of`) and ``returning``."""
+    return (update(_turns)
+            .where(_turns.c.id == bindparam("p_turn"), _turns.c.attempt == bindparam("p_attempt"),
+                   _turns.c.step_count == bindparam("p_step"))
+            .values(step_count=bindparam("p_next"), step_attempt=0, step_failures=0, lease_owner=None,
+                    lease_expires_at=None, retry_reason=None, resume=None,
+                    output=func.coalesce(_turns.c.output, "") + bindparam("p_text", type_=_turns.c.output.type),
+                    usage=bindparam("p_usage", type_=_turns.c.usage.type),
+                    pending=bindparam("p_pending", type_=_json_or_null), **changes)
+            .returning(*checkpoints.tip_columns(bindparam("p_session")), *returning))
+
+
+# transitions.advance: in progress, the next step sent after commit (unless a cancel came: see _CANCEL).
+_ADVANCE = _fenced({"enqueued_at": case((_turns.c.cancel_requested, _turns.c.enqueued_at), else_=_now)},
+                   _turns.c.cancel_requested, _turns.c.status)
+# transitions.pause: requires_action until the action deadline.
+_PAUSE = _fenced({"status": TurnStatus.REQUIRES_ACTION.value, "paused_at": _now,
+                  "action_expires_at": bindparam("p_expires", type_=_turns.c.action_expires_at.type)})
+# transitions.finish: a terminal status.
+_finished = {"finished_at": _now, "error": bindparam("p_error", type_=_json_or_null)}
+_FINISH = _fenced({"status": bindparam("p_status", type_=_turns.c.status.type), **_finished},
+                  _turns.c.output, _NEXT_QUEUED)
+_CANCEL = (update(_turns).where(_turns.c.id == bindparam("p_turn"))
+           .values(status=TurnStatus.CANCELLED.value, **_finished).returning(_turns.c.output, _NEXT_QUEUED))
+_INSERT_CHECKPOINT = insert(table_of(Checkpoint)).returning(table_of(Checkpoint).c.id)
+_INSERT_MESSAGES = insert(table_of(Message))
+_UPDATE_SESSION = (update(_sessions).where(_sessions.c.id == bindparam("p_session"))
+                   .values(event_cursor=bindparam("p_cursor"), active_turn_id=bindparam("p_active"),
+                           updated_at=_now))

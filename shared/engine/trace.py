@@ -13,9 +13,10 @@ import json
 import logging
 import secrets
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from shared import metrics
@@ -25,7 +26,7 @@ from shared.engine.claim import Claim
 from shared.engine.otel import export_spans
 from shared.engine.outcome import StepResult
 from shared.logs import bind_log_context
-from shared.models import TraceSpan, Turn, TurnStatus
+from shared.models import TraceSpan, TurnStatus, table_of
 from shared.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -101,8 +102,10 @@ class StepTrace:
                               "duration_ms": round(max(0.0, end - start) * 1000, 3),
                               "status": status, "attributes": attributes})
 
-    def write(self, db: Session, turn: Turn, result: StepResult) -> None:
-        """Add the step's spans to the step's commit; observe metrics once it commits."""
+    def write(self, db: Session, enqueued_at: datetime | None, result: StepResult) -> None:
+        """Add the step's spans to the step's commit (one INSERT); observe metrics once it commits.
+
+        ``enqueued_at``: when the step was sent, for its queue latency."""
         end = time.monotonic()
         if self._model is not None:  # the call was interrupted (cancelled) or raised
             status = "cancelled" if result.status == TurnStatus.CANCELLED else "error"
@@ -111,44 +114,46 @@ class StepTrace:
             self._model = None
         step_ms = round((end - self._mono0) * 1000, 3)
         queued_ms = None
-        if turn.enqueued_at is not None:
-            queued_ms = max(0.0, round((self._wall0 - aware(turn.enqueued_at)).total_seconds() * 1000, 3))
+        if enqueued_at is not None:
+            queued_ms = max(0.0, round((self._wall0 - aware(enqueued_at)).total_seconds() * 1000, 3))
         failed = result.status == TurnStatus.FAILED
-        rows = [TraceSpan(
-            tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id,
-            step=self.claim.step, attempt=self.claim.step_attempt, span_id=self.span_id, parent_span_id=None,
-            kind="step", name=f"step {self.claim.step}", status="error" if failed else "ok",
-            started_at=self._wall0, duration_ms=step_ms,
-            attributes={"outcome": result.status, "queue_latency_ms": queued_ms,
-                        "usage": result.usage or None, "error": result.error},
-        )]
+        claim = self.claim
+        common = {"tenant_id": claim.principal.tenant_id, "user_id": claim.principal.user_id,
+                  "session_id": claim.session_id, "turn_id": claim.turn_id, "step": claim.step,
+                  "attempt": claim.step_attempt}
+        rows = [{**common, "span_id": self.span_id, "parent_span_id": None, "kind": "step",
+                 "name": f"step {claim.step}", "status": "error" if failed else "ok", "started_at": self._wall0,
+                 "duration_ms": step_ms, "attributes": {"outcome": result.status, "queue_latency_ms": queued_ms,
+                                                        "usage": result.usage or None, "error": result.error}}]
         for child in self.children:
-            rows.append(TraceSpan(
-                tenant_id=turn.tenant_id, user_id=turn.user_id, session_id=turn.session_id, turn_id=turn.id,
-                step=self.claim.step, attempt=self.claim.step_attempt, span_id=_span_id(),
-                parent_span_id=self.span_id, kind=child["kind"], name=child["name"][:200],
-                status=child["status"], started_at=self._wall0 + timedelta(milliseconds=child["start_ms"]),
-                duration_ms=child["duration_ms"], attributes=child["attributes"],
-            ))
-        db.add_all(rows)
+            rows.append({**common, "span_id": _span_id(), "parent_span_id": self.span_id, "kind": child["kind"],
+                         "name": child["name"][:200], "status": child["status"],
+                         "started_at": self._wall0 + timedelta(milliseconds=child["start_ms"]),
+                         "duration_ms": child["duration_ms"], "attributes": child["attributes"]})
+        # A Core INSERT of every row at once (one statement), no ORM unit of work: nothing reads them back.
+        db.connection().execute(_INSERT_SPANS, rows)
         after_commit(db, lambda: self._committed(rows, result.status, step_ms, queued_ms))
 
-    def _committed(self, rows: list[TraceSpan], outcome: str, step_ms: float, queued_ms: float | None) -> None:
+    def _committed(self, rows: list[dict[str, Any]], outcome: str, step_ms: float, queued_ms: float | None) -> None:
         metrics.STEP_DURATION.labels(outcome=outcome).observe(step_ms / 1000)
         if queued_ms is not None:
             metrics.QUEUE_LATENCY.observe(queued_ms / 1000)
         registered = {t.name for agent in self.rt.agents for t in agent.tools}
         for row in rows:
-            if row.kind == "model" and not row.attributes.get("replayed"):
-                metrics.MODEL_LATENCY.labels(model=row.name).observe(row.duration_ms / 1000)
-                ttft = row.attributes.get("time_to_first_token_ms")
+            if row["kind"] == "model" and not row["attributes"].get("replayed"):
+                metrics.MODEL_LATENCY.labels(model=row["name"]).observe(row["duration_ms"] / 1000)
+                ttft = row["attributes"].get("time_to_first_token_ms")
                 if ttft is not None:
-                    metrics.TIME_TO_FIRST_TOKEN.labels(model=row.name).observe(ttft / 1000)
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model=row["name"]).observe(ttft / 1000)
                 for direction in ("input", "output"):
-                    metrics.MODEL_TOKENS.labels(model=row.name, direction=direction).inc(
-                        row.attributes.get(f"{direction}_tokens") or 0)
-            elif row.kind == "tool":
-                tool = metrics.tool_label(row.name, registered)
-                metrics.TOOL_DURATION.labels(tool=tool, outcome=row.status).observe(row.duration_ms / 1000)
+                    metrics.MODEL_TOKENS.labels(model=row["name"], direction=direction).inc(
+                        row["attributes"].get(f"{direction}_tokens") or 0)
+            elif row["kind"] == "tool":
+                tool = metrics.tool_label(row["name"], registered)
+                metrics.TOOL_DURATION.labels(tool=tool, outcome=row["status"]).observe(row["duration_ms"] / 1000)
         if self.rt.settings.otel_endpoint:
-            export_spans(self.rt.settings, rows)
+            export_spans(self.rt.settings, [TraceSpan(**row) for row in rows])
+
+
+# Built once: its compiled form and cache key are reused by every step.
+_INSERT_SPANS = insert(table_of(TraceSpan))

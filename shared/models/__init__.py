@@ -4,7 +4,7 @@ Importing any model module loads this package first, so ``Base.metadata`` always
 holds the whole schema (Alembic and the tests rely on it).
 """
 from shared.models.auth import ApiKey, QueueSample, Tenant, WorkerHeartbeat
-from shared.models.base import Base, BigId, JSONType, new_id
+from shared.models.base import Base, BigId, JSONType, new_id, table_of
 from shared.models.journal import ModelCall, ToolCall, UsageCounter
 from shared.models.schedules import Schedule
 from shared.models.storage import KnowledgeChunk, KnowledgeDocument, MemoryItem, TraceSpan
@@ -16,4 +16,5 @@ __all__ = [
     "AgentSession", "ApiKey", "Base", "BigId", "Checkpoint", "JSONType", "KnowledgeChunk", "KnowledgeDocument",
     "MemoryItem", "Message", "ModelCall", "QueueSample", "Schedule", "StreamEvent", "Tenant", "ToolCall", "TraceSpan",
     "Turn", "UsageCounter", "WebhookDelivery", "WebhookEndpoint", "WebhookEvent", "WorkerHeartbeat", "new_id",
+    "table_of",
 ]

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, Integer, MetaData
+from sqlalchemy import JSON, BigInteger, Integer, MetaData, Table
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase
 
@@ -30,3 +30,8 @@ def new_id(prefix: str) -> str:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's table, for Core statements (typed as the Table it is; ``__table__`` is typed a FromClause)."""
+    return cast(Table, model.__table__)

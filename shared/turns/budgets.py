@@ -23,12 +23,11 @@ largest call seen before it in the period).
 from __future__ import annotations
 
 import threading
-import typing
 import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, cast, func, select, text, true, type_coerce, union_all
+from sqlalchemy import DateTime, and_, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
@@ -187,56 +186,45 @@ def dialect_insert(db: Session) -> Any:
     return insert
 
 
-_COUNT_STATEMENTS: dict[str, Any] = {}
-
-
-def _count_statement(dialect: str) -> Any:
-    """The upsert :func:`count` runs, built once per dialect: INSERT ... SELECT of the two rows (a multi-row
-    VALUES is compiled anew on every call: SQLAlchemy does not cache it)."""
-    stmt = _COUNT_STATEMENTS.get(dialect)
-    if stmt is not None:
-        return stmt
-    postgres = dialect == "postgresql"
-    if postgres:
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same API, other dialect
-    table = UsageCounter.__table__.c
-    # Postgres types a UNION's bare parameters as text: each is cast to its column's type there (a CAST on
-    # SQLite would change a timestamp's affinity, and it needs none).
-    typed = cast if postgres else type_coerce
-    columns = ("tenant_id", "user_id", "period", "starts_at", "tokens", "model_calls", "tool_calls",
-               "max_call_tokens", "updated_at")
-
-    def row(period: str) -> Any:
-        names = {"period": f"b_{period}_period", "starts_at": f"b_{period}_starts_at"}
-        return select(*(typed(bindparam(names.get(name, f"b_{name}")), table[name].type) for name in columns)
-                      ).where(true())  # SQLite parses ON CONFLICT after an INSERT ... SELECT only after a WHERE
-    rows = union_all(*(row(period) for period in PERIODS))
-    stmt = insert(typing.cast(Table, UsageCounter.__table__)).from_select(list(columns), rows)
-    greatest = func.greatest if postgres else func.max
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[table.tenant_id, table.user_id, table.period, table.starts_at],
-        set_={"tokens": table.tokens + stmt.excluded.tokens,
-              "model_calls": table.model_calls + stmt.excluded.model_calls,
-              "tool_calls": table.tool_calls + stmt.excluded.tool_calls,
-              "max_call_tokens": greatest(table.max_call_tokens, stmt.excluded.max_call_tokens),
-              "updated_at": stmt.excluded.updated_at})
-    _COUNT_STATEMENTS[dialect] = stmt
-    return stmt
-
-
 def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0, tool_calls: int = 0,
           now: datetime | None = None) -> None:
     """Add to ``who``'s counters of the current day and month (one upsert of both rows: concurrent adds all
     count)."""
     now = now or utcnow()
-    params: dict[str, Any] = {"b_tenant_id": who.tenant_id, "b_user_id": who.user_id, "b_tokens": tokens,
-                              "b_model_calls": model_calls, "b_tool_calls": tool_calls,
-                              "b_max_call_tokens": tokens if model_calls else 0, "b_updated_at": now}
-    for period in PERIODS:
-        params[f"b_{period}_period"], params[f"b_{period}_starts_at"] = period, period_start(period, now)
-    db.execute(_count_statement(db.get_bind().dialect.name), params)
+    conn = db.connection()
+    dialect = conn.dialect.name
+    stmt = _COUNT.get(dialect)
+    if stmt is None:
+        stmt = _COUNT[dialect] = _count_statement(dialect)
+    conn.execute(stmt, {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_day": period_start("day", now),
+                        "p_month": period_start("month", now), "p_tokens": tokens, "p_model_calls": model_calls,
+                        "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0,
+                        "p_now": now})
+
+
+# The upsert of :func:`count`, per dialect: built once (a Core statement on the table, no ORM), so each
+# count only binds its values.
+_COUNT: dict[str, Any] = {}
+
+
+def _count_statement(dialect: str) -> Any:
+    # Text, not a Core INSERT: a two-row VALUES built by Core is compiled anew at every execution (not
+    # cacheable), and an executemany of one row's upsert is two statements. Typed binds, so timestamps are
+    # stored as the DateTime columns store them (SQLite compares them as text).
+    columns = "tenant_id, user_id, period, starts_at, tokens, model_calls, tool_calls, max_call_tokens, updated_at"
+    rows = ", ".join(f"(:p_tenant_id, :p_user_id, '{period}', :p_{period}, :p_tokens, :p_model_calls, :p_tool_calls, "
+                     ":p_max_call_tokens, :p_now)" for period in PERIODS)
+    greatest = "greatest" if dialect == "postgresql" else "max"
+    when = DateTime(timezone=True)
+    return text(
+        f"INSERT INTO usage_counters ({columns}) VALUES {rows} "
+        "ON CONFLICT (tenant_id, user_id, period, starts_at) DO UPDATE SET "
+        "tokens = usage_counters.tokens + excluded.tokens, "
+        "model_calls = usage_counters.model_calls + excluded.model_calls, "
+        "tool_calls = usage_counters.tool_calls + excluded.tool_calls, "
+        f"max_call_tokens = {greatest}(usage_counters.max_call_tokens, excluded.max_call_tokens), "
+        "updated_at = excluded.updated_at"
+    ).bindparams(*(bindparam(name, type_=when) for name in ("p_day", "p_month", "p_now")))
 
 
 def usage_report(db: Session, settings: Settings, who: Principal, now: datetime | None = None) -> dict[str, Any]:

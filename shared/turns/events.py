@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal, Scope
 from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
-from shared.models import AgentSession, StreamEvent, new_id
+from shared.models import AgentSession, StreamEvent, new_id, table_of
 from shared.runtime import Runtime
 from shared.streaming.protocol import DURABLE_TYPES, EventLog, Fence, encode_event
 
@@ -76,23 +76,42 @@ def record(db: Session, rt: Runtime, session: AgentSession, events: Iterable[Dur
                                user_id=session.user_id, turn_id=e.turn_id, type=e.type, body=e.body))
     if cursor > (session.event_cursor or 0):
         session.event_cursor = cursor
+    _publish_after_commit(db, rt, Principal(session.tenant_id, session.user_id), session.id, items)
+
+
+def record_rows(db: Session, rt: Runtime, owner: Principal, session_id: str, items: list[Durable]) -> None:
+    """:func:`record` for a caller that writes the session's row itself (the step's commit): the durable
+    events in one Core INSERT, no ORM object; the caller raises ``sessions.event_cursor`` in its own UPDATE."""
+    now = utcnow()
+    # A microsecond apart, in order: a republish reads them back by (created_at, id), and ids are random.
+    rows = [{"id": e.id, "session_id": session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id,
+             "turn_id": e.turn_id, "type": e.type, "body": e.body, "created_at": now + timedelta(microseconds=i)}
+            for i, e in enumerate(e for e in items if e.type in DURABLE_TYPES)]
+    if rows:
+        db.connection().execute(_INSERT_EVENTS, rows)
+    _publish_after_commit(db, rt, owner, session_id, items)
+
+
+_INSERT_EVENTS = insert(table_of(StreamEvent))
+
+
+def _publish_after_commit(db: Session, rt: Runtime, owner: Principal, session_id: str,
+                          items: list[Durable]) -> None:
     if not items:
         return
     # One append per session and transaction: a step's step.completed and the turn's end land
     # together or not at all, so no republish can put a step's event after its turn's end.
     pending: dict[str, tuple[list[Durable], Any]] = db.info.setdefault("publish_events", {})
-    held = pending.get(session.id)
+    held = pending.get(session_id)
     if held is not None and held[1] in db.info.get("after_commit", []):  # still to run with this commit
         held[0].extend(items)
         return
     batch = list(items)
-    owner = Principal(session.tenant_id, session.user_id)
-    session_id = session.id
 
     def send() -> None:
         publish(rt, owner, session_id, batch)
 
-    pending[session.id] = (batch, send)
+    pending[session_id] = (batch, send)
     after_commit(db, send)
 
 

@@ -32,14 +32,14 @@ from collections import Counter
 from functools import partial
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, ScalarSelect, Table, bindparam, func, or_, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, Select, Table, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
 from shared.db import after_commit, unit_of_work
 from shared.metrics import TURNS_DEFERRED
-from shared.models import AgentSession, Turn, TurnStatus
+from shared.models import AgentSession, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
 from shared.settings import Settings
 
@@ -151,12 +151,25 @@ def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
     """
     if not caps_on(rt.settings):
         return
-    if rt.settings.max_running_turns_per_tenant > 0 or not _lock(db, rt.settings, tenant_id, user_id, wait=False):
+    if rt.settings.max_running_turns_per_tenant > 0 or not _try_lock_user(db, tenant_id, user_id):
         # The tenant cap, or a claim of this user's holds the lock: wake them once this commits.
         after_commit(db, lambda: threading.Thread(target=_wake_quietly, args=(rt, tenant_id, user_id),
                                                   name="steprun-fairshare-wake", daemon=True).start())
         return
     _wake_in(db, rt, tenant_id, user_id, locked=True)
+
+
+def _try_lock_user(db: Session, tenant_id: str, user_id: str) -> bool:
+    """:func:`_lock` of the user (the tenant cap off) with ``wait=False``, on the transaction's connection: a
+    prebuilt statement, no ORM execution (the step's commit runs it on every turn's end)."""
+    conn = db.connection()
+    if conn.dialect.name != "postgresql":
+        return True
+    key = zlib.crc32(f"steprun:running:{tenant_id}:{user_id}".encode()) - 2**31
+    return bool(conn.scalar(_TRY_LOCK, {"k": key}))
+
+
+_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
 
 
 def _wake_quietly(rt: Runtime, tenant_id: str, user_id: str) -> None:
@@ -176,11 +189,9 @@ def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str, *, locked: 
     settings = rt.settings
     if not locked:
         _lock(db, settings, tenant_id, user_id)
-    query = select(Turn.id, Turn.user_id).where(*_deferred(), Turn.tenant_id == tenant_id)
     tenant_wide = settings.max_running_turns_per_tenant > 0
-    if not tenant_wide:
-        query = query.where(Turn.user_id == user_id)
-    candidates = db.execute(query.order_by(Turn.created_at, Turn.id).limit(SWEEP_BATCH)).all()
+    candidates = db.connection().execute(_TENANT_CANDIDATES if tenant_wide else _USER_CANDIDATES,
+                                         {"p_tenant": tenant_id, "p_user": user_id}).all()
     if not candidates:
         return 0
     owners = {c.user_id for c in candidates}
@@ -204,6 +215,21 @@ def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str, *, locked: 
         log.info("turn %s: a slot freed; sent", turn_id)
         after_commit(db, partial(rt.queue.enqueue_step, turn_id, 0))
     return len(woken)
+
+
+def _candidates(*where: ColumnElement[bool]) -> Select[Any]:
+    """The oldest deferred turns (Core, built once: every turn's end looks for them)."""
+    turns, sessions = table_of(Turn).c, table_of(AgentSession).c
+    active = select(sessions.active_turn_id).where(sessions.id == turns.session_id).scalar_subquery()
+    return (select(turns.id, turns.user_id)
+            .where(turns.status == TurnStatus.QUEUED.value, turns.enqueued_at.is_(None),
+                   turns.lease_expires_at.is_(None), turns.id == active, turns.tenant_id == bindparam("p_tenant"),
+                   *where)
+            .order_by(turns.created_at, turns.id).limit(SWEEP_BATCH))
+
+
+_TENANT_CANDIDATES = _candidates()
+_USER_CANDIDATES = _candidates(table_of(Turn).c.user_id == bindparam("p_user"))
 
 
 def wake_deferred(rt: Runtime) -> int:

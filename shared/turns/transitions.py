@@ -20,20 +20,21 @@ the commit (enqueueing a step, publishing events) goes through
 """
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
 from shared.db import after_commit
 from shared.metrics import TURNS_FINISHED
-from shared.models import TERMINAL, AgentSession, Turn, TurnStatus
+from shared.models import TERMINAL, AgentSession, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
 from shared.turns import fairshare
 from shared.turns.events import Durable, record
-from shared.webhooks.outbox import record_turn_event
+from shared.webhooks.outbox import insert_turn_event, record_turn_event
 
 
 def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> None:
@@ -44,30 +45,61 @@ def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> Non
     after_commit(db, lambda: rt.queue.enqueue_step(turn_id, 0))
 
 
+def activated(db: Session, rt: Runtime, turn_id: str, now: datetime) -> None:
+    """:func:`activate` for the step's commit, which makes ``turn_id`` the session's active turn in its own
+    UPDATE of the session: the turn's send time, and its first step sent after commit."""
+    db.connection().execute(_SENT, {"p_turn": turn_id, "p_now": now})
+    after_commit(db, lambda: rt.queue.enqueue_step(turn_id, 0))
+
+
+_turns = table_of(Turn)
+_SENT = update(_turns).where(_turns.c.id == bindparam("p_turn")).values(
+    enqueued_at=bindparam("p_now", type_=_turns.c.enqueued_at.type))
+
+
 def finish(db: Session, rt: Runtime, turn: Turn, session: AgentSession, status: TurnStatus,
                 error: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
     """End a turn (status is terminal), publish it, and hand the session to the next queued turn."""
-    if status not in TERMINAL:
-        raise ValueError(f"finish() takes a terminal status, not {status!r}")
     was_running = turn.status == TurnStatus.IN_PROGRESS
+    event = finished_event(turn.id, status, turn.output, error, extra)
     turn.status = status
     turn.finished_at = utcnow()
     turn.lease_owner = None
     turn.lease_expires_at = None
     turn.error = error
-    data: dict[str, Any] = dict(extra or {})
-    if status == TurnStatus.COMPLETED:
-        data["output"] = turn.output
-    if error:
-        data["error"] = error
-    publish_after_commit(db, rt, session, [(f"turn.{status}", turn.id, data)])
+    publish_after_commit(db, rt, session, [event])
     record_turn_event(db, turn, status)  # the webhook outbox: in this transaction, so never lost nor invented
-    after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
-    if was_running:  # its worker slot is free: the oldest turn deferred for it may start
-        fairshare.slot_freed(db, rt, turn.tenant_id, turn.user_id)
+    _finished(db, rt, turn.tenant_id, turn.user_id, status, was_running)
     if session.active_turn_id == turn.id:
         session.active_turn_id = None
         activate_next(db, rt, session, exclude=turn.id)
+
+
+def finished_event(turn_id: str, status: TurnStatus, output: str, error: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
+    """The event of a turn ending in ``status`` (terminal) with ``output`` and ``error``."""
+    if status not in TERMINAL:
+        raise ValueError(f"finish() takes a terminal status, not {status!r}")
+    data: dict[str, Any] = dict(extra or {})
+    if status == TurnStatus.COMPLETED:
+        data["output"] = output
+    if error:
+        data["error"] = error
+    return f"turn.{status}", turn_id, data
+
+
+def finished(db: Session, rt: Runtime, turn_id: str, owner: Principal, status: TurnStatus, *,
+             was_running: bool) -> None:
+    """:func:`finish` for the step's commit, which wrote the turn's row, its event and the session's row
+    itself (Core statements, shared/engine/commit.py): the webhook event, and the slot freed."""
+    insert_turn_event(db, turn_id, owner.tenant_id, owner.user_id, status)
+    _finished(db, rt, owner.tenant_id, owner.user_id, status, was_running)
+
+
+def _finished(db: Session, rt: Runtime, tenant_id: str, user_id: str, status: TurnStatus, was_running: bool) -> None:
+    after_commit(db, lambda: TURNS_FINISHED.labels(status=status).inc())
+    if was_running:  # its worker slot is free: the oldest turn deferred for it may start
+        fairshare.slot_freed(db, rt, tenant_id, user_id)
 
 
 def activate_next(db: Session, rt: Runtime, session: AgentSession, exclude: str | None = None) -> Turn | None:
@@ -119,22 +151,42 @@ def roll_back(db: Session, rt: Runtime, turn: Turn, session: AgentSession, reaso
 def advance(db: Session, rt: Runtime, turn: Turn, next_step: int) -> None:
     """The committed step asked for another: stays ``in_progress``, and ``next_step`` is sent after commit."""
     turn.enqueued_at = utcnow()
-    turn_id = turn.id
+    advanced(db, rt, turn.id, next_step)
+
+
+def advanced(db: Session, rt: Runtime, turn_id: str, next_step: int) -> None:
+    """:func:`advance` once the turn's row has its send time (the step's commit writes it itself)."""
     after_commit(db, lambda: rt.queue.enqueue_step(turn_id, next_step))
 
 
 def pause(db: Session, rt: Runtime, turn: Turn, session: AgentSession, pending: dict[str, Any]) -> None:
     """``in_progress`` → ``requires_action``: wait (holding nothing) for the user, until the action deadline."""
     now = utcnow()
-    expires = now + timedelta(seconds=rt.settings.action_timeout_seconds)
-    pending = {**pending, "expires_at": expires.isoformat().replace("+00:00", "Z")}
+    pending, expires = paused_pending(rt, pending, now)
     # The scheduler expires the pause at action_expires_at (shared/turns/housekeeping.py).
     turn.status, turn.pending, turn.paused_at, turn.action_expires_at = (
         TurnStatus.REQUIRES_ACTION, pending, now, expires)
     fairshare.slot_freed(db, rt, turn.tenant_id, turn.user_id)  # a paused turn holds no worker slot
-    publish_after_commit(db, rt, session, [("turn.requires_action", turn.id, {
-        "reason": pending.get("reason"), "pending": pending, "expires_at": pending["expires_at"]})])
+    publish_after_commit(db, rt, session, [paused_event(turn.id, pending)])
     record_turn_event(db, turn, TurnStatus.REQUIRES_ACTION)
+
+
+def paused_pending(rt: Runtime, pending: dict[str, Any], now: datetime) -> tuple[dict[str, Any], datetime]:
+    """(what a turn paused at ``now`` waits for, with its deadline; that deadline)."""
+    expires = now + timedelta(seconds=rt.settings.action_timeout_seconds)
+    return {**pending, "expires_at": expires.isoformat().replace("+00:00", "Z")}, expires
+
+
+def paused_event(turn_id: str, pending: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    return "turn.requires_action", turn_id, {"reason": pending.get("reason"), "pending": pending,
+                                             "expires_at": pending["expires_at"]}
+
+
+def paused(db: Session, rt: Runtime, turn_id: str, owner: Principal) -> None:
+    """:func:`pause` for the step's commit, which wrote the turn's row and its event itself: the slot freed,
+    and the webhook event."""
+    fairshare.slot_freed(db, rt, owner.tenant_id, owner.user_id)  # a paused turn holds no worker slot
+    insert_turn_event(db, turn_id, owner.tenant_id, owner.user_id, TurnStatus.REQUIRES_ACTION)
 
 
 def resume(db: Session, rt: Runtime, turn: Turn, answer: dict[str, Any]) -> None:

@@ -8,11 +8,13 @@ never invents one. The scheduler fans each row out to the tenant's endpoints.
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
-from shared.models import Turn, WebhookEvent, new_id
+from shared.models import Turn, WebhookEvent, new_id, table_of
 
 # A turn's status -> the event its end (or pause) sends. A response id is a turn id.
 STATUS_EVENTS = {
@@ -36,11 +38,28 @@ def event_body(event_id: str, event_type: str, created_at: int, object_id: str) 
 
 def record_turn_event(db: Session, turn: Turn, status: str) -> None:
     """Add the webhook event of ``turn`` entering ``status`` to the current transaction."""
+    row = turn_event_row(turn.id, turn.tenant_id, turn.user_id, status)
+    if row is not None:
+        db.add(WebhookEvent(**row))
+
+
+def insert_turn_event(db: Session, turn_id: str, tenant_id: str, user_id: str, status: str) -> None:
+    """:func:`record_turn_event` as one Core INSERT, for a caller holding no ORM object of the turn (the step's
+    commit)."""
+    row = turn_event_row(turn_id, tenant_id, user_id, status)
+    if row is not None:
+        db.connection().execute(_INSERT, row)
+
+
+def turn_event_row(turn_id: str, tenant_id: str, user_id: str, status: str) -> dict[str, Any] | None:
+    """The outbox row of a turn entering ``status``; None if that status sends no event."""
     event_type = STATUS_EVENTS.get(str(status))
     if event_type is None:
-        return
+        return None
     now = utcnow()
     event_id = new_id("evt")
-    db.add(WebhookEvent(id=event_id, tenant_id=turn.tenant_id, user_id=turn.user_id, type=event_type,
-                        turn_id=turn.id, body=event_body(event_id, event_type, int(now.timestamp()), turn.id),
-                        created_at=now))
+    return {"id": event_id, "tenant_id": tenant_id, "user_id": user_id, "type": event_type, "turn_id": turn_id,
+            "body": event_body(event_id, event_type, int(now.timestamp()), turn_id), "created_at": now}
+
+
+_INSERT = insert(table_of(WebhookEvent))

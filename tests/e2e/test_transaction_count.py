@@ -104,6 +104,25 @@ def test_turn_transactions_within_target(counted: Counted, text: str, target: in
                                         f"worker:\n{counted.worker.since(len(counted.worker.log) - worker)}")
 
 
+# Round trips of a step's commit, BEGIN and COMMIT included (the fair-share wake-up of a turn's end, on by
+# default, included): a step that asks for another (a tool step), then one that ends the turn. 12 and 19
+# when the commit was an ORM unit of work (shared/engine/commit.py).
+ADVANCING_COMMIT_STATEMENTS = 10
+FINISHING_COMMIT_STATEMENTS = 15
+
+
+def test_a_step_commit_runs_few_statements(counted: Counted) -> None:
+    session_id = _session(counted)
+    _turn_transactions(counted, session_id, "warm up")
+    _, worker, status = _turn_transactions(counted, session_id, "please add 2 and 3")
+    assert status == "completed"
+    commits = [t for t in counted.worker.log[len(counted.worker.log) - worker:]
+               if any(st.startswith("INSERT INTO checkpoints") for st in t)]
+    sizes = [len(t) for t in commits]
+    assert len(sizes) == 2 and sizes[0] <= ADVANCING_COMMIT_STATEMENTS and sizes[1] <= FINISHING_COMMIT_STATEMENTS, (
+        sizes, "\n\n".join("\n".join(t) for t in commits))
+
+
 def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Counted) -> None:
     """A GET ?wait= on a turn streaming for 1.5 s wakes on its status events, not on each of its deltas."""
     r = requests.post(f"{counted.url}/v1/sessions", json={"agent": "slow"}, headers=counted.headers, timeout=30)

@@ -14,7 +14,7 @@ from shared.engine.claim import Claim, claim_turn
 from shared.engine.commit import commit_step
 from shared.engine.outcome import StepResult
 from shared.engine.step import run_step
-from shared.models import AgentSession, Checkpoint, Message, Turn
+from shared.models import AgentSession, Checkpoint, Message, StreamEvent, Turn, WebhookEvent
 from shared.runtime import Runtime
 from shared.turns import service as turns
 
@@ -135,6 +135,51 @@ def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Pri
         assert [m.content for m in turns.list_messages(db, who, session.id, 10, 0)[0]] == ["once"]
         assert turns.get_turn(db, who, turn.id).output == "once"
 
+
+
+def test_a_cancel_requested_while_the_step_ran_ends_the_turn_at_its_commit(rt: Runtime, who: Principal) -> None:
+    """The step asked for another, but a cancel came while it ran: its commit ends the turn instead."""
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, "echo", None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
+        assert claim is not None
+        sent = db.get(Turn, turn.id).enqueued_at
+    with unit_of_work(rt.sessions, who) as db:  # the API's cancel of a running step: the flag only
+        db.execute(update(Turn).where(Turn.id == turn.id).values(cancel_requested=True))
+    result = StepResult(text="so far", new_messages=[{"role": "assistant", "content": "so far"}])
+    assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "cancelled"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        ended = db.get(Turn, turn.id)
+        assert ended.status == "cancelled" and ended.finished_at is not None and ended.step_count == 1
+        assert ended.enqueued_at == sent  # no next step was sent
+        assert ended.output == "so far" and ended.usage["steps"] == 1
+        assert db.get(AgentSession, session.id).active_turn_id is None
+        types = db.scalars(select(StreamEvent.type).where(StreamEvent.turn_id == turn.id)
+                           .order_by(StreamEvent.created_at, StreamEvent.id)).all()
+        assert types == ["step.completed", "turn.cancelled"]
+        assert db.scalars(select(WebhookEvent.type).where(WebhookEvent.turn_id == turn.id)).all() == [
+            "response.cancelled"]
+
+
+def test_a_turn_ending_hands_the_session_to_the_next_queued_turn(rt: Runtime, who: Principal) -> None:
+    sid, first = _start_turn(rt, who, "echo", "one")
+    with unit_of_work(rt.sessions, who) as db:
+        second, _ = turns.create_turn(db, rt, who, sid, "two")  # queued behind the first
+        third, _ = turns.create_turn(db, rt, who, sid, "three")
+        second_id, third_id = second.id, third.id
+    assert run_step(rt, first, 0) == "completed"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        assert db.get(AgentSession, sid).active_turn_id == second_id  # the oldest queued turn
+        assert db.get(Turn, second_id).enqueued_at is not None and db.get(Turn, third_id).status == "queued"
+    assert run_step(rt, second_id, 0) == "completed"
+    assert run_step(rt, third_id, 0) == "completed"
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        assert db.get(AgentSession, sid).active_turn_id is None
+        usage = db.get(Turn, third_id).usage
+        assert usage["steps"] == 1 and usage["input_tokens"] > 0
+    assert [c for _, c in _messages(rt, sid) if not c.startswith("You said")] == ["one", "two", "three"]
 
 
 def test_a_rolled_back_turn_is_deleted_and_its_running_step_commits_nothing(rt: Runtime, who: Principal) -> None:
