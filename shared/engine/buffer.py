@@ -108,11 +108,13 @@ class StepEvents:
                                                     "attempt": self.claim.step_attempt})))
             self._delta = []
 
-    def flush(self, when_due: bool = False) -> bool:
+    def flush(self, when_due: bool = False, vouched: bool = False) -> bool:
         """Append what is held; False (events kept for the next flush) if the log is unreachable.
 
         ``when_due``: skip the attempt while backing off from a failed one, so the step
-        does not stall on every call while Redis is away.
+        does not stall on every call while Redis is away. ``vouched``: the step's fenced commit
+        just landed, so the attempt held the turn: what waited for a heartbeat to vouch for the
+        lease goes out now, before the commit's own events.
         """
         if when_due and time.monotonic() < self._retry_at:
             return False
@@ -122,7 +124,7 @@ class StepEvents:
                 if self.stop_reason == StopReason.LEASE_LOST:
                     self._pending = []  # a zombie's events never reach a client
                     return False
-                if time.monotonic() > self.lease_valid_until:
+                if not vouched and time.monotonic() > self.lease_valid_until:
                     # Not sure the lease is ours: hold them until the heartbeat knows.
                     if not self._holding:
                         self._holding = True

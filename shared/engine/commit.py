@@ -108,6 +108,9 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
                                         "p_error": result.error}).first()
     if fenced is None:
         return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
+    # Events still held for want of a heartbeat vouching for the lease (a starved worker): the commit, once
+    # it lands, vouches for it. They go out first, before the commit's events (callbacks run in order).
+    after_commit(db, partial(events.flush, vouched=True))
     was_running = locked.status == TurnStatus.IN_PROGRESS
     ended = fenced
     if status == TurnStatus.IN_PROGRESS and fenced.cancel_requested:

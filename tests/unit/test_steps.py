@@ -1,6 +1,8 @@
 """The step engine called directly (no Celery): claims, fencing, duplicates."""
 from __future__ import annotations
 
+import json
+import time
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -290,3 +292,28 @@ def test_the_claim_sets_the_turn_deadline_once_from_its_first_claim(rt: Runtime,
     with unit_of_work(rt.sessions, SYSTEM) as db:
         claimed, unlimited = claim_and_load(db, other, 0, "w1", 60, 0)
     assert claimed is not None and unlimited is not None and unlimited.deadline_at is None
+
+
+def test_events_held_for_a_heartbeat_go_out_once_the_commit_vouches_for_the_lease(rt: Runtime, who: Principal) -> None:
+    """A starved worker whose heartbeat has not vouched for its lease holds its events; its fenced commit
+    landing vouches for it, so they go out, before the commit's own, instead of being lost."""
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, "echo", None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
+    assert claim is not None
+    events = StepEvents(rt, claim)
+    events.add("step.started", {"step": 0, "attempt": 1})
+    events.add("tool.outcome_unknown", {"id": "call_1", "name": "charge", "policy": "rerun"})
+    events._delta.append("partial answer")
+    events.lease_valid_until = time.monotonic() - 1  # no heartbeat has vouched for the lease lately
+    assert events.flush() is False and events.pending_count() == 3  # held, not dropped
+    result = StepResult(text="partial answer", status="completed",
+                        new_messages=[{"role": "assistant", "content": "partial answer"}])
+    assert commit_step(rt, claim, result, [], events) == "completed"
+    assert events.pending_count() == 0
+    logged = [json.loads(text) for text in rt.events.read(session.id, 0).events]
+    types = [e["type"] for e in logged if e.get("turn_id") == turn.id]
+    assert types == ["turn.queued", "step.started", "tool.outcome_unknown", "message.delta", "step.completed",
+                     "turn.completed"], types
