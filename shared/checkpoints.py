@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ScalarSelect, select
+from sqlalchemy import ScalarSelect, bindparam, select
 from sqlalchemy.orm import Session
 
 from shared.models import Checkpoint, table_of
@@ -159,10 +159,7 @@ def load(db: Session, session_id: str, cache: HistoryCache | None = None) -> tup
     nothing more if it holds that very checkpoint; the rows after the one it holds if that one is still
     in the latest's chain; else (and without a cache) the chain from the keyframe.
     """
-    row = db.execute(
-        select(Checkpoint.id, Checkpoint.number, Checkpoint.state["keyframe"].as_integer())
-        .where(Checkpoint.session_id == session_id).order_by(Checkpoint.number.desc()).limit(1)
-    ).first()
+    row = db.connection().execute(_LATEST, {"p_session": session_id}).first()
     if row is None:
         return None, []
     checkpoint_id, number, keyframe = row
@@ -194,11 +191,19 @@ def messages(db: Session, checkpoint: Checkpoint) -> list[Any]:
     return _chain(db, checkpoint.session_id, keyframe, checkpoint.number)
 
 
-def _rows(db: Session, session_id: str, low: int, high: int) -> list[Checkpoint]:
-    return list(db.scalars(
-        select(Checkpoint).where(Checkpoint.session_id == session_id, Checkpoint.number >= low,
-                                 Checkpoint.number <= high).order_by(Checkpoint.number)
-    ))
+def _rows(db: Session, session_id: str, low: int, high: int) -> list[Any]:
+    """The rows (id, number, state) numbered ``low`` to ``high``, in order."""
+    return list(db.connection().execute(_RANGE, {"p_session": session_id, "p_low": low, "p_high": high}))
+
+
+# The reads of :func:`load` and :func:`_rows`, built once (Core: each call only binds its values).
+_table = table_of(Checkpoint)
+_LATEST = (select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer())
+           .where(_table.c.session_id == bindparam("p_session")).order_by(_table.c.number.desc()).limit(1))
+_RANGE = (select(_table.c.id, _table.c.number, _table.c.state)
+          .where(_table.c.session_id == bindparam("p_session"), _table.c.number >= bindparam("p_low"),
+                 _table.c.number <= bindparam("p_high"))
+          .order_by(_table.c.number))
 
 
 def _chain(db: Session, session_id: str, keyframe: int, number: int) -> list[Any]:
@@ -208,7 +213,7 @@ def _chain(db: Session, session_id: str, keyframe: int, number: int) -> list[Any
     return [*rows[0].state["messages"], *_joined(session_id, rows[1:], keyframe + 1)]
 
 
-def _joined(session_id: str, rows: Sequence[Checkpoint], expected: int) -> list[Any]:
+def _joined(session_id: str, rows: Sequence[Any], expected: int) -> list[Any]:
     """The messages of consecutive deltas, numbered from ``expected`` on, each extending the one before."""
     out: list[Any] = []
     for row in rows:

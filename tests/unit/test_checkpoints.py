@@ -127,7 +127,7 @@ def _checkpoint_reads(rt: Runtime) -> list[str]:
     seen: list[str] = []
 
     def before(conn, cursor, statement, params, context, executemany) -> None:  # noqa: ANN001
-        head = statement.replace('"', "").split(" FROM ", 1)[0]
+        head = re.split(r"\s+FROM\s+", statement.replace('"', ""), maxsplit=1)[0]
         if head.lstrip().upper().startswith("SELECT") and re.search(r"checkpoints\.state\s*(,|$|AS )", head):
             seen.append(statement)  # the state column itself (not a path into it, as the keyframe number)
     for engine in {rt.engine, rt.app_engine} - {None}:
