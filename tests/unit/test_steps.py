@@ -28,6 +28,17 @@ def _start_turn(rt: Runtime, who: Principal, agent: str, text: str) -> tuple[str
         return session.id, turn.id
 
 
+def _claimed_echo_turn(rt: Runtime, who: Principal) -> tuple[str, str, Claim]:
+    """(session id, turn id, the claim of its first step) of a new "echo" turn, claimed by worker-a."""
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, "echo", None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
+    assert claim is not None
+    return session.id, turn.id, claim
+
+
 def _messages(rt: Runtime, session_id: str) -> list[tuple[str, str]]:
     with unit_of_work(rt.sessions, SYSTEM) as db:
         rows = db.scalars(select(Message).where(Message.session_id == session_id).order_by(Message.id))
@@ -124,44 +135,35 @@ def test_max_attempts_fails_the_turn_with_a_reason(rt: Runtime, who: Principal) 
 
 def test_a_commit_repeated_after_it_landed_changes_nothing(rt: Runtime, who: Principal) -> None:
     """A commit retried after a dropped connection, when the first one did reach the database."""
-    with unit_of_work(rt.sessions, who) as db:
-        session = turns.create_session(db, rt, who, "echo", None)
-        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
-    with unit_of_work(rt.sessions, SYSTEM) as db:
-        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
-    assert claim is not None
+    session_id, turn_id, claim = _claimed_echo_turn(rt, who)
     result = StepResult(text="once", status="completed", new_messages=[{"role": "assistant", "content": "once"}])
     assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "completed"
     assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "zombie"
     with unit_of_work(rt.sessions, who) as db:
-        assert [m.content for m in turns.list_messages(db, who, session.id, 10, 0)[0]] == ["once"]
-        assert turns.get_turn(db, who, turn.id).output == "once"
+        assert [m.content for m in turns.list_messages(db, who, session_id, 10, 0)[0]] == ["once"]
+        assert turns.get_turn(db, who, turn_id).output == "once"
 
 
 
 def test_a_cancel_requested_while_the_step_ran_ends_the_turn_at_its_commit(rt: Runtime, who: Principal) -> None:
     """The step asked for another, but a cancel came while it ran: its commit ends the turn instead."""
-    with unit_of_work(rt.sessions, who) as db:
-        session = turns.create_session(db, rt, who, "echo", None)
-        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
+    session_id, turn_id, claim = _claimed_echo_turn(rt, who)
     with unit_of_work(rt.sessions, SYSTEM) as db:
-        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
-        assert claim is not None
-        sent = db.get(Turn, turn.id).enqueued_at
+        sent = db.get(Turn, turn_id).enqueued_at
     with unit_of_work(rt.sessions, who) as db:  # the API's cancel of a running step: the flag only
-        db.execute(update(Turn).where(Turn.id == turn.id).values(cancel_requested=True))
+        db.execute(update(Turn).where(Turn.id == turn_id).values(cancel_requested=True))
     result = StepResult(text="so far", new_messages=[{"role": "assistant", "content": "so far"}])
     assert commit_step(rt, claim, result, [], StepEvents(rt, claim)) == "cancelled"
     with unit_of_work(rt.sessions, SYSTEM) as db:
-        ended = db.get(Turn, turn.id)
+        ended = db.get(Turn, turn_id)
         assert ended.status == "cancelled" and ended.finished_at is not None and ended.step_count == 1
         assert ended.enqueued_at == sent  # no next step was sent
         assert ended.output == "so far" and ended.usage["steps"] == 1
-        assert db.get(AgentSession, session.id).active_turn_id is None
-        types = db.scalars(select(StreamEvent.type).where(StreamEvent.turn_id == turn.id)
+        assert db.get(AgentSession, session_id).active_turn_id is None
+        types = db.scalars(select(StreamEvent.type).where(StreamEvent.turn_id == turn_id)
                            .order_by(StreamEvent.created_at, StreamEvent.id)).all()
         assert types == ["step.completed", "turn.cancelled"]
-        assert db.scalars(select(WebhookEvent.type).where(WebhookEvent.turn_id == turn.id)).all() == [
+        assert db.scalars(select(WebhookEvent.type).where(WebhookEvent.turn_id == turn_id)).all() == [
             "response.cancelled"]
 
 
@@ -297,12 +299,7 @@ def test_the_claim_sets_the_turn_deadline_once_from_its_first_claim(rt: Runtime,
 def test_events_held_for_a_heartbeat_go_out_once_the_commit_vouches_for_the_lease(rt: Runtime, who: Principal) -> None:
     """A starved worker whose heartbeat has not vouched for its lease holds its events; its fenced commit
     landing vouches for it, so they go out, before the commit's own, instead of being lost."""
-    with unit_of_work(rt.sessions, who) as db:
-        session = turns.create_session(db, rt, who, "echo", None)
-        turn, _ = turns.create_turn(db, rt, who, session.id, "hi")
-    with unit_of_work(rt.sessions, SYSTEM) as db:
-        claim = claim_turn(db, turn.id, 0, "worker-a", lease_seconds=60)
-    assert claim is not None
+    session_id, turn_id, claim = _claimed_echo_turn(rt, who)
     events = StepEvents(rt, claim)
     events.add("step.started", {"step": 0, "attempt": 1})
     events.add("tool.outcome_unknown", {"id": "call_1", "name": "charge", "policy": "rerun"})
@@ -313,7 +310,7 @@ def test_events_held_for_a_heartbeat_go_out_once_the_commit_vouches_for_the_leas
                         new_messages=[{"role": "assistant", "content": "partial answer"}])
     assert commit_step(rt, claim, result, [], events) == "completed"
     assert events.pending_count() == 0
-    logged = [json.loads(text) for text in rt.events.read(session.id, 0).events]
-    types = [e["type"] for e in logged if e.get("turn_id") == turn.id]
+    logged = [json.loads(text) for text in rt.events.read(session_id, 0).events]
+    types = [e["type"] for e in logged if e.get("turn_id") == turn_id]
     assert types == ["turn.queued", "step.started", "tool.outcome_unknown", "message.delta", "step.completed",
                      "turn.completed"], types
