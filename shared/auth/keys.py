@@ -91,12 +91,16 @@ class LiveKeys:
     """Which key ids are live (not revoked), per process: what a stream token or an open socket rechecks.
 
     Each answer is trusted ``ttl`` seconds, so the many sockets of one key cost one lookup per window;
-    the sockets recheck at the same period, so a revoked key's sockets close within twice ``ttl``.
+    the sockets recheck at the same period, so a revoked key's sockets close within twice ``ttl``. When an
+    answer runs out, one lookup goes to the database and the key's other sockets wait for it: sockets
+    opened together recheck together, and 5,000 of them once took every connection of the system pool at
+    the same moment (the API answered new connections 503 for seconds).
     """
 
     def __init__(self, ttl: float, max_entries: int = 10_000):
         self.ttl, self.max_entries = ttl, max_entries
         self._entries: dict[str, tuple[float, bool]] = {}
+        self._lookups: dict[str, _Lookup] = {}
         self._lock = threading.Lock()
 
     def is_live(self, system: Callable[[], AbstractContextManager[Session]], key_id: str) -> bool:
@@ -106,18 +110,47 @@ class LiveKeys:
             hit = self._entries.get(key_id)
             if hit is not None and hit[0] >= now:
                 return hit[1]
-        with system() as db:
-            live = key_is_live(db, key_id)
-        if self.ttl > 0:
+            lookup = self._lookups.get(key_id)
+            leader = lookup is None
+            if lookup is None:
+                lookup = self._lookups[key_id] = _Lookup()
+        if not leader:
+            if lookup.done.wait(LOOKUP_WAIT_SECONDS) and lookup.live is not None:
+                return lookup.live
+            # It failed or is stuck: look it up alone (an error then reaches this caller, which retries).
+            with system() as db:
+                return key_is_live(db, key_id)
+        try:
+            with system() as db:
+                live = key_is_live(db, key_id)
+            lookup.live = live
+        finally:
             with self._lock:
-                if len(self._entries) >= self.max_entries:
-                    self._entries.pop(next(iter(self._entries)))
-                self._entries[key_id] = (now + self.ttl, live)
+                self._lookups.pop(key_id, None)
+                if lookup.live is not None and self.ttl > 0:
+                    if len(self._entries) >= self.max_entries:
+                        self._entries.pop(next(iter(self._entries)))
+                    self._entries[key_id] = (now + self.ttl, lookup.live)
+            lookup.done.set()
         return live
 
     def forget(self, key_id: str) -> None:
         with self._lock:
             self._entries.pop(key_id, None)
+
+
+# How long a recheck waits for the same key's lookup already under way before doing its own.
+LOOKUP_WAIT_SECONDS = 10.0
+
+
+class _Lookup:
+    """One key's lookup under way: its answer, for the callers that wait for it."""
+
+    __slots__ = ("done", "live")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.live: bool | None = None
 
 
 def key_is_live(db: Session, key_id: str) -> bool:

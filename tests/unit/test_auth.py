@@ -5,18 +5,23 @@ Through the Flask test client, in this process (the keys CLI against a real web 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy.orm import Session
 
 from api.app import create_app
-from shared.auth.keys import create_key
+from shared.auth.keys import LiveKeys, create_key
 from shared.auth.principal import SYSTEM
 from shared.db import unit_of_work
 from shared.engine.step import build_runtime
+from shared.runtime import Runtime
 from shared.settings import Settings
 
 SECRET = "s" * 48
@@ -186,3 +191,49 @@ def test_x_forwarded_for_counts_only_behind_a_configured_proxy(limited) -> None:
     c = behind_proxy
     assert [fail(c, f"6.6.6.{i}, 198.51.100.7") for i in range(3)] == [401, 401, 429]
     assert fail(c, "198.51.100.8") == 401  # another client behind the same proxy
+
+
+def test_the_sockets_of_one_key_recheck_it_with_one_lookup(rt: Runtime) -> None:
+    """When a key's answer runs out, its sockets (opened together, rechecking together) wait for one lookup
+    instead of each taking a connection of the system pool; a failed lookup leaves each to its own."""
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        key, _ = create_key(db, f"t-{secrets.token_hex(3)}", "u")
+        key_id = key.id
+    lookups: list[float] = []
+    fail = threading.Event()
+
+    @contextmanager
+    def system() -> Iterator[Session]:
+        lookups.append(time.monotonic())
+        with unit_of_work(rt.sessions, SYSTEM) as db:
+            time.sleep(0.3)  # a slow database: the other rechecks arrive meanwhile
+            if fail.is_set():
+                raise RuntimeError("database unavailable")
+            yield db
+
+    live = LiveKeys(ttl=60)
+    answers: list[bool | BaseException] = []
+
+    def recheck() -> None:
+        try:
+            answers.append(live.is_live(system, key_id))
+        except BaseException as exc:  # noqa: BLE001 - collected
+            answers.append(exc)
+
+    def together(n: int) -> None:
+        threads = [threading.Thread(target=recheck) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+
+    together(20)
+    assert answers == [True] * 20 and len(lookups) == 1
+    together(5)  # within the answer's ttl: no lookup at all
+    assert len(lookups) == 1
+    live.forget(key_id)
+    fail.set()
+    answers.clear()
+    together(4)  # the lookup fails: every caller sees an error (each retries later), none waits forever
+    assert len(answers) == 4 and all(isinstance(a, RuntimeError) for a in answers)
+    assert live.is_live(lambda: unit_of_work(rt.sessions, SYSTEM), key_id) is True  # nothing bad was cached
