@@ -13,16 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row, Table, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Row, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared import checkpoints
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
 from shared.engine.outcome import ChatMessage
-from shared.models import AgentSession, Turn, TurnStatus
+from shared.models import AgentSession, Turn, TurnStatus, table_of
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class StepInput:
     event_cursor: int = 0
 
 
-_turns, _sessions = cast(Table, Turn.__table__), cast(Table, AgentSession.__table__)
+_turns, _sessions = table_of(Turn), table_of(AgentSession)
 _now = bindparam("now", type_=_turns.c.lease_expires_at.type)
 # Built once (no per-call construction or cache key): the claim, which also returns what the step reads of
 # its turn and sets the turn's deadline at its first claim, and the read of the session.

@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, literal, select, type_coerce, update
+from sqlalchemy import bindparam, insert, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -52,7 +52,7 @@ from shared.engine.claim import Claim
 from shared.engine.outcome import StepInterrupted, StopReason
 from shared.llm import ModelResponse
 from shared.llm.base import ToolCallRequest, Usage
-from shared.models import ModelCall, ToolCall, Turn
+from shared.models import ModelCall, ToolCall, Turn, table_of
 from shared.runtime import Runtime
 from shared.turns import budgets
 
@@ -110,8 +110,8 @@ class StepJournal:
         return self.calls.get((step, call_id))
 
 
-_turns, _model_calls, _tool_calls = (cast(Table, Turn.__table__), cast(Table, ModelCall.__table__),
-                                      cast(Table, ToolCall.__table__))
+_turns, _model_calls, _tool_calls = (table_of(Turn), table_of(ModelCall),
+                                      table_of(ToolCall))
 # The journal's statements, built once (no per-call construction, cache key or ORM unit of work); those with
 # an ON CONFLICT clause once per dialect (:func:`_per_dialect`).
 _FENCE = (select(_turns.c.id).where(_turns.c.id == bindparam("b_turn_id"), _turns.c.attempt == bindparam("b_attempt"))

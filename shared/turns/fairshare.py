@@ -30,9 +30,9 @@ import threading
 import zlib
 from collections import Counter
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnElement, ScalarSelect, Select, Table, bindparam, func, or_, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, Select, bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -90,7 +90,7 @@ def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tupl
     return None
 
 
-_turns, _sessions = cast(Table, Turn.__table__), cast(Table, AgentSession.__table__)
+_turns, _sessions = table_of(Turn), table_of(AgentSession)
 # The admission's statements, built once (no per-call construction or cache key).
 _ACTIVE = select(_sessions.c.active_turn_id).where(_sessions.c.id == _turns.c.session_id).scalar_subquery()
 _ADMIT_TURN = select(_turns.c.tenant_id, _turns.c.user_id, _turns.c.status).where(

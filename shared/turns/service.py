@@ -12,9 +12,9 @@ import json
 import math
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import ColumnDefault, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import ColumnDefault, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -43,6 +43,7 @@ from shared.models import (
     Turn,
     TurnStatus,
     new_id,
+    table_of,
 )
 from shared.paging import page
 from shared.runtime import Runtime
@@ -260,7 +261,7 @@ def _admit(db: Session, settings: Settings, who: Principal, session: AgentSessio
 
 # The plain new turn (no Idempotency-Key, no interrupt) in Core statements built once: the ORM's load of
 # the session row and its unit of work (one UPDATE, one INSERT) cost more CPU than the round trips.
-_SESSIONS, _TURNS = cast(Table, AgentSession.__table__), cast(Table, Turn.__table__)
+_SESSIONS, _TURNS = table_of(AgentSession), table_of(Turn)
 # The columns a new turn reads and may change: what transitions.activate and the event record touch.
 _SESSION_FIELDS = ("active_turn_id", "turn_count", "input_bytes", "event_cursor")
 _LOCK_SESSION = (select(_SESSIONS.c.id, _SESSIONS.c.tenant_id, _SESSIONS.c.user_id,
