@@ -90,7 +90,8 @@ class Batch:
     next: int
     # True when events after the requested cursor were trimmed or expired.
     gone: bool = False
-    # Where a client told ``gone`` can read on from: the cursor before the oldest event kept.
+    # Where a client told ``gone`` can read on from: the cursor before the oldest event kept (on a read
+    # that is not gone, a cursor the log goes on from without a gap: it may be the reader's own).
     since: int = 0
 
 

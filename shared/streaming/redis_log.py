@@ -150,15 +150,21 @@ class RedisEventLog:
         stream, _, base = self._keys(session_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
-        pipe.xrange(stream, min="-", max="+", count=1)
         pipe.xrevrange(stream, count=1)
         pipe.get(f"{base}:era")
-        entries, first, last, era = pipe.execute()
+        entries, last, era = pipe.execute()
         events = [with_cursor(_cursor(eid), fields[b"e"].decode()) for eid, fields in entries]
         low = int(era or 0)
-        oldest = _cursor(first[0][0]) if first else None
-        gone = is_gone(after, oldest, _cursor(last[0][0]) if last else 0, low)
+        head = _cursor(last[0][0]) if last else 0
         next_cursor = _cursor(entries[-1][0]) if entries else after
+        if 0 < after and low <= after and (_cursor(entries[0][0]) == after + 1 if entries else head == after):
+            # The reader's cursor is kept, in this era: the log goes on right after it (its next event is
+            # the one after the cursor, or the cursor is the newest), so nothing it has not read is gone,
+            # and the oldest event kept is not needed: three commands, not four, for a reader keeping up.
+            return Batch(events, next_cursor, False, after)
+        first = self.redis.xrange(stream, min="-", max="+", count=1)
+        oldest = _cursor(first[0][0]) if first else None
+        gone = is_gone(after, oldest, head, low)
         since = max(low, (oldest or 1) - 1) if oldest is not None else low
         return Batch(events, next_cursor, gone, since)
 

@@ -393,3 +393,46 @@ def test_a_log_older_than_its_floor_starts_a_new_era_and_old_cursors_are_gone(lo
     assert log.read(sid, gone.since).gone is False
     # At or above the floor nothing changes.
     assert log.append_events(sid, [_body(2)], floor=fresh.last).reset is False
+
+
+def test_a_cursor_of_an_era_since_lost_is_gone_though_the_next_cursor_is_still_kept(log: EventLog) -> None:
+    """A restore keeps the old era's entries: one right after an old cursor does not make that cursor live."""
+    sid = _session()
+    old = [log.append(sid, [_body(i)])[0] for i in range(3)]
+    fresh = log.append_events(sid, [_body(3)], floor=old[-1] + 500)
+    assert fresh.reset is True
+    batch = log.read(sid, old[0])
+    assert _cursors(batch.events)[0] == old[0] + 1  # the old era's next entry is still there ...
+    assert batch.gone is True  # ... but the cursor is from before the era: the reader may have missed events
+    assert log.read(sid, fresh.last).gone is False and log.read(sid, fresh.last - 1).gone is False
+
+
+def test_a_reader_keeping_up_costs_three_commands_a_gap_four(tmp_path: Any) -> None:
+    """The read's count (INFO commandstats of a private server): a cursor the log goes on from needs no look
+    at the oldest event kept; a cursor that may be gone does."""
+    from tests.support.redis_counter import PrivateRedis
+
+    server = PrivateRedis(tmp_path).start()
+    try:
+        import redis
+
+        client = redis.Redis.from_url(server.url)
+        log = RedisEventLog(client, prefix="count", retention_seconds=3600, max_len=10)
+        sid = _session()
+        cursors = [log.append(sid, [_body(i)])[0] for i in range(250)]  # trimmed in whole nodes of 100
+        assert log.read(sid, cursors[0]).gone is True
+
+        def commands(after: int) -> tuple[int, Any]:
+            before = server.commandstats()
+            batch = log.read(sid, after)
+            return sum((server.commandstats() - before).values()), batch
+
+        assert commands(cursors[-1]) == (3, commands(cursors[-1])[1])  # at the head
+        sent, batch = commands(cursors[-3])  # two behind
+        assert (sent, _cursors(batch.events), batch.gone) == (3, cursors[-2:], False)
+        sent, batch = commands(cursors[0])  # trimmed away
+        assert (sent, batch.gone) == (4, True)
+        sent, batch = commands(cursors[-1] + 7)  # never issued
+        assert (sent, batch.events, batch.gone) == (4, [], True)
+    finally:
+        server.stop()
