@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import any_, bindparam, insert, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal, Scope
@@ -204,6 +205,22 @@ class _PublishedMarker:
                 log.warning("marking %d events published failed; the sweep will", len(ids), exc_info=True)
 
 
+_sessions_t, _events_t = table_of(AgentSession), table_of(StreamEvent)
+# The marker's statements, built once and run on the transaction's connection (no ORM bulk update, no
+# per-call construction; on Postgres the ids go as one array, not an IN list expanded at every call).
+_cursor = bindparam("cursor", type_=_sessions_t.c.event_cursor.type)
+_RAISE_FLOOR = (update(_sessions_t)
+                .where(_sessions_t.c.id == bindparam("session_id"), _sessions_t.c.event_cursor < _cursor)
+                .values(event_cursor=_cursor))
+_now = bindparam("now", type_=_events_t.c.published_at.type)
+_MARK_EVENTS = {
+    "postgresql": update(_events_t).where(_events_t.c.id == any_(bindparam("ids", type_=ARRAY(_events_t.c.id.type))),
+                                          _events_t.c.published_at.is_(None)).values(published_at=_now),
+    "": update(_events_t).where(_events_t.c.id.in_(bindparam("ids", expanding=True)),
+                                _events_t.c.published_at.is_(None)).values(published_at=_now),
+}
+
+
 def mark(db: Session, ids: list[str], cursors: dict[str, int]) -> None:
     """Mark ``ids`` published and raise each session's cursor floor, in the lock order of every turn change.
 
@@ -211,13 +228,13 @@ def mark(db: Session, ids: list[str], cursors: dict[str, int]) -> None:
     turn's events. Marking the events first would hold their rows while waiting for the session's,
     and the two would deadlock (Postgres fails one of them: the rollback's client got 503).
     """
+    conn = db.connection()
     for session_id, cursor in sorted(cursors.items()):
         if cursor:
-            db.execute(update(AgentSession).where(AgentSession.id == session_id, AgentSession.event_cursor < cursor)
-                       .values(event_cursor=cursor).execution_options(synchronize_session=False))
+            conn.execute(_RAISE_FLOOR, {"session_id": session_id, "cursor": cursor})
     if ids:
-        db.execute(update(StreamEvent).where(StreamEvent.id.in_(ids), StreamEvent.published_at.is_(None))
-                   .values(published_at=utcnow()).execution_options(synchronize_session=False))
+        marking = _MARK_EVENTS.get(conn.dialect.name, _MARK_EVENTS[""])
+        conn.execute(marking, {"ids": list(ids), "now": utcnow()})
 
 
 def mark_published(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int) -> None:

@@ -72,3 +72,30 @@ def test_marking_takes_the_session_before_its_events_as_a_rollback_does(rt: Runt
     with unit_of_work(rt.sessions, SYSTEM) as db:
         # Raised at least to it (the step's own batched marking may have raised it further meanwhile).
         assert db.get(AgentSession, session.id).event_cursor >= floor
+
+
+def test_marking_runs_on_the_embedded_database_too() -> None:
+    """The marker's statements differ per dialect (an array on Postgres, an IN list elsewhere): SQLite, the
+    embedded default, marks only the ids given and raises the floor only upwards."""
+    from sqlalchemy import create_engine, insert
+    from sqlalchemy.orm import Session
+
+    from shared.models import table_of
+
+    engine = create_engine("sqlite://")
+    sessions_t, events_t = table_of(AgentSession), table_of(StreamEvent)
+    sessions_t.metadata.create_all(engine)
+    owner = {"tenant_id": "t", "user_id": "u"}
+    with Session(engine) as db:
+        db.connection().execute(insert(sessions_t).values(id="s1", agent="echo", event_cursor=5, **owner))
+        db.connection().execute(insert(events_t), [{"id": f"e{i}", "session_id": "s1", "type": "step.completed",
+                                                    "body": "{}", **owner} for i in range(3)])
+        db.commit()
+        events.mark(db, ["e0", "e2"], {"s1": 9})
+        db.commit()
+        assert {e.id for e in db.scalars(select(StreamEvent).where(StreamEvent.published_at.is_not(None)))} == \
+            {"e0", "e2"}
+        events.mark(db, ["e1"], {"s1": 7})  # a lower cursor leaves the floor where it is
+        db.commit()
+        assert db.get(AgentSession, "s1").event_cursor == 9
+        assert db.scalar(select(StreamEvent.id).where(StreamEvent.published_at.is_(None))) is None
