@@ -31,7 +31,7 @@ from shared.clock import utcnow
 from shared.db import unit_of_work
 from shared.errors import QuotaExceeded
 from shared.metrics import QUOTA_REFUSALS
-from shared.models import AgentSession, KnowledgeDocument, MemoryItem
+from shared.models import AgentSession, KnowledgeDocument, MemoryItem, table_of
 from shared.settings import Settings
 
 
@@ -104,13 +104,14 @@ def history_columns(settings: Settings, tenant_id: Any, user_id: Any, *, tenant:
     (``tenant=False``: the user's own only, which the user's scope may read). ``tenant_id`` and ``user_id``:
     values, or bound parameters of a statement built once."""
     parts: list[Any] = []
+    sessions = table_of(AgentSession)  # Core columns: no ORM compile state in the POST's statement
     if settings.quota_user_history_bytes > 0:
-        parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
-                     .where(AgentSession.tenant_id == tenant_id, AgentSession.user_id == user_id)
+        parts.append(select(func.coalesce(func.sum(sessions.c.input_bytes), 0))
+                     .where(sessions.c.tenant_id == tenant_id, sessions.c.user_id == user_id)
                      .scalar_subquery().label("user_history"))
     if tenant and settings.quota_tenant_history_bytes > 0:
-        parts.append(select(func.coalesce(func.sum(AgentSession.input_bytes), 0))
-                     .where(AgentSession.tenant_id == tenant_id).scalar_subquery().label("tenant_history"))
+        parts.append(select(func.coalesce(func.sum(sessions.c.input_bytes), 0))
+                     .where(sessions.c.tenant_id == tenant_id).scalar_subquery().label("tenant_history"))
     return parts
 
 

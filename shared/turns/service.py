@@ -444,9 +444,10 @@ def _admission_query(settings: Settings, dialect: str) -> Any:
         return query
     tenant_id: Any = bindparam("b_tenant")
     user_id: Any = bindparam("b_user")
-    parts: list[Any] = [select(func.count()).select_from(Turn)
-                        .where(Turn.tenant_id == tenant_id, Turn.user_id == user_id,
-                               Turn.status == TurnStatus.QUEUED).scalar_subquery().label("queued")]
+    # Core columns (the tables, not the mapped classes): no ORM compile state at every POST.
+    parts: list[Any] = [select(func.count()).select_from(_TURNS)
+                        .where(_TURNS.c.tenant_id == tenant_id, _TURNS.c.user_id == user_id,
+                               _TURNS.c.status == TurnStatus.QUEUED).scalar_subquery().label("queued")]
     parts += quotas.history_columns(settings, tenant_id, user_id, tenant=False)
     if (tenant_queued or tenant_history) and postgres:
         totals = func.steprun_tenant_admission(tenant_id, tenant_queued, tenant_history).table_valued(
@@ -454,8 +455,8 @@ def _admission_query(settings: Settings, dialect: str) -> Any:
         query = select(*parts, totals.c.tenant_queued, totals.c.tenant_history).select_from(totals)
     else:  # SQLite: no row-level security, plain subqueries
         if tenant_queued:
-            parts.append(select(func.count()).select_from(Turn)
-                         .where(Turn.tenant_id == tenant_id, Turn.status == TurnStatus.QUEUED)
+            parts.append(select(func.count()).select_from(_TURNS)
+                         .where(_TURNS.c.tenant_id == tenant_id, _TURNS.c.status == TurnStatus.QUEUED)
                          .scalar_subquery().label("tenant_queued"))
         parts += [p for p in quotas.history_columns(settings, tenant_id, user_id) if p.name == "tenant_history"]
         query = select(*parts)
