@@ -216,10 +216,12 @@ class MemoryStore:
 
     def put(self, namespace: str, key: str, value: Any, ttl_seconds: int | None = None) -> None:
         check_address(namespace, key)
-        # A full quota is an error the tool reports (the model is told), not a failed step.
-        quotas.check_memory_item(self._sessions, self._settings, self._who, namespace, key)
         with unit_of_work(self._sessions, self._who) as db:
             self._writing(db)
+            quotas.serialise_new_memory_items(db, self._settings, self._who)
+            # A full quota is an error the tool reports (the model is told), not a failed step. Counted in
+            # a transaction of its own (the tenant's items), after the lock above: it sees every earlier write.
+            quotas.check_memory_item(self._sessions, self._settings, self._who, namespace, key)
             put_item(db, self._settings, self._who, namespace, key, value, ttl_seconds)
 
     def get(self, namespace: str, key: str) -> Any:

@@ -19,10 +19,11 @@ through ``steprun_tenant_admission``, migration 0021), not on the system path.
 """
 from __future__ import annotations
 
+import zlib
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, cast, func, or_, select
+from sqlalchemy import ColumnElement, cast, func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import LargeBinary
 
@@ -74,6 +75,20 @@ def check_document(sessions: sessionmaker[Session], settings: Settings, who: Pri
     ):
         if limit and value + adding > limit:
             raise _refuse(what, setting, value, adding, limit, "text")
+
+
+_MEMORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
+def serialise_new_memory_items(db: Session, settings: Settings, who: Principal) -> None:
+    """With a memory item quota on (Postgres): the tenant's memory writes one at a time until ``db``'s
+    transaction ends. Take it in the writing transaction, before :func:`check_memory_item`: the count then
+    sees every item written before it. (Two tools writing at once both counted before either wrote, and
+    the user went past the quota.)"""
+    if not (settings.quota_user_memory_items or settings.quota_tenant_memory_items):
+        return
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(_MEMORY_LOCK, {"k": zlib.crc32(f"steprun:memory:{who.tenant_id}".encode()) - 2**31})
 
 
 def check_memory_item(sessions: sessionmaker[Session], settings: Settings, who: Principal, namespace: str,

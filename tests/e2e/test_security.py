@@ -333,10 +333,12 @@ def test_storage_quotas_refuse_uploads_inputs_and_tool_writes_past_them(fair: De
     assert len(requests.get(f"{fair.url}/v1/knowledge", headers=_h(key), timeout=10).json()["data"]) == 2
 
     # A tool writing memory past the quota: its result is the error, and the turn completes.
-    first = _post_turn(fair, key, "assistant", "remember my favourite colour is teal").json()["id"]
-    second = _post_turn(fair, key, "assistant", "remember my dog is called Rex").json()["id"]
-    done = {t: requests.get(f"{fair.url}/v1/turns/{t}?wait=30", headers=_h(key), timeout=40).json()
-            for t in (first, second)}
+    # One after the other, so which one is past the quota is known (writers at once: tests/unit/test_quotas.py).
+    done = {}
+    for text in ("remember my favourite colour is teal", "remember my dog is called Rex"):
+        turn_id = _post_turn(fair, key, "assistant", text).json()["id"]
+        done[turn_id] = requests.get(f"{fair.url}/v1/turns/{turn_id}?wait=30", headers=_h(key), timeout=40).json()
+    first, second = list(done)
     assert done[first]["status"] == "completed" and "Remembered" in done[first]["output"], done[first]
     assert done[second]["status"] == "completed", done[second]
     assert "QuotaExceeded" in done[second]["output"] and "STEPRUN_QUOTA_USER_MEMORY_ITEMS=1" in done[second]["output"]

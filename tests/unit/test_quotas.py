@@ -96,6 +96,34 @@ def test_a_tool_writing_memory_past_the_quota_gets_an_error_not_a_crash(app_with
     assert store.get("facts", "one") == {"text": "replaced"} and store.get("facts", "two") is None
 
 
+def test_tools_writing_memory_at_once_do_not_pass_the_quota_together(app_with: Any) -> None:
+    """Eight writers of new items at once against a quota of one: one item is written, seven are refused (the
+    count and the write were two transactions, and writers counting before either wrote all got through)."""
+    import threading
+
+    _, rt = app_with(quota_user_memory_items=1)
+    who = Principal(f"t-{secrets.token_hex(3)}", "u")
+    start = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def write(i: int) -> None:
+        store = MemoryStore(rt.sessions, rt.settings, who)
+        start.wait()
+        try:
+            store.put("facts", f"item-{i}", {"text": str(i)})
+            outcomes.append("written")
+        except QuotaExceeded:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["refused"] * 7 + ["written"]
+    assert _count(rt, MemoryItem, who.tenant_id) == 1
+
+
 def test_the_history_quota_counts_kept_turn_input_and_frees_with_the_session(app_with: Any) -> None:
     c, rt = app_with(quota_user_history_bytes=5000)
     tenant = f"t-{secrets.token_hex(3)}"
