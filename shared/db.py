@@ -12,11 +12,12 @@ import hmac
 import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from shared.auth.principal import SYSTEM, Scope, TenantAdmin
@@ -291,6 +292,19 @@ def unit_of_work(factory: sessionmaker[Session], scope: Scope | None = None, *,
         raise
     finally:
         db.close()
+
+
+def lock_key(name: str) -> int:
+    """The Postgres advisory lock key (a signed 32-bit int) for ``name``."""
+    return zlib.crc32(name.encode()) - 2**31
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
+def advisory_xact_lock(db: Session, name: str) -> None:
+    """Postgres: wait for the transaction-scoped advisory lock ``name``, held until ``db``'s transaction ends."""
+    db.execute(_ADVISORY_LOCK, {"k": lock_key(name)})
 
 
 def deadlocked(exc: BaseException) -> bool:

@@ -19,17 +19,16 @@ through ``steprun_tenant_admission``, migration 0021), not on the system path.
 """
 from __future__ import annotations
 
-import zlib
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, cast, func, or_, select, text
+from sqlalchemy import ColumnElement, cast, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import LargeBinary
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
-from shared.db import unit_of_work
+from shared.db import advisory_xact_lock, unit_of_work
 from shared.errors import QuotaExceeded
 from shared.metrics import QUOTA_REFUSALS
 from shared.models import AgentSession, KnowledgeDocument, MemoryItem, table_of
@@ -77,9 +76,6 @@ def check_document(sessions: sessionmaker[Session], settings: Settings, who: Pri
             raise _refuse(what, setting, value, adding, limit, "text")
 
 
-_MEMORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
-
-
 def serialise_new_memory_items(db: Session, settings: Settings, who: Principal) -> None:
     """With a memory item quota on (Postgres): the tenant's memory writes one at a time until ``db``'s
     transaction ends. Take it in the writing transaction, before :func:`check_memory_item`: the count then
@@ -88,7 +84,7 @@ def serialise_new_memory_items(db: Session, settings: Settings, who: Principal) 
     if not (settings.quota_user_memory_items or settings.quota_tenant_memory_items):
         return
     if db.get_bind().dialect.name == "postgresql":
-        db.execute(_MEMORY_LOCK, {"k": zlib.crc32(f"steprun:memory:{who.tenant_id}".encode()) - 2**31})
+        advisory_xact_lock(db, f"steprun:memory:{who.tenant_id}")
 
 
 def check_memory_item(sessions: sessionmaker[Session], settings: Settings, who: Principal, namespace: str,

@@ -23,7 +23,6 @@ largest call seen before it in the period).
 from __future__ import annotations
 
 import threading
-import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -32,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
+from shared.db import advisory_xact_lock
 from shared.models import ModelCall, ToolCall, Turn, UsageCounter
 from shared.settings import Settings
 
@@ -89,8 +89,7 @@ def lock_tenant(db: Session, tenant_id: str) -> threading.RLock | None:
     Returns the process lock taken on SQLite (the caller releases it after the commit), None on Postgres.
     """
     if db.get_bind().dialect.name == "postgresql":
-        key = zlib.crc32(f"steprun-budget:{tenant_id}".encode()) - 2**31
-        db.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        advisory_xact_lock(db, f"steprun-budget:{tenant_id}")
         return None
     _LOCAL_LOCK.acquire()
     return _LOCAL_LOCK

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from collections import Counter
 from functools import partial
 from typing import Any
@@ -37,7 +36,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
-from shared.db import after_commit, unit_of_work
+from shared.db import advisory_xact_lock, after_commit, lock_key, unit_of_work
 from shared.metrics import TURNS_DEFERRED
 from shared.models import AgentSession, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
@@ -73,11 +72,10 @@ def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait
         return True
     name = f"steprun:running:{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
         f"steprun:running:{tenant_id}:{user_id}"
-    key = {"k": zlib.crc32(name.encode()) - 2**31}
     if wait:
-        db.execute(text("SELECT pg_advisory_xact_lock(:k)"), key)
+        advisory_xact_lock(db, name)
         return True
-    return bool(db.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), key))
+    return bool(db.scalar(_TRY_LOCK, {"k": lock_key(name)}))
 
 
 def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tuple[str, str] | None:
@@ -165,8 +163,7 @@ def _try_lock_user(db: Session, tenant_id: str, user_id: str) -> bool:
     conn = db.connection()
     if conn.dialect.name != "postgresql":
         return True
-    key = zlib.crc32(f"steprun:running:{tenant_id}:{user_id}".encode()) - 2**31
-    return bool(conn.scalar(_TRY_LOCK, {"k": key}))
+    return bool(conn.scalar(_TRY_LOCK, {"k": lock_key(f"steprun:running:{tenant_id}:{user_id}")}))
 
 
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
