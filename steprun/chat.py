@@ -151,6 +151,8 @@ class Chat:
                 self._reconnect(type(exc).__name__)
                 continue
             if opcode == websocket.ABNF.OPCODE_CLOSE:
+                if self._closing.is_set():
+                    return  # the answer to our own close
                 code = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
                 reason = data[2:].decode(errors="replace")
                 if code == CLOSE_NOT_FOUND:
@@ -321,31 +323,35 @@ class Chat:
         return self._stream(turn_id)
 
     def _stream(self, turn_id: str) -> str:
-        cancelled = False
+        # A Ctrl-C can land anywhere in the loop, the cancel's own sending included: the handler only
+        # counts it, and the loop acts on the count, so a second one always quits.
+        interrupts, cancelling = 0, False
         while True:
             try:
-                frame = self._next()
-            except KeyboardInterrupt:
-                if cancelled:
+                if interrupts > 1:
                     self.note("[quit]")
                     return "quit"
-                cancelled = True
-                self.note("\n[cancelling the turn; Ctrl-C again to quit]")
-                self.request({"type": "cancel", "turn_id": turn_id})
-                continue
-            if frame is None:
-                continue
-            if frame.get("type") == _GAP:
-                status = self._catch_up(turn_id)
+                if interrupts and not cancelling:
+                    cancelling = True
+                    self.note("\n[cancelling the turn; Ctrl-C again to quit]")
+                    self.request({"type": "cancel", "turn_id": turn_id})
+                    continue
+                status = self._step(turn_id, self._next())
                 if status:
                     return status
-                continue
-            if frame.get("type") == "error" and frame.get("ref"):
-                self.note(f"[{frame['error'].get('message')}]")
-                continue
-            status = self._show(turn_id, frame)
-            if status:
-                return status
+            except KeyboardInterrupt:
+                interrupts += 1
+
+    def _step(self, turn_id: str, frame: dict[str, Any] | None) -> str | None:
+        """Handle one frame of the stream of our turn; a final status when the turn is over."""
+        if frame is None:
+            return None
+        if frame.get("type") == _GAP:
+            return self._catch_up(turn_id)
+        if frame.get("type") == "error" and frame.get("ref"):
+            self.note(f"[{frame['error'].get('message')}]")
+            return None
+        return self._show(turn_id, frame)
 
     def _catch_up(self, turn_id: str) -> str | None:
         """After a gap in the stream: the turn as the history has it; a final status if it is over."""

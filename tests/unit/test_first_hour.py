@@ -200,3 +200,29 @@ def test_chat_says_text_restarts_only_when_text_of_that_step_was_printed():
     chat._show("t", {"turn_id": "t", "type": "message.delta", "data": {"step": 0, "text": "Hel"}})
     chat._show("t", retry)
     assert "its text restarts" in err.getvalue() and out.getvalue() == "Hel"
+
+
+def test_a_second_ctrl_c_quits_the_chat_even_while_the_first_ones_cancel_is_being_sent():
+    import io
+
+    from steprun.chat import Chat
+
+    err = io.StringIO()
+    chat = Chat("http://127.0.0.1:9", "k", out=io.StringIO(), err=err, inp=io.StringIO())
+    sent: list[dict] = []
+
+    def next_frame(timeout: float = 0.2) -> None:
+        raise KeyboardInterrupt  # the first Ctrl-C, while the chat waits for the stream
+
+    def request(frame: dict) -> str:
+        sent.append(frame)
+        raise KeyboardInterrupt  # the second, while the cancel goes out
+
+    chat._next, chat.request = next_frame, request  # type: ignore[method-assign]
+    try:
+        status = chat._stream("t1")
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped the stream: the chat ended without saying [quit]")
+    assert status == "quit"
+    assert sent == [{"type": "cancel", "turn_id": "t1"}]
+    assert err.getvalue().endswith("[cancelling the turn; Ctrl-C again to quit]\n[quit]\n")

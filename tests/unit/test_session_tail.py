@@ -150,12 +150,14 @@ def test_a_viewer_a_full_buffer_behind_for_too_long_is_a_slow_consumer(log: Coun
     sid = f"s-{secrets.token_hex(4)}"
     log.append(sid, _deltas(2))
     live = LogFollower(log, sid, log.head(sid), _settings(stream_buffer=4))  # type: ignore[arg-type]
-    with live.listening():
+    with live.listening() as ring:
         assert live.next_frames() == []
+        _settle([ring])  # the doorbell is subscribed before the append, so its ring cannot be lost
         slow = LogFollower(log, sid, log.head(sid), _settings(stream_buffer=4, stream_slow_seconds=0.0))  # type: ignore[arg-type]
         with slow.listening():
             log.append(sid, [encode_event("turn.queued", f"t{i}") for i in range(10)])
-            assert len(live.next_frames(poll=True)) == 4  # the tail reads; a full batch, from memory
+            assert ring.wait(5), "the append rings the tail"  # on Redis, from the doorbell's thread
+            assert len(live.next_frames()) == 4  # the tail reads; a full batch, from memory
             time.sleep(0.01)
             with pytest.raises(SlowConsumer):
                 slow.next_frames()  # a full batch too, and it has not caught up for longer than 0 s
