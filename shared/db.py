@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -305,6 +306,35 @@ _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 def advisory_xact_lock(db: Session, name: str) -> None:
     """Postgres: wait for the transaction-scoped advisory lock ``name``, held until ``db``'s transaction ends."""
     db.execute(_ADVISORY_LOCK, {"k": lock_key(name)})
+
+
+# SQLite (the embedded mode) has no advisory locks; it is one process, so process locks serialise the same
+# way: a fixed set, a name taking the one its key picks (names that share one wait for each other, harmlessly).
+_LOCAL_LOCKS = tuple(threading.RLock() for _ in range(64))
+_HELD = "steprun_local_locks"
+
+
+def serialise(db: Session, name: str) -> None:
+    """Until ``db``'s transaction ends (commit or rollback), every other transaction serialising on ``name``
+    waits here: a count taken after it sees every write made before it by the others.
+
+    Postgres: the advisory lock ``name``. SQLite: a process lock, released when the transaction ends."""
+    if db.get_bind().dialect.name == "postgresql":
+        advisory_xact_lock(db, name)
+        return
+    lock = _LOCAL_LOCKS[lock_key(name) % len(_LOCAL_LOCKS)]
+    held: list[threading.RLock] = db.info.setdefault(_HELD, [])
+    if lock not in held:
+        db.connection()  # the transaction has begun: its end, whatever ends it, releases the lock
+        lock.acquire()
+        held.append(lock)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _release_local_locks(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the outermost transaction: a savepoint's end keeps them
+        for lock in session.info.pop(_HELD, ()):
+            lock.release()
 
 
 def deadlocked(exc: BaseException) -> bool:

@@ -62,18 +62,12 @@ def commit_step(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatM
 
 def _commit_once(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatMessage],
                  events: StepEvents) -> TurnStatus | StepOutcome:
-    held: list[Any] = []
-    try:
-        with unit_of_work(rt.sessions, claim.principal) as db:
-            if result.unrecorded_response is not None and budgets.token_limits(rt.settings):
-                # Counting the response's tokens takes the tenant's budget lock: before any row lock, the
-                # order every journal write takes them in.
-                held.append(budgets.lock_tenant(db, claim.principal.tenant_id))
-            return _write(db, rt, claim, result, state, events)
-    finally:
-        for lock in held:
-            if lock is not None:
-                lock.release()
+    with unit_of_work(rt.sessions, claim.principal) as db:
+        if result.unrecorded_response is not None and budgets.token_limits(rt.settings):
+            # Counting the response's tokens takes the tenant's budget lock: before any row lock, the
+            # order every journal write takes them in.
+            budgets.lock_tenant(db, claim.principal.tenant_id)
+        return _write(db, rt, claim, result, state, events)
 
 
 def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: list[ChatMessage],

@@ -238,16 +238,10 @@ def response_from_record(record: dict[str, Any]) -> ModelResponse:
 @contextmanager
 def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Session]:
     """A transaction that holds the tenant's budget lock when token budgets are set."""
-    held = []
-    try:
-        with unit_of_work(rt.sessions, scope) as db:
-            if budgets.token_limits(rt.settings):
-                held.append(budgets.lock_tenant(db, claim.principal.tenant_id))
-            yield db
-    finally:
-        for lock in held:
-            if lock is not None:
-                lock.release()
+    with unit_of_work(rt.sessions, scope) as db:
+        if budgets.token_limits(rt.settings):
+            budgets.lock_tenant(db, claim.principal.tenant_id)
+        yield db
 
 
 def _mark_started(db: Session, claim: Claim) -> None:

@@ -130,7 +130,8 @@ def add_document(db: Session, settings: Settings, who: Principal, body: dict[str
     """Validate, chunk (and embed, if configured) and store a document.
 
     With ``quota`` (the sessions the system-path check runs on), the document must fit the user's and
-    the tenant's document quotas (:mod:`shared.storage.quotas`), checked before anything is written.
+    the tenant's document quotas (:mod:`shared.storage.quotas`): checked before the chunking and the
+    embedding, and again under the tenant's document lock before anything is written.
     """
     title, content = body.get("title"), body.get("text")
     fmt, scope = body.get("format", "text"), body.get("scope", "user")
@@ -157,6 +158,9 @@ def add_document(db: Session, settings: Settings, who: Principal, body: dict[str
     pieces = chunk_text(content, fmt, settings.knowledge_chunk_chars)
     embedder = load_embedder(settings.embedder)
     vectors: list[list[float] | None] = list(embedder.embed(pieces)) if embedder else [None] * len(pieces)
+    if quota is not None:  # again, one upload of the tenant at a time: uploads at once cannot pass it together
+        quotas.serialise_new_documents(db, settings, who)
+        quotas.check_document(quota, settings, who, len(content.encode()), tenant_wide=scope == "tenant")
     doc = KnowledgeDocument(tenant_id=who.tenant_id, user_id=owner, scope=scope, title=title.strip(),
                             format=fmt, text=content, chunk_count=len(pieces))
     db.add(doc)

@@ -5,9 +5,13 @@ user's rows, which the principal's own scope cannot see), run before the write's
 own transaction takes its connection; a write that would pass a quota is refused
 with 413 ``quota_exceeded`` naming the quota, its limit and what is used, and
 writes nothing. Deleting (documents, memory items, sessions) frees room at once.
-Concurrent writes of one user are checked independently, so a quota may be passed
-by the writes in flight at the moment it fills (each no larger than its own
-size limit). A limit of 0 turns that quota off; with all of them off nothing runs.
+New documents and memory items of one tenant are written one at a time while a
+quota is on (:func:`shared.db.serialise` in the writing transaction, then the
+count), so writes at once cannot pass a quota together; a document is also
+checked before it is chunked and embedded, so a full quota costs no embedding.
+Turn input is counted in the new turn's transaction without that lock: turns
+created at once may pass the history quota by their own size. A limit of 0
+turns that quota off; with all of them off nothing runs.
 
 Cost: the document and memory checks count the owner's rows (a tenant's: every
 row of the tenant, an index scan for memory items), so they grow with what is
@@ -28,7 +32,7 @@ from sqlalchemy.types import LargeBinary
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
-from shared.db import advisory_xact_lock, unit_of_work
+from shared.db import serialise, unit_of_work
 from shared.errors import QuotaExceeded
 from shared.metrics import QUOTA_REFUSALS
 from shared.models import AgentSession, KnowledgeDocument, MemoryItem, table_of
@@ -76,15 +80,22 @@ def check_document(sessions: sessionmaker[Session], settings: Settings, who: Pri
             raise _refuse(what, setting, value, adding, limit, "text")
 
 
+def serialise_new_documents(db: Session, settings: Settings, who: Principal) -> None:
+    """With a document quota on: the tenant's new documents are written one at a time until ``db``'s
+    transaction ends. Take it in the writing transaction, then :func:`check_document` again: the count
+    then sees every document written before it, and uploads at once cannot pass a quota together."""
+    if (settings.quota_user_documents or settings.quota_user_document_bytes or settings.quota_tenant_documents
+            or settings.quota_tenant_document_bytes):
+        serialise(db, f"steprun:documents:{who.tenant_id}")
+
+
 def serialise_new_memory_items(db: Session, settings: Settings, who: Principal) -> None:
-    """With a memory item quota on (Postgres): the tenant's memory writes one at a time until ``db``'s
-    transaction ends. Take it in the writing transaction, before :func:`check_memory_item`: the count then
-    sees every item written before it. (Two tools writing at once both counted before either wrote, and
-    the user went past the quota.)"""
-    if not (settings.quota_user_memory_items or settings.quota_tenant_memory_items):
-        return
-    if db.get_bind().dialect.name == "postgresql":
-        advisory_xact_lock(db, f"steprun:memory:{who.tenant_id}")
+    """With a memory item quota on: the tenant's memory writes one at a time until ``db``'s transaction
+    ends. Take it in the writing transaction, before :func:`check_memory_item`: the count then sees every
+    item written before it. (Two tools writing at once both counted before either wrote, and the user went
+    past the quota.)"""
+    if settings.quota_user_memory_items or settings.quota_tenant_memory_items:
+        serialise(db, f"steprun:memory:{who.tenant_id}")
 
 
 def check_memory_item(sessions: sessionmaker[Session], settings: Settings, who: Principal, namespace: str,

@@ -31,14 +31,13 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
-from shared.db import advisory_xact_lock
+from shared.db import serialise
 from shared.models import ModelCall, ToolCall, Turn, UsageCounter
 from shared.settings import Settings
 
 PERIODS = ("day", "month")
 ADJECTIVE = {"day": "daily", "month": "monthly"}
-# SQLite (the embedded mode) has no advisory locks: one process, so a process lock serialises the same way.
-_LOCAL_LOCK = threading.RLock()
+_COLLECTOR_LOCK = threading.Lock()
 
 
 class BudgetExceeded(Exception):  # noqa: N818 - reads as the event it is
@@ -83,16 +82,9 @@ def token_limits(settings: Settings) -> list[tuple[str, str, int]]:
     return [(scope, period, limit) for scope, period, limit in limits if limit > 0]
 
 
-def lock_tenant(db: Session, tenant_id: str) -> threading.RLock | None:
-    """Serialise budget checks and usage records of one tenant until the transaction ends.
-
-    Returns the process lock taken on SQLite (the caller releases it after the commit), None on Postgres.
-    """
-    if db.get_bind().dialect.name == "postgresql":
-        advisory_xact_lock(db, f"steprun-budget:{tenant_id}")
-        return None
-    _LOCAL_LOCK.acquire()
-    return _LOCAL_LOCK
+def lock_tenant(db: Session, tenant_id: str) -> None:
+    """Serialise budget checks and usage records of one tenant until ``db``'s transaction ends."""
+    serialise(db, f"steprun-budget:{tenant_id}")
 
 
 def _spent(db: Session, who: Principal, scope: str, period: str, now: datetime) -> tuple[int, int]:
@@ -308,7 +300,7 @@ def register_usage_metrics(sessions: Any, settings: Settings) -> None:
     global _usage_collector
     from shared.metrics import register_on_scrape
 
-    with _LOCAL_LOCK:
+    with _COLLECTOR_LOCK:
         if _usage_collector is None:
             _usage_collector = UsageCollector(sessions, settings)
             register_on_scrape(_usage_collector)

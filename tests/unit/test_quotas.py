@@ -13,6 +13,7 @@ from shared.auth.keys import create_key
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import unit_of_work
 from shared.errors import QuotaExceeded
+from shared.migrate import upgrade
 from shared.models import AgentSession, KnowledgeDocument, MemoryItem, Turn
 from shared.runtime import Runtime
 from shared.storage.memory import MemoryStore
@@ -122,6 +123,71 @@ def test_tools_writing_memory_at_once_do_not_pass_the_quota_together(app_with: A
         t.join(30)
     assert sorted(outcomes) == ["refused"] * 7 + ["written"]
     assert _count(rt, MemoryItem, who.tenant_id) == 1
+
+
+def test_tools_writing_memory_at_once_on_the_embedded_database_do_not_pass_the_quota_together(
+        runtimes: Callable[..., Runtime], tmp_path: Any) -> None:
+    """The same on SQLite (the embedded default), which has no advisory locks: a process lock held until the
+    writing transaction ends."""
+    import threading
+
+    rt = runtimes(**{**OFF, "quota_user_memory_items": 1}, database_url=None, redis_url=None,
+                  data_dir=str(tmp_path))
+    assert rt.engine.dialect.name == "sqlite"
+    upgrade(rt.engine)
+    who = Principal("t-embedded", "u")
+    start = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def write(i: int) -> None:
+        store = MemoryStore(rt.sessions, rt.settings, who)
+        start.wait()
+        try:
+            store.put("facts", f"item-{i}", {"text": str(i)})
+            outcomes.append("written")
+        except QuotaExceeded:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["refused"] * 7 + ["written"]
+    assert _count(rt, MemoryItem, who.tenant_id) == 1
+
+
+def test_uploads_at_once_do_not_pass_the_document_quotas_together(app_with: Any) -> None:
+    """Eight uploads at once of one user against a quota of two documents, and of a tenant's users against its
+    bytes: each quota holds exactly (the count ran before the insert, in its own transaction)."""
+    import threading
+
+    c, rt = app_with(quota_user_documents=2, quota_tenant_document_bytes=3000)
+    tenant = f"t-{secrets.token_hex(3)}"
+    keys = _keys(rt, tenant, "alice", "bob", "carol", "dan")
+
+    def race(uploads: list[tuple[str, int]]) -> list[int]:
+        start = threading.Barrier(len(uploads))
+        codes: list[int] = []
+
+        def upload(key: str, size: int) -> None:
+            client = c.application.test_client()
+            start.wait()
+            codes.append(client.post("/v1/knowledge", json={"title": "t", "text": "x" * size},
+                                     headers=_h(key)).status_code)
+
+        threads = [threading.Thread(target=upload, args=u) for u in uploads]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return sorted(codes)
+
+    assert race([(keys[0], 10)] * 8) == [201] * 2 + [413] * 6
+    assert _count(rt, KnowledgeDocument, tenant) == 2
+    # 20 bytes used; room for 2980 more: two of these eight 1000-byte uploads by three users fit, not three.
+    assert race([(keys[1 + i % 3], 1000) for i in range(8)]) == [201] * 2 + [413] * 6
+    assert _count(rt, KnowledgeDocument, tenant) == 4
 
 
 def test_the_history_quota_counts_kept_turn_input_and_frees_with_the_session(app_with: Any) -> None:
