@@ -52,7 +52,7 @@ class ServerCounters:
         return {"pg_transactions": pg["xact_commit"] + pg["xact_rollback"], "pg": pg,
                 "redis_calls": sum(c for c, _ in commands.values()),
                 "redis_usec": sum(u for _, u in commands.values()),
-                "redis_commands": dict(sorted(commands.items(), key=lambda kv: -kv[1][0])[:8])}
+                "redis_commands": dict(sorted(commands.items(), key=lambda kv: -kv[1][0]))}
 
 
 def per(counts: dict[str, Any], n: float) -> dict[str, Any]:

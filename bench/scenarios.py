@@ -158,7 +158,7 @@ def cost(stack: Stack, opts: Any, progress: Progress) -> list[dict[str, Any]]:
                 progress.done(f"[cost {kind} {shape}] per turn: web {row['api_ms_per_turn']} + worker "
                               f"{row['workers_ms_per_turn']} CPU-ms (Postgres {row['postgres_ms_per_turn']}, "
                               f"Redis {row['redis_ms_per_turn']}); {pt.get('pg_transactions')} transactions, "
-                              f"{pt.get('redis_calls')} Redis commands {pt.get('redis_commands')}")
+                              f"{pt.get('redis_calls')} Redis commands {dict(list((pt.get('redis_commands') or {}).items())[:8])}")
                 rows.append(row)
     return rows
 

@@ -40,12 +40,39 @@ if KEYS[4] ~= '' or KEYS[3] ~= '' then
     if mark > fence and mark > 1 then redis.call('SET', KEYS[4], string.format('%.0f', mark), 'PX', ARGV[3]) end
   end
 end
+-- The bodies to add, in order: those without an id, and each id the log does not hold yet (once). One HSETNX
+-- for a single id; for more, one HMGET and one HSET, whatever their number.
 local function accepted()
-  local take = {}
+  local take, ids = {}, {}
+  for i = 8, #ARGV, 2 do
+    if ARGV[i] ~= '' then ids[#ids + 1] = ARGV[i] end
+  end
+  if #ids == 1 then
+    for i = 8, #ARGV, 2 do
+      if ARGV[i] == '' or redis.call('HSETNX', KEYS[5], ARGV[i], 1) == 1 then take[#take + 1] = i end
+    end
+    return take
+  end
+  local held = {}
+  if #ids > 1 then
+    local got = redis.call('HMGET', KEYS[5], unpack(ids))
+    for j = 1, #ids do
+      if got[j] then held[ids[j]] = true end
+    end
+  end
+  local new = {}
   for i = 8, #ARGV, 2 do
     local id = ARGV[i]
-    if id == '' or redis.call('HSETNX', KEYS[5], id, 1) == 1 then take[#take + 1] = i end
+    if id == '' then
+      take[#take + 1] = i
+    elseif not held[id] then
+      held[id] = true
+      take[#take + 1] = i
+      new[#new + 1] = id
+      new[#new + 1] = 1
+    end
   end
+  if #new > 0 then redis.call('HSET', KEYS[5], unpack(new)) end
   return take
 end
 local take = accepted()
@@ -148,25 +175,28 @@ class RedisEventLog:
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
         stream, _, base = self._keys(session_id)
+        # From the reader's own cursor, inclusive: the entry at it, when there, proves the cursor is kept.
+        entries = [(_cursor(eid), fields[b"e"]) for eid, fields in
+                   self.redis.xrange(stream, min=f"{max(after, 0)}-0", max="+", count=limit + 1)]
+        if after > 0 and entries and entries[0][0] == after and entries[-1][0] == after + len(entries) - 1:
+            # Kept, and the log goes on from it without a gap: cursors are numbered one by one, trimming
+            # only takes the oldest, and a new era (a lost or restored log) starts above the old one's
+            # cursors with a jump, so a run counting up from the cursor is this era's. One command for a
+            # reader keeping up, at the head or not.
+            return Batch([with_cursor(c, body.decode()) for c, body in entries[1:]], entries[-1][0], False, after)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
         pipe.xrevrange(stream, count=1)
+        pipe.xrange(stream, min="-", max="+", count=1)
         pipe.get(f"{base}:era")
-        entries, last, era = pipe.execute()
-        events = [with_cursor(_cursor(eid), fields[b"e"].decode()) for eid, fields in entries]
+        last, first, era = pipe.execute()
+        taken = [(c, body) for c, body in entries if c > after][:limit]
+        events = [with_cursor(c, body.decode()) for c, body in taken]
         low = int(era or 0)
         head = _cursor(last[0][0]) if last else 0
-        next_cursor = _cursor(entries[-1][0]) if entries else after
-        if 0 < after and low <= after and (_cursor(entries[0][0]) == after + 1 if entries else head == after):
-            # The reader's cursor is kept, in this era: the log goes on right after it (its next event is
-            # the one after the cursor, or the cursor is the newest), so nothing it has not read is gone,
-            # and the oldest event kept is not needed: three commands, not four, for a reader keeping up.
-            return Batch(events, next_cursor, False, after)
-        first = self.redis.xrange(stream, min="-", max="+", count=1)
         oldest = _cursor(first[0][0]) if first else None
         gone = is_gone(after, oldest, head, low)
         since = max(low, (oldest or 1) - 1) if oldest is not None else low
-        return Batch(events, next_cursor, gone, since)
+        return Batch(events, taken[-1][0] if taken else after, gone, since)
 
     def head(self, session_id: str) -> int:
         stream, _, _ = self._keys(session_id)
