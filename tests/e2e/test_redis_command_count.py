@@ -30,12 +30,13 @@ single-step polled turn still sends (web 27, worker 22):
 - the step: its first append (turn.started, step.started, the first delta: the
   script, MGET of fence and cancel flag, INCRBY, 3 XADD, PUBLISH: 7), the rest of
   its deltas once the model answered (5), and the commit's (step.completed,
-  turn.completed: the script, MGET, the fence's close mark, 2 HSETNX of the
-  durable ids, INCRBY, 2 XADD, PUBLISH of the session's channel and of its status
-  channel: 10). The worker's BRPOP that took the task is not counted (above).
+  turn.completed: the script, MGET, the fence's close mark, an HMGET and an HSET
+  of the durable ids, INCRBY, 2 XADD, PUBLISH of the session's channel and of its
+  status channel: 10). The worker's BRPOP that took the task is not counted (above).
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections import Counter
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import websocket
 
 from shared.settings import Settings
 from tests.support.processes import Procs, create_key_cli, settings_env
@@ -53,7 +55,13 @@ from tests.support.turns import polled_turn
 
 SINGLE_STEP_TARGET = 25  # issue 15's target
 SINGLE_STEP_REACHED = 49  # 27 web + 22 worker (the breakdown above)
-TOOL_TURN_REACHED = 75  # 27 web + 48 worker (two steps, the second sent by the worker: LPUSH)
+TOOL_TURN_REACHED = 74  # 27 web + 47 worker (two steps, the second sent by the worker: LPUSH)
+# Followed over the session's WebSocket (opened before the turn, as the bench's clients do): the POST (its
+# rate limits, turn.queued, the task), the step, and the relay's read at each ring, one XRANGE from its own
+# cursor (44 -> 35, 77 -> 62 when it was an XRANGE, an XREVRANGE and a GET). One more allowed: a ring that
+# lands while the relay reads costs one more read.
+WS_SINGLE_STEP_REACHED = 36
+WS_TOOL_TURN_REACHED = 63
 
 
 @dataclass
@@ -135,3 +143,38 @@ def test_polled_turn_redis_commands(counted: Counted, text: str, reached: int) -
         counts.append((total, per_command, detail))
     total, per_command, detail = min(counts, key=lambda c: c[0])
     assert total <= reached, f"{total} Redis commands (pinned {reached}): {dict(per_command)}\n{detail}"
+
+
+def _followed_turn(c: Counted, ws: websocket.WebSocket, session_id: str, text: str) -> None:
+    r = requests.post(f"{c.url}/v1/sessions/{session_id}/turns", json={"input": text}, headers=c.headers,
+                      timeout=30)
+    assert r.status_code == 202, r.text
+    turn_id = r.json()["id"]
+    while True:
+        event = json.loads(ws.recv())
+        if event.get("turn_id") == turn_id and event.get("type", "").startswith("turn.") and \
+                event["type"] not in ("turn.queued", "turn.started"):
+            assert event["type"] == "turn.completed", event
+            return
+
+
+@pytest.mark.parametrize(("text", "reached"), [("hello there", WS_SINGLE_STEP_REACHED),
+                                               ("please add 2 and 3", WS_TOOL_TURN_REACHED)],
+                         ids=["single-step", "tool-turn"])
+def test_followed_turn_redis_commands(counted: Counted, text: str, reached: int) -> None:
+    session_id = _session(counted)
+    ws_url = "ws" + counted.url[len("http"):] + f"/v1/sessions/{session_id}/ws"
+    ws = websocket.create_connection(ws_url, header=[f"Authorization: {counted.headers['Authorization']}"],
+                                     timeout=30)
+    try:
+        _followed_turn(counted, ws, session_id, text)  # the first: scripts loaded, the stream's tail warm
+        counts = []
+        for _ in range(2):
+            total, per_command, detail = _counted(counted, lambda: _followed_turn(counted, ws, session_id, text))
+            print(f"\n{text!r} followed: {total} commands {dict(per_command.most_common())}\n{detail}")
+            counts.append((total, per_command, detail))
+    finally:
+        ws.close()
+    total, per_command, detail = min(counts, key=lambda c: c[0])
+    assert total <= reached, f"{total} Redis commands (pinned {reached}): {dict(per_command)}\n{detail}"
+    assert per_command["xrevrange"] == 0 and per_command["get"] <= 2, per_command  # no read saw a gap
