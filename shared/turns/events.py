@@ -301,7 +301,9 @@ def republish_unpublished(rt: Runtime) -> int:
 
 # Events that end a wait on a turn's status: its end, or a pause for the user.
 STATUS_EVENTS = TERMINAL_EVENTS | {"turn.requires_action"}
-# How far back from the log's head a waiter looks for the turn's latest event.
+# How far back from the log's head a waiter looks for the turn's latest event: the newest few first (the
+# session's running turn is usually the one asked about, so its newest event is among them), then further.
+TAIL_FIRST = 4
 TAIL_SCAN = 64
 
 
@@ -313,12 +315,17 @@ def turn_state_in_log(events: EventLog, session_id: str, turn_id: str) -> str | 
     session runs one turn at a time, so the newest event of the turn tells where it is.
     """
     mark = f'"turn_id":"{turn_id}"'
-    for body in events.tail(session_id, TAIL_SCAN):
-        head = body[:200]
-        if mark not in head:
-            continue
-        kind = head[9:head.find('"', 9)] if head.startswith('{"type":"') else ""
-        return "ended" if kind in STATUS_EVENTS else "running"
+    # Parsing a reply costs per event (deltas are the long ones): 4 first, and 64 only when those are not its.
+    for count in (TAIL_FIRST, TAIL_SCAN):
+        bodies = events.tail(session_id, count)
+        for body in bodies:
+            head = body[:200]
+            if mark not in head:
+                continue
+            kind = head[9:head.find('"', 9)] if head.startswith('{"type":"') else ""
+            return "ended" if kind in STATUS_EVENTS else "running"
+        if len(bodies) < count:
+            return None  # the whole log was read
     return None
 
 

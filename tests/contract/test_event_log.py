@@ -320,6 +320,11 @@ def test_tail_is_the_newest_bodies_first(log: EventLog) -> None:
     log.append(sid, [encode_event("turn.completed", "turn_1", {}), _body(9, "turn_2")])
     assert turn_state_in_log(log, sid, "turn_1") == "ended"
     assert turn_state_in_log(log, sid, "turn_2") == "running"
+    # The turn's newest event further back than the first look (4): the wider one finds it.
+    log.append(sid, [encode_event("turn.completed", "turn_2", {})] + [_body(i, "turn_3") for i in range(10)])
+    assert turn_state_in_log(log, sid, "turn_2") == "ended"
+    assert turn_state_in_log(log, sid, "turn_3") == "running"
+    assert turn_state_in_log(log, sid, "turn_4") is None
 
 
 # --- cancel --------------------------------------------------------------------------------
