@@ -158,9 +158,14 @@ def cost(stack: Stack, opts: Any, progress: Progress) -> list[dict[str, Any]]:
                 progress.done(f"[cost {kind} {shape}] per turn: web {row['api_ms_per_turn']} + worker "
                               f"{row['workers_ms_per_turn']} CPU-ms (Postgres {row['postgres_ms_per_turn']}, "
                               f"Redis {row['redis_ms_per_turn']}); {pt.get('pg_transactions')} transactions, "
-                              f"{pt.get('redis_calls')} Redis commands {dict(list((pt.get('redis_commands') or {}).items())[:8])}")
+                              f"{pt.get('redis_calls')} Redis commands {_top(pt.get('redis_commands'))}")
                 rows.append(row)
     return rows
+
+
+def _top(commands: dict[str, float] | None, n: int = 8) -> dict[str, float]:
+    """The ``n`` most sent commands (the counters keep them all, most sent first)."""
+    return dict(list((commands or {}).items())[:n])
 
 
 def overhead(stack: Stack, opts: Any, progress: Progress) -> dict[str, Any]:
