@@ -97,31 +97,47 @@ def test_a_tool_writing_memory_past_the_quota_gets_an_error_not_a_crash(app_with
     assert store.get("facts", "one") == {"text": "replaced"} and store.get("facts", "two") is None
 
 
-def test_tools_writing_memory_at_once_do_not_pass_the_quota_together(app_with: Any) -> None:
-    """Eight writers of new items at once against a quota of one: one item is written, seven are refused (the
-    count and the write were two transactions, and writers counting before either wrote all got through)."""
+def _all_at_once(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run each job on a thread of its own, all released together; their results, sorted."""
     import threading
 
-    _, rt = app_with(quota_user_memory_items=1)
-    who = Principal(f"t-{secrets.token_hex(3)}", "u")
-    start = threading.Barrier(8)
-    outcomes: list[str] = []
+    start = threading.Barrier(len(jobs))
+    results: list[Any] = []
 
-    def write(i: int) -> None:
-        store = MemoryStore(rt.sessions, rt.settings, who)
+    def run(job: Callable[[], Any]) -> None:
         start.wait()
-        try:
-            store.put("facts", f"item-{i}", {"text": str(i)})
-            outcomes.append("written")
-        except QuotaExceeded:
-            outcomes.append("refused")
+        results.append(job())
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert sorted(outcomes) == ["refused"] * 7 + ["written"]
+    return sorted(results)
+
+
+def _new_memory_items_at_once(rt: Runtime, who: Principal, n: int) -> list[str]:
+    """``n`` tools writing a new item each, at once: "written" or "refused" for each."""
+    def write(i: int) -> Callable[[], str]:
+        store = MemoryStore(rt.sessions, rt.settings, who)
+
+        def put() -> str:
+            try:
+                store.put("facts", f"item-{i}", {"text": str(i)})
+                return "written"
+            except QuotaExceeded:
+                return "refused"
+        return put
+
+    return _all_at_once([write(i) for i in range(n)])
+
+
+def test_tools_writing_memory_at_once_do_not_pass_the_quota_together(app_with: Any) -> None:
+    """Eight writers of new items at once against a quota of one: one item is written, seven are refused (the
+    count and the write were two transactions, and writers counting before either wrote all got through)."""
+    _, rt = app_with(quota_user_memory_items=1)
+    who = Principal(f"t-{secrets.token_hex(3)}", "u")
+    assert _new_memory_items_at_once(rt, who, 8) == ["refused"] * 7 + ["written"]
     assert _count(rt, MemoryItem, who.tenant_id) == 1
 
 
@@ -129,59 +145,28 @@ def test_tools_writing_memory_at_once_on_the_embedded_database_do_not_pass_the_q
         runtimes: Callable[..., Runtime], tmp_path: Any) -> None:
     """The same on SQLite (the embedded default), which has no advisory locks: a process lock held until the
     writing transaction ends."""
-    import threading
-
     rt = runtimes(**{**OFF, "quota_user_memory_items": 1}, database_url=None, redis_url=None,
                   data_dir=str(tmp_path))
     assert rt.engine.dialect.name == "sqlite"
     upgrade(rt.engine)
     who = Principal("t-embedded", "u")
-    start = threading.Barrier(8)
-    outcomes: list[str] = []
-
-    def write(i: int) -> None:
-        store = MemoryStore(rt.sessions, rt.settings, who)
-        start.wait()
-        try:
-            store.put("facts", f"item-{i}", {"text": str(i)})
-            outcomes.append("written")
-        except QuotaExceeded:
-            outcomes.append("refused")
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(outcomes) == ["refused"] * 7 + ["written"]
+    assert _new_memory_items_at_once(rt, who, 8) == ["refused"] * 7 + ["written"]
     assert _count(rt, MemoryItem, who.tenant_id) == 1
 
 
 def test_uploads_at_once_do_not_pass_the_document_quotas_together(app_with: Any) -> None:
     """Eight uploads at once of one user against a quota of two documents, and of a tenant's users against its
     bytes: each quota holds exactly (the count ran before the insert, in its own transaction)."""
-    import threading
-
     c, rt = app_with(quota_user_documents=2, quota_tenant_document_bytes=3000)
     tenant = f"t-{secrets.token_hex(3)}"
     keys = _keys(rt, tenant, "alice", "bob", "carol", "dan")
 
     def race(uploads: list[tuple[str, int]]) -> list[int]:
-        start = threading.Barrier(len(uploads))
-        codes: list[int] = []
-
-        def upload(key: str, size: int) -> None:
+        def upload(key: str, size: int) -> Callable[[], int]:
             client = c.application.test_client()
-            start.wait()
-            codes.append(client.post("/v1/knowledge", json={"title": "t", "text": "x" * size},
-                                     headers=_h(key)).status_code)
-
-        threads = [threading.Thread(target=upload, args=u) for u in uploads]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        return sorted(codes)
+            return lambda: client.post("/v1/knowledge", json={"title": "t", "text": "x" * size},
+                                       headers=_h(key)).status_code
+        return _all_at_once([upload(key, size) for key, size in uploads])
 
     assert race([(keys[0], 10)] * 8) == [201] * 2 + [413] * 6
     assert _count(rt, KnowledgeDocument, tenant) == 2
