@@ -22,7 +22,7 @@ def _start(procs: Procs, name: str, env: dict[str, str]):  # noqa: ANN202
                                    "-w", "1", "-b", f"127.0.0.1:{free_port()}"], env=env)
     if name == "worker":
         return procs.worker(env=env, wait=False)
-    return procs.scheduler(env=env)
+    return procs.scheduler(env=env, wait=False)
 
 
 @pytest.mark.parametrize("name", PROCESSES)

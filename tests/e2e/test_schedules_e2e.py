@@ -6,6 +6,7 @@ killed) by the tests; intervals may be as short as 1 s
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -71,8 +72,24 @@ def _create(c: Client, **body: Any) -> dict[str, Any]:
     return r.json()
 
 
-def test_a_delayed_turn_starts_within_a_second_of_its_time(dep: Deployment) -> None:
-    sched = _scheduler(dep)
+@pytest.fixture
+def schedulers(dep: Deployment) -> Iterator[list[Proc]]:
+    """The schedulers a test starts (with ``schedulers.append(_scheduler(dep))``), killed however it ends."""
+    started: list[Proc] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.kill()
+
+
+def _fired_slots(procs: list[Proc], schedule_id: str) -> list[str]:
+    """The slots the schedulers' logs say they fired for ``schedule_id``, one entry per firing."""
+    return re.findall(rf"schedule {schedule_id}: run at (\S+) started turn", "".join(p.log() for p in procs))
+
+
+def test_a_delayed_turn_starts_within_a_second_of_its_time(dep: Deployment, schedulers: list[Proc]) -> None:
+    schedulers.append(_scheduler(dep))
     c = dep.client()
     sid = c.session("quick")
     later = c.start(sid, "later", after_seconds=2)
@@ -91,11 +108,11 @@ def test_a_delayed_turn_starts_within_a_second_of_its_time(dep: Deployment) -> N
     # A delayed turn can be cancelled before its time, and then never runs.
     waiting = c.start(c.session("quick"), "never", after_seconds=60)
     assert c.post(f"/v1/turns/{waiting['id']}/cancel").json()["status"] == "cancelled"
-    sched.kill()
 
 
-def test_two_schedulers_fire_every_run_once_and_a_paused_schedule_does_not_fire(dep: Deployment) -> None:
-    schedulers = [_scheduler(dep), _scheduler(dep)]
+def test_two_schedulers_fire_every_run_once_and_a_paused_schedule_does_not_fire(
+        dep: Deployment, schedulers: list[Proc]) -> None:
+    schedulers += [_scheduler(dep), _scheduler(dep)]
     c = dep.client()
     s = _create(c, every_seconds=1)
     time.sleep(6.5)
@@ -108,6 +125,8 @@ def test_two_schedulers_fire_every_run_once_and_a_paused_schedule_does_not_fire(
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     print(f"\n{len(runs)} runs in 6.5 s with two schedulers; gaps {[round(g, 2) for g in gaps]}")
     assert 5 <= len(runs) <= 7, runs
+    slots = _fired_slots(schedulers, s["id"])
+    assert len(slots) == len(set(slots)) == len(runs), slots  # no slot fired twice, by either scheduler
     assert all(g > 0.4 for g in gaps), gaps  # a duplicate of a slot would start within one poll (0.2 s)
     assert len({t["session_id"] for t in runs}) == len(runs)  # a new session per run
     assert c.get(f"/v1/schedules/{s['id']}").json()["run_count"] == len(runs)
@@ -120,12 +139,11 @@ def test_two_schedulers_fire_every_run_once_and_a_paused_schedule_does_not_fire(
     assert r.status_code == 200 and r.json()["next_run_at"], r.text
     assert len(_wait_runs(c, s["id"], len(runs) + 1, timeout=5)) == len(runs) + 1
     assert c.http.delete(f"{c.url}/v1/schedules/{s['id']}", headers=c.headers, timeout=30).status_code == 200
-    for proc in schedulers:
-        proc.kill()
 
 
-def test_a_restarted_scheduler_fires_the_missed_run_once(dep: Deployment) -> None:
+def test_a_restarted_scheduler_fires_the_missed_run_once(dep: Deployment, schedulers: list[Proc]) -> None:
     sched = _scheduler(dep)
+    schedulers.append(sched)
     c = dep.client()
     s = _create(c, every_seconds=3)
     assert len(_wait_runs(c, s["id"], 1, timeout=8)) == 1
@@ -134,6 +152,7 @@ def test_a_restarted_scheduler_fires_the_missed_run_once(dep: Deployment) -> Non
     assert len(_runs(c, s["id"])) == 1
     restarted = time.time()
     sched = _scheduler(dep)
+    schedulers.append(sched)
     runs = _wait_runs(c, s["id"], 2, timeout=10)
     assert len(runs) == 2, runs
     caught_up = _at(runs[0]["created_at"]).timestamp()
@@ -142,7 +161,6 @@ def test_a_restarted_scheduler_fires_the_missed_run_once(dep: Deployment) -> Non
     print(f"\nmissed run fired {caught_up - restarted:.2f} s after the scheduler restarted")
     assert len(_wait_runs(c, s["id"], 3, timeout=5)) == 3  # and the schedule goes on
     c.http.delete(f"{c.url}/v1/schedules/{s['id']}", headers=c.headers, timeout=30)
-    sched.kill()
 
 
 def test_another_user_cannot_see_or_change_a_schedule(dep: Deployment) -> None:

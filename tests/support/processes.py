@@ -108,21 +108,26 @@ class Procs:
         proc = self.start("worker", [str(BIN / "celery"), "-A", "workers.celery_app", "worker", "-P", "gevent",
                                      "-c", str(concurrency), "--without-gossip", "--without-mingle",
                                      "--without-heartbeat", "-Q", self.settings.queue_name, "-l", "INFO"], env=env)
-        if not wait:
-            return proc
-        deadline = time.time() + 30
-        while "ready." not in proc.log():
-            if proc.popen.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"worker did not start:\n{proc.log()[-3000:]}")
-            time.sleep(0.1)
-        return proc
+        return _ready(proc, "ready.") if wait else proc
 
-    def scheduler(self, env: dict[str, str] | None = None) -> Proc:
-        return self.start("scheduler", [sys.executable, "-m", "scheduler"], env=env)
+    def scheduler(self, env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+        """`scheduler` as the Procfile runs it (``wait``: until it says it started; its first round follows)."""
+        proc = self.start("scheduler", [sys.executable, "-m", "scheduler"], env=env)
+        return _ready(proc, "scheduler started") if wait else proc
 
     def stop_all(self) -> None:
         for proc in reversed(self.started):
             proc.kill(signal.SIGKILL)
+
+
+def _ready(proc: Proc, line: str, timeout: float = 30) -> Proc:
+    """``proc`` once its log holds ``line``; an error with the log's tail if it exits or takes too long."""
+    deadline = time.time() + timeout
+    while line not in proc.log():
+        if proc.popen.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{proc.name} did not start:\n{proc.log()[-3000:]}")
+        time.sleep(0.1)
+    return proc
 
 
 def wait_http(url: str, proc: Proc | None = None, timeout: float = 30) -> None:
