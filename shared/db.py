@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, Result, create_engine, event, text
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from shared.auth.principal import SYSTEM, Scope, TenantAdmin
@@ -82,6 +82,8 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
         hide_parameters=True,
     )
     ping_idle_connections(engine, settings.db_ping_idle_seconds)
+    if engine.dialect.driver == "psycopg2":
+        send_held_writes(engine)
     return engine
 
 
@@ -178,6 +180,103 @@ def after_commit(db: Session, callback: Callable[[], Any]) -> None:
     This is how work is enqueued: a task can never run before its row exists.
     """
     db.info.setdefault("after_commit", []).append(callback)
+
+
+# Writes held by :func:`write_later` on a DBAPI connection (its pool record's info), until they are sent.
+_HELD_WRITES = "steprun_held_writes"
+
+
+def write_later(db: Session, statement: Executable, params: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Run ``statement`` (a write whose result nobody reads: no RETURNING, no row count) in ``db``'s transaction.
+
+    On Postgres it is held, its values bound now, and sent with the other writes held before the
+    transaction's next statement or its commit: one round trip for them all, and none of SQLAlchemy's
+    per-statement execution (about 0.1 ms of CPU each). The order of every statement is unchanged, so
+    whatever runs next sees the write; only an error it raises is raised by that next statement or the
+    commit instead (so not inside a SAVEPOINT whose failure the caller handles). Elsewhere (SQLite) it
+    runs at once. ``params``: one row, or a list of rows, each a statement of its own.
+    """
+    conn = db.connection()
+    rows = params if isinstance(params, list) else [params]
+    if conn.dialect.driver != "psycopg2":
+        if rows:
+            conn.execute(statement, rows if isinstance(params, list) else params)
+        return
+    held: list[bytes] = conn.info.setdefault(_HELD_WRITES, [])
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        for row in rows:
+            held.append(cursor.mogrify(*_rendered(conn.dialect, statement, row)))
+    finally:
+        cursor.close()
+
+
+# Per statement (by identity, kept alive here) and set of keys given: its SQL and how to bind a row to it.
+_RENDERED: dict[tuple[int, Any, frozenset[str]], tuple[Executable, Any, dict[str, Any], list[tuple[str, Any]]]] = {}
+
+
+def _rendered(dialect: Any, statement: Executable, row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``statement``'s SQL for ``dialect`` and ``row``'s values bound as SQLAlchemy binds them (types'
+    bind processors, a column's Python default or onupdate where the row leaves it out)."""
+    key = (id(statement), dialect, frozenset(row))
+    entry = _RENDERED.get(key)
+    if entry is None:
+        compiled: Any = statement.compile(dialect=dialect, column_keys=sorted(row))  # type: ignore[attr-defined]
+        processors = {k: f for k, f in compiled._bind_processors.items() if f is not None}
+        defaults = []
+        for column, default in [*((c, c.default) for c in compiled.insert_prefetch),
+                                *((c, c.onupdate) for c in compiled.update_prefetch)]:
+            if column.key in row:
+                continue
+            if default is None or not (default.is_scalar or default.is_callable):
+                raise ValueError(f"write_later: {column} has no value and no Python default to give it")
+            defaults.append((column.key, default))
+        entry = _RENDERED[key] = (statement, compiled, processors, defaults)
+    _, compiled, processors, defaults = entry
+    bound: dict[str, Any] = compiled.construct_params(row)
+    for name, default in defaults:
+        bound[name] = default.arg if default.is_scalar else default.arg(None)
+    for name, process in processors.items():
+        if name in bound:
+            bound[name] = process(bound[name])
+    return compiled.string, bound
+
+
+def send_held_writes(engine: Engine) -> None:
+    """Send a connection's held writes (:func:`write_later`) before its next statement and before it commits;
+    drop them if it rolls back (they were never sent, so there is nothing to undo)."""
+    from sqlalchemy import exc as sa_exc
+
+    def send(conn: Any) -> None:
+        held = conn.info.pop(_HELD_WRITES, None)
+        if held:
+            cursor = conn.connection.dbapi_connection.cursor()
+            try:
+                cursor.execute(b";".join(held))  # no parameters: the SQL is sent as it is, values bound
+            finally:
+                cursor.close()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _before_statement(conn: Any, _cursor: Any, _statement: str, _params: Any, _context: Any,
+                          _many: bool) -> None:
+        send(conn)  # an error is the statement's own (SQLAlchemy wraps it, and invalidates a dead connection)
+
+    @event.listens_for(engine, "commit")
+    def _before_commit(conn: Any) -> None:
+        try:
+            send(conn)
+        except conn.dialect.loaded_dbapi.Error as exc:  # the commit's own error, wrapped as a statement's is
+            raise sa_exc.DBAPIError.instance("(writes held for the commit)", None, exc,
+                                             conn.dialect.loaded_dbapi.Error, hide_parameters=True,
+                                             dialect=conn.dialect) from exc
+
+    @event.listens_for(engine, "rollback")
+    def _drop(conn: Any) -> None:
+        conn.info.pop(_HELD_WRITES, None)
+
+    @event.listens_for(engine, "reset")
+    def _drop_at_checkin(_dbapi_conn: Any, record: Any, _state: Any) -> None:
+        record.info.pop(_HELD_WRITES, None)
 
 
 def rowcount(result: Result[Any]) -> int:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from shared import checkpoints
 from shared.clock import utcnow
-from shared.db import after_commit, database_unavailable, unit_of_work
+from shared.db import after_commit, database_unavailable, unit_of_work, write_later
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
 from shared.engine.journal import record_response
@@ -111,10 +111,6 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
         # Cancelled while the step ran: the turn ends here (rare: a second statement).
         status, was_running = TurnStatus.CANCELLED, fenced.status == TurnStatus.IN_PROGRESS
         ended = conn.execute(_CANCEL, {**params, "p_error": result.error}).one()
-    if result.unrecorded_response is not None:
-        # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
-        record_response(db, claim, result.unrecorded_response)
-    events.trace.write(db, locked.enqueued_at, result)  # the spans commit (or not) with the step
     # The checkpoint holds what the step added, after the latest one (shared/checkpoints.py).
     previous = checkpoints.tip_of(*fenced[:5])
     clean = [for_model(m) for m in result.new_messages]
@@ -126,35 +122,40 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
         "created_at": now}).scalar_one()
     # This process's next step of the session finds this checkpoint's history without reading it.
     after_commit(db, partial(rt.history_cache.put, claim.session_id, checkpoint_id, number, [*state, *clean]))
-    if result.new_messages:
-        conn.execute(_INSERT_MESSAGES, [
-            {"session_id": claim.session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id,
-             "turn_id": claim.turn_id, "step": claim.step, "role": m["role"], "content": m.get("content") or "",
-             "tool_calls": m.get("tool_calls"), "tool_call_id": m.get("tool_call_id"), "name": m.get("name"),
-             "status": m.get("_status", "complete"), "created_at": now} for m in result.new_messages])
+    # Statements whose results the commit reads come first (the checkpoint's id, the recorded response, the
+    # fair share's lock); the writes after them are held and sent with the commit, in one round trip
+    # (shared.db.write_later).
+    if result.unrecorded_response is not None:
+        # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
+        record_response(db, claim, result.unrecorded_response)
     # The step's durable events commit with it (shared/turns/events.py): its tool calls and results, and
     # step.completed with the step's text, which is what a client keeps; then the turn's own, if it changed.
     published: list[Durable] = [*events.durable, Durable.new("step.completed", claim.turn_id, {
         "step": claim.step, "attempt": claim.step_attempt, "usage": result.usage, "text": result.text})]
     active = locked.active_turn_id
     if status == TurnStatus.IN_PROGRESS:
-        record_rows(db, rt, owner, claim.session_id, published)
         transitions.advanced(db, rt, claim.turn_id, claim.step + 1)
     elif status == TurnStatus.REQUIRES_ACTION:
-        published.append(Durable.new(*transitions.paused_event(claim.turn_id, pending)))
-        record_rows(db, rt, owner, claim.session_id, published)
         transitions.paused(db, rt, claim.turn_id, owner)
+        published.append(Durable.new(*transitions.paused_event(claim.turn_id, pending)))
     else:
-        published.append(Durable.new(*transitions.finished_event(claim.turn_id, status, ended.output, result.error)))
-        record_rows(db, rt, owner, claim.session_id, published)
         transitions.finished(db, rt, claim.turn_id, owner, status, was_running=was_running)
+        published.append(Durable.new(*transitions.finished_event(claim.turn_id, status, ended.output, result.error)))
         if active == claim.turn_id:  # hand the session to its next queued turn (fetched by the update)
             active = ended.next_turn_id
             if active is not None:
                 transitions.activated(db, rt, active, now)
+    events.trace.write(db, locked.enqueued_at, result)  # the spans commit (or not) with the step
+    if result.new_messages:
+        write_later(db, _INSERT_MESSAGES, [
+            {"session_id": claim.session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id,
+             "turn_id": claim.turn_id, "step": claim.step, "role": m["role"], "content": m.get("content") or "",
+             "tool_calls": m.get("tool_calls"), "tool_call_id": m.get("tool_call_id"), "name": m.get("name"),
+             "status": m.get("_status", "complete"), "created_at": now} for m in result.new_messages])
+    record_rows(db, rt, owner, claim.session_id, published)
     # The session's one UPDATE: the event cursor floor raised past every cursor the step saw, its active turn.
-    conn.execute(_UPDATE_SESSION, {"p_session": claim.session_id, "p_now": now, "p_active": active,
-                                   "p_cursor": max(events.high, locked.event_cursor or 0)})
+    write_later(db, _UPDATE_SESSION, {"p_session": claim.session_id, "p_now": now, "p_active": active,
+                                      "p_cursor": max(events.high, locked.event_cursor or 0)})
     return status
 
 

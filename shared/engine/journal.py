@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
-from shared.db import database_unavailable, unit_of_work
+from shared.db import database_unavailable, unit_of_work, write_later
 from shared.engine.claim import Claim
 from shared.engine.outcome import StepInterrupted, StopReason
 from shared.llm import ModelResponse
@@ -247,10 +247,10 @@ def _budget_transaction(rt: Runtime, claim: Claim, scope: Any) -> Iterator[Sessi
 def _mark_started(db: Session, claim: Claim) -> None:
     """This attempt's model call of the step, in flight (a row an earlier attempt left is taken over): one
     statement."""
-    db.execute(_per_dialect(db, "start", _build_start),
-               {"b_turn_id": claim.turn_id, "b_tenant_id": claim.principal.tenant_id,
-                "b_user_id": claim.principal.user_id, "b_step": claim.step, "b_attempt": claim.attempt,
-                "b_now": utcnow()})
+    write_later(db, _per_dialect(db, "start", _build_start),
+                {"b_turn_id": claim.turn_id, "b_tenant_id": claim.principal.tenant_id,
+                 "b_user_id": claim.principal.user_id, "b_step": claim.step, "b_attempt": claim.attempt,
+                 "b_now": utcnow()})
 
 
 def start_model_call_with_claim(db: Session, rt: Runtime, claim: Claim) -> bool:

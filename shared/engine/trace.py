@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from shared import metrics
 from shared.clock import aware, utcnow
-from shared.db import after_commit
+from shared.db import after_commit, write_later
 from shared.engine.claim import Claim
 from shared.engine.otel import export_spans
 from shared.engine.outcome import StepResult
@@ -130,8 +130,8 @@ class StepTrace:
                          "name": child["name"][:200], "status": child["status"],
                          "started_at": self._wall0 + timedelta(milliseconds=child["start_ms"]),
                          "duration_ms": child["duration_ms"], "attributes": child["attributes"]})
-        # A Core INSERT of every row at once (one statement), no ORM unit of work: nothing reads them back.
-        db.connection().execute(_INSERT_SPANS, rows)
+        # Core INSERTs, no ORM unit of work, sent with the commit's next statement: nothing reads them back.
+        write_later(db, _INSERT_SPANS, rows)
         after_commit(db, lambda: self._committed(rows, result.status, step_ms, queued_ms))
 
     def _committed(self, rows: list[dict[str, Any]], outcome: str, step_ms: float, queued_ms: float | None) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
-from shared.db import serialise
+from shared.db import serialise, write_later
 from shared.models import ModelCall, ToolCall, Turn, UsageCounter
 from shared.settings import Settings
 
@@ -182,15 +182,14 @@ def count(db: Session, who: Principal, *, tokens: int = 0, model_calls: int = 0,
     """Add to ``who``'s counters of the current day and month (one upsert of both rows: concurrent adds all
     count)."""
     now = now or utcnow()
-    conn = db.connection()
-    dialect = conn.dialect.name
+    dialect = db.get_bind().dialect.name
     stmt = _COUNT.get(dialect)
     if stmt is None:
         stmt = _COUNT[dialect] = _count_statement(dialect)
-    conn.execute(stmt, {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id, "p_day": period_start("day", now),
-                        "p_month": period_start("month", now), "p_tokens": tokens, "p_model_calls": model_calls,
-                        "p_tool_calls": tool_calls, "p_max_call_tokens": tokens if model_calls else 0,
-                        "p_now": now})
+    write_later(db, stmt, {"p_tenant_id": who.tenant_id, "p_user_id": who.user_id,
+                           "p_day": period_start("day", now), "p_month": period_start("month", now),
+                           "p_tokens": tokens, "p_model_calls": model_calls, "p_tool_calls": tool_calls,
+                           "p_max_call_tokens": tokens if model_calls else 0, "p_now": now})
 
 
 # The upsert of :func:`count`, per dialect: built once (a Core statement on the table, no ORM), so each

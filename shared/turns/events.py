@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal, Scope
 from shared.clock import utcnow
-from shared.db import after_commit, unit_of_work
+from shared.db import after_commit, unit_of_work, write_later
 from shared.models import AgentSession, StreamEvent, new_id, table_of
 from shared.runtime import Runtime
 from shared.streaming.protocol import DURABLE_TYPES, EventLog, Fence, encode_event
@@ -88,8 +88,7 @@ def record_rows(db: Session, rt: Runtime, owner: Principal, session_id: str, ite
     rows = [{"id": e.id, "session_id": session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id,
              "turn_id": e.turn_id, "type": e.type, "body": e.body, "created_at": now + timedelta(microseconds=i)}
             for i, e in enumerate(e for e in items if e.type in DURABLE_TYPES)]
-    if rows:
-        db.connection().execute(_INSERT_EVENTS, rows)
+    write_later(db, _INSERT_EVENTS, rows)
     _publish_after_commit(db, rt, owner, session_id, items)
 
 
@@ -228,13 +227,10 @@ def mark(db: Session, ids: list[str], cursors: dict[str, int]) -> None:
     turn's events. Marking the events first would hold their rows while waiting for the session's,
     and the two would deadlock (Postgres fails one of them: the rollback's client got 503).
     """
-    conn = db.connection()
-    for session_id, cursor in sorted(cursors.items()):
-        if cursor:
-            conn.execute(_RAISE_FLOOR, {"session_id": session_id, "cursor": cursor})
+    write_later(db, _RAISE_FLOOR, [{"session_id": s, "cursor": c} for s, c in sorted(cursors.items()) if c])
     if ids:
-        marking = _MARK_EVENTS.get(conn.dialect.name, _MARK_EVENTS[""])
-        conn.execute(marking, {"ids": list(ids), "now": utcnow()})
+        marking = _MARK_EVENTS.get(db.get_bind().dialect.name, _MARK_EVENTS[""])
+        write_later(db, marking, {"ids": list(ids), "now": utcnow()})
 
 
 def mark_published(rt: Runtime, scope: Scope, session_id: str, ids: list[str], cursor: int) -> None:

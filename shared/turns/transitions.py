@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
-from shared.db import after_commit
+from shared.db import after_commit, write_later
 from shared.metrics import TURNS_FINISHED
 from shared.models import TERMINAL, AgentSession, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
@@ -48,7 +48,7 @@ def activate(db: Session, rt: Runtime, session: AgentSession, turn: Turn) -> Non
 def activated(db: Session, rt: Runtime, turn_id: str, now: datetime) -> None:
     """:func:`activate` for the step's commit, which makes ``turn_id`` the session's active turn in its own
     UPDATE of the session: the turn's send time, and its first step sent after commit."""
-    db.connection().execute(_SENT, {"p_turn": turn_id, "p_now": now})
+    write_later(db, _SENT, {"p_turn": turn_id, "p_now": now})
     after_commit(db, lambda: rt.queue.enqueue_step(turn_id, 0))
 
 
@@ -92,8 +92,8 @@ def finished(db: Session, rt: Runtime, turn_id: str, owner: Principal, status: T
              was_running: bool) -> None:
     """:func:`finish` for the step's commit, which wrote the turn's row, its event and the session's row
     itself (Core statements, shared/engine/commit.py): the webhook event, and the slot freed."""
-    insert_turn_event(db, turn_id, owner.tenant_id, owner.user_id, status)
-    _finished(db, rt, owner.tenant_id, owner.user_id, status, was_running)
+    _finished(db, rt, owner.tenant_id, owner.user_id, status, was_running)  # first: its wake-up reads
+    insert_turn_event(db, turn_id, owner.tenant_id, owner.user_id, status)  # a held write (write_later)
 
 
 def _finished(db: Session, rt: Runtime, tenant_id: str, user_id: str, status: TurnStatus, was_running: bool) -> None:

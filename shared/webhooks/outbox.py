@@ -14,6 +14,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from shared.clock import utcnow
+from shared.db import write_later
 from shared.models import Turn, WebhookEvent, new_id, table_of
 
 # A turn's status -> the event its end (or pause) sends. A response id is a turn id.
@@ -48,7 +49,7 @@ def insert_turn_event(db: Session, turn_id: str, tenant_id: str, user_id: str, s
     commit)."""
     row = turn_event_row(turn_id, tenant_id, user_id, status)
     if row is not None:
-        db.connection().execute(_INSERT, row)
+        write_later(db, _INSERT, row)
 
 
 def turn_event_row(turn_id: str, tenant_id: str, user_id: str, status: str) -> dict[str, Any] | None:
