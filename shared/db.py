@@ -272,10 +272,15 @@ def send_held_writes(engine: Engine) -> None:
 
     @event.listens_for(engine, "rollback")
     def _drop(conn: Any) -> None:
-        conn.info.pop(_HELD_WRITES, None)
+        if not conn.invalidated:  # an invalidated one is dropped below, and has no info to reach
+            conn.info.pop(_HELD_WRITES, None)
 
     @event.listens_for(engine, "reset")
     def _drop_at_checkin(_dbapi_conn: Any, record: Any, _state: Any) -> None:
+        record.info.pop(_HELD_WRITES, None)
+
+    @event.listens_for(engine, "invalidate")
+    def _drop_if_invalidated(_dbapi_conn: Any, record: Any, _exc: Any) -> None:
         record.info.pop(_HELD_WRITES, None)
 
 
