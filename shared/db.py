@@ -83,7 +83,7 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
     )
     ping_idle_connections(engine, settings.db_ping_idle_seconds)
     if engine.dialect.driver == "psycopg2":
-        send_held_writes(engine)
+        pipeline_transactions(engine)
     return engine
 
 
@@ -189,9 +189,10 @@ _HELD_WRITES = "steprun_held_writes"
 def write_later(db: Session, statement: Executable, params: dict[str, Any] | list[dict[str, Any]]) -> None:
     """Run ``statement`` (a write whose result nobody reads: no RETURNING, no row count) in ``db``'s transaction.
 
-    On Postgres it is held, its values bound now, and sent with the other writes held before the
-    transaction's next statement or its commit: one round trip for them all, and none of SQLAlchemy's
-    per-statement execution (about 0.1 ms of CPU each). The order of every statement is unchanged, so
+    On Postgres it is held, its values bound now, and sent with the other writes held ahead of the
+    transaction's next statement or its COMMIT, in that statement's round trip
+    (:func:`pipeline_transactions`): no round trip of its own, and none of SQLAlchemy's per-statement
+    execution (about 0.1 ms of CPU each). The order of every statement is unchanged, so
     whatever runs next sees the write; only an error it raises is raised by that next statement or the
     commit instead (so not inside a SAVEPOINT whose failure the caller handles). Elsewhere (SQLite) it
     runs at once. ``params``: one row, or a list of rows, each a statement of its own.
@@ -242,46 +243,140 @@ def _rendered(dialect: Any, statement: Executable, row: dict[str, Any]) -> tuple
     return compiled.string, bound
 
 
-def send_held_writes(engine: Engine) -> None:
-    """Send a connection's held writes (:func:`write_later`) before its next statement and before it commits;
-    drop them if it rolls back (they were never sent, so there is nothing to undo)."""
-    from sqlalchemy import exc as sa_exc
+_BEGUN = "steprun_begun"  # BEGIN is due: the transaction began, nothing of it has been sent
+_SENT_AS = "steprun_sent_as"  # (the statement as sent, with what went ahead of it; as the caller gave it)
+_ENTER = "steprun_scope_entry"  # the held scope entry (install_row_security) went ahead of that statement
 
-    def send(conn: Any) -> None:
-        held = conn.info.pop(_HELD_WRITES, None)
-        if held:
-            cursor = conn.connection.dbapi_connection.cursor()
-            try:
-                cursor.execute(b";".join(held))  # no parameters: the SQL is sent as it is, values bound
-            finally:
-                cursor.close()
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _before_statement(conn: Any, _cursor: Any, _statement: str, _params: Any, _context: Any,
-                          _many: bool) -> None:
-        send(conn)  # an error is the statement's own (SQLAlchemy wraps it, and invalidates a dead connection)
+def pipeline_transactions(engine: Engine) -> None:
+    """A transaction's BEGIN and held statements (:func:`write_later`, the scope's entry) go with its next
+    statement, in the same round trip, and whatever is still held goes with its COMMIT.
 
-    @event.listens_for(engine, "commit")
-    def _before_commit(conn: Any) -> None:
+    psycopg2 sends BEGIN in a round trip of its own before a transaction's first statement. On a
+    connection in use by SQLAlchemy (from its checkout to its checkin) the driver is put in autocommit
+    mode and the dialect's begin, commit and rollback are this module's: BEGIN is sent ahead of the first
+    statement (``BEGIN;…;statement``: Postgres answers with the last statement's result, so rows and row
+    counts are as before), a transaction that ran nothing sends nothing, and held writes go out as
+    ``…;COMMIT``. The order of every statement is unchanged. A statement's error names the statement
+    alone, never what went ahead of it (held values are user content). A driver connection handed out
+    raw (``engine.raw_connection()``) keeps the driver's own transactions.
+    """
+    dialect: Any = engine.dialect
+    encodings = dialect.loaded_dbapi.extensions.encodings  # the server's encoding names, as Python's
+    driver_commit, driver_rollback = dialect.do_commit, dialect.do_rollback
+
+    def ahead(info: dict[str, Any]) -> list[bytes]:
+        parts = [b"BEGIN"] if info.pop(_BEGUN, False) else []
+        parts.extend(info.pop(_HELD_WRITES, ()))
+        return parts
+
+    def info_of(fairy: Any) -> dict[str, Any]:
         try:
-            send(conn)
-        except conn.dialect.loaded_dbapi.Error as exc:  # the commit's own error, wrapped as a statement's is
-            raise sa_exc.DBAPIError.instance("(writes held for the commit)", None, exc,
-                                             conn.dialect.loaded_dbapi.Error, hide_parameters=True,
-                                             dialect=conn.dialect) from exc
+            return fairy.info
+        except NotImplementedError:  # the dialect's own first connection: not pooled, nothing held
+            return {}
 
-    @event.listens_for(engine, "rollback")
-    def _drop(conn: Any) -> None:
-        if not conn.invalidated:  # an invalidated one is dropped below, and has no info to reach
-            conn.info.pop(_HELD_WRITES, None)
+    def do_begin(fairy: Any) -> None:
+        if fairy.dbapi_connection.autocommit:
+            fairy.info[_BEGUN] = True
+
+    def do_commit(fairy: Any) -> None:
+        dbapi_conn, info = fairy.dbapi_connection, info_of(fairy)
+        parts = ahead(info)
+        info.pop(_ENTER, None)
+        if not dbapi_conn.autocommit:
+            if parts:
+                _execute(dbapi_conn, b";".join(parts))
+            driver_commit(fairy)
+            return
+        if parts == [b"BEGIN"] or (not parts and dbapi_conn.info.transaction_status == _IDLE):
+            return  # the transaction ran nothing: there is nothing to commit
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(b";".join([*parts, b"COMMIT"]))
+            ended = cursor.statusmessage
+        finally:
+            cursor.close()
+        if ended != "COMMIT":  # Postgres ends a failed transaction's COMMIT as a ROLLBACK, with no error
+            raise dialect.loaded_dbapi.InternalError(f"the transaction was rolled back at its commit ({ended})")
+
+    def do_rollback(fairy: Any) -> None:
+        dbapi_conn, info = fairy.dbapi_connection, info_of(fairy)
+        for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
+            info.pop(key, None)  # never sent: nothing to undo
+        if not dbapi_conn.autocommit:
+            driver_rollback(fairy)
+        elif dbapi_conn.info.transaction_status != _IDLE:
+            _execute(dbapi_conn, b"ROLLBACK")
+
+    dialect.do_begin, dialect.do_commit, dialect.do_rollback = do_begin, do_commit, do_rollback
+
+    @event.listens_for(engine, "engine_connect")
+    def _pipelined(conn: Any) -> None:
+        dbapi_conn = conn.connection.dbapi_connection
+        if not dbapi_conn.autocommit:
+            dbapi_conn.autocommit = True
+
+    @event.listens_for(engine, "checkin")
+    def _driver_transactions(dbapi_conn: Any, record: Any) -> None:
+        if dbapi_conn is not None and dbapi_conn.autocommit and dbapi_conn.info.transaction_status == _IDLE:
+            dbapi_conn.autocommit = False  # for whoever takes it raw
+
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _with_what_is_due(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+                          many: bool) -> tuple[str, Any]:
+        info = conn.info
+        parts = ahead(info)
+        entered = info.pop(_ENTER, False)
+        if not parts:
+            return statement, params
+        if many:  # run apart: the statement runs once per row
+            cursor.execute(b";".join(parts))
+            return statement, params
+        sent = b";".join(parts).decode(encodings[cursor.connection.encoding]) + ";"
+        if params or context is None or not context.no_parameters:
+            sent = sent.replace("%", "%%")  # the driver interpolates the statement's parameters into it all
+        sent += statement
+        info[_SENT_AS] = (sent, statement, entered)
+        return sent, params
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _sent(conn: Any, *_args: Any) -> None:
+        conn.info.pop(_SENT_AS, None)
+
+    @event.listens_for(engine, "handle_error")
+    def _as_the_caller_gave_it(ctx: Any) -> None:
+        conn = ctx.connection
+        sent = conn.info.pop(_SENT_AS, None) if conn is not None and not conn.invalidated else None
+        if sent is None or ctx.statement != sent[0]:
+            return
+        if ctx.sqlalchemy_exception is not None:
+            ctx.sqlalchemy_exception.statement = sent[1]
+        diag = getattr(ctx.original_exception, "diag", None)
+        if sent[2] and "steprun_enter" in (getattr(diag, "context", None) or ""):
+            # The scope's entry failed: this connection's scope state is not what it opened. Not used again.
+            ctx.is_disconnect, ctx.invalidate_pool_on_disconnect = True, False
 
     @event.listens_for(engine, "reset")
     def _drop_at_checkin(_dbapi_conn: Any, record: Any, _state: Any) -> None:
-        record.info.pop(_HELD_WRITES, None)
+        for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
+            record.info.pop(key, None)
 
     @event.listens_for(engine, "invalidate")
     def _drop_if_invalidated(_dbapi_conn: Any, record: Any, _exc: Any) -> None:
-        record.info.pop(_HELD_WRITES, None)
+        for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
+            record.info.pop(key, None)
+
+
+_IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def _execute(dbapi_conn: Any, sql: bytes) -> None:
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute(sql)  # no parameters: the SQL is sent as it is, values bound
+    finally:
+        cursor.close()
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -375,11 +470,24 @@ def install_row_security(factory: sessionmaker[Session], app_engine: Engine | No
         scope = "\x1f".join(_scope_fields(session))
         n = info["steprun_scope_seq"] = info["steprun_scope_seq"] + 1
         mac = hmac.new(key, f"{n}\x1f{scope}".encode(), hashlib.sha256).hexdigest()
+        entry = {"n": n, "s": scope, "m": mac}
+        dbapi_conn = connection.connection.dbapi_connection
+        if getattr(dbapi_conn, "autocommit", False):  # pipelined: it goes with the transaction's first statement
+            cursor = dbapi_conn.cursor()
+            try:
+                info.setdefault(_HELD_WRITES, []).append(cursor.mogrify(_ENTER_SQL, entry))
+            finally:
+                cursor.close()
+            info[_ENTER] = True
+            return
         try:
-            connection.exec_driver_sql("SELECT steprun_enter(%(n)s, %(s)s, %(m)s)", {"n": n, "s": scope, "m": mac})
+            connection.exec_driver_sql(_ENTER_SQL, entry)
         except Exception:
             connection.invalidate()  # a connection whose scope state was tampered with is not used again
             raise
+
+
+_ENTER_SQL = "SELECT steprun_enter(%(n)s, %(s)s, %(m)s)"
 
 
 @contextmanager

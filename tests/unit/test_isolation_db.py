@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM, Principal
-from shared.db import UnsafeLogin, rowcount, unit_of_work
+from shared.db import UnsafeLogin, rowcount, set_scope, unit_of_work
 from shared.engine.step import build_runtime, run_step
 from shared.migrate import ensure_app_login
 from shared.runtime import Runtime
@@ -290,3 +290,20 @@ def test_the_tenant_totals_function_answers_for_the_scopes_own_tenant_only(secur
         assert "tenant's totals" in _denied(db, "SELECT * FROM steprun_tenant_admission('t-adm-b', true, true)")
     with unit_of_work(secure_rt.sessions, SYSTEM) as db:  # the owner's login may ask for any tenant
         assert db.execute(text("SELECT * FROM steprun_tenant_admission('t-adm-b', true, false)")).one() == (1, None)
+
+
+def test_a_connection_whose_scope_entry_fails_is_not_used_again(secure_rt: Runtime) -> None:
+    """The scope's entry goes with the transaction's first statement; if the server refuses it (the state it
+    opened is not what this connection holds), that statement fails and the connection is dropped."""
+    conn = secure_rt.app_engine.connect()  # type: ignore[union-attr]
+    try:
+        conn.info["steprun_scope_key"] = secrets.token_bytes(32)  # no longer the key the server holds
+        db = secure_rt.sessions(bind=conn)
+        set_scope(db, Principal("t-tamper", "mallory"))
+        with pytest.raises(ProgrammingError, match="not signed"):
+            db.execute(text("SELECT count(*) FROM sessions"))
+        assert conn.invalidated
+        db.close()
+    finally:
+        conn.close()
+    assert _raw(secure_rt, Principal("t-tamper", "mallory"), "SELECT count(*) FROM sessions") == [(0,)]
