@@ -152,14 +152,19 @@ class HistoryCache:
             setattr(self, kind, getattr(self, kind) + 1)
 
 
-def load(db: Session, session_id: str, cache: HistoryCache | None = None) -> tuple[int | None, list[Any]]:
+_READ: Any = object()
+
+
+def load(db: Session, session_id: str, cache: HistoryCache | None = None, *,
+         latest: tuple[int, int, int | None] | None = _READ) -> tuple[int | None, list[Any]]:
     """(the latest checkpoint's id, the session's whole history as of it); (None, []) with no checkpoint.
 
-    One small read (the latest row's id, number and keyframe, not its messages). Then, with ``cache``:
-    nothing more if it holds that very checkpoint; the rows after the one it holds if that one is still
-    in the latest's chain; else (and without a cache) the chain from the keyframe.
+    One small read (the latest row's id, number and keyframe, not its messages), or none if the caller
+    read them in a statement of its own (``latest``, None for no checkpoint: :func:`latest_columns`). Then,
+    with ``cache``: nothing more if it holds that very checkpoint; the rows after the one it holds if that
+    one is still in the latest's chain; else (and without a cache) the chain from the keyframe.
     """
-    row = db.connection().execute(_LATEST, {"p_session": session_id}).first()
+    row = db.connection().execute(_LATEST, {"p_session": session_id}).first() if latest is _READ else latest
     if row is None:
         return None, []
     checkpoint_id, number, keyframe = row
@@ -200,6 +205,18 @@ def _rows(db: Session, session_id: str, low: int, high: int) -> list[Any]:
 _table = table_of(Checkpoint)
 _LATEST = (select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer())
            .where(_table.c.session_id == bindparam("p_session")).order_by(_table.c.number.desc()).limit(1))
+
+
+def latest_columns(session_id: Any) -> list[Any]:
+    """The latest checkpoint's id, number and keyframe of the session ``session_id`` (a column or a bind), as
+    three columns of another statement (``latest_id``, ``latest_number``, ``latest_keyframe``; NULL without
+    a checkpoint) for :func:`load`'s ``latest``."""
+    latest = select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer().label("keyframe")).where(
+        _table.c.session_id == session_id).order_by(_table.c.number.desc()).limit(1)
+    return [latest.with_only_columns(column).scalar_subquery().label(f"latest_{name}")
+            for column, name in zip(latest.selected_columns, ("id", "number", "keyframe"), strict=True)]
+
+
 _RANGE = (select(_table.c.id, _table.c.number, _table.c.state)
           .where(_table.c.session_id == bindparam("p_session"), _table.c.number >= bindparam("p_low"),
                  _table.c.number <= bindparam("p_high"))

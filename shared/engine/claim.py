@@ -94,7 +94,9 @@ _CLAIM = (
                _turns.c.step_failures, _turns.c.input, _turns.c.resume, _turns.c.pending,
                _turns.c.cancel_requested, _turns.c.deadline_at, _turns.c.retry_reason, _turns.c.started_at)
 )
-_SESSION = select(_sessions.c.agent, _sessions.c.event_cursor).where(_sessions.c.id == bindparam("session_id"))
+# The session and its latest checkpoint (what the history is read from), in one read after the claim.
+_SESSION = select(_sessions.c.agent, _sessions.c.event_cursor, *checkpoints.latest_columns(_sessions.c.id)).where(
+    _sessions.c.id == bindparam("session_id"))
 _SET_DEADLINE = update(_turns).where(_turns.c.id == bindparam("turn_id")).values(deadline_at=bindparam("deadline"))
 
 
@@ -127,7 +129,7 @@ def claim_and_load(db: Session, turn_id: str, step: int, worker_id: str, lease_s
                    ) -> tuple[Claim | None, StepInput | None]:
     """:func:`claim_turn`, and what the step needs: the turn as the claim returned it, the session, the history
     as of the latest checkpoint (from ``cache`` when it holds it), each read after the claim (so as of it).
-    The input is None if the session is gone."""
+    The input is None if the session is gone. The session and its latest checkpoint are one statement."""
     claimed = _claim(db, turn_id, step, worker_id, lease_seconds, turn_time_limit)
     if claimed is None:
         return None, None
@@ -135,7 +137,9 @@ def claim_and_load(db: Session, turn_id: str, step: int, worker_id: str, lease_s
     session = db.execute(_SESSION, {"session_id": claim.session_id}).first()
     if session is None:
         return claim, None
-    _, history = checkpoints.load(db, claim.session_id, cache)
+    latest = None if session.latest_id is None else (session.latest_id, session.latest_number,
+                                                      session.latest_keyframe)
+    _, history = checkpoints.load(db, claim.session_id, cache, latest=latest)
     deadline_at = turn.deadline_at
     if deadline_at is None and turn_time_limit > 0 and turn.started_at is not None:
         # Not set at the turn's first claim (no limit then): set from it now.

@@ -14,14 +14,14 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnDefault, bindparam, delete, func, insert, select, update
+from sqlalchemy import ColumnDefault, bindparam, delete, func, insert, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.clock import utcnow
-from shared.db import after_commit, unit_of_work
+from shared.db import after_commit, unit_of_work, write_later
 from shared.errors import (
     BadInput,
     BudgetExhausted,
@@ -244,9 +244,11 @@ def create_turn(
 
 
 def _admit(db: Session, settings: Settings, who: Principal, session: AgentSession, on_busy: str,
-           input_bytes: int) -> None:
-    """Refuse a new turn of ``who`` on ``session`` (its row locked) that a limit or a busy session forbids."""
-    used = admission_counts(db, settings, who)
+           input_bytes: int, used: dict[str, int] | None = None) -> None:
+    """Refuse a new turn of ``who`` on ``session`` (its row locked) that a limit or a busy session forbids
+    (``used``: :func:`admission_counts`, read after the lock, if the caller has them)."""
+    if used is None:
+        used = admission_counts(db, settings, who)
     refused = _over_limits(settings, used, input_bytes)
     if refused is not None:
         raise refused
@@ -264,11 +266,21 @@ def _admit(db: Session, settings: Settings, who: Principal, session: AgentSessio
 _SESSIONS, _TURNS = table_of(AgentSession), table_of(Turn)
 # The columns a new turn reads and may change: what transitions.activate and the event record touch.
 _SESSION_FIELDS = ("active_turn_id", "turn_count", "input_bytes", "event_cursor")
-_LOCK_SESSION = (select(_SESSIONS.c.id, _SESSIONS.c.tenant_id, _SESSIONS.c.user_id,
-                        *(_SESSIONS.c[name] for name in _SESSION_FIELDS))
-                 .where(_SESSIONS.c.id == bindparam("b_session"), _SESSIONS.c.tenant_id == bindparam("b_tenant"),
-                        _SESSIONS.c.user_id == bindparam("b_user"))
-                 .with_for_update())
+
+
+def _the_session(table: Any) -> tuple[Any, ...]:
+    return (table.c.id == bindparam("b_session"), table.c.tenant_id == bindparam("b_tenant"),
+            table.c.user_id == bindparam("b_user"))
+
+
+# The lock, whose result nobody reads: held, it goes ahead of the read below in the same round trip. The
+# read is a statement of its own after it (its own snapshot, taken once the lock is held): the counts of
+# a concurrent POST on the session, which held the lock first, are in it. (The read's session is an alias:
+# the counts' subqueries over sessions stay their own.)
+_LOCK_SESSION = select(_SESSIONS.c.id).where(*_the_session(_SESSIONS)).with_for_update()
+_THE_SESSION = _SESSIONS.alias("the_session")
+_SESSION_COLUMNS = [_THE_SESSION.c[name].label(f"s_{name}")
+                    for name in ("id", "tenant_id", "user_id", *_SESSION_FIELDS)]
 # SET takes the columns the parameters name.
 _WRITE_SESSION = update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
 _INSERT_TURN = insert(_TURNS)
@@ -289,13 +301,16 @@ def _start_turn(db: Session, rt: Runtime, who: Principal, session_id: str, user_
     The session and the turn are transient ORM objects here, so that :mod:`shared.turns.transitions` works
     on them as on loaded ones; what it changes is written with the turn's INSERT (one statement on Postgres).
     """
-    row = db.execute(_LOCK_SESSION, {"b_session": session_id, "b_tenant": who.tenant_id,
-                                     "b_user": who.user_id}).first()
+    the_session = {"b_session": session_id, "b_tenant": who.tenant_id, "b_user": who.user_id}
+    write_later(db, _LOCK_SESSION, the_session)
+    row = db.execute(_session_and_admission_query(rt.settings, db.get_bind().dialect.name), the_session).first()
     if row is None:
         raise NotFound(f"no session {session_id!r}")
-    loaded = {name: getattr(row, name) for name in _SESSION_FIELDS}
-    session = AgentSession(id=row.id, tenant_id=row.tenant_id, user_id=row.user_id, **loaded)
-    _admit(db, rt.settings, who, session, on_busy, input_bytes)
+    fields = row._mapping
+    loaded = {name: fields[f"s_{name}"] for name in _SESSION_FIELDS}
+    session = AgentSession(id=fields["s_id"], tenant_id=fields["s_tenant_id"], user_id=fields["s_user_id"], **loaded)
+    used = {key: int(value) for key, value in fields.items() if not key.startswith("s_") and value is not None}
+    _admit(db, rt.settings, who, session, on_busy, input_bytes, used)
     busy = session.active_turn_id is not None
     session.turn_count += 1
     session.input_bytes = (session.input_bytes or 0) + input_bytes  # the history quota's count
@@ -326,7 +341,7 @@ def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any
         db.execute(_INSERT_TURN, values)
         return
     shape = (tuple(changes), tuple(values))
-    statement = _session_and_turn_writes.get(shape)
+    statement: Any = _session_and_turn_writes.get(shape)
     if statement is None:
         # Every parameter named apart from the columns: implicit SET/VALUES keys would leak into the WITH.
         written = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
@@ -337,7 +352,11 @@ def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any
     params = {"b_session": session_id}
     params.update((f"s_{name}", value) for name, value in changes.items())
     params.update((f"t_{name}", value) for name, value in values.items())
-    db.execute(statement, params)
+    kept = _session_and_turn_writes.get(shape) is statement
+    if kept:
+        write_later(db, statement, params)  # nothing reads its result: it goes with the COMMIT
+    else:
+        db.execute(statement, params)  # a shape past the cache's bound: not kept for write_later either
 
 
 def _column_default(column: Any) -> tuple[str, Any, bool, bool]:
@@ -430,6 +449,21 @@ def admission_counts(db: Session, settings: Settings, who: Principal) -> dict[st
 
 
 _admission_queries: dict[tuple[bool, bool, bool, bool], Any] = {}
+_session_and_admission_queries: dict[tuple[bool, bool, bool, bool], Any] = {}
+
+
+def _session_and_admission_query(settings: Settings, dialect: str) -> Any:
+    """The new turn's session (its columns labelled ``s_…``; no row if it is not the principal's) and
+    :func:`admission_counts`'s figures, in one statement, built once."""
+    shape = (dialect == "postgresql", settings.max_queued_turns_per_tenant > 0,
+             settings.quota_tenant_history_bytes > 0, settings.quota_user_history_bytes > 0)
+    query = _session_and_admission_queries.get(shape)
+    if query is None:
+        counts = _admission_query(settings, dialect).subquery("admission")  # one row
+        query = _session_and_admission_queries[shape] = (
+            select(counts, *_SESSION_COLUMNS).select_from(_THE_SESSION.join(counts, true()))
+            .where(*_the_session(_THE_SESSION)))
+    return query
 
 
 def _admission_query(settings: Settings, dialect: str) -> Any:
