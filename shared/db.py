@@ -515,9 +515,16 @@ def lock_key(name: str) -> int:
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
-def advisory_xact_lock(db: Session, name: str) -> None:
-    """Postgres: wait for the transaction-scoped advisory lock ``name``, held until ``db``'s transaction ends."""
-    db.execute(_ADVISORY_LOCK, {"k": lock_key(name)})
+def advisory_xact_lock(db: Session, name: str, *, ahead_of_next_statement: bool = False) -> None:
+    """Postgres: wait for the transaction-scoped advisory lock ``name``, held until ``db``'s transaction ends.
+
+    ``ahead_of_next_statement``: where only the transaction's own later statements need the lock (not the
+    caller's code, nor other transactions it opens meanwhile), the lock is held back (:func:`write_later`)
+    and taken ahead of the next statement, in that statement's round trip."""
+    if ahead_of_next_statement:
+        write_later(db, _ADVISORY_LOCK, {"k": lock_key(name)})
+    else:
+        db.execute(_ADVISORY_LOCK, {"k": lock_key(name)})
 
 
 # SQLite (the embedded mode) has no advisory locks; it is one process, so process locks serialise the same

@@ -72,8 +72,8 @@ def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait
         return True
     name = f"steprun:running:{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
         f"steprun:running:{tenant_id}:{user_id}"
-    if wait:
-        advisory_xact_lock(db, name)
+    if wait:  # what it serialises is this transaction's next statements (the count, the candidates)
+        advisory_xact_lock(db, name, ahead_of_next_statement=True)
         return True
     return bool(db.scalar(_TRY_LOCK, {"k": lock_key(name)}))
 
