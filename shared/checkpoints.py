@@ -34,11 +34,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ScalarSelect, bindparam, select
 from sqlalchemy.orm import Session
 
+from shared.clock import aware
 from shared.models import Checkpoint, table_of
 
 KEYFRAME_EVERY = 32
@@ -106,7 +108,9 @@ def next_state(previous: Tip | None, history: list[Any], added: list[Any]) -> di
 
 @dataclass(frozen=True)
 class Held:
-    checkpoint_id: int
+    # Which row: its number, and the time its commit wrote into it (a row deleted by a rollback and its number
+    # written again has another). Not the row's id: the commit would need a round trip to learn it.
+    written_at: datetime
     number: int
     messages: tuple[Any, ...]
 
@@ -133,8 +137,8 @@ class HistoryCache:
                 self._entries.move_to_end(session_id)
             return held
 
-    def put(self, session_id: str, checkpoint_id: int, number: int, history: Sequence[Any]) -> None:
-        held = Held(checkpoint_id, number, tuple(history))
+    def put(self, session_id: str, written_at: datetime, number: int, history: Sequence[Any]) -> None:
+        held = Held(aware(written_at), number, tuple(history))
         with self._lock:
             old = self._entries.pop(session_id, None)
             if old is not None:
@@ -156,7 +160,7 @@ _READ: Any = object()
 
 
 def load(db: Session, session_id: str, cache: HistoryCache | None = None, *,
-         latest: tuple[int, int, int | None] | None = _READ) -> tuple[int | None, list[Any]]:
+         latest: tuple[int, int, int | None, datetime] | None = _READ) -> tuple[int | None, list[Any]]:
     """(the latest checkpoint's id, the session's whole history as of it); (None, []) with no checkpoint.
 
     One small read (the latest row's id, number and keyframe, not its messages), or none if the caller
@@ -167,24 +171,25 @@ def load(db: Session, session_id: str, cache: HistoryCache | None = None, *,
     row = db.connection().execute(_LATEST, {"p_session": session_id}).first() if latest is _READ else latest
     if row is None:
         return None, []
-    checkpoint_id, number, keyframe = row
+    checkpoint_id, number, keyframe, written_at = row
+    written_at = aware(written_at)
     keyframe = number if keyframe is None else keyframe
     held = cache.get(session_id) if cache is not None else None
     if cache is None or held is None or not keyframe <= held.number <= number:
         history = _chain(db, session_id, keyframe, number)
         kind = "misses"
-    elif held.checkpoint_id == checkpoint_id:
+    elif held.written_at == written_at:
         history, kind = list(held.messages), "hits"
     else:
         rows = _rows(db, session_id, held.number, number)
-        if rows and rows[0].id == held.checkpoint_id:
+        if rows and aware(rows[0].created_at) == held.written_at:
             history, kind = [*held.messages, *_joined(session_id, rows[1:], rows[0].number + 1)], "partial_hits"
         else:  # the held row was deleted (a rollback) and its number written again
             history, kind = _chain(db, session_id, keyframe, number), "misses"
     if cache is not None:
         cache.count(kind)
         if kind != "hits":
-            cache.put(session_id, checkpoint_id, number, history)
+            cache.put(session_id, written_at, number, history)
     return checkpoint_id, history
 
 
@@ -203,21 +208,22 @@ def _rows(db: Session, session_id: str, low: int, high: int) -> list[Any]:
 
 # The reads of :func:`load` and :func:`_rows`, built once (Core: each call only binds its values).
 _table = table_of(Checkpoint)
-_LATEST = (select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer())
+_LATEST = (select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer(), _table.c.created_at)
            .where(_table.c.session_id == bindparam("p_session")).order_by(_table.c.number.desc()).limit(1))
 
 
 def latest_columns(session_id: Any) -> list[Any]:
-    """The latest checkpoint's id, number and keyframe of the session ``session_id`` (a column or a bind), as
-    three columns of another statement (``latest_id``, ``latest_number``, ``latest_keyframe``; NULL without
-    a checkpoint) for :func:`load`'s ``latest``."""
-    latest = select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer().label("keyframe")).where(
-        _table.c.session_id == session_id).order_by(_table.c.number.desc()).limit(1)
+    """The latest checkpoint's id, number, keyframe and creation time of the session ``session_id`` (a column
+    or a bind), as four columns of another statement (``latest_id``, ``latest_number``, ``latest_keyframe``,
+    ``latest_created_at``; NULL without a checkpoint) for :func:`load`'s ``latest``."""
+    latest = select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer().label("keyframe"),
+                    _table.c.created_at).where(_table.c.session_id == session_id).order_by(
+        _table.c.number.desc()).limit(1)
     return [latest.with_only_columns(column).scalar_subquery().label(f"latest_{name}")
-            for column, name in zip(latest.selected_columns, ("id", "number", "keyframe"), strict=True)]
+            for column, name in zip(latest.selected_columns, ("id", "number", "keyframe", "created_at"), strict=True)]
 
 
-_RANGE = (select(_table.c.id, _table.c.number, _table.c.state)
+_RANGE = (select(_table.c.id, _table.c.number, _table.c.state, _table.c.created_at)
           .where(_table.c.session_id == bindparam("p_session"), _table.c.number >= bindparam("p_low"),
                  _table.c.number <= bindparam("p_high"))
           .order_by(_table.c.number))

@@ -245,7 +245,7 @@ def _rendered(dialect: Any, statement: Executable, row: dict[str, Any]) -> tuple
 
 _BEGUN = "steprun_begun"  # BEGIN is due: the transaction began, nothing of it has been sent
 _SENT_AS = "steprun_sent_as"  # (the statement as sent, with what went ahead of it; as the caller gave it)
-_ENTER = "steprun_scope_entry"  # the held scope entry (install_row_security) went ahead of that statement
+_ENTER = "steprun_scope_entry"  # the transaction's scope entry (install_row_security), its SQL, until it is sent
 
 
 def pipeline_transactions(engine: Engine) -> None:
@@ -265,10 +265,16 @@ def pipeline_transactions(engine: Engine) -> None:
     encodings = dialect.loaded_dbapi.extensions.encodings  # the server's encoding names, as Python's
     driver_commit, driver_rollback = dialect.do_commit, dialect.do_rollback
 
-    def ahead(info: dict[str, Any]) -> list[bytes]:
+    def ahead(info: dict[str, Any]) -> tuple[list[bytes], bool]:
+        """What goes ahead of the next statement: BEGIN if due, the scope's entry, the held writes; and
+        whether anything of the transaction's own (a held write) is in it."""
         parts = [b"BEGIN"] if info.pop(_BEGUN, False) else []
-        parts.extend(info.pop(_HELD_WRITES, ()))
-        return parts
+        entry = info.pop(_ENTER, None)
+        if entry is not None:
+            parts.append(entry)
+        held = info.pop(_HELD_WRITES, ())
+        parts.extend(held)
+        return parts, bool(held)
 
     def info_of(fairy: Any) -> dict[str, Any]:
         try:
@@ -282,15 +288,15 @@ def pipeline_transactions(engine: Engine) -> None:
 
     def do_commit(fairy: Any) -> None:
         dbapi_conn, info = fairy.dbapi_connection, info_of(fairy)
-        parts = ahead(info)
-        info.pop(_ENTER, None)
+        begun = bool(info.get(_BEGUN))
+        parts, writes = ahead(info)
         if not dbapi_conn.autocommit:
             if parts:
                 _execute(dbapi_conn, b";".join(parts))
             driver_commit(fairy)
             return
-        if parts == [b"BEGIN"] or (not parts and dbapi_conn.info.transaction_status == _IDLE):
-            return  # the transaction ran nothing: there is nothing to commit
+        if (begun and not writes) or (not parts and dbapi_conn.info.transaction_status == _IDLE):
+            return  # the transaction ran nothing (its scope's entry is not needed): there is nothing to commit
         cursor = dbapi_conn.cursor()
         try:
             cursor.execute(b";".join([*parts, b"COMMIT"]))
@@ -326,8 +332,8 @@ def pipeline_transactions(engine: Engine) -> None:
     def _with_what_is_due(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
                           many: bool) -> tuple[str, Any]:
         info = conn.info
-        parts = ahead(info)
-        entered = info.pop(_ENTER, False)
+        entered = info.get(_ENTER) is not None
+        parts, _ = ahead(info)
         if not parts:
             return statement, params
         if many:  # run apart: the statement runs once per row
@@ -475,10 +481,9 @@ def install_row_security(factory: sessionmaker[Session], app_engine: Engine | No
         if getattr(dbapi_conn, "autocommit", False):  # pipelined: it goes with the transaction's first statement
             cursor = dbapi_conn.cursor()
             try:
-                info.setdefault(_HELD_WRITES, []).append(cursor.mogrify(_ENTER_SQL, entry))
+                info[_ENTER] = cursor.mogrify(_ENTER_SQL, entry)
             finally:
                 cursor.close()
-            info[_ENTER] = True
             return
         try:
             connection.exec_driver_sql(_ENTER_SQL, entry)

@@ -138,7 +138,7 @@ def claim_and_load(db: Session, turn_id: str, step: int, worker_id: str, lease_s
     if session is None:
         return claim, None
     latest = None if session.latest_id is None else (session.latest_id, session.latest_number,
-                                                      session.latest_keyframe)
+                                                      session.latest_keyframe, session.latest_created_at)
     _, history = checkpoints.load(db, claim.session_id, cache, latest=latest)
     deadline_at = turn.deadline_at
     if deadline_at is None and turn_time_limit > 0 and turn.started_at is not None:

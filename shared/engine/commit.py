@@ -116,15 +116,16 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
     clean = [for_model(m) for m in result.new_messages]
     number = previous.number + 1 if previous else 1
     owner = claim.principal
-    checkpoint_id = conn.execute(_INSERT_CHECKPOINT, {
+    write_later(db, _INSERT_CHECKPOINT, {
         "session_id": claim.session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id, "number": number,
         "turn_id": claim.turn_id, "step": claim.step, "state": checkpoints.next_state(previous, state, clean),
-        "created_at": now}).scalar_one()
-    # This process's next step of the session finds this checkpoint's history without reading it.
-    after_commit(db, partial(rt.history_cache.put, claim.session_id, checkpoint_id, number, [*state, *clean]))
-    # Statements whose results the commit reads come first (the checkpoint's id, the recorded response, the
-    # fair share's lock); the writes after them are held and sent with the commit, in one round trip
-    # (shared.db.write_later).
+        "created_at": now})
+    # This process's next step of the session finds this checkpoint's history without reading it (the row
+    # known by its number and the time written into it: its id would cost a round trip).
+    after_commit(db, partial(rt.history_cache.put, claim.session_id, now, number, [*state, *clean]))
+    # Statements whose results the commit reads (the recorded response, the fair share's lock) go on their
+    # own round trips, the held writes ahead of them; the writes after them are held and sent with the
+    # COMMIT (shared.db.write_later).
     if result.unrecorded_response is not None:
         # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
         record_response(db, claim, result.unrecorded_response)
@@ -219,7 +220,7 @@ _FINISH = _fenced({"status": bindparam("p_status", type_=_turns.c.status.type), 
                   _turns.c.output, _NEXT_QUEUED)
 _CANCEL = (update(_turns).where(_turns.c.id == bindparam("p_turn"))
            .values(status=TurnStatus.CANCELLED.value, **_finished).returning(_turns.c.output, _NEXT_QUEUED))
-_INSERT_CHECKPOINT = insert(table_of(Checkpoint)).returning(table_of(Checkpoint).c.id)
+_INSERT_CHECKPOINT = insert(table_of(Checkpoint))
 _INSERT_MESSAGES = insert(table_of(Message))
 _UPDATE_SESSION = (update(_sessions).where(_sessions.c.id == bindparam("p_session"))
                    .values(event_cursor=bindparam("p_cursor"), active_turn_id=bindparam("p_active"),

@@ -108,9 +108,10 @@ def test_turn_transactions_within_target(counted: Counted, text: str, target: in
 # default, included): a step that asks for another (a tool step), then one that ends the turn. 12 and 19
 # when the commit was an ORM unit of work (shared/engine/commit.py), 10 and 15 before its writes were held
 # and sent together (shared.db.write_later), 7 and 11 with BEGIN, the scope's entry and the last held writes
-# each a round trip of their own (shared.db.pipeline_transactions).
-ADVANCING_COMMIT_STATEMENTS = 4
-FINISHING_COMMIT_STATEMENTS = 7
+# each a round trip of their own (shared.db.pipeline_transactions), 4 and 7 with the checkpoint's INSERT
+# returning its id (the history cache now knows the row by its number and creation time).
+ADVANCING_COMMIT_STATEMENTS = 3
+FINISHING_COMMIT_STATEMENTS = 6
 
 
 def test_a_step_commit_runs_few_statements(counted: Counted) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import delete, event, select
 from shared import checkpoints
 from shared.agent import Agent, AgentRegistry
 from shared.auth.principal import SYSTEM, Principal
+from shared.clock import utcnow
 from shared.db import unit_of_work
 from shared.engine.step import build_runtime, run_step
 from shared.models import Checkpoint, Message
@@ -197,11 +198,12 @@ def test_a_deleted_checkpoint_is_not_served_from_the_cache_even_when_its_number_
 
 def test_the_cache_holds_at_most_its_messages() -> None:
     cache = checkpoints.HistoryCache(max_messages=10)
-    cache.put("a", 1, 1, [{"n": i} for i in range(6)])
-    cache.put("b", 2, 1, [{"n": i} for i in range(6)])  # 12 > 10: the least recently used goes
+    at = utcnow()
+    cache.put("a", at, 1, [{"n": i} for i in range(6)])
+    cache.put("b", at, 1, [{"n": i} for i in range(6)])  # 12 > 10: the least recently used goes
     assert cache.get("a") is None and cache.get("b") is not None
-    cache.put("c", 3, 1, [{"n": i} for i in range(11)])  # larger than the whole cache: not kept
+    cache.put("c", at, 1, [{"n": i} for i in range(11)])  # larger than the whole cache: not kept
     assert cache.get("c") is None and cache.get("b") is not None
     empty = checkpoints.HistoryCache(0)
-    empty.put("a", 1, 1, [{"n": 0}])
+    empty.put("a", at, 1, [{"n": 0}])
     assert empty.get("a") is None
