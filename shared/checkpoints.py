@@ -208,17 +208,23 @@ def _rows(db: Session, session_id: str, low: int, high: int) -> list[Any]:
 
 # The reads of :func:`load` and :func:`_rows`, built once (Core: each call only binds its values).
 _table = table_of(Checkpoint)
-_LATEST = (select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer(), _table.c.created_at)
-           .where(_table.c.session_id == bindparam("p_session")).order_by(_table.c.number.desc()).limit(1))
+
+
+def _latest(session_id: Any) -> Any:
+    """The latest checkpoint's id, number, keyframe and creation time of ``session_id`` (a bind or a column)."""
+    return (select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer().label("keyframe"),
+                   _table.c.created_at)
+            .where(_table.c.session_id == session_id).order_by(_table.c.number.desc()).limit(1))
+
+
+_LATEST = _latest(bindparam("p_session"))
 
 
 def latest_columns(session_id: Any) -> list[Any]:
-    """The latest checkpoint's id, number, keyframe and creation time of the session ``session_id`` (a column
-    or a bind), as four columns of another statement (``latest_id``, ``latest_number``, ``latest_keyframe``,
-    ``latest_created_at``; NULL without a checkpoint) for :func:`load`'s ``latest``."""
-    latest = select(_table.c.id, _table.c.number, _table.c.state["keyframe"].as_integer().label("keyframe"),
-                    _table.c.created_at).where(_table.c.session_id == session_id).order_by(
-        _table.c.number.desc()).limit(1)
+    """:data:`_LATEST`'s four values for the session ``session_id`` (a column of another statement), as that
+    statement's columns ``latest_id``, ``latest_number``, ``latest_keyframe``, ``latest_created_at`` (NULL
+    without a checkpoint), for :func:`load`'s ``latest``."""
+    latest = _latest(session_id)
     return [latest.with_only_columns(column).scalar_subquery().label(f"latest_{name}")
             for column, name in zip(latest.selected_columns, ("id", "number", "keyframe", "created_at"), strict=True)]
 

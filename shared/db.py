@@ -308,8 +308,7 @@ def pipeline_transactions(engine: Engine) -> None:
 
     def do_rollback(fairy: Any) -> None:
         dbapi_conn, info = fairy.dbapi_connection, info_of(fairy)
-        for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
-            info.pop(key, None)  # never sent: nothing to undo
+        _forget(info)  # never sent: nothing to undo
         if not dbapi_conn.autocommit:
             driver_rollback(fairy)
         elif dbapi_conn.info.transaction_status != _IDLE:
@@ -365,13 +364,17 @@ def pipeline_transactions(engine: Engine) -> None:
 
     @event.listens_for(engine, "reset")
     def _drop_at_checkin(_dbapi_conn: Any, record: Any, _state: Any) -> None:
-        for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
-            record.info.pop(key, None)
+        _forget(record.info)
 
     @event.listens_for(engine, "invalidate")
     def _drop_if_invalidated(_dbapi_conn: Any, record: Any, _exc: Any) -> None:
-        for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
-            record.info.pop(key, None)
+        _forget(record.info)
+
+
+def _forget(info: dict[str, Any]) -> None:
+    """Drop what a connection holds for its transaction (nothing of it was sent)."""
+    for key in (_BEGUN, _HELD_WRITES, _ENTER, _SENT_AS):
+        info.pop(key, None)
 
 
 _IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE

@@ -341,7 +341,8 @@ def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any
         db.execute(_INSERT_TURN, values)
         return
     shape = (tuple(changes), tuple(values))
-    statement: Any = _session_and_turn_writes.get(shape)
+    statement = _session_and_turn_writes.get(shape)
+    kept = statement is not None
     if statement is None:
         # Every parameter named apart from the columns: implicit SET/VALUES keys would leak into the WITH.
         written = (update(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_session"))
@@ -349,10 +350,10 @@ def _write_session_and_turn(db: Session, session_id: str, changes: dict[str, Any
         statement = insert(_TURNS).values({name: bindparam(f"t_{name}") for name in values}).add_cte(written)
         if len(_session_and_turn_writes) < 64:  # a handful of shapes (delayed or not, idle or busy)
             _session_and_turn_writes[shape] = statement
+            kept = True
     params = {"b_session": session_id}
     params.update((f"s_{name}", value) for name, value in changes.items())
     params.update((f"t_{name}", value) for name, value in values.items())
-    kept = _session_and_turn_writes.get(shape) is statement
     if kept:
         write_later(db, statement, params)  # nothing reads its result: it goes with the COMMIT
     else:
@@ -455,8 +456,7 @@ _session_and_admission_queries: dict[tuple[bool, bool, bool, bool], Any] = {}
 def _session_and_admission_query(settings: Settings, dialect: str) -> Any:
     """The new turn's session (its columns labelled ``s_…``; no row if it is not the principal's) and
     :func:`admission_counts`'s figures, in one statement, built once."""
-    shape = (dialect == "postgresql", settings.max_queued_turns_per_tenant > 0,
-             settings.quota_tenant_history_bytes > 0, settings.quota_user_history_bytes > 0)
+    shape = _admission_shape(settings, dialect)
     query = _session_and_admission_queries.get(shape)
     if query is None:
         counts = _admission_query(settings, dialect).subquery("admission")  # one row
@@ -466,13 +466,15 @@ def _session_and_admission_query(settings: Settings, dialect: str) -> Any:
     return query
 
 
+def _admission_shape(settings: Settings, dialect: str) -> tuple[bool, bool, bool, bool]:
+    """What an admission statement depends on: Postgres, and which tenant and history limits are set."""
+    return (dialect == "postgresql", settings.max_queued_turns_per_tenant > 0,
+            settings.quota_tenant_history_bytes > 0, settings.quota_user_history_bytes > 0)
+
+
 def _admission_query(settings: Settings, dialect: str) -> Any:
     """:func:`admission_counts`'s statement for these limits, built once (its principal bound at execution)."""
-    tenant_queued = settings.max_queued_turns_per_tenant > 0
-    tenant_history = settings.quota_tenant_history_bytes > 0
-    user_history = settings.quota_user_history_bytes > 0
-    postgres = dialect == "postgresql"
-    shape = (postgres, tenant_queued, tenant_history, user_history)
+    shape = postgres, tenant_queued, tenant_history, user_history = _admission_shape(settings, dialect)
     query = _admission_queries.get(shape)
     if query is not None:
         return query
