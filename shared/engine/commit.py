@@ -134,12 +134,11 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
     published: list[Durable] = [*events.durable, Durable.new("step.completed", claim.turn_id, {
         "step": claim.step, "attempt": claim.step_attempt, "usage": result.usage, "text": result.text})]
     active = locked.active_turn_id
-    if status == TurnStatus.IN_PROGRESS:
-        transitions.advanced(db, rt, claim.turn_id, claim.step + 1)
-    elif status == TurnStatus.REQUIRES_ACTION:
+    # An advancing step's next one is sent once its events are published (below).
+    if status == TurnStatus.REQUIRES_ACTION:
         transitions.paused(db, rt, claim.turn_id, owner)
         published.append(Durable.new(*transitions.paused_event(claim.turn_id, pending)))
-    else:
+    elif status != TurnStatus.IN_PROGRESS:
         transitions.finished(db, rt, claim.turn_id, owner, status, was_running=was_running)
         published.append(Durable.new(*transitions.finished_event(claim.turn_id, status, ended.output, result.error)))
         if active == claim.turn_id:  # hand the session to its next queued turn (fetched by the update)
@@ -154,6 +153,10 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
              "tool_calls": m.get("tool_calls"), "tool_call_id": m.get("tool_call_id"), "name": m.get("name"),
              "status": m.get("_status", "complete"), "created_at": now} for m in result.new_messages])
     record_rows(db, rt, owner, claim.session_id, published)
+    if status == TurnStatus.IN_PROGRESS:
+        # Sent after the step's events are published (callbacks run in order): the next step's events follow
+        # them in the log, and its claim, here, marks them published in its own transaction.
+        transitions.advanced(db, rt, claim.turn_id, claim.step + 1)
     # The session's one UPDATE: the event cursor floor raised past every cursor the step saw, its active turn.
     write_later(db, _UPDATE_SESSION, {"p_session": claim.session_id, "p_now": now, "p_active": active,
                                       "p_cursor": max(events.high, locked.event_cursor or 0)})

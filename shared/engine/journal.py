@@ -23,13 +23,16 @@ and run as Core statements: no ORM objects, no per-call construction.
 Budgets are checked in the same transaction that starts a model call
 (shared/turns/budgets.py), and usage is counted in the one that records it.
 
-Two of these writes ride on transactions the step runs anyway: a step's first
-attempt starts its model call in the claim's transaction when no token budget
-is set (:func:`start_model_call_with_claim`), and a response without tool calls
-is recorded by the step's commit (no tool runs after it, so nothing needs it
-recorded sooner; an attempt that dies before its commit leaves the call
-``started``, as one dying during the call does, and its retry calls the model
-again).
+None of the model's records has a transaction of its own in the usual case: a
+step's first attempt starts its model call in the claim's transaction when no
+token budget is set (:func:`start_model_call_with_claim`); a response that asks
+for tools is recorded in the transaction that starts its first tool call
+(:func:`start_tool_call`), which is the first thing that needs it recorded; and
+a response no tool of this step runs after (no tool calls, a pause for the user,
+a refused or interrupted first call) is recorded by the step's commit. An
+attempt that dies before that transaction leaves the call ``started``, as one
+dying during the call does, and its retry calls the model again: nothing ran on
+the answer it lost.
 """
 from __future__ import annotations
 
@@ -105,6 +108,8 @@ class StepJournal:
     calls: dict[tuple[int, str], JournalEntry] = field(default_factory=dict)
     # This attempt's model call was started (budgets checked) in the claim's transaction.
     model_call_started: bool = False
+    # This attempt's answer from the model, not recorded yet: the first tool call's start records it.
+    unrecorded_response: ModelResponse | None = None
 
     def entry(self, step: int, call_id: str) -> JournalEntry | None:
         return self.calls.get((step, call_id))
@@ -316,24 +321,32 @@ def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
 
 
-@ride_out_outages
-def record_model_response(rt: Runtime, claim: Claim, response: ModelResponse) -> None:
+def _record_fenced(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer before its tools run, and count its tokens. StepInterrupted if fenced out."""
-    with _budget_transaction(rt, claim, claim.principal) as db:
-        # The usual case in one statement, fenced (the row its start wrote); else as the step's commit does it.
-        if db.execute(_RECORD_FENCED, _record_params(claim, response)).first() is None:
-            if not fenced(db, claim):
-                raise _lease_lost()
-            record_response(db, claim, response)
-            return
-        budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
-                      model_calls=1)
+    # The usual case in one statement, fenced (the row its start wrote); else as the step's commit does it.
+    if db.execute(_RECORD_FENCED, _record_params(claim, response)).first() is None:
+        if not fenced(db, claim):
+            raise _lease_lost()
+        record_response(db, claim, response)
+        return
+    budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
+                  model_calls=1)
 
 
 @ride_out_outages
-def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], key: str) -> None:
-    """Journal a tool call as started, committed before the tool runs (counted against the tool budget)."""
-    with unit_of_work(rt.sessions, claim.principal) as db:
+def start_tool_call(rt: Runtime, claim: Claim, step: int, call: dict[str, Any], key: str, *,
+                    response: ModelResponse | None = None) -> None:
+    """Journal a tool call as started, committed before the tool runs (counted against the tool budget).
+
+    ``response``: the model's answer that asked for the call, not recorded yet (the first call of a new
+    answer). It is recorded first, in the same transaction: nothing runs between the answer and its first
+    tool's start, so the two need no transaction each. If the start is refused (a tool budget, a lost
+    lease), neither lands; the step's commit records the answer then.
+    """
+    with (_budget_transaction(rt, claim, claim.principal) if response is not None
+          else unit_of_work(rt.sessions, claim.principal)) as db:
+        if response is not None:
+            _record_fenced(db, claim, response)
         if rt.settings.budget_tool_calls_per_turn > 0:
             if not fenced(db, claim):
                 raise _lease_lost()  # before the budget says anything

@@ -74,7 +74,8 @@ class StepResult:
     status: TurnStatus = TurnStatus.IN_PROGRESS  # or a terminal status, or requires_action
     pending: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    # The model's response when it asked for no tool: recorded by the step's commit, not before it.
+    # The model's response when no tool call's start recorded it (it asked for none, or none started): recorded
+    # by the step's commit, not before it.
     unrecorded_response: ModelResponse | None = None
 
 

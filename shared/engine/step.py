@@ -29,16 +29,13 @@ import time
 from typing import Any
 
 from shared.agent import Agent, AgentRegistry
-from shared.auth.principal import SYSTEM
 from shared.clock import aware, utcnow
-from shared.db import unit_of_work
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim, StepInput, claim_and_load
 from shared.engine.commit import commit_step, release_step
 from shared.engine.journal import (
     StepJournal,
     load_journal,
-    record_model_response,
     start_model_call,
     start_model_call_with_claim,
 )
@@ -62,6 +59,7 @@ from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.turns import fairshare
 from shared.turns.budgets import BudgetExceeded
+from shared.turns.events import system_work_marking_published
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +166,8 @@ def claim_step(rt: Runtime, turn_id: str, step: int) -> tuple[bool, Claim | None
     input in one transaction (one round of BEGIN/COMMIT): the input is read by the ids the claim returned,
     so the system scope reads nothing the turn's owner cannot.
     """
-    with unit_of_work(rt.sessions, SYSTEM) as db:
+    # The events this process published and has not marked yet are marked in this transaction, ahead of it.
+    with system_work_marking_published(rt) as db:
         if not fairshare.admit(db, rt.settings, turn_id, step):
             return True, None, None, False
         claim, loaded = claim_and_load(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds,
@@ -205,6 +204,9 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: 
         result.status, result.error = TurnStatus.INCOMPLETE, over.as_error()
         close_tool_calls(state, result.new_messages, f"not run: {over.message}")
         return result
+    finally:
+        # However the step ends, an answer no tool call's start recorded is recorded by its commit.
+        result.unrecorded_response = journal.unrecorded_response
 
 
 def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list[ChatMessage],
@@ -259,8 +261,8 @@ def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list
 
 def _model_response(rt: Runtime, agent: Agent, claim: Claim, messages: list[ChatMessage], events: StepEvents,
                     journal: StepJournal, result: StepResult) -> ModelResponse:
-    """The model's answer for this step: the one an earlier attempt recorded, or a new call, recorded at once
-    if it asks for tools (else with the step's commit, ``result.unrecorded_response``)."""
+    """The model's answer for this step: the one an earlier attempt recorded, or a new call, recorded with its
+    first tool call's start (shared/engine/tools.py) or else with the step's commit (``unrecorded_response``)."""
     if journal.response is not None:
         # Not called again: a new call would invent new tool call ids (new idempotency keys) or other calls.
         response = journal.response
@@ -280,13 +282,10 @@ def _model_response(rt: Runtime, agent: Agent, claim: Claim, messages: list[Chat
         system + messages, [t.schema() for t in agent.tools], events.delta, max_output_tokens=agent.max_output_tokens
     )
     events.trace.model_finished(response)
-    if response.tool_calls:
-        # Before any tool runs: from here on every attempt of this step sees these very tool calls.
-        record_model_response(rt, claim, response)
-    else:
-        # Nothing runs between this answer and the step's commit, which records it: a retry after a crash
-        # before that commit calls the model again, as one after a crash during the call does.
-        result.unrecorded_response = response
+    # Recorded before any of its tools runs, in the transaction that starts the first (from then on every
+    # attempt of this step sees these very tool calls), or by the step's commit if no tool runs. A retry after
+    # a crash before either calls the model again, as one after a crash during the call does: nothing ran.
+    journal.unrecorded_response = response
     return response
 
 

@@ -102,7 +102,9 @@ def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], 
                                                 "idempotency_key": key, "started_attempt": entry.attempt})
         else:
             raise ToolOutcomeUnknown(call, entry.started_at.isoformat(), entry.attempt, [], [])
-    start_tool_call(events.rt, claim, call_step, call, key)
+    # The model's answer, if not recorded yet, is recorded with this start: before the tool runs.
+    start_tool_call(events.rt, claim, call_step, call, key, response=journal.unrecorded_response)
+    journal.unrecorded_response = None
     started = time.monotonic()
     events.in_tool = True
     try:

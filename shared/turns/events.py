@@ -24,7 +24,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -182,26 +183,61 @@ class _PublishedMarker:
         threading.Thread(target=self._run, name="steprun-mark-published", daemon=True).start()
 
     def add(self, session_id: str, ids: list[str], cursor: int) -> None:
+        self.give_back(ids, {session_id: cursor})
+
+    def take(self) -> tuple[list[str], dict[str, int]]:
+        """What is still to mark, taken: the caller marks it, or gives it back with :meth:`give_back`."""
+        with self._lock:
+            ids, cursors = self._ids, self._cursors
+            self._ids, self._cursors = [], {}
+        return ids, cursors
+
+    def give_back(self, ids: list[str], cursors: dict[str, int]) -> None:
+        """Mark ``ids`` and raise the sessions' floors to ``cursors`` (with what else is to mark)."""
         with self._lock:
             self._ids.extend(ids)
-            if cursor > self._cursors.get(session_id, 0):
-                self._cursors[session_id] = cursor
+            for session_id, cursor in cursors.items():
+                if cursor > self._cursors.get(session_id, 0):
+                    self._cursors[session_id] = cursor
         self._wake.set()
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
             time.sleep(MARK_BATCH_SECONDS)  # gather what the other commits publish meanwhile
-            with self._lock:
-                self._wake.clear()
-                ids, cursors = self._ids, self._cursors
-                self._ids, self._cursors = [], {}
+            self._wake.clear()
+            ids, cursors = self.take()
+            if not ids and not cursors:
+                continue  # a system transaction took them meanwhile (:func:`system_work_marking_published`)
             try:
                 # The system scope: the batch spans the sessions (and tenants) this process served.
                 with unit_of_work(self.rt.sessions, SYSTEM) as db:
                     mark(db, ids, cursors)
             except Exception:  # noqa: BLE001 - the republish sweep marks (and if need be re-appends) what is left
                 log.warning("marking %d events published failed; the sweep will", len(ids), exc_info=True)
+
+
+@contextmanager
+def system_work_marking_published(rt: Runtime) -> Iterator[Session]:
+    """A unit of work in the system scope that also marks what this process published and has not marked yet.
+
+    The marks are held (:func:`mark`'s writes) and go ahead of the transaction's first statement, so they take
+    its locks first, in the order every turn change takes them (sessions, then events, then turns): the step's
+    claim takes them this way, which saves the marker's own transaction whenever a claim comes within
+    :data:`MARK_BATCH_SECONDS` of a publish (the next step of a tool turn; any claim under load). If the
+    transaction rolls back, they go back to the marker.
+    """
+    marker = _markers.get(id(rt.sessions))
+    ids, cursors = marker.take() if marker is not None else ([], {})
+    try:
+        with unit_of_work(rt.sessions, SYSTEM) as db:
+            if ids or cursors:
+                mark(db, ids, cursors)
+            yield db
+    except BaseException:
+        if marker is not None and (ids or cursors):
+            marker.give_back(ids, cursors)
+        raise
 
 
 _sessions_t, _events_t = table_of(AgentSession), table_of(StreamEvent)

@@ -7,7 +7,8 @@ workers SIGKILL themselves at random:
 
 - after a tool's side effect, before its result is recorded;
 - after its result is recorded, before the step commits (or the next tool runs);
-- after the model's response is recorded, before its tools run.
+- after the model's response is recorded with its first tool call's start, before
+  that tool runs (its outcome is then unknown: the charge pauses the turn).
 
 A test client plays the user: it resolves each ``tool_outcome_unknown`` pause the
 way an operator would, by looking at the provider (the effects table): ``skip``

@@ -14,7 +14,7 @@ not per turn.
 Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
 the step's commit, one read at the end); a tool turn (a tool call, then the
 answer) in 9. The single-step turn meets it (from 32, then 9); the tool turn is
-pinned at what it reaches (11, from 66, then 16), so it cannot creep back up.
+pinned at what it reaches (10, from 66, then 16, then 11), so it cannot creep back up.
 
 The POST is one transaction: the tenant-wide limits (its queued turns, its kept
 input) come from ``steprun_tenant_admission`` in the turn's own transaction
@@ -24,8 +24,9 @@ the worker runs its claim (with the step's input, and the start of its model
 call with the budget check when no token budget is set), its commit (which
 records a response that asked for no tool) and the marking of its durable
 events published (batched per process under load). A tool step also records
-the model's response before its tools run, and each tool call's start and
-result (two), so that neither the model nor a tool runs twice.
+each tool call's start and result (two), the model's response with the first
+call's start (before any tool runs), so that neither the model nor a tool runs
+twice.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from tests.support.turns import polled_turn
 SINGLE_STEP_TARGET = 5  # issue 15's target
 TOOL_TURN_TARGET = 9  # issue 15's target
 SINGLE_STEP_REACHED = SINGLE_STEP_TARGET  # 2 web (the POST, the read after the end) + 3 worker
-TOOL_TURN_REACHED = 11  # 2 web + 9 worker (two steps, one tool call)
+TOOL_TURN_REACHED = TOOL_TURN_TARGET  # 2 web + 7 worker (two steps, one tool call)
 
 
 @dataclass

@@ -160,23 +160,25 @@ AGENTS = [
 
 
 def _install_kill_seams() -> None:
-    """In a chaos worker: die right after the journal records a tool's result, or the model's response."""
-    from shared.engine import step as step_module
+    """In a chaos worker: die right after the journal records a tool's result, or the model's response (which
+    is recorded with its first tool call's start)."""
     from shared.engine import tools as tools_module
 
-    record_result, record_response = tools_module.record_tool_result, step_module.record_model_response
+    record_result, start_call = tools_module.record_tool_result, tools_module.start_tool_call
 
     def record_result_then_maybe_die(events: Any, claim: Any, step: int, call_id: str, output: str,
                                      error: bool) -> None:
         record_result(events, claim, step, call_id, output, error)
         maybe_die("after_record", claim.turn_id, call_id, "result")
 
-    def record_response_then_maybe_die(rt: Any, claim: Any, response: Any) -> None:
-        record_response(rt, claim, response)
-        maybe_die("after_model", claim.turn_id, f"model-{claim.step}", "model")
+    def start_call_then_maybe_die(rt: Any, claim: Any, step: int, call: Any, key: str, *,
+                                  response: Any = None) -> None:
+        start_call(rt, claim, step, call, key, response=response)
+        if response is not None:
+            maybe_die("after_model", claim.turn_id, f"model-{claim.step}", "model")
 
     tools_module.record_tool_result = record_result_then_maybe_die  # type: ignore[assignment]
-    step_module.record_model_response = record_response_then_maybe_die  # type: ignore[assignment]
+    tools_module.start_tool_call = start_call_then_maybe_die  # type: ignore[assignment]
 
 
 if DB_URL is not None:

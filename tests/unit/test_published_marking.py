@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
+import pytest
 from sqlalchemy import delete, select
 
 from shared.auth.principal import SYSTEM, Principal
@@ -99,3 +101,27 @@ def test_marking_runs_on_the_embedded_database_too() -> None:
         db.commit()
         assert db.get(AgentSession, "s1").event_cursor == 9
         assert db.scalar(select(StreamEvent.id).where(StreamEvent.published_at.is_(None))) is None
+
+
+def test_a_system_transaction_soon_after_marks_what_was_published_and_gives_it_back_on_rollback(
+        runtimes: Callable[..., Runtime], who: Principal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's claim marks what its process published and has not marked yet, in its own transaction (the
+    next step of a tool turn saves the marker's): held ahead of its first statement, undone with it on a
+    rollback and handed back to the marker, so a later transaction marks them."""
+    monkeypatch.setattr(events, "MARK_BATCH_SECONDS", 5.0)  # the marker's own transaction comes later than this
+    rt = runtimes()
+    with unit_of_work(rt.sessions, who) as db:
+        session = turns.create_session(db, rt, who, "echo", None)
+        turn, _ = turns.create_turn(db, rt, who, session.id, "hello")
+    assert run_step(rt, turn.id, 0) == "completed"
+    unmarked = _unmarked(rt, [session.id])
+    assert unmarked > 0
+    with pytest.raises(RuntimeError), events.system_work_marking_published(rt) as db:
+        db.execute(select(1))  # the marks went ahead of it
+        raise RuntimeError("the claim failed")
+    assert _unmarked(rt, [session.id]) == unmarked
+    with events.system_work_marking_published(rt) as db:
+        db.execute(select(1))
+    assert _unmarked(rt, [session.id]) == 0
+    with unit_of_work(rt.sessions, SYSTEM) as db:
+        assert db.get(AgentSession, session.id).event_cursor >= rt.events.head(session.id)

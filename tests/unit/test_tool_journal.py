@@ -228,24 +228,61 @@ def test_a_result_recorded_before_the_kill_is_reused(jrt: Runtime, who: Principa
 
 def test_a_retried_step_reuses_the_recorded_model_response(jrt: Runtime, who: Principal,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    original = step_module.record_model_response
+    """The answer is recorded with its first tool call's start: an attempt dying right after that transaction
+    (before the tool ran) leaves both; the retry replays the answer (the same calls, not a new model call), and
+    the started call is one whose outcome nobody knows (the non-idempotent charge pauses the turn)."""
+    original = tools_module.start_tool_call
 
-    def record_then_die(*args: Any) -> None:
-        original(*args)
-        raise WorkerDied("after the model's response was recorded")
-    monkeypatch.setattr(step_module, "record_model_response", record_then_die)
+    def start_then_die(*args: Any, response: Any = None) -> None:
+        original(*args, response=response)
+        if response is not None:
+            raise WorkerDied("after the model's response was recorded with the first tool call's start")
+    monkeypatch.setattr(tools_module, "start_tool_call", start_then_die)
     calls_before = INVENTIVE.calls
     sid, tid = start(jrt, who)
     run_dying(jrt, tid, 0)
-    monkeypatch.setattr(step_module, "record_model_response", original)
-    assert run_step(jrt, tid, 0) == "in_progress"
+    assert _model_calls(jrt, tid) == [(0, "recorded", 1, True)]
+    monkeypatch.setattr(tools_module, "start_tool_call", original)
+    assert run_step(jrt, tid, 0) == "requires_action"
     assert INVENTIVE.calls == calls_before + 1
     evs = events(jrt, sid)
     replayed = [e for e in evs if e["type"] == "model.replayed"]
     assert len(replayed) == 1 and replayed[0]["data"]["attempt"] == 2
     # The text is streamed again under the new attempt, so a client that drops the dead attempt's deltas has it.
     assert any(e["type"] == "message.delta" and e["data"]["attempt"] == 2 for e in evs)
-    assert len(effects("charge")) == 1
+    assert effects("charge") == []
+    assert (turn_row(jrt, tid).pending or {}).get("reason") == "tool_outcome_unknown"
+
+
+def test_an_answer_whose_first_tool_call_is_refused_is_recorded_by_the_commit(
+        settings: Settings, agents: AgentRegistry, who: Principal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused first call (its tool budget, checked in the start's transaction once the model answered) rolls
+    back its start and the answer's record with it: the step's commit records the answer, counts its tokens once,
+    and no tool runs."""
+    from shared.turns import budgets
+
+    check = budgets.check_tool_calls
+    calls_before = INVENTIVE.calls
+
+    def refuse_once_the_model_answered(db: Any, settings: Settings, turn_id: str) -> None:
+        check(db, settings, turn_id)
+        if INVENTIVE.calls > calls_before:
+            raise budgets.BudgetExceeded("tool_calls_per_turn", 0, 1, None, "refused for the test")
+    monkeypatch.setattr(budgets, "check_tool_calls", refuse_once_the_model_answered)
+    rt = build_runtime(settings.replace(budget_tool_calls_per_turn=5), agents=agents)
+    try:
+        _, tid = start(rt, who)
+        model_calls = _counted_model_calls(rt, who)
+        assert run_step(rt, tid, 0) == "incomplete"
+        assert INVENTIVE.calls == calls_before + 1
+        assert _model_calls(rt, tid) == [(0, "recorded", 1, True)]
+        assert _counted_model_calls(rt, who) == model_calls + 1
+        assert effects("charge") == []
+        with unit_of_work(rt.sessions, SYSTEM) as db:
+            assert db.scalars(select(ToolCall.id).where(ToolCall.turn_id == tid)).all() == []
+        assert (turn_row(rt, tid).error or {}).get("code") == "budget"
+    finally:
+        rt.close()
 
 
 def test_the_fail_policy_fails_the_turn(settings: Settings, agents: AgentRegistry, who: Principal,
@@ -290,7 +327,7 @@ def test_the_fence_folded_into_each_journal_write_still_stops_a_zombie(jrt: Runt
     start and tool finish all raise and write nothing, while the new attempt's own writes land (and a repeat of
     one, as after a dropped connection, changes nothing and is counted once)."""
     from shared.engine.claim import claim_turn
-    from shared.engine.journal import finish_tool_call, record_model_response, start_model_call, start_tool_call
+    from shared.engine.journal import finish_tool_call, start_model_call, start_tool_call
     from shared.engine.outcome import StepInterrupted
     from shared.llm import ModelResponse
     from shared.llm.base import ToolCallRequest, Usage
@@ -306,7 +343,7 @@ def test_the_fence_folded_into_each_journal_write_still_stops_a_zombie(jrt: Runt
     with unit_of_work(jrt.sessions, SYSTEM) as db:
         new = claim_turn(db, tid, 0, "w2", 30)
     assert new is not None
-    for write in (lambda: record_model_response(jrt, old, response),
+    for write in (lambda: start_tool_call(jrt, old, 0, {"id": "c1", "name": "charge"}, "k", response=response),
                   lambda: start_tool_call(jrt, old, 0, {"id": "c1", "name": "charge"}, "k"),
                   lambda: finish_tool_call(jrt, old, 0, "c1", "charged", False)):
         with pytest.raises(StepInterrupted):
@@ -317,8 +354,7 @@ def test_the_fence_folded_into_each_journal_write_still_stops_a_zombie(jrt: Runt
     before = _counted_tool_calls(jrt, who)
     start_model_call(jrt, new, lambda: None)
     for _ in range(2):  # the second time: a repeat after a dropped connection
-        record_model_response(jrt, new, response)
-        start_tool_call(jrt, new, 0, {"id": "c1", "name": "charge"}, "k")
+        start_tool_call(jrt, new, 0, {"id": "c1", "name": "charge"}, "k", response=response)
     finish_tool_call(jrt, new, 0, "c1", "charged", False)
     finish_tool_call(jrt, new, 0, "no-such-call", "x", False)  # no row: nothing to record, no error
     with unit_of_work(jrt.sessions, SYSTEM) as db:
@@ -337,7 +373,7 @@ def test_a_fenced_journal_write_holds_the_turn_row_until_it_commits(jrt: Runtime
     from sqlalchemy.exc import OperationalError
 
     from shared.engine.claim import claim_turn
-    from shared.engine.journal import record_model_response, start_model_call, start_tool_call
+    from shared.engine.journal import start_model_call, start_tool_call
     from shared.llm import ModelResponse
     from shared.llm.base import ToolCallRequest, Usage
     from shared.turns import budgets
@@ -360,10 +396,11 @@ def test_a_fenced_journal_write_holds_the_turn_row_until_it_commits(jrt: Runtime
                 locked.append(True)
                 other.rollback()
     monkeypatch.setattr(budgets, "count", count_and_probe)
-    record_model_response(jrt, claim, ModelResponse(text="", tool_calls=[ToolCallRequest("c1", "charge", {})],
-                                                    usage=Usage(1, 1), finish_reason="tool_calls"))
-    start_tool_call(jrt, claim, 0, {"id": "c1", "name": "charge"}, "k")
-    assert locked == [True, True]
+    response = ModelResponse(text="", tool_calls=[ToolCallRequest("c1", "charge", {})], usage=Usage(1, 1),
+                             finish_reason="tool_calls")
+    start_tool_call(jrt, claim, 0, {"id": "c1", "name": "charge"}, "k", response=response)
+    start_tool_call(jrt, claim, 0, {"id": "c2", "name": "charge"}, "k2")
+    assert locked == [True, True, True]
 
 
 def _counted_tool_calls(rt: Runtime, who: Principal) -> int:
