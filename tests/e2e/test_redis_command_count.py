@@ -15,7 +15,10 @@ are per interval, not per turn.
 Some commands are per interval, not per turn: a rate-limit bucket's EXPIRE (once
 per bucket and minute), a session log's TTL (four PEXPIREs per session, process
 and minute): the pin applies to the cheaper of two turns, so a window rolling over
-inside one of them does not fail the test.
+inside one of them does not fail the test. The open WebSocket's stream slot is
+renewed every third of its lease (one script: TIME, a ZADD and an EXPIRE per set,
+a ZREMRANGEBYSCORE per set): the lease is set long here, so no renewal lands in
+either counted turn and the two are alike but for a rollover.
 
 Target (issue 15): a single-step turn in at most 25 Redis commands, on both
 shapes; a tool turn (a tool call, then the answer) in fewer. Not reached: this
@@ -86,6 +89,7 @@ def counted(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env = {**settings_env(settings), "REDIS_URL": server.url, "STEPRUN_AGENTS": "tests.support.agents_slow",
            "STEPRUN_LEASE_SECONDS": "60", "STEPRUN_HEARTBEAT_SECONDS": "20",
            "STEPRUN_WORKER_BEAT_SECONDS": "600", "STEPRUN_KEY_CACHE_SECONDS": "600",
+           "STEPRUN_STREAM_SLOT_SECONDS": "900",
            # A step's appends, whatever the machine's load: its first delta at once, the rest once the model
            # answered, then the commit's.
            "STEPRUN_DELTA_FLUSH_SECONDS": "1.0"}
