@@ -13,8 +13,8 @@ not per turn.
 
 Targets (issue 15): a single-step turn in 5 transactions (the POST, claim+load,
 the step's commit, one read at the end); a tool turn (a tool call, then the
-answer) in 9. The single-step turn meets it (from 32, then 9); the tool turn is
-pinned at what it reaches (10, from 66, then 16, then 11), so it cannot creep back up.
+answer) in 9. Both meet it: the single-step turn from 32, then 9; the tool turn
+from 66, then 16, then 11.
 
 The POST is one transaction: the tenant-wide limits (its queued turns, its kept
 input) come from ``steprun_tenant_admission`` in the turn's own transaction
