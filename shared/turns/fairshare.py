@@ -31,12 +31,12 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, ScalarSelect, Select, bindparam, func, or_, select, text, update
+from sqlalchemy import ColumnElement, ScalarSelect, Select, bindparam, func, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
 from shared.clock import utcnow
-from shared.db import advisory_xact_lock, after_commit, lock_key, unit_of_work
+from shared.db import after_commit, unit_of_work, write_later
 from shared.metrics import TURNS_DEFERRED
 from shared.models import AgentSession, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
@@ -61,6 +61,16 @@ def _deferred() -> list[ColumnElement[bool]]:
             Turn.id == _active_turn()]
 
 
+# The lock's key is its name hashed by Postgres (``hashtext``), so the admission can name it from the turn's
+# row in SQL (:data:`_LOCK_TURN_OWNER`), with no read of the row first; every other taker passes the same name.
+_NAME_PREFIX = "steprun:running:"
+
+
+def _name(settings: Settings, tenant_id: str, user_id: str) -> str:
+    return f"{_NAME_PREFIX}{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
+        f"{_NAME_PREFIX}{tenant_id}:{user_id}"
+
+
 def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait: bool = True) -> bool:
     """Serialise the count and the decision per tenant (tenant cap on) or per user (Postgres only).
 
@@ -70,12 +80,11 @@ def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait
     """
     if db.get_bind().dialect.name != "postgresql":
         return True
-    name = f"steprun:running:{tenant_id}" if settings.max_running_turns_per_tenant > 0 else \
-        f"steprun:running:{tenant_id}:{user_id}"
+    name = _name(settings, tenant_id, user_id)
     if wait:  # what it serialises is this transaction's next statements (the count, the candidates)
-        advisory_xact_lock(db, name, ahead_of_next_statement=True)
+        write_later(db, _LOCK, {"name": name})
         return True
-    return bool(db.scalar(_TRY_LOCK, {"k": lock_key(name)}))
+    return bool(db.scalar(_TRY_LOCK, {"name": name}))
 
 
 def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tuple[str, str] | None:
@@ -91,30 +100,27 @@ def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tupl
 _turns, _sessions = table_of(Turn), table_of(AgentSession)
 # The admission's statements, built once (no per-call construction or cache key).
 _ACTIVE = select(_sessions.c.active_turn_id).where(_sessions.c.id == _turns.c.session_id).scalar_subquery()
-_ADMIT_TURN = select(_turns.c.tenant_id, _turns.c.user_id, _turns.c.status).where(
-    _turns.c.id == bindparam("turn_id"), _turns.c.id == _ACTIVE)
-_RUNNING_USER = select(func.count()).where(
-    _turns.c.status == TurnStatus.IN_PROGRESS, _turns.c.tenant_id == bindparam("tenant_id"),
-    _turns.c.user_id == bindparam("user_id"))
-_RUNNING_TENANT = select(func.count().filter(_turns.c.user_id == bindparam("user_id")), func.count()).where(
-    _turns.c.status == TurnStatus.IN_PROGRESS, _turns.c.tenant_id == bindparam("tenant_id"))
+_running = _turns.alias("running")
+_of_owner = (_running.c.status == TurnStatus.IN_PROGRESS, _running.c.tenant_id == _turns.c.tenant_id)
+# The admission's read: the turn (if it is its session's active one), and its owner's running turns (its
+# tenant's too with the tenant cap), counted by the same statement; on Postgres it comes after the lock.
+_USER_RUNNING = select(func.count()).where(*_of_owner, _running.c.user_id == _turns.c.user_id).scalar_subquery()
+_TENANT_RUNNING = select(func.count()).where(*_of_owner).scalar_subquery()
+_ADMIT = {tenant_wide: select(_turns.c.status, _USER_RUNNING, _TENANT_RUNNING if tenant_wide else literal(0))
+          .where(_turns.c.id == bindparam("turn_id"), _turns.c.id == _ACTIVE) for tenant_wide in (False, True)}
+# The lock of the turn's owner, named from its row (the same name as :func:`_name`'s): taken ahead of the
+# admission's read, in its round trip, so that read's snapshot is taken once the lock is held.
+_LOCK_TURN_OWNER = {
+    tenant_wide: text("SELECT pg_advisory_xact_lock(hashtext(:prefix || tenant_id"
+                      + ("" if tenant_wide else " || ':' || user_id") + ")) FROM turns WHERE id = :turn_id")
+    .bindparams(prefix=_NAME_PREFIX)
+    for tenant_wide in (False, True)}
 _DEFER = (update(_turns)
           .where(_turns.c.id == bindparam("turn_id"), _turns.c.status == TurnStatus.QUEUED, _turns.c.step_count == 0,
                  or_(_turns.c.lease_expires_at.is_(None),
                      _turns.c.lease_expires_at < bindparam("now", type_=_turns.c.lease_expires_at.type)),
                  _turns.c.id == _ACTIVE)
           .values(enqueued_at=None, lease_owner=None, lease_expires_at=None))
-
-
-def running(db: Session, settings: Settings, tenant_id: str, user_id: str) -> tuple[int, int]:
-    """(the user's, the tenant's) running turns, in one statement; the tenant's only with its cap on (0 else).
-
-    The tenant's count needs a scope that sees the tenant (the claim's SYSTEM)."""
-    who = {"tenant_id": tenant_id, "user_id": user_id}
-    if settings.max_running_turns_per_tenant <= 0:
-        return int(db.execute(_RUNNING_USER, who).scalar_one()), 0
-    row = db.execute(_RUNNING_TENANT, who).one()
-    return int(row[0]), int(row[1])
 
 
 def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
@@ -125,11 +131,13 @@ def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
     """
     if step != 0 or not caps_on(settings):
         return True
-    row = db.execute(_ADMIT_TURN, {"turn_id": turn_id}).first()
-    if row is None or row.status != TurnStatus.QUEUED:
+    tenant_wide = settings.max_running_turns_per_tenant > 0
+    if db.get_bind().dialect.name == "postgresql":
+        write_later(db, _LOCK_TURN_OWNER[tenant_wide], {"turn_id": turn_id})
+    row = db.execute(_ADMIT[tenant_wide], {"turn_id": turn_id}).first()
+    if row is None or row[0] != TurnStatus.QUEUED:
         return True  # the claim decides (not the session's turn: nothing to claim; or already running)
-    _lock(db, settings, row.tenant_id, row.user_id)
-    over = over_cap(settings, *running(db, settings, row.tenant_id, row.user_id))
+    over = over_cap(settings, int(row[1]), int(row[2]) if tenant_wide else 0)
     if over is None:
         return True
     cap, why = over
@@ -163,10 +171,11 @@ def _try_lock_user(db: Session, tenant_id: str, user_id: str) -> bool:
     conn = db.connection()
     if conn.dialect.name != "postgresql":
         return True
-    return bool(conn.scalar(_TRY_LOCK, {"k": lock_key(f"steprun:running:{tenant_id}:{user_id}")}))
+    return bool(conn.scalar(_TRY_LOCK, {"name": f"{_NAME_PREFIX}{tenant_id}:{user_id}"}))
 
 
-_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
+_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
+_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext(:name))")
 
 
 def _wake_quietly(rt: Runtime, tenant_id: str, user_id: str) -> None:

@@ -145,7 +145,8 @@ def test_a_freeing_transaction_never_waits_for_a_claims_lock(capped: Any) -> Non
     claim = rt.sessions()
     try:
         claim.execute(text("SELECT 1"))
-        assert fairshare._lock(claim, rt.settings, who.tenant_id, who.user_id)  # the claim's lock, held
+        assert fairshare._lock(claim, rt.settings, who.tenant_id, who.user_id)
+        claim.execute(text("SELECT 1"))  # the lock goes ahead of the claim's next statement: held from here
         with unit_of_work(rt.sessions, SYSTEM) as ending:
             ending.execute(text("SET LOCAL lock_timeout = '2s'"))  # waiting for the lock would fail here
             started = time.monotonic()
@@ -154,3 +155,30 @@ def test_a_freeing_transaction_never_waits_for_a_claims_lock(capped: Any) -> Non
     finally:
         claim.rollback()
         claim.close()
+
+
+@pytest.mark.parametrize("caps", [{"max_running_turns_per_user": 2},
+                                  {"max_running_turns_per_user": 2, "max_running_turns_per_tenant": 5}],
+                         ids=["user", "tenant"])
+def test_the_admission_names_from_the_turn_row_the_lock_every_other_taker_names(caps: dict[str, int],
+                                                                                  capped: Any) -> None:
+    """The admission takes its owner's lock by a name built in SQL from the turn's row (no read of the row
+    first); the wake-up and the turn's end build it in Python. They must be one lock: while a wake-up holds
+    it, the admission of that user's turn waits."""
+    rt, _ = capped(**caps)
+    who = Principal(f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}")
+    _, turn_id = _start(rt, who)
+    holder = rt.sessions()
+    try:
+        holder.execute(text("SELECT 1"))
+        assert fairshare._lock(holder, rt.settings, who.tenant_id, who.user_id)
+        holder.execute(text("SELECT 1"))  # sent with this statement: held from here
+        with pytest.raises(Exception, match="lock timeout"):
+            with unit_of_work(rt.sessions, SYSTEM) as admitting:
+                admitting.execute(text("SET LOCAL lock_timeout = '300ms'"))
+                fairshare.admit(admitting, rt.settings, turn_id, 0)
+    finally:
+        holder.rollback()
+        holder.close()
+    with unit_of_work(rt.sessions, SYSTEM) as admitting:  # and once it is free, the turn is admitted
+        assert fairshare.admit(admitting, rt.settings, turn_id, 0)
