@@ -25,7 +25,7 @@ from shared.clock import utcnow
 from shared.db import after_commit, database_unavailable, unit_of_work, write_later
 from shared.engine.buffer import StepEvents
 from shared.engine.claim import Claim
-from shared.engine.journal import record_response
+from shared.engine.journal import record_response, record_response_with_commit
 from shared.engine.outcome import ChatMessage, StepOutcome, StepResult, for_model
 from shared.models import AgentSession, Checkpoint, Message, Turn, TurnStatus, table_of
 from shared.runtime import Runtime
@@ -123,12 +123,16 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
     # This process's next step of the session finds this checkpoint's history without reading it (the row
     # known by its number and the time written into it: its id would cost a round trip).
     after_commit(db, partial(rt.history_cache.put, claim.session_id, now, number, [*state, *clean]))
-    # Statements whose results the commit reads (the recorded response, the fair share's lock) go on their
-    # own round trips, the held writes ahead of them; the writes after them are held and sent with the
-    # COMMIT (shared.db.write_later).
+    # Statements whose results the commit reads (the fair share's lock and candidates) go on their own round
+    # trips, the held writes ahead of them; the writes after them are held and sent with the COMMIT
+    # (shared.db.write_later).
     if result.unrecorded_response is not None:
         # The model's answer, recorded with the step it produced (journal.py): fenced by the update above.
-        record_response(db, claim, result.unrecorded_response)
+        # Held, unless a failed tool start may have recorded it already (then read, so as not to count twice).
+        if result.response_maybe_recorded:
+            record_response(db, claim, result.unrecorded_response)
+        else:
+            record_response_with_commit(db, claim, result.unrecorded_response)
     # The step's durable events commit with it (shared/turns/events.py): its tool calls and results, and
     # step.completed with the step's text, which is what a client keeps; then the turn's own, if it changed.
     published: list[Durable] = [*events.durable, Durable.new("step.completed", claim.turn_id, {

@@ -110,6 +110,8 @@ class StepJournal:
     model_call_started: bool = False
     # This attempt's answer from the model, not recorded yet: the first tool call's start records it.
     unrecorded_response: ModelResponse | None = None
+    # A start that was to record it failed: it may have landed all the same (a lost reply).
+    response_maybe_recorded: bool = False
 
     def entry(self, step: int, call_id: str) -> JournalEntry | None:
         return self.calls.get((step, call_id))
@@ -177,6 +179,21 @@ def _build_start(insert: Any) -> Any:
         set_={"attempt": stmt.excluded.attempt, "status": "started", "started_at": stmt.excluded.started_at,
               "calls": c.calls + 1},
         where=c.attempt != stmt.excluded.attempt)
+
+
+def _build_record_upsert(insert: Any) -> Any:
+    c = _model_calls.c
+    stmt = insert(_model_calls).values(
+        turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
+        step=bindparam("b_step"), calls=1, attempt=bindparam("b_attempt"), status="recorded",
+        response=bindparam("b_response", type_=c.response.type),
+        recorded_at=bindparam("b_now", type_=c.recorded_at.type))
+    # :data:`_RECORD`'s update where the row is there (its start's), :data:`_RECORD_NEW`'s insert where not.
+    return stmt.on_conflict_do_update(
+        index_elements=[c.turn_id, c.step],
+        set_={"attempt": stmt.excluded.attempt, "status": "recorded", "response": stmt.excluded.response,
+              "recorded_at": stmt.excluded.recorded_at},
+        where=~((c.status == "recorded") & (c.attempt == stmt.excluded.attempt)))
 
 
 def _build_tool_insert(insert: Any) -> Any:
@@ -319,6 +336,19 @@ def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
                                  "b_user_id": claim.principal.user_id})
     tokens = response.usage.input_tokens + response.usage.output_tokens
     budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
+
+
+def record_response_with_commit(db: Session, claim: Claim, response: ModelResponse) -> None:
+    """:func:`record_response` in the step's commit, whose fenced update of the turn came first: one upsert
+    and the tokens' count, both held (sent with the commit's next statement), no result read.
+
+    No repeat to tell apart here: a commit that landed fences out its own retry (its update of the turn
+    matches nothing), so this attempt's answer is recorded and counted once."""
+    write_later(db, _per_dialect(db, "record", _build_record_upsert),
+                {**_record_params(claim, response), "b_tenant_id": claim.principal.tenant_id,
+                 "b_user_id": claim.principal.user_id})
+    budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
+                  model_calls=1)
 
 
 def _record_fenced(db: Session, claim: Claim, response: ModelResponse) -> None:

@@ -75,8 +75,10 @@ class StepResult:
     pending: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     # The model's response when no tool call's start recorded it (it asked for none, or none started): recorded
-    # by the step's commit, not before it.
+    # by the step's commit, not before it. ``response_maybe_recorded``: a tool call's start that was to record
+    # it failed, and may have landed (the commit then tells a repeat apart, and does not count it twice).
     unrecorded_response: ModelResponse | None = None
+    response_maybe_recorded: bool = False
 
 
 def stopped_outcome(result: StepResult, reason: StopReason, settings: Settings, step: int, streamed: str,

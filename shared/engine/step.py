@@ -207,6 +207,7 @@ def _execute(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: 
     finally:
         # However the step ends, an answer no tool call's start recorded is recorded by its commit.
         result.unrecorded_response = journal.unrecorded_response
+        result.response_maybe_recorded = journal.response_maybe_recorded
 
 
 def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list[ChatMessage],

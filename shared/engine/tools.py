@@ -103,8 +103,9 @@ def run_tool(agent: Agent, claim: Claim, step: StepInput, call: dict[str, Any], 
         else:
             raise ToolOutcomeUnknown(call, entry.started_at.isoformat(), entry.attempt, [], [])
     # The model's answer, if not recorded yet, is recorded with this start: before the tool runs.
+    journal.response_maybe_recorded = journal.unrecorded_response is not None
     start_tool_call(events.rt, claim, call_step, call, key, response=journal.unrecorded_response)
-    journal.unrecorded_response = None
+    journal.unrecorded_response, journal.response_maybe_recorded = None, False
     started = time.monotonic()
     events.in_tool = True
     try:

@@ -31,7 +31,21 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, ScalarSelect, Select, bindparam, func, literal, or_, select, text, update
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    ScalarSelect,
+    Select,
+    bindparam,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -157,25 +171,30 @@ def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
     """
     if not caps_on(rt.settings):
         return
-    if rt.settings.max_running_turns_per_tenant > 0 or not _try_lock_user(db, tenant_id, user_id):
-        # The tenant cap, or a claim of this user's holds the lock: wake them once this commits.
-        after_commit(db, lambda: threading.Thread(target=_wake_quietly, args=(rt, tenant_id, user_id),
-                                                  name="steprun-fairshare-wake", daemon=True).start())
-        return
-    _wake_in(db, rt, tenant_id, user_id, locked=True)
-
-
-def _try_lock_user(db: Session, tenant_id: str, user_id: str) -> bool:
-    """:func:`_lock` of the user (the tenant cap off) with ``wait=False``, on the transaction's connection: a
-    prebuilt statement, no ORM execution (the step's commit runs it on every turn's end)."""
-    conn = db.connection()
-    if conn.dialect.name != "postgresql":
-        return True
-    return bool(conn.scalar(_TRY_LOCK, {"name": f"{_NAME_PREFIX}{tenant_id}:{user_id}"}))
+    if rt.settings.max_running_turns_per_tenant <= 0:
+        conn = db.connection()
+        if conn.dialect.name != "postgresql":
+            _wake_in(db, rt, tenant_id, user_id, locked=True)
+            return
+        # The user's lock, if free now, and the user's deferred turns read once it is held, in one round
+        # trip (prebuilt statements, no ORM execution: the step's commit runs them at every turn's end).
+        write_later(db, _TRY_LOCK_NOTED, {"name": f"{_NAME_PREFIX}{tenant_id}:{user_id}"})
+        locked, waiting = conn.execute(_USER_WAITING_IF_LOCKED, {"p_tenant": tenant_id, "p_user": user_id}).one()
+        if locked:
+            _wake_chosen(db, rt, tenant_id, [(turn_id, user_id) for turn_id in waiting or ()])
+            return
+    # The tenant cap, or a claim of this user's holds the lock: wake them once this commits.
+    after_commit(db, lambda: threading.Thread(target=_wake_quietly, args=(rt, tenant_id, user_id),
+                                              name="steprun-fairshare-wake", daemon=True).start())
 
 
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
 _TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext(:name))")
+# The try-lock at a turn's end, its answer kept in a transaction-local setting for the next statement (the
+# read of the deferred turns) to return: that read's snapshot is taken once the lock is held.
+_TRY_LOCK_NOTED = text("SELECT set_config('steprun.fair_share_locked', "
+                       "pg_try_advisory_xact_lock(hashtext(:name))::text, true)")
+_LOCKED = literal_column("current_setting('steprun.fair_share_locked', true) = 'true'", Boolean)
 
 
 def _wake_quietly(rt: Runtime, tenant_id: str, user_id: str) -> None:
@@ -198,9 +217,16 @@ def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str, *, locked: 
     tenant_wide = settings.max_running_turns_per_tenant > 0
     candidates = db.connection().execute(_TENANT_CANDIDATES if tenant_wide else _USER_CANDIDATES,
                                          {"p_tenant": tenant_id, "p_user": user_id}).all()
+    return _wake_chosen(db, rt, tenant_id, [(c.id, c.user_id) for c in candidates])
+
+
+def _wake_chosen(db: Session, rt: Runtime, tenant_id: str, candidates: list[tuple[str, str]]) -> int:
+    """Send those of ``candidates`` (the oldest deferred turns, oldest first) that fit under the caps."""
     if not candidates:
         return 0
-    owners = {c.user_id for c in candidates}
+    settings = rt.settings
+    tenant_wide = settings.max_running_turns_per_tenant > 0
+    owners = {owner for _, owner in candidates}
     per_user = Counter({owner: int(n) for owner, n in db.execute(
         select(Turn.user_id, func.count()).where(Turn.status == TurnStatus.IN_PROGRESS, Turn.tenant_id == tenant_id,
                                                  Turn.user_id.in_(owners))
@@ -223,11 +249,11 @@ def _wake_in(db: Session, rt: Runtime, tenant_id: str, user_id: str, *, locked: 
     return len(woken)
 
 
-def _candidates(*where: ColumnElement[bool]) -> Select[Any]:
+def _candidates(*where: ColumnElement[bool], columns: tuple[str, ...] = ("id", "user_id")) -> Select[Any]:
     """The oldest deferred turns (Core, built once: every turn's end looks for them)."""
     turns, sessions = table_of(Turn).c, table_of(AgentSession).c
     active = select(sessions.active_turn_id).where(sessions.id == turns.session_id).scalar_subquery()
-    return (select(turns.id, turns.user_id)
+    return (select(*(turns[name] for name in columns))
             .where(turns.status == TurnStatus.QUEUED.value, turns.enqueued_at.is_(None),
                    turns.lease_expires_at.is_(None), turns.id == active, turns.tenant_id == bindparam("p_tenant"),
                    *where)
@@ -236,6 +262,14 @@ def _candidates(*where: ColumnElement[bool]) -> Select[Any]:
 
 _TENANT_CANDIDATES = _candidates()
 _USER_CANDIDATES = _candidates(table_of(Turn).c.user_id == bindparam("p_user"))
+# Postgres, a turn's end with the user cap only: (the try-lock's answer, the user's deferred turns' ids, oldest
+# first; read only if the lock is held).
+_waiting = _candidates(table_of(Turn).c.user_id == bindparam("p_user"), _LOCKED,
+                       columns=("id", "created_at")).subquery("waiting")
+_USER_WAITING_IF_LOCKED = select(
+    _LOCKED.label("locked"),
+    select(func.array_agg(aggregate_order_by(_waiting.c.id, _waiting.c.created_at, _waiting.c.id)))
+    .scalar_subquery().label("waiting"))
 
 
 def wake_deferred(rt: Runtime) -> int:

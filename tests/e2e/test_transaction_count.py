@@ -110,9 +110,11 @@ def test_turn_transactions_within_target(counted: Counted, text: str, target: in
 # when the commit was an ORM unit of work (shared/engine/commit.py), 10 and 15 before its writes were held
 # and sent together (shared.db.write_later), 7 and 11 with BEGIN, the scope's entry and the last held writes
 # each a round trip of their own (shared.db.pipeline_transactions), 4 and 7 with the checkpoint's INSERT
-# returning its id (the history cache now knows the row by its number and creation time).
+# returning its id (the history cache now knows the row by its number and creation time), 6 with the
+# answer's record read back and the fair share's try-lock a round trip apart from its read of the deferred
+# turns (the record is now held; the try-lock's answer rides to that read in a transaction-local setting).
 ADVANCING_COMMIT_STATEMENTS = 3
-FINISHING_COMMIT_STATEMENTS = 6
+FINISHING_COMMIT_STATEMENTS = 4
 
 
 def test_a_step_commit_runs_few_statements(counted: Counted) -> None:

@@ -285,6 +285,25 @@ def test_an_answer_whose_first_tool_call_is_refused_is_recorded_by_the_commit(
         rt.close()
 
 
+def test_an_answer_recorded_by_a_start_that_then_failed_is_not_counted_twice_by_the_commit(
+        jrt: Runtime, who: Principal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first tool call's start records the answer and lands, but its caller sees an error (a lost reply):
+    the step fails its turn, and its commit, which records an answer no start is known to have recorded,
+    finds this one there: recorded once, counted once."""
+    original = tools_module.start_tool_call
+
+    def start_then_fail(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        raise RuntimeError("the start's reply was lost")
+    monkeypatch.setattr(tools_module, "start_tool_call", start_then_fail)
+    _, tid = start(jrt, who)
+    model_calls = _counted_model_calls(jrt, who)
+    assert run_step(jrt, tid, 0) == "failed"
+    assert _model_calls(jrt, tid) == [(0, "recorded", 1, True)]
+    assert _counted_model_calls(jrt, who) == model_calls + 1
+    assert effects("charge") == []
+
+
 def test_the_fail_policy_fails_the_turn(settings: Settings, agents: AgentRegistry, who: Principal,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     rt = build_runtime(settings.replace(tool_outcome_unknown="fail"), agents=agents)
