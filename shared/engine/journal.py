@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, literal, select, type_coerce, update
+from sqlalchemy import bindparam, literal, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from shared.auth.principal import SYSTEM
@@ -148,13 +148,6 @@ _RECORD = (update(_model_calls)
                    recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
            .returning(_model_calls.c.id))
 _RECORD_FENCED = _RECORD.where(_FENCE_HOLDS)
-_RECORDED = select(_model_calls.c.id).where(_model_calls.c.turn_id == bindparam("b_turn_id"),
-                                            _model_calls.c.step == bindparam("b_step"))
-_RECORD_NEW = insert(_model_calls).values(
-    turn_id=bindparam("b_turn_id"), tenant_id=bindparam("b_tenant_id"), user_id=bindparam("b_user_id"),
-    step=bindparam("b_step"), calls=1, attempt=bindparam("b_attempt"), status="recorded",
-    response=bindparam("b_response", type_=_model_calls.c.response.type),
-    recorded_at=bindparam("b_now", type_=_model_calls.c.recorded_at.type))
 _DIALECT_STATEMENTS: dict[tuple[str, str], Any] = {}
 
 
@@ -188,7 +181,8 @@ def _build_record_upsert(insert: Any) -> Any:
         step=bindparam("b_step"), calls=1, attempt=bindparam("b_attempt"), status="recorded",
         response=bindparam("b_response", type_=c.response.type),
         recorded_at=bindparam("b_now", type_=c.recorded_at.type))
-    # :data:`_RECORD`'s update where the row is there (its start's), :data:`_RECORD_NEW`'s insert where not.
+    # :data:`_RECORD`'s update where the row is there (its start's), an insert where not; this attempt's own
+    # record already there (a repeat) changes nothing.
     return stmt.on_conflict_do_update(
         index_elements=[c.turn_id, c.step],
         set_={"attempt": stmt.excluded.attempt, "status": "recorded", "response": stmt.excluded.response,
@@ -324,31 +318,33 @@ def _record_params(claim: Claim, response: ModelResponse) -> dict[str, Any]:
             "b_response": response_record(response), "b_now": utcnow()}
 
 
+def _upsert_params(claim: Claim, response: ModelResponse) -> dict[str, Any]:
+    return {**_record_params(claim, response), "b_tenant_id": claim.principal.tenant_id,
+            "b_user_id": claim.principal.user_id}
+
+
+def _count_answer(db: Session, claim: Claim, response: ModelResponse) -> None:
+    budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
+                  model_calls=1)
+
+
 def record_response(db: Session, claim: Claim, response: ModelResponse) -> None:
     """Record the model's answer in ``db`` (fenced by the caller, holding the tenant's budget lock when token
-    budgets are set) and count its tokens; a repeat of this attempt's record is a no-op."""
-    params = _record_params(claim, response)
-    # One statement in the usual case (the row its start wrote); the row lock is the update's own.
-    if db.execute(_RECORD, params).first() is None:
-        if db.execute(_RECORDED, params).first() is not None:
-            return  # a repeat after a dropped connection: it landed, and is counted
-        db.execute(_RECORD_NEW, {**params, "b_tenant_id": claim.principal.tenant_id,
-                                 "b_user_id": claim.principal.user_id})
-    tokens = response.usage.input_tokens + response.usage.output_tokens
-    budgets.count(db, claim.principal, tokens=tokens, model_calls=1)
+    budgets are set) and count its tokens; a repeat of this attempt's record is a no-op (one upsert, which
+    returns nothing then). The row lock is the upsert's own."""
+    upsert = _per_dialect(db, "record_returning", lambda ins: _build_record_upsert(ins).returning(_model_calls.c.id))
+    if db.execute(upsert, _upsert_params(claim, response)).first() is not None:
+        _count_answer(db, claim, response)
 
 
 def record_response_with_commit(db: Session, claim: Claim, response: ModelResponse) -> None:
-    """:func:`record_response` in the step's commit, whose fenced update of the turn came first: one upsert
+    """:func:`record_response` in the step's commit, whose fenced update of the turn came first: the upsert
     and the tokens' count, both held (sent with the commit's next statement), no result read.
 
     No repeat to tell apart here: a commit that landed fences out its own retry (its update of the turn
     matches nothing), so this attempt's answer is recorded and counted once."""
-    write_later(db, _per_dialect(db, "record", _build_record_upsert),
-                {**_record_params(claim, response), "b_tenant_id": claim.principal.tenant_id,
-                 "b_user_id": claim.principal.user_id})
-    budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
-                  model_calls=1)
+    write_later(db, _per_dialect(db, "record", _build_record_upsert), _upsert_params(claim, response))
+    _count_answer(db, claim, response)
 
 
 def _record_fenced(db: Session, claim: Claim, response: ModelResponse) -> None:
@@ -359,8 +355,7 @@ def _record_fenced(db: Session, claim: Claim, response: ModelResponse) -> None:
             raise _lease_lost()
         record_response(db, claim, response)
         return
-    budgets.count(db, claim.principal, tokens=response.usage.input_tokens + response.usage.output_tokens,
-                  model_calls=1)
+    _count_answer(db, claim, response)
 
 
 @ride_out_outages

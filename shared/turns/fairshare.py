@@ -85,20 +85,17 @@ def _name(settings: Settings, tenant_id: str, user_id: str) -> str:
         f"{_NAME_PREFIX}{tenant_id}:{user_id}"
 
 
-def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str, *, wait: bool = True) -> bool:
+def _lock(db: Session, settings: Settings, tenant_id: str, user_id: str) -> bool:
     """Serialise the count and the decision per tenant (tenant cap on) or per user (Postgres only).
 
-    ``wait=False``: take it only if it is free now (False if not). A transaction that holds turn rows
-    (a turn ending, or being rolled back) must not wait for it: a claim holds it while it waits for
-    the turn's row, and the two would deadlock.
+    What it serialises is this transaction's next statements (the count, the candidates): the lock goes
+    ahead of the next one, in its round trip. A transaction that holds turn rows (a turn ending, or being
+    rolled back) must not wait for it (a claim holds it while it waits for the turn's row, and the two would
+    deadlock): a turn's end only tries it (:func:`slot_freed`).
     """
-    if db.get_bind().dialect.name != "postgresql":
-        return True
-    name = _name(settings, tenant_id, user_id)
-    if wait:  # what it serialises is this transaction's next statements (the count, the candidates)
-        write_later(db, _LOCK, {"name": name})
-        return True
-    return bool(db.scalar(_TRY_LOCK, {"name": name}))
+    if db.get_bind().dialect.name == "postgresql":
+        write_later(db, _LOCK, {"name": _name(settings, tenant_id, user_id)})
+    return True
 
 
 def over_cap(settings: Settings, user_running: int, tenant_running: int) -> tuple[str, str] | None:
@@ -189,7 +186,6 @@ def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:
 
 
 _LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
-_TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext(:name))")
 # The try-lock at a turn's end, its answer kept in a transaction-local setting for the next statement (the
 # read of the deferred turns) to return: that read's snapshot is taken once the lock is held.
 _TRY_LOCK_NOTED = text("SELECT set_config('steprun.fair_share_locked', "
