@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # interval, if longer), unless a delta or a durable event comes to go with them: a quick step appends
 # them with its first delta or its commit, not in an append of their own. Not on a retry (see below).
 STATUS_HOLD_SECONDS = 0.25
+# How a delta's body starts (encode_event writes the type first).
+_DELTA_PREFIX = '{"type":"message.delta"'
 # After a failed append, wait this long before trying the event log again (the step
 # greenlet must not stall on every delta while Redis is away).
 EVENT_LOG_RETRY_SECONDS = 1.0
@@ -63,6 +65,8 @@ class StepEvents:
         self._last_flush = 0.0
         self._retry_at = 0.0
         self._holding = False
+        # time.monotonic() when the step handed what it still holds to its commit (hand_to_commit), or 0.0.
+        self._handed_at = 0.0
         self.text = ""
         self.stop_reason: StopReason | None = None
         # True while a tool runs: a cancel waits for it instead of interrupting it.
@@ -108,13 +112,12 @@ class StepEvents:
                                                     "attempt": self.claim.step_attempt})))
             self._delta = []
 
-    def flush(self, when_due: bool = False, vouched: bool = False) -> bool:
+    def flush(self, when_due: bool = False) -> bool:
         """Append what is held; False (events kept for the next flush) if the log is unreachable.
 
         ``when_due``: skip the attempt while backing off from a failed one, so the step
-        does not stall on every call while Redis is away. ``vouched``: the step's fenced commit
-        just landed, so the attempt held the turn: what waited for a heartbeat to vouch for the
-        lease goes out now, before the commit's own events.
+        does not stall on every call while Redis is away. What waited for a heartbeat to vouch for
+        the lease and is still held when the step commits goes out with the commit (:meth:`take_held`).
         """
         if when_due and time.monotonic() < self._retry_at:
             return False
@@ -124,7 +127,7 @@ class StepEvents:
                 if self.stop_reason == StopReason.LEASE_LOST:
                     self._pending = []  # a zombie's events never reach a client
                     return False
-                if not vouched and time.monotonic() > self.lease_valid_until:
+                if time.monotonic() > self.lease_valid_until:
                     # Not sure the lease is ours: hold them until the heartbeat knows.
                     if not self._holding:
                         self._holding = True
@@ -167,6 +170,35 @@ class StepEvents:
                                 exc_info=True)
             return True
 
+    def hand_to_commit(self) -> None:
+        """The step is done: its last deltas go out with the commit's own events, in the commit's append
+        (:meth:`take_held`), not in an append of its own, and so do its durable events still held (a
+        tool's result: the commit writes them, and the sweep republishes what a worker killed right after
+        its commit did not). Any other event held (a tool's unknown outcome, a status) goes out now, before
+        the commit, with the deltas before it: such a worker loses only deltas, whose text step.completed
+        carries. The watch leaves what was
+        handed over to the commit for ``status_hold`` seconds (STATUS_HOLD_SECONDS at least), so a commit
+        riding out a database restart does not keep the step's last text from its viewers."""
+        with self._lock:
+            # A durable event (an id) is safe with the commit too: the commit writes it, the sweep republishes it.
+            safe = all(event_id or body.startswith(_DELTA_PREFIX) for event_id, body in self._pending)
+        if not safe:
+            self.flush()  # if the log is away (or the lease not vouched for), the commit takes them too
+        with self._lock:
+            self._handed_at = time.monotonic()
+
+    def take_held(self) -> tuple[list[tuple[str, str]], set[str]]:
+        """What is still held, as (id, body), taken, and the ids of the durable events already appended:
+        called once the step's fenced commit landed, which vouches for the lease, so what is held goes out
+        with the commit's events, before them (nothing, for a zombie)."""
+        with self._flush_lock, self._lock:  # after an append the watch may have in flight: the order holds
+            self._take_delta()
+            held, self._pending = self._pending, []
+            if self.stop_reason == StopReason.LEASE_LOST:
+                return [], set()
+            # A durable event leaves the buffer only once appended (a failed append puts it back).
+            return held, {e.id for e in self.durable} - {i for i, _ in held if i}
+
     def check(self) -> None:
         if self.stop_reason is not None:
             raise StepInterrupted(self.stop_reason)
@@ -182,6 +214,9 @@ class StepEvents:
         """Whether the watch should flush now: deltas or a durable event are held, or any event for
         ``status_hold`` seconds."""
         with self._lock:
+            now = time.monotonic()
+            if self._handed_at and now - self._handed_at < max(STATUS_HOLD_SECONDS, self.status_hold):
+                return False  # the commit sends them (hand_to_commit)
             if self._delta or any(i for i, _ in self._pending):
                 return True
-            return bool(self._pending) and time.monotonic() - self._pending_since >= self.status_hold
+            return bool(self._pending) and now - self._pending_since >= self.status_hold

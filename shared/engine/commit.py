@@ -47,7 +47,7 @@ def commit_step(rt: Runtime, claim: Claim, result: StepResult, state: list[ChatM
     checks the step number: a commit that reached the database just before the
     connection dropped turns the repeat into a no-op.
     """
-    events.flush()
+    events.hand_to_commit()  # what the step still holds goes out with the commit's events (one append)
     for delay in COMMIT_RETRY_DELAYS:
         try:
             return _commit_once(rt, claim, result, state, events)
@@ -102,9 +102,6 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
                                         "p_error": result.error}).first()
     if fenced is None:
         return StepOutcome.ZOMBIE  # another attempt owns the turn now (or it was deleted): commit nothing
-    # Events still held for want of a heartbeat vouching for the lease (a starved worker): the commit, once
-    # it lands, vouches for it. They go out first, before the commit's events (callbacks run in order).
-    after_commit(db, partial(events.flush, vouched=True))
     was_running = locked.status == TurnStatus.IN_PROGRESS
     ended = fenced
     if status == TurnStatus.IN_PROGRESS and fenced.cancel_requested:
@@ -156,7 +153,9 @@ def _write(db: Session, rt: Runtime, claim: Claim, result: StepResult, state: li
              "turn_id": claim.turn_id, "step": claim.step, "role": m["role"], "content": m.get("content") or "",
              "tool_calls": m.get("tool_calls"), "tool_call_id": m.get("tool_call_id"), "name": m.get("name"),
              "status": m.get("_status", "complete"), "created_at": now} for m in result.new_messages])
-    record_rows(db, rt, owner, claim.session_id, published)
+    # What the step still holds (its last deltas; events held for want of a heartbeat vouching for the lease,
+    # on a starved worker) goes out ahead of these, in their append: the commit, once it lands, vouches for it.
+    record_rows(db, rt, owner, claim.session_id, published, held=events.take_held)
     if status == TurnStatus.IN_PROGRESS:
         # Sent after the step's events are published (callbacks run in order): the next step's events follow
         # them in the log, and its claim, here, marks them published in its own transaction.

@@ -224,7 +224,10 @@ def _run(rt: Runtime, agent: Agent, claim: Claim, loaded: StepInput, state: list
     # The model gets its own copies: the history's dicts are shared with this process's history cache.
     messages = [m.copy() for m in state] + closing + [for_model(m) for m in result.new_messages]
     response = _model_response(rt, agent, claim, messages, events, journal, result)
-    events.flush(when_due=True)
+    if response.tool_calls:
+        # The text before the calls goes out now: the tools may take a while. Without calls, the last
+        # deltas go with the commit's append (StepEvents.hand_to_commit).
+        events.flush(when_due=True)
     result.text = response.text
     result.usage = {"input_tokens": response.usage.input_tokens, "output_tokens": response.usage.output_tokens}
     assistant: ChatMessage = {"role": "assistant", "content": response.text}

@@ -61,7 +61,7 @@ class MemoryEventLog:
 
     def append_events(self, session_id: str, bodies: Sequence[str], *, ids: Sequence[str] | None = None,
                       fence: Fence | None = None, floor: int = 0,
-                      cancel_turn_id: str | None = None) -> Appended:
+                      cancel_turn_id: str | None = None, lead: int = 0) -> Appended:
         with self._cond:
             self._live(session_id)
             now = time.monotonic()
@@ -82,7 +82,10 @@ class MemoryEventLog:
                 reset = True
             held_ids = self._ids.setdefault(session_id, set())
             last = 0
+            start = lead if lead and any(i in held_ids for i in (ids or ())[lead:] if i) else 0
             for i, body in enumerate(bodies):
+                if i < start:
+                    continue
                 event_id = ids[i] if ids else ""
                 if event_id:
                     if event_id in held_ids:

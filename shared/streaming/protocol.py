@@ -102,10 +102,12 @@ class EventLog(Protocol):
 
     def append_events(self, session_id: str, bodies: Sequence[str], *, ids: Sequence[str] | None = None,
                       fence: Fence | None = None, floor: int = 0,
-                      cancel_turn_id: str | None = None) -> Appended:
+                      cancel_turn_id: str | None = None, lead: int = 0) -> Appended:
         """Append atomically. ``ids`` (one per body, '' for none): a body whose id this log already
         holds is skipped. ``fence``: refused whole (:class:`Fenced`) if a newer attempt of the turn
-        wrote, or the turn ended. ``floor``: the highest cursor the caller knows this log issued."""
+        wrote, or the turn ended. ``floor``: the highest cursor the caller knows this log issued.
+        ``lead``: the first ``lead`` bodies go only ahead of the rest: skipped if the log already holds
+        an id of the rest (a committed step's last deltas, once its commit's events came without them)."""
         ...
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch: ...

@@ -15,13 +15,17 @@ log = logging.getLogger(__name__)
 
 
 # KEYS: stream, counter, cancel flag ('' for none), fence ('' for none), ids held, era start.
-# ARGV: channel, maxlen, ttl (ms), attempt, close, floor, refresh ('1': set the keys' TTL), then (id, body) pairs
+# ARGV: channel, events kept, ttl (ms), attempt, close, floor, refresh ('1': set the keys' TTL), lead (the first
+# ``lead`` pairs go only ahead of the rest: skipped if the log holds an id of the rest), then (id, body) pairs
 # ('' id: not deduplicated).
 # Returns {last cursor (0 if nothing added; -1 refused by the fence), cancel flag, era reset}.
 # Rings the session's channel for every append, and its ``:d`` channel for those adding a durable event.
 # One round trip appends a whole batch, atomically: a refused batch adds nothing.
-# Every command inside counts (INFO commandstats): one INCRBY numbers the whole batch, the fence and the
-# cancel flag are one read, and the TTLs are set only when the caller says they are due (or the log is new).
+# Every command inside counts (INFO commandstats): one INCRBY numbers the whole batch, one XADD adds it (as
+# one entry), the fence and the cancel flag are one read, and the TTLs are set only when the caller says
+# they are due (or the log is new).
+# An entry holds at most this many events (a republish may append hundreds at once).
+ENTRY_EVENTS = 64
 _APPEND_LUA = """
 local attempt = tonumber(ARGV[4])
 local cancel = 0
@@ -42,26 +46,31 @@ if KEYS[4] ~= '' or KEYS[3] ~= '' then
 end
 -- The bodies to add, in order: those without an id, and each id the log does not hold yet (once). One HSETNX
 -- for a single id; for more, one HMGET and one HSET, whatever their number.
+local lead = tonumber(ARGV[8])
 local function accepted()
   local take, ids = {}, {}
-  for i = 8, #ARGV, 2 do
+  for i = 9, #ARGV, 2 do
     if ARGV[i] ~= '' then ids[#ids + 1] = ARGV[i] end
   end
-  if #ids == 1 then
-    for i = 8, #ARGV, 2 do
+  if #ids == 1 and lead == 0 then
+    for i = 9, #ARGV, 2 do
       if ARGV[i] == '' or redis.call('HSETNX', KEYS[5], ARGV[i], 1) == 1 then take[#take + 1] = i end
     end
     return take
   end
   local held = {}
-  if #ids > 1 then
+  if #ids > 0 then
     local got = redis.call('HMGET', KEYS[5], unpack(ids))
     for j = 1, #ids do
       if got[j] then held[ids[j]] = true end
     end
   end
+  local first = 9
+  for i = 9 + 2 * lead, #ARGV, 2 do
+    if lead > 0 and ARGV[i] ~= '' and held[ARGV[i]] then first = 9 + 2 * lead; break end
+  end
   local new = {}
-  for i = 8, #ARGV, 2 do
+  for i = first, #ARGV, 2 do
     local id = ARGV[i]
     if id == '' then
       take[#take + 1] = i
@@ -95,10 +104,21 @@ if last == #take or last - #take < floor then
 end
 local c = last - #take
 local durable = false
-for _, i in ipairs(take) do
+-- One entry per append (of at most ENTRY_EVENTS events), named by its last event's cursor; its fields e, e1,
+-- e2, ... are the events in order, so the one before the entry's first is the previous entry's name.
+local entry = {}
+for n, i in ipairs(take) do
   c = c + 1
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], string.format('%.0f-0', c), 'e', ARGV[i + 1])
+  entry[#entry + 1] = #entry == 0 and 'e' or 'e' .. (#entry / 2)
+  entry[#entry + 1] = ARGV[i + 1]
   if ARGV[i] ~= '' then durable = true end
+  if #entry == 2 * ENTRY_EVENTS or n == #take then
+    -- Trimmed by cursor, not by entries: the log keeps its last ARGV[2] events (and what shares a stream node
+    -- with them: Redis trims whole nodes).
+    redis.call('XADD', KEYS[1], 'MINID', '~', string.format('%.0f', c - tonumber(ARGV[2]) + 1),
+               string.format('%.0f-0', c), unpack(entry))
+    entry = {}
+  end
 end
 if reset == 1 or ARGV[7] == '1' then
   for i = 1, 6 do
@@ -112,8 +132,25 @@ if durable then redis.call('PUBLISH', ARGV[1] .. ':d', string.format('%.0f', c))
 return {string.format('%.0f', c), cancel, reset}
 """
 
+_APPEND_LUA = _APPEND_LUA.replace("ENTRY_EVENTS", str(ENTRY_EVENTS))
+
+
 def _cursor(entry_id: bytes) -> int:
     return int(entry_id.split(b"-")[0])
+
+
+def _first(entry: tuple[bytes, dict[bytes, bytes]]) -> int:
+    """The cursor of an entry's first event (an entry is named by its last)."""
+    return _cursor(entry[0]) - len(entry[1]) + 1
+
+
+def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[int, bytes]]:
+    """(cursor, body) of each event of ``entries`` (as XRANGE returns them), oldest first: an entry holds
+    one append's events in order (fields e, e1, e2, ...; an entry of one event, e alone)."""
+    out: list[tuple[int, bytes]] = []
+    for entry in entries:
+        out.extend(enumerate(entry[1].values(), _first(entry)))
+    return out
 
 
 class RedisEventLog:
@@ -143,7 +180,7 @@ class RedisEventLog:
 
     def append_events(self, session_id: str, bodies: Sequence[str], *, ids: Sequence[str] | None = None,
                       fence: Fence | None = None, floor: int = 0,
-                      cancel_turn_id: str | None = None) -> Appended:
+                      cancel_turn_id: str | None = None, lead: int = 0) -> Appended:
         stream, counter, channel = self._keys(session_id)
         cancel_key = f"{self.prefix}:cancel:{cancel_turn_id}" if cancel_turn_id else ""
         fence_key = f"{self.prefix}:fence:{fence.turn_id}" if fence else ""
@@ -155,7 +192,7 @@ class RedisEventLog:
         last, cancel, reset = self._append(
             keys=[stream, counter, cancel_key, fence_key, f"{channel}:ids", f"{channel}:era"],
             args=[channel, self.max_len, self._ttl_ms, fence.attempt if fence else 0,
-                  1 if fence and fence.close else 0, floor, 1 if refresh else 0, *pairs],
+                  1 if fence and fence.close else 0, floor, 1 if refresh else 0, lead, *pairs],
         )
         if int(last) < 0:
             raise Fenced(f"turn {fence.turn_id if fence else '?'}: attempt {fence.attempt if fence else 0} "
@@ -175,15 +212,19 @@ class RedisEventLog:
 
     def read(self, session_id: str, after: int, limit: int = 500) -> Batch:
         stream, _, base = self._keys(session_id)
-        # From the reader's own cursor, inclusive: the entry at it, when there, proves the cursor is kept.
-        entries = [(_cursor(eid), fields[b"e"]) for eid, fields in
-                   self.redis.xrange(stream, min=f"{max(after, 0)}-0", max="+", count=limit + 1)]
+        # From the reader's own cursor, inclusive: the event at it, when there, proves the cursor is kept. The
+        # entries from the one holding it (the first named at or after it).
+        entries = [(c, body) for c, body in
+                   _events(self.redis.xrange(stream, min=f"{max(after, 0)}-0", max="+", count=limit + 1))
+                   if c >= after]
         if after > 0 and entries and entries[0][0] == after and entries[-1][0] == after + len(entries) - 1:
             # Kept, and the log goes on from it without a gap: cursors are numbered one by one, trimming
             # only takes the oldest, and a new era (a lost or restored log) starts above the old one's
             # cursors with a jump, so a run counting up from the cursor is this era's. One command for a
             # reader keeping up, at the head or not.
-            return Batch([with_cursor(c, body.decode()) for c, body in entries[1:]], entries[-1][0], False, after)
+            kept = entries[1:limit + 1]
+            return Batch([with_cursor(c, body.decode()) for c, body in kept], kept[-1][0] if kept else after,
+                         False, after)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrevrange(stream, count=1)
         pipe.xrange(stream, min="-", max="+", count=1)
@@ -193,7 +234,7 @@ class RedisEventLog:
         events = [with_cursor(c, body.decode()) for c, body in taken]
         low = int(era or 0)
         head = _cursor(last[0][0]) if last else 0
-        oldest = _cursor(first[0][0]) if first else None
+        oldest = _first(first[0]) if first else None
         gone = is_gone(after, oldest, head, low)
         since = max(low, (oldest or 1) - 1) if oldest is not None else low
         return Batch(events, taken[-1][0] if taken else after, gone, since)
@@ -222,7 +263,9 @@ class RedisEventLog:
 
     def tail(self, session_id: str, count: int) -> list[str]:
         stream, _, _ = self._keys(session_id)
-        return [fields[b"e"].decode() for _, fields in self.redis.xrevrange(stream, count=count)]
+        newest = [body.decode() for entry in self.redis.xrevrange(stream, count=count)
+                  for body in reversed(entry[1].values())]
+        return newest[:count]
 
     def listen(self, session_id: str, durable: bool = False) -> _Listening:
         channel = self._keys(session_id)[2]

@@ -81,54 +81,79 @@ def record(db: Session, rt: Runtime, session: AgentSession, events: Iterable[Dur
     _publish_after_commit(db, rt, Principal(session.tenant_id, session.user_id), session.id, items)
 
 
-def record_rows(db: Session, rt: Runtime, owner: Principal, session_id: str, items: list[Durable]) -> None:
+# What a step still holds when it commits, taken after the commit (StepEvents.take_held): (id, body) pairs,
+# and the ids of the durable events it appended already.
+Held = Callable[[], tuple[list[tuple[str, str]], set[str]]]
+
+
+def record_rows(db: Session, rt: Runtime, owner: Principal, session_id: str, items: list[Durable],
+                held: Held | None = None) -> None:
     """:func:`record` for a caller that writes the session's row itself (the step's commit): the durable
-    events in one Core INSERT, no ORM object; the caller raises ``sessions.event_cursor`` in its own UPDATE."""
+    events in one Core INSERT, no ORM object; the caller raises ``sessions.event_cursor`` in its own UPDATE.
+    ``held``: events to append ahead of ``items`` in the same append, taken once the commit landed."""
     now = utcnow()
     # A microsecond apart, in order: a republish reads them back by (created_at, id), and ids are random.
     rows = [{"id": e.id, "session_id": session_id, "tenant_id": owner.tenant_id, "user_id": owner.user_id,
              "turn_id": e.turn_id, "type": e.type, "body": e.body, "created_at": now + timedelta(microseconds=i)}
             for i, e in enumerate(e for e in items if e.type in DURABLE_TYPES)]
     write_later(db, _INSERT_EVENTS, rows)
-    _publish_after_commit(db, rt, owner, session_id, items)
+    _publish_after_commit(db, rt, owner, session_id, items, held)
 
 
 _INSERT_EVENTS = insert(table_of(StreamEvent))
 
 
 def _publish_after_commit(db: Session, rt: Runtime, owner: Principal, session_id: str,
-                          items: list[Durable]) -> None:
+                          items: list[Durable], lead: Held | None = None) -> None:
     if not items:
         return
     # One append per session and transaction: a step's step.completed and the turn's end land
     # together or not at all, so no republish can put a step's event after its turn's end.
-    pending: dict[str, tuple[list[Durable], Any]] = db.info.setdefault("publish_events", {})
+    pending: dict[str, tuple[list[Durable], list[Held], Any]] = db.info.setdefault("publish_events", {})
     held = pending.get(session_id)
-    if held is not None and held[1] in db.info.get("after_commit", []):  # still to run with this commit
+    if held is not None and held[2] in db.info.get("after_commit", []):  # still to run with this commit
         held[0].extend(items)
+        if lead is not None:
+            held[1].append(lead)
         return
-    batch = list(items)
+    batch, leads = list(items), [lead] if lead is not None else []
 
     def send() -> None:
-        publish(rt, owner, session_id, batch)
+        held: list[tuple[str, str]] = []
+        appended: set[str] = set()
+        for take in leads:
+            pairs, done = take()
+            held += pairs
+            appended |= done
+        # What the step appended itself is left out: what is left of ``batch`` is what only this commit
+        # appends, so if the log holds any of it, the republish sweep came first (see publish).
+        publish(rt, owner, session_id, [e for e in batch if e.id not in appended] if held else batch, held=held)
 
-    pending[session_id] = (batch, send)
+    pending[session_id] = (batch, leads, send)
     after_commit(db, send)
 
 
-def publish(rt: Runtime, scope: Scope, session_id: str, items: list[Durable]) -> int:
+def publish(rt: Runtime, scope: Scope, session_id: str, items: list[Durable],
+            held: Iterable[tuple[str, str]] = ()) -> int:
     """Append ``items`` (each id at most once) and mark them published; the last cursor (0: none added).
 
     Never fenced out: these events are what Postgres committed. A terminal event closes the
-    turn's fence, so nothing a frozen attempt still holds can follow it.
+    turn's fence, so nothing a frozen attempt still holds can follow it. ``held``: (id, body) pairs
+    a committed step still held (its last deltas), appended first, in their order, in the same append;
+    left out if the log already holds one of ``items`` (the republish sweep came first: they would
+    land after the turn's end).
     """
     by_turn: dict[str | None, bool] = {}
     for e in items:
         by_turn[e.turn_id] = by_turn.get(e.turn_id, False) or e.type in TERMINAL_EVENTS
     closing = [t for t, closes in by_turn.items() if closes and t]
     fence = Fence(closing[0], close=True) if closing else None
-    ids = [e.id if e.type in DURABLE_TYPES else "" for e in items]
-    done = rt.events.append_events(session_id, [e.body for e in items], ids=ids, fence=fence)
+    pairs = list(held)
+    lead = len(pairs)
+    # A durable event among the held ones is in ``items`` too: the log takes it once, the first time.
+    pairs += [(e.id if e.type in DURABLE_TYPES else "", e.body) for e in items]
+    ids = [i for i, _ in pairs]
+    done = rt.events.append_events(session_id, [b for _, b in pairs], ids=ids, fence=fence, lead=lead)
     for turn_id in closing[1:]:  # several turns ending in one commit (rare): close each fence
         rt.events.append_events(session_id, [], fence=Fence(turn_id, close=True))
     durable = [i for i in ids if i]

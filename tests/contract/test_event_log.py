@@ -135,6 +135,50 @@ def test_read_pages_with_limit_and_next(log: EventLog) -> None:
     assert seen == cursors and pages == 3
 
 
+def test_appends_of_many_events_read_alike_from_any_cursor(log: EventLog) -> None:
+    """An append of several events (the Redis log keeps it as one stream entry, of 64 events at most): read
+    from any cursor, inside an append or at its end, in pages, or from the tail, the events are the same."""
+    sid = _session()
+    sizes = [3, 1, 2, 130, 1, 5]
+    bodies = [_body(i) for i in range(sum(sizes))]
+    cursors: list[int] = []
+    for n in sizes:
+        first = len(cursors)
+        last, _ = log.append(sid, bodies[first:first + n])
+        cursors += list(range(last - n + 1, last + 1))
+    assert cursors == sorted(set(cursors)) and log.head(sid) == cursors[-1]
+    assert _cursors(log.read(sid, 0, limit=1000).events) == cursors
+    for i, after in enumerate(cursors):
+        batch = log.read(sid, after, limit=1000)
+        assert batch.gone is False and _cursors(batch.events) == cursors[i + 1:], after
+        assert [json.loads(e)["data"]["i"] for e in batch.events] == list(range(i + 1, len(cursors)))
+        page = log.read(sid, after, limit=4)
+        assert _cursors(page.events) == cursors[i + 1:i + 5] and page.next == (cursors[i + 1:i + 5] or [after])[-1]
+    for count in (1, 2, 3, 64, 65, 200):
+        assert log.tail(sid, count) == list(reversed(bodies))[:count], count
+
+
+def test_a_lead_goes_only_ahead_of_events_the_log_does_not_hold_yet(log: EventLog) -> None:
+    """A committed step's last deltas ride its commit's append as a lead: if the republish sweep appended the
+    commit's events first, the lead is left out (it would land after them), and the rest is skipped by id."""
+    sid = _session()
+    done = _body(1, "turn_a").replace("message.delta", "turn.completed")
+    first = log.append_events(sid, [_body(10, "turn_a"), done], ids=["", "ev_a"], lead=1)
+    assert [json.loads(e)["cursor"] for e in log.read(sid, 0).events] == [first.last - 1, first.last]
+    swept = _body(2, "turn_b").replace("message.delta", "turn.completed")
+    log.append_events(sid, [swept], ids=["ev_b"])  # the sweep came first
+    late = log.append_events(sid, [_body(11, "turn_b"), _body(12, "turn_b"), swept], ids=["", "", "ev_b"], lead=2)
+    assert late.last == 0 and log.head(sid) == first.last + 1  # nothing added
+    # A lead of a durable event and a delta, the durable one again in the rest: each once, in the lead's order.
+    tool = _body(3, "turn_c").replace("message.delta", "tool.result")
+    ended = _body(4, "turn_c").replace("message.delta", "turn.completed")
+    last = log.append_events(sid, [tool, _body(13, "turn_c"), tool, ended], ids=["ev_t", "", "ev_t", "ev_c"],
+                             lead=2).last
+    tail = log.read(sid, first.last + 1).events
+    assert _cursors(tail) == [last - 2, last - 1, last]
+    assert [json.loads(e)["type"] for e in tail] == ["tool.result", "message.delta", "turn.completed"]
+
+
 def test_an_empty_read_continues_from_where_it_was_asked(log: EventLog) -> None:
     sid = _session()
     last, _ = log.append(sid, [_body(0)])

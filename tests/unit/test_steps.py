@@ -296,9 +296,53 @@ def test_the_claim_sets_the_turn_deadline_once_from_its_first_claim(rt: Runtime,
     assert claimed is not None and unlimited is not None and unlimited.deadline_at is None
 
 
+def test_a_steps_last_deltas_wait_for_its_commit_and_go_out_before_its_events(rt: Runtime, who: Principal) -> None:
+    """Once the step hands them to its commit, the watch leaves its last deltas (and durable events) alone: they
+    would cost an append of their own. The commit's append sends them, ahead of step.completed; the watch steps
+    in after STATUS_HOLD_SECONDS."""
+    session_id, turn_id, claim = _claimed_echo_turn(rt, who)
+    events = StepEvents(rt, claim)
+    events.add("tool.call", {"id": "call_1", "name": "add", "arguments": {}})
+    assert events.flush()  # a durable event the step appended itself: the log holds it, that is not the sweep
+    events._last_flush = 0.0  # as at a step's start: the first delta goes at once
+    events.delta("the first words, ")
+    events.delta("the last words")  # held: the flush interval has not passed
+    assert events.flush_due()
+    events.add("tool.result", {"id": "call_1", "output": "5"})  # durable: the commit writes it, it may wait too
+    events.hand_to_commit()
+    assert not events.flush_due() and events.pending_count() == 2  # the watch does not send them
+    events._handed_at -= STATUS_HOLD_SECONDS  # a commit that takes this long (a database restart) ...
+    assert events.flush_due()  # ... and the watch sends them after all
+    events._handed_at += STATUS_HOLD_SECONDS
+    text = "the first words, the last words"
+    result = StepResult(text=text, status="completed", new_messages=[{"role": "assistant", "content": text}])
+    assert commit_step(rt, claim, result, [], events) == "completed"
+    assert events.pending_count() == 0
+    logged = [json.loads(text) for text in rt.events.read(session_id, 0).events]
+    assert [(e["type"], e["data"].get("text")) for e in logged if e.get("turn_id") == turn_id] == [
+        ("turn.queued", None), ("tool.call", None), ("message.delta", "the first words, "),
+        ("message.delta", "the last words"), ("tool.result", None), ("step.completed", text),
+        ("turn.completed", None)]
+
+
+def test_events_other_than_deltas_go_out_before_the_commit(rt: Runtime, who: Principal) -> None:
+    """A held event that is not a delta (a tool's unknown outcome) is not left to the commit's append: a worker
+    killed between its commit and that append would lose it, where a delta's text is in step.completed."""
+    session_id, turn_id, claim = _claimed_echo_turn(rt, who)
+    events = StepEvents(rt, claim)
+    events._last_flush = time.monotonic()
+    events.delta("some words")
+    events.add("tool.outcome_unknown", {"id": "call_1", "name": "charge", "policy": "pause"})
+    events.hand_to_commit()
+    assert events.pending_count() == 0
+    logged = [json.loads(text) for text in rt.events.read(session_id, 0).events]
+    assert [e["type"] for e in logged if e.get("turn_id") == turn_id] == [
+        "turn.queued", "message.delta", "tool.outcome_unknown"]
+
+
 def test_events_held_for_a_heartbeat_go_out_once_the_commit_vouches_for_the_lease(rt: Runtime, who: Principal) -> None:
     """A starved worker whose heartbeat has not vouched for its lease holds its events; its fenced commit
-    landing vouches for it, so they go out, before the commit's own, instead of being lost."""
+    landing vouches for it, so they go out, before the commit's own and in its append, instead of being lost."""
     session_id, turn_id, claim = _claimed_echo_turn(rt, who)
     events = StepEvents(rt, claim)
     events.add("step.started", {"step": 0, "attempt": 1})
