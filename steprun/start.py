@@ -7,6 +7,7 @@ interpreter's own sibling script), and names every Celery worker uniquely.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
 import signal
@@ -24,6 +25,19 @@ def _bin(name: str) -> str:
     """The console script installed beside this interpreter (the venv's), else whatever PATH finds."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
+
+
+def _dies_with(parent: int) -> None:
+    """A child's last act before its exec (Linux): SIGTERM when this process manager dies, SIGKILL included,
+    so no process outlives it to serve on alone (each runs in a session of its own, out of reach of a
+    signal to ours)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def commands(settings: Settings, *, workers: int, web_workers: int | None) -> list[tuple[str, list[str]]]:
@@ -65,9 +79,11 @@ def run_processes(settings: Settings, *, workers: int = 1, web_workers: int | No
     width = max(len(name) for name, _ in commands(settings, workers=workers, web_workers=web_workers))
     sel = selectors.DefaultSelector()
     running: dict[str, subprocess.Popen[bytes]] = {}
+    me = os.getpid()
+    dies_with = (lambda: _dies_with(me)) if sys.platform.startswith("linux") else None
     for name, argv in commands(settings, workers=workers, web_workers=web_workers):
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=dies_with)
         running[name] = proc
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)

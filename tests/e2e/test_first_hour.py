@@ -289,6 +289,39 @@ def test_web_sigterm_closes_streams_with_a_code_and_exits_within_seconds(procs: 
     keepalive.close()
 
 
+def test_steprun_start_killed_takes_its_processes_with_it(procs: Procs, settings: Settings, tmp_path: Path) -> None:
+    """SIGKILL leaves `steprun start` no time to stop anything: its processes (each in a session of its own)
+    stop by themselves, rather than serve on with nobody watching them."""
+    port = free_port()
+    env = {**settings_env(settings), "PORT": str(port), "STEPRUN_WORKER_CONCURRENCY": "2"}
+    start = procs.start("start", [str(BIN / "steprun"), "start", "--workers", "1", "--web-workers", "1"], env=env,
+                        cwd=tmp_path)
+    wait_http(f"http://127.0.0.1:{port}/healthz", start, timeout=60)
+    deadline = time.time() + 60
+    while "ready." not in start.log() and time.time() < deadline:
+        time.sleep(0.2)
+    children = [int(p) for p in re.findall(r"\(pid (\d+)\)", start.log())]
+    assert len(children) == 3, start.log()[-3000:]  # web, a worker, the scheduler
+    os.kill(start.popen.pid, signal.SIGKILL)
+    start.popen.wait(timeout=10)
+    deadline = time.time() + 40  # a worker's own shutdown grace is 20 s
+    alive = children
+    while alive and time.time() < deadline:
+        alive = [pid for pid in alive if _running(pid)]
+        time.sleep(0.2)
+    for pid in alive:  # do not leave them to the next test
+        os.killpg(pid, signal.SIGKILL)
+    assert not alive, f"still running after `steprun start` was killed: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone, but for its parent's wait
+    except FileNotFoundError:
+        return False
+
+
 def test_steprun_start_runs_the_production_shape_with_unique_worker_names(procs: Procs, settings: Settings,
                                                                            tmp_path: Path) -> None:
     port = free_port()
