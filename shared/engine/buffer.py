@@ -176,9 +176,9 @@ class StepEvents:
         tool's result: the commit writes them, and the sweep republishes what a worker killed right after
         its commit did not). Any other event held (a tool's unknown outcome, a status) goes out now, before
         the commit, with the deltas before it: such a worker loses only deltas, whose text step.completed
-        carries. The watch leaves what was
-        handed over to the commit for ``status_hold`` seconds (STATUS_HOLD_SECONDS at least), so a commit
-        riding out a database restart does not keep the step's last text from its viewers."""
+        carries. The watch leaves what was handed over to the commit for ``status_hold`` seconds
+        (STATUS_HOLD_SECONDS at least), so a commit riding out a database restart does not keep the step's
+        last text from its viewers."""
         with self._lock:
             # A durable event (an id) is safe with the commit too: the commit writes it, the sweep republishes it.
             safe = all(event_id or body.startswith(_DELTA_PREFIX) for event_id, body in self._pending)
