@@ -289,17 +289,24 @@ def test_web_sigterm_closes_streams_with_a_code_and_exits_within_seconds(procs: 
     keepalive.close()
 
 
+def _steprun_start(procs: Procs, settings: Settings, cwd: Path, *, workers: int,
+                   concurrency: int) -> tuple[Proc, int, dict[str, str]]:
+    """`steprun start` with one web worker, once it serves and its workers said ready: (it, its port, its env)."""
+    port = free_port()
+    env = {**settings_env(settings), "PORT": str(port), "STEPRUN_WORKER_CONCURRENCY": str(concurrency)}
+    start = procs.start("start", [str(BIN / "steprun"), "start", "--workers", str(workers), "--web-workers", "1"],
+                        env=env, cwd=cwd)
+    wait_http(f"http://127.0.0.1:{port}/healthz", start, timeout=60)
+    deadline = time.time() + 60
+    while start.log().count("ready.") < workers and time.time() < deadline:
+        time.sleep(0.2)
+    return start, port, env
+
+
 def test_steprun_start_killed_takes_its_processes_with_it(procs: Procs, settings: Settings, tmp_path: Path) -> None:
     """SIGKILL leaves `steprun start` no time to stop anything: its processes (each in a session of its own)
     stop by themselves, rather than serve on with nobody watching them."""
-    port = free_port()
-    env = {**settings_env(settings), "PORT": str(port), "STEPRUN_WORKER_CONCURRENCY": "2"}
-    start = procs.start("start", [str(BIN / "steprun"), "start", "--workers", "1", "--web-workers", "1"], env=env,
-                        cwd=tmp_path)
-    wait_http(f"http://127.0.0.1:{port}/healthz", start, timeout=60)
-    deadline = time.time() + 60
-    while "ready." not in start.log() and time.time() < deadline:
-        time.sleep(0.2)
+    start, _, _ = _steprun_start(procs, settings, tmp_path, workers=1, concurrency=2)
     children = [int(p) for p in re.findall(r"\(pid (\d+)\)", start.log())]
     assert len(children) == 3, start.log()[-3000:]  # web, a worker, the scheduler
     os.kill(start.popen.pid, signal.SIGKILL)
@@ -324,14 +331,7 @@ def _running(pid: int) -> bool:
 
 def test_steprun_start_runs_the_production_shape_with_unique_worker_names(procs: Procs, settings: Settings,
                                                                            tmp_path: Path) -> None:
-    port = free_port()
-    env = {**settings_env(settings), "PORT": str(port), "STEPRUN_WORKER_CONCURRENCY": "5"}
-    start = procs.start("start", [str(BIN / "steprun"), "start", "--workers", "2", "--web-workers", "1"], env=env,
-                        cwd=tmp_path)
-    wait_http(f"http://127.0.0.1:{port}/healthz", start, timeout=60)
-    deadline = time.time() + 60
-    while start.log().count("ready.") < 2 and time.time() < deadline:
-        time.sleep(0.2)
+    start, port, env = _steprun_start(procs, settings, tmp_path, workers=2, concurrency=5)
     names = set(re.findall(r"(steprun-worker\d+\.\d+@\S+) ready\.", start.log()))
     assert len(names) == 2, start.log()[-3000:]
     key = create_key_cli(env, f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}")
