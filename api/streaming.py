@@ -214,8 +214,8 @@ class _RestartRing(Ring):
     def __init__(self, ring: Ring):  # wraps ``ring``: no event of its own, so no super().__init__()
         self._ring = ring
 
-    def set(self) -> None:
-        self._ring.set()
+    def set(self, news: bytes | None = None) -> None:
+        self._ring.set(news)
 
     def clear(self) -> None:
         self._ring.clear()

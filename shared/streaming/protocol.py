@@ -148,17 +148,22 @@ class EventLog(Protocol):
 
 
 class Ring:
-    """A waiter's wake-up flag. ``on_set``, if given, is called at each ring too (a session tail sets
-    its viewers' rings from it: shared/streaming/tail.py)."""
+    """A waiter's wake-up flag. ``on_set``, if given, is called at each ring too, with the ring's news (a
+    session tail sets its viewers' rings from it, and takes the news: shared/streaming/tail.py)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.on_set: Callable[[], None] | None = None
+        self.on_set: Callable[[bytes | None], None] | None = None
+        # The last ring's news, for a waiter that looks at it (None: that ring carried none).
+        self.news: bytes | None = None
 
-    def set(self) -> None:
+    def set(self, news: bytes | None = None) -> None:
+        """Wake the waiter. ``news``: the doorbell's message, when it has one (the Redis log's: the append's
+        last cursor, and its events when they were small enough to ride along; see redis_log.RING_BYTES)."""
+        self.news = news
         self._event.set()
         if self.on_set is not None:
-            self.on_set()
+            self.on_set(news)
 
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # ``lead`` pairs go only ahead of the rest: skipped if the log holds an id of the rest), then (id, body) pairs
 # ('' id: not deduplicated).
 # Returns {last cursor (0 if nothing added; -1 refused by the fence), cancel flag, era reset}.
-# Rings the session's channel for every append, and its ``:d`` channel for those adding a durable event.
+# Rings one channel per append: the session's ``:d`` channel when it adds a durable event, else the session's.
 # One round trip appends a whole batch, atomically: a refused batch adds nothing.
 # Every command inside counts (INFO commandstats): one INCRBY numbers the whole batch, one XADD adds it (as
 # one entry), the fence and the cancel flag are one read, and the TTLs are set only when the caller says
@@ -107,11 +107,17 @@ local durable = false
 -- One entry per append (of at most ENTRY_EVENTS events), named by its last event's cursor; its fields e, e1,
 -- e2, ... are the events in order, so the one before the entry's first is the previous entry's name.
 local entry = {}
+-- The ring carries the append's events too (see RING_BYTES), so a follower needs no read to take them.
+local news, size = {}, 0
 for n, i in ipairs(take) do
   c = c + 1
   entry[#entry + 1] = #entry == 0 and 'e' or 'e' .. (#entry / 2)
   entry[#entry + 1] = ARGV[i + 1]
   if ARGV[i] ~= '' then durable = true end
+  if news then
+    size = size + #ARGV[i + 1]
+    if size > RING_BYTES or string.find(ARGV[i + 1], '\\n', 1, true) then news = nil else news[n] = ARGV[i + 1] end
+  end
   if #entry == 2 * ENTRY_EVENTS or n == #take then
     -- Trimmed by cursor, not by entries: the log keeps its last ARGV[2] events (and what shares a stream node
     -- with them: Redis trims whole nodes).
@@ -126,13 +132,20 @@ if reset == 1 or ARGV[7] == '1' then
   end
 end
 if #take == 0 then c = 0 end
-if c ~= 0 then redis.call('PUBLISH', ARGV[1], string.format('%.0f', c)) end
--- The durable doorbell: rung only by appends with a durable event (status changes, not deltas).
-if durable then redis.call('PUBLISH', ARGV[1] .. ':d', string.format('%.0f', c)) end
+-- One ring per append: the durable doorbell (':d') for an append with a durable event (a status change), the
+-- session's channel for one of deltas alone. A status waiter listens on the first; a follower, on both.
+if c ~= 0 then
+  local ring = string.format('%.0f', c)
+  if news then ring = ring .. '\\n' .. table.concat(news, '\\n') end
+  redis.call('PUBLISH', durable and (ARGV[1] .. ':d') or ARGV[1], ring)
+end
 return {string.format('%.0f', c), cancel, reset}
 """
 
-_APPEND_LUA = _APPEND_LUA.replace("ENTRY_EVENTS", str(ENTRY_EVENTS))
+# A ring's message is the append's last cursor, then (when its events add up to at most this many bytes and
+# none holds a newline) a newline and each event, newline-separated: the events at the cursors up to it.
+RING_BYTES = 16384
+_APPEND_LUA = _APPEND_LUA.replace("ENTRY_EVENTS", str(ENTRY_EVENTS)).replace("RING_BYTES", str(RING_BYTES))
 
 
 def _cursor(entry_id: bytes) -> int:
@@ -248,10 +261,8 @@ class RedisEventLog:
         batch = self.read(session_id, after, limit)
         if batch.events or batch.gone or timeout <= 0:
             return batch
-        _, _, channel = self._keys(session_id)
-        doorbell = self.doorbell()
         deadline = time.monotonic() + timeout
-        with doorbell.listen(channel) as ring:
+        with self.listen(session_id) as ring:
             while True:
                 batch = self.read(session_id, after, limit)
                 remaining = deadline - time.monotonic()
@@ -273,7 +284,8 @@ class RedisEventLog:
             # A status waiter (a long-poll) comes back for the session's next turn: its subscription
             # outlives it a while, so the next wait needs no SUBSCRIBE, UNSUBSCRIBE or wake-up PUBLISH.
             return self.doorbell().listen(channel + ":d", linger=DURABLE_LINGER_SECONDS)
-        return self.doorbell().listen(channel)
+        # An append rings one of the two (the script's end): every append rings one of them.
+        return self.doorbell().listen(channel, channel + ":d")
 
     def doorbell(self) -> Doorbell:
         with self._doorbell_lock:
@@ -306,15 +318,16 @@ DURABLE_LINGER_SECONDS = 10.0
 
 
 class _Listening:
-    def __init__(self, bell: Doorbell, channel: str, linger: float = 0.0):
-        self.bell, self.channel, self.ring, self.linger = bell, channel, Ring(), linger
+    def __init__(self, bell: Doorbell, channels: tuple[str, ...], linger: float = 0.0):
+        self.bell, self.channels, self.ring, self.linger = bell, channels, Ring(), linger
 
     def __enter__(self) -> Ring:
-        self.bell._add(self.channel, self.ring)
+        self.bell._add(self.channels, self.ring)
         return self.ring
 
     def __exit__(self, *exc: object) -> None:
-        self.bell._remove(self.channel, self.ring, self.linger)
+        for channel in self.channels:
+            self.bell._remove(channel, self.ring, self.linger)
 
 
 class Doorbell:
@@ -342,17 +355,20 @@ class Doorbell:
         self._thread = threading.Thread(target=self._run, name="steprun-doorbell", daemon=True)
         self._thread.start()
 
-    def listen(self, channel: str, linger: float = 0.0) -> _Listening:
-        """Wake-ups of ``channel``; ``linger``: seconds it stays subscribed after its last listener left."""
-        return _Listening(self, channel, linger)
+    def listen(self, *channels: str, linger: float = 0.0) -> _Listening:
+        """One ring for wake-ups of any of ``channels``; ``linger``: seconds each stays subscribed after its
+        last listener left."""
+        return _Listening(self, channels, linger)
 
-    def _add(self, channel: str, ring: Ring) -> None:
+    def _add(self, channels: tuple[str, ...], ring: Ring) -> None:
+        first = False
         with self._lock:
-            # A lingering channel is still subscribed: no change to make, no wake-up to send.
-            first = not self._waiters[channel] and self._lingering.pop(channel, None) is None
-            self._waiters[channel].add(ring)
-            if first:
-                self._changes.append(("sub", channel))
+            for channel in channels:
+                # A lingering channel is still subscribed: no change to make, no wake-up to send.
+                if not self._waiters[channel] and self._lingering.pop(channel, None) is None:
+                    self._changes.append(("sub", channel))
+                    first = True
+                self._waiters[channel].add(ring)
         if first and self._armed.is_set():
             try:
                 self.redis.publish(self._control, "")
@@ -381,11 +397,11 @@ class Doorbell:
             del self._lingering[channel]
             self._changes.append(("unsub", channel))
 
-    def _wake(self, channel: str) -> None:
+    def _wake(self, channel: str, news: bytes | None) -> None:
         with self._lock:
             rings = list(self._waiters.get(channel, ()))
         for ring in rings:
-            ring.set()
+            ring.set(news)
 
     def _run(self) -> None:
         while not self._closed:
@@ -411,7 +427,9 @@ class Doorbell:
                         channel = message["channel"]
                         name = channel.decode() if isinstance(channel, bytes) else channel
                         if name != self._control:  # the control channel only wakes this loop
-                            self._wake(name)
+                            # A subscription's confirmation wakes its waiters too (to read what came before).
+                            news = message["data"] if message["type"] == "message" else None
+                            self._wake(name, news if isinstance(news, bytes) else None)
             except Exception:  # noqa: BLE001 - a lost connection: back off, reconnect, re-subscribe
                 self._armed.clear()
                 if not self._closed:

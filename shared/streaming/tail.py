@@ -5,11 +5,15 @@ Every stream of a session in this process (WebSockets, SSE) follows the same
 and the session's most recent events in memory, as frames parsed once. When the
 doorbell rings, the first viewer to look reads the log after the tail's head
 (one read, under the tail's lock; the other viewers wait for it) and every
-viewer then takes its frames from memory, each from its own cursor. A viewer
+viewer then takes its frames from memory, each from its own cursor. A ring that
+carries its append's events (the Redis log's do, when they are small) needs no
+read at all when they follow the tail's head: the append wrote them to the log
+and rang with them in one step, so they are the log's events at those cursors; a
+ring whose events do not follow the head (one was lost) is read as any other. A viewer
 whose cursor is outside what the tail holds (behind it after a reconnect or a
 backfill, or ahead of it) reads the log itself, exactly as if there were no
 tail, so cursor and 410 semantics are those of the log: the tail only serves
-events it read from the log, in the log's order, after the viewer's cursor, and
+events it read from the log (or its appends rang with), in the log's order, after the viewer's cursor, and
 it never holds more than the log keeps (its capacity is below the log's
 length), so what it serves the log still had. A read of the tail that finds its
 head gone (the log expired, was lost or restored) empties it; each viewer then
@@ -28,11 +32,12 @@ import struct
 import threading
 import time
 import weakref
+from collections import deque
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.streaming.protocol import EventLog, Ring
+from shared.streaming.protocol import EventLog, Ring, with_cursor
 
 # The memo of merged runs keeps this many (cursor range -> frames) entries per tail.
 _MERGED_KEPT = 8
@@ -127,7 +132,8 @@ class SessionTail:
     """The recent events of one session, read once per ring for every viewer of it in this process."""
 
     __slots__ = ("events", "session_id", "capacity", "read_limit", "viewers", "base", "head", "frames",
-                 "_cursors", "dirty", "rings", "read_at", "reads", "own_reads", "_lock", "_merged", "bell")
+                 "_cursors", "dirty", "rings", "read_at", "reads", "own_reads", "taken", "news", "_lock",
+                 "_merged", "bell")
 
     def __init__(self, events: EventLog, session_id: str, *, capacity: int, read_limit: int):
         self.events, self.session_id = events, session_id
@@ -146,14 +152,22 @@ class SessionTail:
         # outside the buffer (their own cursor behind or ahead of it).
         self.reads = 0
         self.own_reads = 0
+        # Rings whose news (the append's events) the tail took instead of reading, and the news not yet
+        # looked at (appended by the doorbell, taken by the next viewer to look, under the lock).
+        self.taken = 0
+        self.news: deque[bytes] = deque()
         self._lock = threading.Lock()
         self._merged: dict[tuple[int, int], list[Frame]] = {}
         # The doorbell subscription (the log's ``listen``), entered while the tail has viewers.
         self.bell: AbstractContextManager[Ring] | None = None
 
-    def rang(self) -> None:
-        """The doorbell rang: the log may have more; wake every viewer (the first to look reads it)."""
-        self.dirty = True
+    def rang(self, news: bytes | None = None) -> None:
+        """The doorbell rang: the log may have more; wake every viewer (the first to look reads it, or
+        takes the ring's own events, ``news``, when it carries them)."""
+        if news is not None and b"\n" in news:
+            self.news.append(news)
+        else:
+            self.dirty = True
         self.rings += 1
         for ring in list(self.viewers):
             ring.set()
@@ -188,6 +202,8 @@ class SessionTail:
         with self._lock:
             if self.head is None or not self.base <= after <= self.head:
                 return None
+            if self.news:
+                self._take_news()
             if stale_after is not None and time.monotonic() - self.read_at >= stale_after:
                 self.dirty = True
             while self.dirty and self.head is not None:
@@ -212,6 +228,25 @@ class SessionTail:
                 return None
             start = bisect.bisect_right(self._cursors, after)
             return self.frames[start:start + limit]
+
+    def _take_news(self) -> None:
+        """Extend the buffer with the events the rings carried, while they follow its head (with ``_lock``
+        held); a ring whose events do not (a ring lost before it, a new era) leaves the tail to read."""
+        while self.news:
+            head, *bodies = self.news.popleft().decode().split("\n")
+            if self.dirty or self.head is None:
+                continue  # the read to come takes these too
+            last = int(head)
+            first = last - len(bodies) + 1
+            if last <= self.head:
+                continue  # read already
+            if first > self.head + 1:
+                self.dirty = True
+                continue
+            self.taken += 1
+            self.read_at = time.monotonic()
+            self._extend([parse_frame(with_cursor(c, body)) for c, body in enumerate(bodies, first)
+                          if c > self.head], last)
 
     def merged(self, frames: list[Frame]) -> list[Frame]:
         """``coalesce(frames)`` of frames this tail served, once per cursor range for every viewer."""

@@ -371,19 +371,34 @@ def turn_state_in_log(events: EventLog, session_id: str, turn_id: str) -> str | 
     A turn's terminal event is the last it ever appends (it closes the turn's fence), and a
     session runs one turn at a time, so the newest event of the turn tells where it is.
     """
-    mark = f'"turn_id":"{turn_id}"'
     # Parsing a reply costs per event (deltas are the long ones): 4 first, and 64 only when those are not its.
     for count in (TAIL_FIRST, TAIL_SCAN):
         bodies = events.tail(session_id, count)
-        for body in bodies:
-            head = body[:200]
-            if mark not in head:
-                continue
-            kind = head[9:head.find('"', 9)] if head.startswith('{"type":"') else ""
-            return "ended" if kind in STATUS_EVENTS else "running"
-        if len(bodies) < count:
-            return None  # the whole log was read
+        state = _turn_state(bodies, turn_id)
+        if state is not None or len(bodies) < count:
+            return state  # found, or the whole log was read
     return None
+
+
+def _turn_state(newest_first: list[str], turn_id: str) -> str | None:
+    """What the newest of ``newest_first`` (stored event bodies) that is ``turn_id``'s says of it, as
+    :func:`turn_state_in_log` answers; None: none is its."""
+    mark = f'"turn_id":"{turn_id}"'
+    for body in newest_first:
+        head = body[:200]
+        if mark not in head:
+            continue
+        kind = head[9:head.find('"', 9)] if head.startswith('{"type":"') else ""
+        return "ended" if kind in STATUS_EVENTS else "running"
+    return None
+
+
+def _state_in_news(news: bytes | None, turn_id: str) -> str | None:
+    """What a ring's news (the Redis log's: the append's last cursor, then its events, newline-separated)
+    says of ``turn_id``: the append is the log's newest, so its newest event of the turn is the turn's."""
+    if news is None or b"\n" not in news:
+        return None
+    return _turn_state(news.decode().split("\n")[:0:-1], turn_id)
 
 
 def wait_turn_status(events: EventLog, session_id: str, turn_id: str, timeout: float,
@@ -399,16 +414,20 @@ def wait_turn_status(events: EventLog, session_id: str, turn_id: str, timeout: f
     deadline = time.monotonic() + timeout
     with events.listen(session_id, durable=True) as ring:
         # Subscribed before the first look: a change after it rings; one before it is in the tail.
+        news: bytes | None = None
         while True:
-            state = turn_state_in_log(events, session_id, turn_id)
+            # A ring carrying the turn's event needs no look at the tail (the turn's end usually does).
+            state = _state_in_news(news, turn_id) or turn_state_in_log(events, session_id, turn_id)
             if state == "ended" or (state is None and not still_running()):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             # A doorbell lost in a reconnect: look again now and then anyway.
-            ring.wait(min(remaining, 1.0 if state == "running" else 5.0))
+            rang = ring.wait(min(remaining, 1.0 if state == "running" else 5.0))
             ring.clear()
+            # Taken after the clear: a ring landing between the two is looked at again, on the tail.
+            news, ring.news = (ring.news if rang else None), None
 
 
 def _by_turn(items: list[Durable]) -> list[list[Durable]]:

@@ -351,6 +351,35 @@ def test_the_durable_doorbell_rings_on_status_events_not_on_deltas(log: EventLog
         assert status.wait(0.4) is False
 
 
+def test_a_status_wait_takes_the_turns_end_from_its_ring_on_redis(log: EventLog) -> None:
+    """The long-poll's wait (``wait_turn_status``) looks at the log's tail once, then at each ring: on
+    Redis the ring carries its append's events, so the turn's end needs no second look; the memory log's
+    rings carry none, so it looks again. Either way the wait ends on the end's ring."""
+    from shared.turns.events import wait_turn_status
+
+    sid = _session()
+    looks = []
+    real_tail = log.tail
+
+    def tail(session_id: str, count: int) -> list[str]:
+        looks.append(count)
+        return real_tail(session_id, count)
+
+    log.tail = tail  # type: ignore[method-assign]
+    log.append_events(sid, [encode_event("turn.started", "turn_1", {})], ids=["ev_started"])
+    waiter = threading.Thread(target=wait_turn_status, args=(log, sid, "turn_1", 10.0, lambda: True), daemon=True)
+    waiter.start()
+    time.sleep(0.5)  # subscribed, its first look taken ("running"), and the subscription's own ring too
+    assert waiter.is_alive()
+    before = len(looks)
+    done = encode_event("turn.completed", "turn_1", {"output": "x"})
+    log.append_events(sid, [_body(1), done], ids=["", "ev_done"])
+    waiter.join(5.0)
+    assert not waiter.is_alive()
+    carried = isinstance(log, RedisEventLog)
+    assert len(looks) - before == (0 if carried else 1), looks
+
+
 def test_tail_is_the_newest_bodies_first(log: EventLog) -> None:
     from shared.turns.events import turn_state_in_log
 

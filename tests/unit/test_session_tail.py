@@ -45,14 +45,7 @@ def log(request: pytest.FixtureRequest) -> Iterator[CountingLog]:
     if request.param == "memory":
         yield CountingLog(MemoryEventLog(retention_seconds=3600, max_len=1000))
         return
-    client = redis.Redis.from_url(REDIS_URL)
-    prefix = f"steprun-tail-{RUN_ID}-{secrets.token_hex(3)}"
-    events = RedisEventLog(client, prefix=prefix, retention_seconds=60, max_len=1000)
-    yield CountingLog(events)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    events.close()
+    yield from _redis_log()
 
 
 def _settings(**changes: Any) -> Settings:
@@ -94,9 +87,77 @@ def test_viewers_of_one_session_read_the_log_once_per_ring(log: CountingLog) -> 
                 follower.sent(frame.cursor)
             texts.append([f.text for f in frames])
             assert follower.next_frames() == []  # "nothing left" is answered from memory
-        assert log.reads == 1, f"50 viewers, one ring: {log.reads} reads of the log"
+        # On Redis the ring carries the append's events, which follow the tail's head: no read at all.
+        carried = isinstance(log._log, RedisEventLog)
+        assert log.reads == (0 if carried else 1), f"50 viewers, one ring: {log.reads} reads of the log"
+        assert followers[0].tail is not None and followers[0].tail.taken == (1 if carried else 0)
         assert all(t == texts[0] for t in texts) and len(texts[0]) == 1  # 3 deltas merged once for all
         assert all(f.position == log.head(sid) for f in followers)
+
+
+def _redis_log() -> Iterator[CountingLog]:
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = f"steprun-tail-{RUN_ID}-{secrets.token_hex(3)}"
+    events = RedisEventLog(client, prefix=prefix, retention_seconds=60, max_len=1000)
+    yield CountingLog(events)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    events.close()
+
+
+redis_log = pytest.fixture(_redis_log)
+
+
+def _followed(log: CountingLog, sid: str) -> tuple[LogFollower, Ring, ExitStack]:
+    follower = LogFollower(log, sid, log.head(sid), _settings())  # type: ignore[arg-type]
+    stack = ExitStack()
+    ring = stack.enter_context(follower.listening())
+    assert follower.next_frames() == []
+    _settle([ring])
+    assert follower.next_frames() == []  # the subscriptions' own rings read once: the tail is clean
+    return follower, ring, stack
+
+
+def test_a_ring_whose_events_do_not_follow_the_tail_makes_it_read_the_log(redis_log: CountingLog) -> None:
+    """A ring lost (a reconnect of the doorbell) and the next one's events carried: they do not follow the
+    tail's head, so the tail reads the log from its head, and the viewer gets both appends, in order."""
+    sid = f"s-{secrets.token_hex(4)}"
+    redis_log.append(sid, _deltas(1))
+    follower, ring, stack = _followed(redis_log, sid)
+    with stack:
+        tail = follower.tail
+        assert tail is not None
+        bell = tail.bell.ring  # type: ignore[union-attr]  # the Redis log's listening: the doorbell's ring
+        lost: list[bytes | None] = []
+        bell.on_set = lambda news=None: lost.append(news) if not lost else tail.rang(news)
+        redis_log.reads = 0
+        redis_log.append(sid, [encode_event("turn.queued", "t-a")])  # its ring is lost
+        redis_log.append(sid, [encode_event("turn.queued", "t-b")])
+        assert ring.wait(5)
+        frames = follower.next_frames()
+        assert [('"turn_id":"t-a"' in f.text, '"turn_id":"t-b"' in f.text) for f in frames] == [
+            (True, False), (False, True)]
+        assert [f.cursor for f in frames] == [redis_log.head(sid) - 1, redis_log.head(sid)]
+        assert redis_log.reads == 1 and tail.taken == 0, "the second ring's events alone would skip one"
+        assert lost and lost[0] is not None and lost[0].count(b"\n") == 1  # the lost ring carried its event
+
+
+def test_an_append_too_large_to_ride_its_ring_is_read(redis_log: CountingLog) -> None:
+    from shared.streaming.redis_log import RING_BYTES
+
+    sid = f"s-{secrets.token_hex(4)}"
+    redis_log.append(sid, _deltas(1))
+    follower, ring, stack = _followed(redis_log, sid)
+    with stack:
+        redis_log.reads = 0
+        big = encode_event("message.completed", "t1", {"text": "x" * RING_BYTES})
+        redis_log.append(sid, [big])
+        assert ring.wait(5)
+        frames = follower.next_frames()
+        assert [f.cursor for f in frames] == [redis_log.head(sid)]
+        assert frames[0].event()["data"]["text"] == "x" * RING_BYTES
+        assert redis_log.reads == 1 and follower.tail is not None and follower.tail.taken == 0
 
 
 def test_each_viewer_gets_its_own_cursor_and_a_viewer_behind_the_tail_reads_the_log(log: CountingLog) -> None:
