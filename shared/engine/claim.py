@@ -23,6 +23,7 @@ from shared.auth.principal import Principal
 from shared.clock import aware, utcnow
 from shared.engine.outcome import ChatMessage
 from shared.models import AgentSession, Turn, TurnStatus, table_of
+from shared.turns.fairshare import FirstClaim
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,23 @@ _SESSION = select(_sessions.c.agent, _sessions.c.event_cursor, *checkpoints.late
 _SET_DEADLINE = update(_turns).where(_turns.c.id == bindparam("turn_id")).values(deadline_at=bindparam("deadline"))
 
 
+# The claim of a turn's first step with the fair share's condition (per cap shape), built once each.
+_CLAIMS_ADMITTING: dict[tuple[bool, bool], Any] = {}
+
+
 def _claim(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float,
-           turn_time_limit: float) -> tuple[Claim, Row[Any]] | None:
+           turn_time_limit: float, first: FirstClaim | None = None) -> tuple[Claim, Row[Any]] | None:
     now = utcnow()
     deadline = now + timedelta(seconds=turn_time_limit) if turn_time_limit > 0 else None
-    row = db.execute(_CLAIM, {"turn_id": turn_id, "step": step, "now": now, "worker_id": worker_id,
-                              "lease_until": now + timedelta(seconds=lease_seconds), "deadline": deadline}).first()
+    params = {"turn_id": turn_id, "step": step, "now": now, "worker_id": worker_id,
+              "lease_until": now + timedelta(seconds=lease_seconds), "deadline": deadline}
+    statement: Any = _CLAIM
+    if first is not None:
+        statement = _CLAIMS_ADMITTING.get(first.shape)
+        if statement is None:
+            statement = _CLAIMS_ADMITTING[first.shape] = _CLAIM.where(first.condition)
+        params.update(first.params)
+    row = db.execute(statement, params).first()
     if row is None:
         return None
     claim = Claim(turn_id, row.session_id, step, row.attempt, row.step_attempt, Principal(row.tenant_id, row.user_id),
@@ -125,12 +137,13 @@ def claim_turn(db: Session, turn_id: str, step: int, worker_id: str, lease_secon
 
 
 def claim_and_load(db: Session, turn_id: str, step: int, worker_id: str, lease_seconds: float,
-                   turn_time_limit: float, cache: checkpoints.HistoryCache | None = None
-                   ) -> tuple[Claim | None, StepInput | None]:
+                   turn_time_limit: float, cache: checkpoints.HistoryCache | None = None,
+                   first: FirstClaim | None = None) -> tuple[Claim | None, StepInput | None]:
     """:func:`claim_turn`, and what the step needs: the turn as the claim returned it, the session, the history
     as of the latest checkpoint (from ``cache`` when it holds it), each read after the claim (so as of it).
-    The input is None if the session is gone. The session and its latest checkpoint are one statement."""
-    claimed = _claim(db, turn_id, step, worker_id, lease_seconds, turn_time_limit)
+    The input is None if the session is gone. The session and its latest checkpoint are one statement.
+    ``first``: the fair share's condition on a turn's first claim (shared.turns.fairshare.first_claim)."""
+    claimed = _claim(db, turn_id, step, worker_id, lease_seconds, turn_time_limit, first)
     if claimed is None:
         return None, None
     claim, turn = claimed

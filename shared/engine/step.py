@@ -168,10 +168,18 @@ def claim_step(rt: Runtime, turn_id: str, step: int) -> tuple[bool, Claim | None
     """
     # The events this process published and has not marked yet are marked in this transaction, ahead of it.
     with system_work_marking_published(rt) as db:
-        if not fairshare.admit(db, rt.settings, turn_id, step):
-            return True, None, None, False
+        # A turn's first claim takes its owner's fair-share lock ahead of it, in its round trip, and claims
+        # only under the caps; one that claims nothing asks whether a cap was why (then the turn waits).
+        first = fairshare.first_claim(db, rt.settings, turn_id, step)
         claim, loaded = claim_and_load(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds,
-                                       rt.settings.turn_time_limit, rt.history_cache)
+                                       rt.settings.turn_time_limit, rt.history_cache, first)
+        if claim is None and first is not None:
+            over = fairshare.defer_over_cap(db, rt.settings, turn_id)
+            if over:
+                return True, None, None, False
+            if over is False:  # it fits now: a running turn of its owner ended after the claim's snapshot
+                claim, loaded = claim_and_load(db, turn_id, step, rt.worker_id, rt.settings.lease_seconds,
+                                               rt.settings.turn_time_limit, rt.history_cache)
         # The step's model call, started (its budgets checked) with the claim when the step goes straight
         # to it: one transaction fewer per step (shared/engine/journal.py).
         call_started = (claim is not None and loaded is not None and _calls_the_model_first(rt, claim, loaded)

@@ -3,7 +3,7 @@
 A turn starts running at its first claim (``queued`` → ``in_progress``). If its
 user (``STEPRUN_MAX_RUNNING_TURNS_PER_USER``) or tenant
 (``STEPRUN_MAX_RUNNING_TURNS_PER_TENANT``) already runs that many turns, the
-worker does not claim it but *defers* it (:func:`admit`): the turn stays its
+worker does not claim it but *defers* it (:func:`first_claim`, :func:`defer_over_cap`): the turn stays its
 session's active turn, ``queued``, with no task in flight (``enqueued_at`` NULL).
 No attempt is spent, no worker waits, no sweep re-sends it.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,7 @@ from sqlalchemy import (
     ColumnElement,
     ScalarSelect,
     Select,
+    and_,
     bindparam,
     func,
     literal,
@@ -134,28 +136,64 @@ _DEFER = (update(_turns)
           .values(enqueued_at=None, lease_owner=None, lease_expires_at=None))
 
 
-def admit(db: Session, settings: Settings, turn_id: str, step: int) -> bool:
-    """Before the claim (``db`` in the SYSTEM scope): False if the turn must wait for a slot, now deferred.
+# What a turn's first claim requires of the caps, in the claim's own UPDATE (shared/engine/claim.py), per
+# (user cap on, tenant cap on): the turn not queued (a retried first step keeps the slot it has), or its owner
+# under each cap that is on. The caps are parameters; the counts are the admission read's, taken by the UPDATE
+# once the owner's lock (ahead of it, in its round trip) is held.
+_UNDER_CAPS: dict[tuple[bool, bool], ColumnElement[bool]] = {
+    (user_on, tenant_on): or_(_turns.c.status != TurnStatus.QUEUED, and_(
+        *([_USER_RUNNING < bindparam("user_cap")] if user_on else []),
+        *([_TENANT_RUNNING < bindparam("tenant_cap")] if tenant_on else [])))
+    for user_on, tenant_on in ((True, False), (False, True), (True, True))}
 
-    Only a turn's first claim is checked (step 0, still ``queued``); a running turn's later steps,
-    and a retried attempt, keep the slot it has.
+
+@dataclass(frozen=True)
+class FirstClaim:
+    """What a turn's first claim must require of the fair share (:func:`first_claim`)."""
+
+    shape: tuple[bool, bool]  # (user cap on, tenant cap on): which condition, built once
+    condition: ColumnElement[bool]
+    params: dict[str, int]
+
+
+def first_claim(db: Session, settings: Settings, turn_id: str, step: int) -> FirstClaim | None:
+    """Before a turn's first claim (``db`` in the SYSTEM scope): the owner's lock, taken ahead of the claim's
+    UPDATE in its round trip, and the condition that UPDATE adds (its owner under the caps). None: no cap
+    applies (no cap on, or a later step: a running turn's later steps and retried attempts keep the slot).
+
+    A claim that claims nothing under it asks :func:`defer_over_cap` whether the cap was why.
     """
     if step != 0 or not caps_on(settings):
-        return True
+        return None
     tenant_wide = settings.max_running_turns_per_tenant > 0
     if db.get_bind().dialect.name == "postgresql":
         write_later(db, _LOCK_TURN_OWNER[tenant_wide], {"turn_id": turn_id})
+    shape = (settings.max_running_turns_per_user > 0, tenant_wide)
+    return FirstClaim(shape, _UNDER_CAPS[shape], {"user_cap": settings.max_running_turns_per_user,
+                                                  "tenant_cap": settings.max_running_turns_per_tenant})
+
+
+def defer_over_cap(db: Session, settings: Settings, turn_id: str) -> bool | None:
+    """After a first claim that claimed nothing (its owner's lock held), a read of the turn and its owner's
+    counts: True if the owner is over a cap, the turn now deferred (it waits for a slot, queued, with no task
+    in flight); None if it is not a queued turn of its session (nothing to claim); False if it fits now.
+
+    False is a running turn of the owner that ended after the claim's UPDATE took its snapshot (and before
+    this read took its own): the caller claims again, without the condition. Nothing can have raised the
+    count since this read, as every claim of the owner waits for the lock this transaction holds.
+    """
+    tenant_wide = settings.max_running_turns_per_tenant > 0
     row = db.execute(_ADMIT[tenant_wide], {"turn_id": turn_id}).first()
     if row is None or row[0] != TurnStatus.QUEUED:
-        return True  # the claim decides (not the session's turn: nothing to claim; or already running)
+        return None
     over = over_cap(settings, int(row[1]), int(row[2]) if tenant_wide else 0)
     if over is None:
-        return True
+        return False
     cap, why = over
     db.execute(_DEFER, {"turn_id": turn_id, "now": utcnow()})
     log.info("turn %s: deferred, %s; it starts when a slot frees", turn_id, why)
     after_commit(db, lambda: TURNS_DEFERRED.labels(cap=cap).inc())
-    return False
+    return True
 
 
 def slot_freed(db: Session, rt: Runtime, tenant_id: str, user_id: str) -> None:

@@ -151,3 +151,24 @@ def test_long_poll_reads_the_turn_once_more_however_long_it_streams(counted: Cou
     # with the UPDATE and the INSERT apart; 6 with BEGIN and the scope's entry each a round trip of its own;
     # 4 with the lock, and the writes, each a round trip of their own).
     assert queries_posted - queries0 == 2, counted.web.since(web0)
+
+
+# Round trips of a turn's first claim, BEGIN and COMMIT included: the fair share's lock (named from the turn's
+# row), with the marks of what the process published, ahead of the claim's UPDATE, which counts the owner's
+# running turns itself; the session with its latest checkpoint; the model call's start with the COMMIT. 4 when
+# the fair share read the turn and its owner's counts in a round trip of its own, ahead of the UPDATE.
+FIRST_CLAIM_ROUND_TRIPS = 3
+
+
+def test_a_first_claim_runs_few_round_trips(counted: Counted) -> None:
+    session_id = _session(counted)
+    _turn_transactions(counted, session_id, "warm up")
+    _, worker, status = _turn_transactions(counted, session_id, "hello there")
+    assert status == "completed"
+    # The first claim is the transaction that takes the fair share's lock (the log keeps each round trip's
+    # first characters: the lock's statement, and the start of the UPDATE sent with it).
+    claims = [t for t in counted.worker.log[len(counted.worker.log) - worker:]
+              if "pg_advisory_xact_lock(hashtext('steprun:running:'" in t[0]]
+    shown = "\n\n".join("\n".join(t) for t in claims)
+    assert len(claims) == 1 and ";UPDATE tur" in claims[0][0], shown
+    assert len(claims[0]) <= FIRST_CLAIM_ROUND_TRIPS, shown

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from shared.auth.principal import SYSTEM, Principal
 from shared.db import unit_of_work
+from shared.engine.claim import claim_and_load
 from shared.engine.step import run_step
 from shared.models import Turn
 from shared.runtime import Runtime
@@ -176,9 +177,50 @@ def test_the_admission_names_from_the_turn_row_the_lock_every_other_taker_names(
         with pytest.raises(Exception, match="lock timeout"):
             with unit_of_work(rt.sessions, SYSTEM) as admitting:
                 admitting.execute(text("SET LOCAL lock_timeout = '300ms'"))
-                fairshare.admit(admitting, rt.settings, turn_id, 0)
+                assert fairshare.first_claim(admitting, rt.settings, turn_id, 0) is not None
+                admitting.execute(text("SELECT 1"))  # the lock goes ahead of this statement: it waits
     finally:
         holder.rollback()
         holder.close()
-    with unit_of_work(rt.sessions, SYSTEM) as admitting:  # and once it is free, the turn is admitted
-        assert fairshare.admit(admitting, rt.settings, turn_id, 0)
+    with unit_of_work(rt.sessions, SYSTEM) as admitting:  # and once it is free, the turn is claimed
+        first = fairshare.first_claim(admitting, rt.settings, turn_id, 0)
+        claim, _ = claim_and_load(admitting, turn_id, 0, "w-test", 30.0, 0, first=first)
+        assert claim is not None
+
+
+def test_a_first_claim_that_counted_a_turn_since_ended_claims_again(capped: Any, monkeypatch: Any) -> None:
+    """The first claim counts its owner's running turns in its own UPDATE, from that statement's snapshot.
+    A running turn that ends after the snapshot (its end cannot wait for the claim's lock) is still counted
+    there: the claim claims nothing, and the read after it, which sees the end, must not leave the turn
+    queued with its task spent. It claims again."""
+    from shared.engine.step import claim_step
+
+    rt, _ = capped(max_running_turns_per_user=1)
+    who = Principal(f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}")
+    running, waiting = _start(rt, who)[1], _start(rt, who)[1]
+    assert run_step(rt, running, 0) == "in_progress"
+    asked = fairshare.defer_over_cap
+
+    def running_turn_ends_first(db: Any, settings: Any, turn_id: str) -> bool | None:
+        with unit_of_work(rt.sessions, SYSTEM) as ending:  # between the claim's UPDATE and this read
+            ending.execute(text("UPDATE turns SET status = 'completed', lease_expires_at = NULL WHERE id = :id"),
+                           {"id": running})
+        return asked(db, settings, turn_id)
+
+    monkeypatch.setattr(fairshare, "defer_over_cap", running_turn_ends_first)
+    deferred, claim, _, _ = claim_step(rt, waiting, 0)
+    assert not deferred and claim is not None and claim.turn_id == waiting
+    assert _turn(rt, waiting).status == "in_progress"
+
+
+def test_a_first_claim_over_the_cap_is_deferred_by_the_read_after_it(capped: Any) -> None:
+    from shared.engine.step import claim_step
+
+    rt, _ = capped(max_running_turns_per_user=1)
+    who = Principal(f"t-{secrets.token_hex(4)}", f"u-{secrets.token_hex(4)}")
+    running, waiting = _start(rt, who)[1], _start(rt, who)[1]
+    assert run_step(rt, running, 0) == "in_progress"
+    deferred, claim, _, _ = claim_step(rt, waiting, 0)
+    assert deferred and claim is None
+    turn = _turn(rt, waiting)
+    assert (turn.status, turn.attempt, turn.enqueued_at) == ("queued", 0, None)
