@@ -47,6 +47,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=2, help="Celery worker processes (gevent pool).")
     g.add_argument("--worker-concurrency", type=int, default=50, help="Greenlets per worker (-c).")
     g.add_argument("--lease", type=float, default=10.0, help="STEPRUN_LEASE_SECONDS (heartbeat: lease/5).")
+    g.add_argument("--db-pool", type=int, default=None, metavar="N",
+                   help="STEPRUN_DB_POOL_SIZE of the served processes (default: theirs, 10).")
+    g.add_argument("--db-overflow", type=int, default=None, metavar="N",
+                   help="STEPRUN_DB_MAX_OVERFLOW of the served processes (default: theirs, 10).")
     g.add_argument("--loaders", type=int, default=2, help="Load generator processes (throughput, fan-out).")
     g.add_argument("--stream", choices=("websocket", "long-poll"), default="websocket",
                    help="Streaming client; websocket falls back to long-poll if the route is missing.")
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     fanout_words = int(2000 * (opts.fanout_seconds + 20 + opts.fanout_sessions * opts.fanout_clients / 150))
     config = StackConfig(admin_url=opts.admin_url, redis_url=opts.redis_url, workers=opts.workers,
                          worker_concurrency=opts.worker_concurrency, lease_seconds=opts.lease,
+                         db_pool=opts.db_pool, db_overflow=opts.db_overflow,
                          web_connections=max(6000, opts.connections + 1000),
                          whatif=opts.whatif, own_redis=not opts.shared_redis and bool(shutil.which("redis-server")),
                          agent_options=dict(ttft=opts.ttft, tps=opts.tps, words=opts.words,
