@@ -8,16 +8,17 @@ doorbell rings, the first viewer to look reads the log after the tail's head
 viewer then takes its frames from memory, each from its own cursor. A ring that
 carries its append's events (the Redis log's do, when they are small) needs no
 read at all when they follow the tail's head: the append wrote them to the log
-and rang with them in one step, so they are the log's events at those cursors; a
-ring whose events do not follow the head (one was lost) is read as any other. A viewer
-whose cursor is outside what the tail holds (behind it after a reconnect or a
-backfill, or ahead of it) reads the log itself, exactly as if there were no
-tail, so cursor and 410 semantics are those of the log: the tail only serves
-events it read from the log (or its appends rang with), in the log's order, after the viewer's cursor, and
-it never holds more than the log keeps (its capacity is below the log's
-length), so what it serves the log still had. A read of the tail that finds its
-head gone (the log expired, was lost or restored) empties it; each viewer then
-reads the log itself and sees the same ``gone`` it would have seen alone.
+and rang with them in one step, so they are the log's events at those cursors;
+a ring whose events do not follow the head (one was lost) is read as any other.
+A viewer whose cursor is outside what the tail holds (behind it after a
+reconnect or a backfill, or ahead of it) reads the log itself, exactly as if
+there were no tail, so cursor and 410 semantics are those of the log: the tail
+only serves events it read from the log (or its appends rang with), in the
+log's order, after the viewer's cursor, and it never holds more than the log
+keeps (its capacity is below the log's length), so what it serves the log still
+had. A read of the tail that finds its head gone (the log expired, was lost or
+restored) empties it; each viewer then reads the log itself and sees the same
+``gone`` it would have seen alone.
 
 Frames carry their WebSocket encoding, built on first use and shared by every
 socket that sends them (server frames are not masked: the bytes are the same
@@ -41,6 +42,8 @@ from shared.streaming.protocol import EventLog, Ring, with_cursor
 
 # The memo of merged runs keeps this many (cursor range -> frames) entries per tail.
 _MERGED_KEPT = 8
+# A tail keeps at most this many rings' news that no viewer has looked at yet; past it, the next look reads.
+_NEWS_KEPT = 64
 
 
 @dataclass(eq=False)
@@ -164,10 +167,10 @@ class SessionTail:
     def rang(self, news: bytes | None = None) -> None:
         """The doorbell rang: the log may have more; wake every viewer (the first to look reads it, or
         takes the ring's own events, ``news``, when it carries them)."""
-        if news is not None and b"\n" in news:
+        if news is not None and b"\n" in news and len(self.news) < _NEWS_KEPT:
             self.news.append(news)
         else:
-            self.dirty = True
+            self.dirty = True  # read the log (news past the bound too: no viewer has looked for a while)
         self.rings += 1
         for ring in list(self.viewers):
             ring.set()
