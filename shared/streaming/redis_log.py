@@ -284,7 +284,7 @@ class RedisEventLog:
             # A status waiter (a long-poll) comes back for the session's next turn: its subscription
             # outlives it a while, so the next wait needs no SUBSCRIBE, UNSUBSCRIBE or wake-up PUBLISH.
             return self.doorbell().listen(channel + ":d", linger=DURABLE_LINGER_SECONDS)
-        # An append rings one of the two (the script's end): every append rings one of them.
+        # Each append rings one of the two (the script's end): a follower listens on both, with one ring.
         return self.doorbell().listen(channel, channel + ":d")
 
     def doorbell(self) -> Doorbell:
