@@ -262,7 +262,10 @@ class RedisEventLog:
         if batch.events or batch.gone or timeout <= 0:
             return batch
         deadline = time.monotonic() + timeout
-        with self.listen(session_id) as ring:
+        # A client that waits again and again (GET …/events?wait=, a Responses stream) finds its
+        # subscriptions still there: no SUBSCRIBE and UNSUBSCRIBE of both channels for each wait.
+        _, _, channel = self._keys(session_id)
+        with self.doorbell().listen(channel, channel + ":d", linger=WAIT_LINGER_SECONDS) as ring:
             while True:
                 batch = self.read(session_id, after, limit)
                 remaining = deadline - time.monotonic()
@@ -315,6 +318,8 @@ class RedisEventLog:
 
 # How long a durable (status) channel stays subscribed after its last waiter left.
 DURABLE_LINGER_SECONDS = 10.0
+# How long a :meth:`RedisEventLog.wait`'s channels stay subscribed after it returned.
+WAIT_LINGER_SECONDS = 2.0
 
 
 class _Listening:

@@ -281,6 +281,36 @@ def test_wait_returns_as_soon_as_an_event_arrives(log: EventLog) -> None:
     assert returned_at - appended_at[0] < 0.6, returned_at - appended_at[0]
 
 
+def test_a_wait_after_a_wait_finds_its_subscriptions_still_there(redis_client: Any, unique_name: str) -> None:
+    """On Redis (the memory log has no subscriptions) a wait that found nothing subscribes the session's two
+    channels; they linger a while after it returns, so the next wait (a client polling ``?wait=`` again)
+    sends no SUBSCRIBE, and it is still woken by the next append."""
+    log = RedisEventLog(redis_client, prefix=unique_name, retention_seconds=3600, max_len=10_000)
+    try:
+        _wait_after_a_wait(log)
+    finally:
+        if log._doorbell is not None:
+            log._doorbell.close()
+
+
+def _wait_after_a_wait(log: RedisEventLog) -> None:
+    sid = _session()
+    start, _ = log.append(sid, [_body(0)])
+    assert log.wait(sid, start, timeout=0.3).events == []
+    bell = log.doorbell()
+    channel = log._keys(sid)[2]
+    assert {channel, channel + ":d"} <= set(bell._lingering), "both channels linger after the wait"
+    subscribed = []
+    real_publish = bell.redis.publish
+    bell.redis.publish = lambda name, message: subscribed.append(name) or real_publish(name, message)
+    appended_at: list[float] = []
+    thread = _append_later(log, sid, _body(1), 0.3, appended_at)
+    batch = log.wait(sid, start, timeout=10)
+    thread.join()
+    assert _cursors(batch.events) == [log.head(sid)]
+    assert subscribed == [], "no new subscription: no wake-up of the doorbell's listener"
+
+
 def test_wait_returns_at_once_when_there_is_something_already(log: EventLog) -> None:
     sid = _session()
     cursors = _append_one_by_one(log, sid, [_body(0), _body(1)])
