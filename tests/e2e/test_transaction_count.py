@@ -117,12 +117,17 @@ ADVANCING_COMMIT_STATEMENTS = 3
 FINISHING_COMMIT_STATEMENTS = 4
 
 
-def test_a_step_commit_runs_few_statements(counted: Counted) -> None:
-    session_id = _session(counted)
-    _turn_transactions(counted, session_id, "warm up")
-    _, worker, status = _turn_transactions(counted, session_id, "please add 2 and 3")
+def _worker_transactions(c: Counted, text: str) -> list[list[str]]:
+    """The worker's transactions (each its round trips' statements) for one completed turn of a warmed session."""
+    session_id = _session(c)
+    _turn_transactions(c, session_id, "warm up")
+    _, worker, status = _turn_transactions(c, session_id, text)
     assert status == "completed"
-    commits = [t for t in counted.worker.log[len(counted.worker.log) - worker:]
+    return c.worker.log[len(c.worker.log) - worker:]
+
+
+def test_a_step_commit_runs_few_statements(counted: Counted) -> None:
+    commits = [t for t in _worker_transactions(counted, "please add 2 and 3")
                if any("INSERT INTO checkpoints" in st for st in t)]
     sizes = [len(t) for t in commits]
     assert len(sizes) == 2 and sizes[0] <= ADVANCING_COMMIT_STATEMENTS and sizes[1] <= FINISHING_COMMIT_STATEMENTS, (
@@ -161,13 +166,9 @@ FIRST_CLAIM_ROUND_TRIPS = 3
 
 
 def test_a_first_claim_runs_few_round_trips(counted: Counted) -> None:
-    session_id = _session(counted)
-    _turn_transactions(counted, session_id, "warm up")
-    _, worker, status = _turn_transactions(counted, session_id, "hello there")
-    assert status == "completed"
     # The first claim is the transaction that takes the fair share's lock (the log keeps each round trip's
     # first characters: the lock's statement, and the start of the UPDATE sent with it).
-    claims = [t for t in counted.worker.log[len(counted.worker.log) - worker:]
+    claims = [t for t in _worker_transactions(counted, "hello there")
               if "pg_advisory_xact_lock(hashtext('steprun:running:'" in t[0]]
     shown = "\n\n".join("\n".join(t) for t in claims)
     assert len(claims) == 1 and ";UPDATE tur" in claims[0][0], shown
